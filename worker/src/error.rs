@@ -1,0 +1,34 @@
+//! The error a task (or the catalog, while validating a request) returns.
+//! Each variant names its class of failure, so that both executors map it to
+//! the same gRPC status in one place on the server.
+
+use std::time::Duration;
+
+/// Why a task did not produce an output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// A parameter is missing, unknown, or has a bad value.
+    #[error("{0}")]
+    InvalidParam(String),
+    /// The input bytes are not what the task accepts.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The task would need more than a configured limit allows.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The call was cancelled (client went away, or the server stopped it).
+    #[error("cancelled")]
+    Cancelled,
+    /// The call's deadline passed; `after` is how long the job had run.
+    #[error("deadline exceeded after running {after:?}")]
+    DeadlineExceeded {
+        /// Time spent running before the task noticed the deadline.
+        after: Duration,
+    },
+    /// The task panicked; the message is the panic's payload.
+    #[error("task panicked: {0}")]
+    Panicked(String),
+    /// Any other failure inside the task.
+    #[error("{0}")]
+    Failed(String),
+}

@@ -1,0 +1,121 @@
+//! The task abstraction: a [`Task`] is a named, described entry of the
+//! catalog; given a request's parameters it prepares a [`Job`], which runs on
+//! whichever executor the request was sent to.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::{Context, Params, TaskError};
+
+/// Where a task may run. Mirrors `offload.v1.ExecutionMode` without the
+/// wire's UNSPECIFIED, which the server resolves to a task's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The front's in-process rayon pool.
+    Pool,
+    /// A supervised worker process.
+    Isolated,
+}
+
+impl Mode {
+    /// The name used in messages and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Pool => "POOL",
+            Mode::Isolated => "ISOLATED",
+        }
+    }
+}
+
+/// One parameter a task accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamSpec {
+    /// Key in the request's params map.
+    pub name: &'static str,
+    /// Meaning and accepted values, shown by ListTasks and in errors.
+    pub description: &'static str,
+    /// Value used when the request leaves it out; `None` when required.
+    pub default: Option<&'static str>,
+}
+
+impl ParamSpec {
+    /// A parameter every request must give.
+    pub const fn required(name: &'static str, description: &'static str) -> Self {
+        Self {
+            name,
+            description,
+            default: None,
+        }
+    }
+
+    /// A parameter with a default value.
+    pub const fn optional(
+        name: &'static str,
+        description: &'static str,
+        default: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            description,
+            default: Some(default),
+        }
+    }
+}
+
+/// What a task is: its name, documentation, modes and parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskSpec {
+    /// Name used in requests, `family.verb`.
+    pub name: &'static str,
+    /// One-line description of input, output and behaviour.
+    pub description: &'static str,
+    /// Mode used when a request does not name one.
+    pub default_mode: Mode,
+    /// Modes a request may ask for; contains `default_mode`.
+    pub allowed_modes: &'static [Mode],
+    /// Accepted parameters; any other key is refused.
+    pub params: &'static [ParamSpec],
+}
+
+/// A kind of work the service offers.
+pub trait Task: Send + Sync + 'static {
+    /// The task's static description.
+    fn spec(&self) -> &TaskSpec;
+
+    /// Parses and checks `params` (already checked against the spec for
+    /// unknown and missing keys) and returns the job to run. Must be cheap:
+    /// it runs on the async runtime, before admission.
+    fn prepare(&self, params: &Params<'_>) -> Result<Box<dyn Job>, TaskError>;
+}
+
+/// One prepared unit of work.
+pub trait Job: Send + 'static {
+    /// What the job expects to cost on one thread, when it can tell from its
+    /// parameters and input size; the server calibrates it with measurements.
+    fn estimate(&self, _input_len: usize) -> Option<Duration> {
+        None
+    }
+
+    /// Does the work. Long jobs call `ctx.check()` often enough to stop
+    /// within 50 ms of a cancellation or their deadline.
+    fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError>;
+}
+
+/// Runs `job` the way every executor must: not at all if the call was
+/// already cancelled or past its deadline, and with a panic turned into
+/// [`TaskError::Panicked`] so that it fails one call, not the process.
+pub fn run_job(job: &dyn Job, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
+    ctx.check()?;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(ctx, input))) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_string());
+            Err(TaskError::Panicked(message))
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! `compress.zstd` and `decompress.zstd`: standard zstd frames, readable and
+//! writable by the zstd CLI. Decompression stops at a configured output cap
+//! and never allocates past it, so a small bomb cannot exhaust memory.
+
+use std::{
+    io::{Read, Write},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+
+use super::{BOTH_MODES, CHUNK, per_byte};
+use crate::{Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec};
+
+/// Adds the zstd tasks to `out`; decompression output is capped at `max_output` bytes.
+pub fn register(out: &mut Vec<Arc<dyn Task>>, max_output: usize) {
+    out.push(Arc::new(CompressTask));
+    out.push(Arc::new(DecompressTask { max_output }));
+}
+
+struct CompressTask;
+
+const COMPRESS: TaskSpec = TaskSpec {
+    name: "compress.zstd",
+    description: "compresses the input into one zstd frame (with its content size), as `zstd -LEVEL` would",
+    default_mode: Mode::Pool,
+    allowed_modes: BOTH_MODES,
+    params: &[ParamSpec::optional(
+        "level",
+        "compression level, an integer in 1..=19",
+        "3",
+    )],
+};
+
+impl Task for CompressTask {
+    fn spec(&self) -> &TaskSpec {
+        &COMPRESS
+    }
+
+    fn prepare(&self, params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
+        Ok(Box::new(CompressJob {
+            level: params.int("level", 1..=19)?,
+        }))
+    }
+}
+
+struct CompressJob {
+    level: i32,
+}
+
+impl Job for CompressJob {
+    fn estimate(&self, input_len: usize) -> Option<Duration> {
+        Some(per_byte(
+            input_len,
+            2.0 + f64::from(self.level) * f64::from(self.level) / 4.0,
+        ))
+    }
+
+    fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
+        let failed = |e: std::io::Error| TaskError::Failed(format!("zstd compression failed: {e}"));
+        let mut encoder =
+            zstd::stream::write::Encoder::new(Vec::with_capacity(input.len() / 2 + 64), self.level)
+                .map_err(failed)?;
+        encoder.include_contentsize(true).map_err(failed)?;
+        encoder
+            .set_pledged_src_size(Some(input.len() as u64))
+            .map_err(failed)?;
+        for chunk in input.chunks(CHUNK) {
+            ctx.check()?;
+            encoder.write_all(chunk).map_err(failed)?;
+        }
+        Ok(Bytes::from(encoder.finish().map_err(failed)?))
+    }
+}
+
+struct DecompressTask {
+    max_output: usize,
+}
+
+const DECOMPRESS: TaskSpec = TaskSpec {
+    name: "decompress.zstd",
+    description: "decompresses one or more zstd frames; output larger than the server's cap fails with RESOURCE_EXHAUSTED",
+    default_mode: Mode::Pool,
+    allowed_modes: BOTH_MODES,
+    params: &[],
+};
+
+impl Task for DecompressTask {
+    fn spec(&self) -> &TaskSpec {
+        &DECOMPRESS
+    }
+
+    fn prepare(&self, _params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
+        Ok(Box::new(DecompressJob {
+            max_output: self.max_output,
+        }))
+    }
+}
+
+struct DecompressJob {
+    max_output: usize,
+}
+
+impl DecompressJob {
+    fn too_large(&self) -> TaskError {
+        TaskError::TooLarge(format!(
+            "decompressed output exceeds the server's cap of {} bytes (--max-decompressed-bytes)",
+            self.max_output
+        ))
+    }
+}
+
+impl Job for DecompressJob {
+    fn estimate(&self, input_len: usize) -> Option<Duration> {
+        Some(per_byte(input_len, 3.0))
+    }
+
+    fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
+        if input.is_empty() {
+            return Err(TaskError::InvalidInput(
+                "input is empty; expected a zstd frame".into(),
+            ));
+        }
+        let invalid = |e: std::io::Error| {
+            TaskError::InvalidInput(format!("input is not valid zstd data: {e}"))
+        };
+        // The first frame's declared size, when present, sizes the output once.
+        let declared = zstd::zstd_safe::get_frame_content_size(&input)
+            .ok()
+            .flatten();
+        if declared.is_some_and(|size| size > self.max_output as u64) {
+            return Err(self.too_large());
+        }
+        let mut out = Vec::with_capacity(
+            declared
+                .map_or(CHUNK, |size| size as usize)
+                .min(self.max_output),
+        );
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(&input[..]).map_err(invalid)?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            ctx.check()?;
+            let n = decoder.read(&mut buf).map_err(invalid)?;
+            if n == 0 {
+                break;
+            }
+            let needed = out.len() + n;
+            if needed > self.max_output {
+                return Err(self.too_large());
+            }
+            if needed > out.capacity() {
+                // Grow geometrically, but never past the cap.
+                let target = (out.capacity() * 2).max(needed).min(self.max_output);
+                out.reserve_exact(target - out.len());
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CancelFlag;
+
+    fn ctx() -> Context {
+        Context::new(None, CancelFlag::new(), None)
+    }
+
+    #[test]
+    fn round_trip_and_interop_with_the_reference_library() {
+        let data: Vec<u8> = (0..3 * CHUNK + 17)
+            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .collect();
+        for level in [1, 3, 19] {
+            let packed = CompressJob { level }
+                .run(&ctx(), Bytes::from(data.clone()))
+                .unwrap();
+            assert!(packed.len() < data.len());
+            // Plain libzstd reads it (the CLI uses the same format).
+            assert_eq!(zstd::decode_all(&packed[..]).unwrap(), data);
+            let unpacked = DecompressJob {
+                max_output: 1 << 30,
+            }
+            .run(&ctx(), packed)
+            .unwrap();
+            assert_eq!(unpacked, data);
+        }
+        // And a frame made by plain libzstd, without content size, decodes too.
+        let mut foreign = Vec::new();
+        zstd::stream::copy_encode(&data[..], &mut foreign, 5).unwrap();
+        foreign.extend(zstd::encode_all(&b"tail"[..], 1).unwrap());
+        let mut expected = data.clone();
+        expected.extend_from_slice(b"tail");
+        assert_eq!(
+            DecompressJob {
+                max_output: 1 << 30
+            }
+            .run(&ctx(), Bytes::from(foreign))
+            .unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn a_bomb_is_refused_at_the_cap() {
+        // 64 MiB of zeros compresses to a few KiB.
+        let zeros = vec![0u8; 64 << 20];
+        let bomb = CompressJob { level: 19 }
+            .run(&ctx(), Bytes::from(zeros))
+            .unwrap();
+        assert!(bomb.len() < 64 << 10);
+        let job = DecompressJob {
+            max_output: 1 << 20,
+        };
+        assert!(matches!(
+            job.run(&ctx(), bomb.clone()),
+            Err(TaskError::TooLarge(_))
+        ));
+
+        // Same bomb without a declared size: refused while streaming.
+        let mut streamed = Vec::new();
+        zstd::stream::copy_encode(&vec![0u8; 8 << 20][..], &mut streamed, 3).unwrap();
+        let err = job.run(&ctx(), Bytes::from(streamed)).unwrap_err();
+        assert!(err.to_string().contains("cap of 1048576 bytes"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_invalid_input() {
+        let job = DecompressJob {
+            max_output: 1 << 20,
+        };
+        assert!(matches!(
+            job.run(&ctx(), Bytes::from_static(b"not zstd")),
+            Err(TaskError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            job.run(&ctx(), Bytes::new()),
+            Err(TaskError::InvalidInput(_))
+        ));
+    }
+}
