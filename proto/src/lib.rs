@@ -23,5 +23,4 @@ pub mod google {
 }
 
 /// The encoded `FileDescriptorSet` of every file here, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/offload_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/offload_descriptor.bin"));

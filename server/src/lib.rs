@@ -1,1 +1,23 @@
-//! x
+//! Offload's front service: the gRPC API, the dispatcher and its executors.
+//!
+//! Layout, in the order a request flows:
+//! - [`server`]: assembles the services and layers, serves HTTP/2, drains.
+//! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
+//! - [`deadline`]: the call's deadline from `grpc-timeout`.
+//! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
+//! - [`admission`] and [`cost`]: bounded queues and deadline-aware admission.
+//! - [`pool`]: the rayon executor (POOL mode).
+//! - [`error`]: call errors and their one mapping to gRPC statuses.
+//! - [`config`], [`logging`], [`shutdown`]: process set-up around it all.
+
+pub mod admission;
+pub mod config;
+pub mod cost;
+pub mod deadline;
+pub mod dispatch;
+pub mod error;
+pub mod logging;
+pub mod pool;
+pub mod server;
+pub mod service;
+pub mod shutdown;

@@ -1,1 +1,52 @@
-fn main() {}
+//! `offload-server`: parses the configuration, binds the listener and
+//! serves until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use offload_server::{
+    config::{Args, Config},
+    logging, server, shutdown,
+};
+
+/// Exit status for a bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let config = match Config::load(Args::parse()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("offload-server: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    logging::init(config.log_format);
+    // A task's panic fails its call; log it as one line instead of stderr noise.
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("offload-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "listening on {local}");
+        let stop = shutdown::on_signals().context("cannot install signal handlers")?;
+        server::serve(&config, listener, stop).await?;
+        Ok(())
+    })
+}

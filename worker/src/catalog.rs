@@ -17,10 +17,7 @@ pub struct CatalogOptions {
 
 impl Default for CatalogOptions {
     fn default() -> Self {
-        Self {
-            debug_tasks: false,
-            max_decompressed_bytes: 256 << 20,
-        }
+        Self { debug_tasks: false, max_decompressed_bytes: 256 << 20 }
     }
 }
 
@@ -63,9 +60,7 @@ impl Catalog {
         if options.debug_tasks {
             tasks::debug::register(&mut all);
         }
-        Self {
-            tasks: all.into_iter().map(|t| (t.spec().name, t)).collect(),
-        }
+        Self { tasks: all.into_iter().map(|t| (t.spec().name, t)).collect() }
     }
 
     /// Every task, sorted by name.
@@ -85,10 +80,7 @@ impl Catalog {
     }
 
     /// Checks `params` against `task` and prepares its job.
-    pub fn prepare(
-        task: &dyn Task,
-        params: &HashMap<String, String>,
-    ) -> Result<Box<dyn Job>, TaskError> {
+    pub fn prepare(task: &dyn Task, params: &HashMap<String, String>) -> Result<Box<dyn Job>, TaskError> {
         let params = Params::new(params, task.spec().params)?;
         task.prepare(&params)
     }
@@ -102,31 +94,18 @@ mod tests {
     fn debug_tasks_are_listed_only_when_asked_for() {
         let plain = Catalog::builtin(&CatalogOptions::default());
         assert!(plain.get("hash.sha256").is_ok());
-        assert!(matches!(
-            plain.get("debug.echo"),
-            Err(LookupError::Unknown { .. })
-        ));
-        let debug = Catalog::builtin(&CatalogOptions {
-            debug_tasks: true,
-            ..Default::default()
-        });
+        assert!(matches!(plain.get("debug.echo"), Err(LookupError::Unknown { .. })));
+        let debug = Catalog::builtin(&CatalogOptions { debug_tasks: true, ..Default::default() });
         assert!(debug.get("debug.echo").is_ok());
         assert!(matches!(debug.get(""), Err(LookupError::EmptyName)));
     }
 
     #[test]
     fn every_default_mode_is_allowed_and_every_default_parses() {
-        let all = Catalog::builtin(&CatalogOptions {
-            debug_tasks: true,
-            ..Default::default()
-        });
+        let all = Catalog::builtin(&CatalogOptions { debug_tasks: true, ..Default::default() });
         for task in all.iter() {
             let spec = task.spec();
-            assert!(
-                spec.allowed_modes.contains(&spec.default_mode),
-                "{}",
-                spec.name
-            );
+            assert!(spec.allowed_modes.contains(&spec.default_mode), "{}", spec.name);
             // With only the required params given a plausible value, prepare succeeds.
             let params: HashMap<String, String> = spec
                 .params
@@ -134,11 +113,7 @@ mod tests {
                 .filter(|p| p.default.is_none())
                 .map(|p| (p.name.to_string(), "1".to_string()))
                 .collect();
-            assert!(
-                Catalog::prepare(task.as_ref(), &params).is_ok(),
-                "{}",
-                spec.name
-            );
+            assert!(Catalog::prepare(task.as_ref(), &params).is_ok(), "{}", spec.name);
         }
     }
 }

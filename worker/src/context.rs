@@ -54,12 +54,7 @@ impl CancelFlag {
             if now >= until {
                 return false;
             }
-            guard = self
-                .0
-                .wake
-                .wait_timeout(guard, until - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            guard = self.0.wake.wait_timeout(guard, until - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -87,17 +82,8 @@ impl std::fmt::Debug for Context {
 
 impl Context {
     /// A context for a job starting now.
-    pub fn new(
-        deadline: Option<Instant>,
-        cancel: CancelFlag,
-        progress: Option<ProgressSink>,
-    ) -> Self {
-        Self {
-            deadline,
-            cancel,
-            progress,
-            started: Instant::now(),
-        }
+    pub fn new(deadline: Option<Instant>, cancel: CancelFlag, progress: Option<ProgressSink>) -> Self {
+        Self { deadline, cancel, progress, started: Instant::now() }
     }
 
     /// The call's deadline, if it has one.
@@ -111,9 +97,7 @@ impl Context {
             return Err(TaskError::Cancelled);
         }
         match self.deadline {
-            Some(d) if Instant::now() >= d => Err(TaskError::DeadlineExceeded {
-                after: self.started.elapsed(),
-            }),
+            Some(d) if Instant::now() >= d => Err(TaskError::DeadlineExceeded { after: self.started.elapsed() }),
             _ => Ok(()),
         }
     }
@@ -164,10 +148,7 @@ mod tests {
     fn sleep_stops_at_deadline() {
         let deadline = Instant::now() + Duration::from_millis(20);
         let ctx = Context::new(Some(deadline), CancelFlag::new(), None);
-        assert!(matches!(
-            ctx.sleep(Duration::from_secs(30)),
-            Err(TaskError::DeadlineExceeded { .. })
-        ));
+        assert!(matches!(ctx.sleep(Duration::from_secs(30)), Err(TaskError::DeadlineExceeded { .. })));
         assert!(Instant::now() >= deadline);
     }
 }

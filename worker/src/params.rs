@@ -14,14 +14,8 @@ pub struct Params<'a> {
 
 impl<'a> Params<'a> {
     /// Checks `values` for unknown and missing keys.
-    pub fn new(
-        values: &'a HashMap<String, String>,
-        specs: &'static [ParamSpec],
-    ) -> Result<Self, TaskError> {
-        if let Some(unknown) = values
-            .keys()
-            .find(|k| !specs.iter().any(|s| s.name == k.as_str()))
-        {
+    pub fn new(values: &'a HashMap<String, String>, specs: &'static [ParamSpec]) -> Result<Self, TaskError> {
+        if let Some(unknown) = values.keys().find(|k| !specs.iter().any(|s| s.name == k.as_str())) {
             let known: Vec<&str> = specs.iter().map(|s| s.name).collect();
             return Err(TaskError::InvalidParam(if known.is_empty() {
                 format!("unknown param {unknown:?}: this task takes no params")
@@ -29,10 +23,7 @@ impl<'a> Params<'a> {
                 format!("unknown param {unknown:?}; accepted: {}", known.join(", "))
             }));
         }
-        if let Some(missing) = specs
-            .iter()
-            .find(|s| s.default.is_none() && !values.contains_key(s.name))
-        {
+        if let Some(missing) = specs.iter().find(|s| s.default.is_none() && !values.contains_key(s.name)) {
             return Err(TaskError::InvalidParam(format!(
                 "missing required param {:?} ({})",
                 missing.name, missing.description
@@ -80,16 +71,9 @@ impl<'a> Params<'a> {
     /// One of `choices`.
     pub fn choice<'c>(&self, name: &str, choices: &[&'c str]) -> Result<&'c str, TaskError> {
         let raw = self.raw(name);
-        choices
-            .iter()
-            .find(|c| c.eq_ignore_ascii_case(raw.trim()))
-            .copied()
-            .ok_or_else(|| {
-                TaskError::InvalidParam(format!(
-                    "param {name:?}: {raw:?} is not one of {}",
-                    choices.join("|")
-                ))
-            })
+        choices.iter().find(|c| c.eq_ignore_ascii_case(raw.trim())).copied().ok_or_else(|| {
+            TaskError::InvalidParam(format!("param {name:?}: {raw:?} is not one of {}", choices.join("|")))
+        })
     }
 }
 
@@ -97,16 +81,10 @@ impl<'a> Params<'a> {
 mod tests {
     use super::*;
 
-    const SPECS: &[ParamSpec] = &[
-        ParamSpec::required("n", "a number"),
-        ParamSpec::optional("k", "a kind", "a"),
-    ];
+    const SPECS: &[ParamSpec] = &[ParamSpec::required("n", "a number"), ParamSpec::optional("k", "a kind", "a")];
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -121,20 +99,10 @@ mod tests {
 
         let m = map(&[("n", "x1")]);
         let p = Params::new(&m, SPECS).unwrap();
-        assert!(
-            p.int::<u64>("n", 0..=5)
-                .unwrap_err()
-                .to_string()
-                .contains("not an integer")
-        );
+        assert!(p.int::<u64>("n", 0..=5).unwrap_err().to_string().contains("not an integer"));
         let m = map(&[("n", "9")]);
         let p = Params::new(&m, SPECS).unwrap();
-        assert!(
-            p.int::<u64>("n", 0..=5)
-                .unwrap_err()
-                .to_string()
-                .contains("out of range 0..=5")
-        );
+        assert!(p.int::<u64>("n", 0..=5).unwrap_err().to_string().contains("out of range 0..=5"));
     }
 
     #[test]

@@ -42,24 +42,12 @@ pub struct ParamSpec {
 impl ParamSpec {
     /// A parameter every request must give.
     pub const fn required(name: &'static str, description: &'static str) -> Self {
-        Self {
-            name,
-            description,
-            default: None,
-        }
+        Self { name, description, default: None }
     }
 
     /// A parameter with a default value.
-    pub const fn optional(
-        name: &'static str,
-        description: &'static str,
-        default: &'static str,
-    ) -> Self {
-        Self {
-            name,
-            description,
-            default: Some(default),
-        }
+    pub const fn optional(name: &'static str, description: &'static str, default: &'static str) -> Self {
+        Self { name, description, default: Some(default) }
     }
 }
 

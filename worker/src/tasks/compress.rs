@@ -26,11 +26,7 @@ const COMPRESS: TaskSpec = TaskSpec {
     description: "compresses the input into one zstd frame (with its content size), as `zstd -LEVEL` would",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,
-    params: &[ParamSpec::optional(
-        "level",
-        "compression level, an integer in 1..=19",
-        "3",
-    )],
+    params: &[ParamSpec::optional("level", "compression level, an integer in 1..=19", "3")],
 };
 
 impl Task for CompressTask {
@@ -39,9 +35,7 @@ impl Task for CompressTask {
     }
 
     fn prepare(&self, params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
-        Ok(Box::new(CompressJob {
-            level: params.int("level", 1..=19)?,
-        }))
+        Ok(Box::new(CompressJob { level: params.int("level", 1..=19)? }))
     }
 }
 
@@ -51,21 +45,15 @@ struct CompressJob {
 
 impl Job for CompressJob {
     fn estimate(&self, input_len: usize) -> Option<Duration> {
-        Some(per_byte(
-            input_len,
-            2.0 + f64::from(self.level) * f64::from(self.level) / 4.0,
-        ))
+        Some(per_byte(input_len, 2.0 + f64::from(self.level) * f64::from(self.level) / 4.0))
     }
 
     fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
         let failed = |e: std::io::Error| TaskError::Failed(format!("zstd compression failed: {e}"));
         let mut encoder =
-            zstd::stream::write::Encoder::new(Vec::with_capacity(input.len() / 2 + 64), self.level)
-                .map_err(failed)?;
+            zstd::stream::write::Encoder::new(Vec::with_capacity(input.len() / 2 + 64), self.level).map_err(failed)?;
         encoder.include_contentsize(true).map_err(failed)?;
-        encoder
-            .set_pledged_src_size(Some(input.len() as u64))
-            .map_err(failed)?;
+        encoder.set_pledged_src_size(Some(input.len() as u64)).map_err(failed)?;
         for chunk in input.chunks(CHUNK) {
             ctx.check()?;
             encoder.write_all(chunk).map_err(failed)?;
@@ -92,9 +80,7 @@ impl Task for DecompressTask {
     }
 
     fn prepare(&self, _params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
-        Ok(Box::new(DecompressJob {
-            max_output: self.max_output,
-        }))
+        Ok(Box::new(DecompressJob { max_output: self.max_output }))
     }
 }
 
@@ -118,25 +104,15 @@ impl Job for DecompressJob {
 
     fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
         if input.is_empty() {
-            return Err(TaskError::InvalidInput(
-                "input is empty; expected a zstd frame".into(),
-            ));
+            return Err(TaskError::InvalidInput("input is empty; expected a zstd frame".into()));
         }
-        let invalid = |e: std::io::Error| {
-            TaskError::InvalidInput(format!("input is not valid zstd data: {e}"))
-        };
+        let invalid = |e: std::io::Error| TaskError::InvalidInput(format!("input is not valid zstd data: {e}"));
         // The first frame's declared size, when present, sizes the output once.
-        let declared = zstd::zstd_safe::get_frame_content_size(&input)
-            .ok()
-            .flatten();
+        let declared = zstd::zstd_safe::get_frame_content_size(&input).ok().flatten();
         if declared.is_some_and(|size| size > self.max_output as u64) {
             return Err(self.too_large());
         }
-        let mut out = Vec::with_capacity(
-            declared
-                .map_or(CHUNK, |size| size as usize)
-                .min(self.max_output),
-        );
+        let mut out = Vec::with_capacity(declared.map_or(CHUNK, |size| size as usize).min(self.max_output));
         let mut decoder = zstd::stream::read::Decoder::with_buffer(&input[..]).map_err(invalid)?;
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -171,21 +147,13 @@ mod tests {
 
     #[test]
     fn round_trip_and_interop_with_the_reference_library() {
-        let data: Vec<u8> = (0..3 * CHUNK + 17)
-            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
-            .collect();
+        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
         for level in [1, 3, 19] {
-            let packed = CompressJob { level }
-                .run(&ctx(), Bytes::from(data.clone()))
-                .unwrap();
+            let packed = CompressJob { level }.run(&ctx(), Bytes::from(data.clone())).unwrap();
             assert!(packed.len() < data.len());
             // Plain libzstd reads it (the CLI uses the same format).
             assert_eq!(zstd::decode_all(&packed[..]).unwrap(), data);
-            let unpacked = DecompressJob {
-                max_output: 1 << 30,
-            }
-            .run(&ctx(), packed)
-            .unwrap();
+            let unpacked = DecompressJob { max_output: 1 << 30 }.run(&ctx(), packed).unwrap();
             assert_eq!(unpacked, data);
         }
         // And a frame made by plain libzstd, without content size, decodes too.
@@ -194,31 +162,17 @@ mod tests {
         foreign.extend(zstd::encode_all(&b"tail"[..], 1).unwrap());
         let mut expected = data.clone();
         expected.extend_from_slice(b"tail");
-        assert_eq!(
-            DecompressJob {
-                max_output: 1 << 30
-            }
-            .run(&ctx(), Bytes::from(foreign))
-            .unwrap(),
-            expected
-        );
+        assert_eq!(DecompressJob { max_output: 1 << 30 }.run(&ctx(), Bytes::from(foreign)).unwrap(), expected);
     }
 
     #[test]
     fn a_bomb_is_refused_at_the_cap() {
         // 64 MiB of zeros compresses to a few KiB.
         let zeros = vec![0u8; 64 << 20];
-        let bomb = CompressJob { level: 19 }
-            .run(&ctx(), Bytes::from(zeros))
-            .unwrap();
+        let bomb = CompressJob { level: 19 }.run(&ctx(), Bytes::from(zeros)).unwrap();
         assert!(bomb.len() < 64 << 10);
-        let job = DecompressJob {
-            max_output: 1 << 20,
-        };
-        assert!(matches!(
-            job.run(&ctx(), bomb.clone()),
-            Err(TaskError::TooLarge(_))
-        ));
+        let job = DecompressJob { max_output: 1 << 20 };
+        assert!(matches!(job.run(&ctx(), bomb.clone()), Err(TaskError::TooLarge(_))));
 
         // Same bomb without a declared size: refused while streaming.
         let mut streamed = Vec::new();
@@ -229,16 +183,8 @@ mod tests {
 
     #[test]
     fn garbage_is_invalid_input() {
-        let job = DecompressJob {
-            max_output: 1 << 20,
-        };
-        assert!(matches!(
-            job.run(&ctx(), Bytes::from_static(b"not zstd")),
-            Err(TaskError::InvalidInput(_))
-        ));
-        assert!(matches!(
-            job.run(&ctx(), Bytes::new()),
-            Err(TaskError::InvalidInput(_))
-        ));
+        let job = DecompressJob { max_output: 1 << 20 };
+        assert!(matches!(job.run(&ctx(), Bytes::from_static(b"not zstd")), Err(TaskError::InvalidInput(_))));
+        assert!(matches!(job.run(&ctx(), Bytes::new()), Err(TaskError::InvalidInput(_))));
     }
 }

@@ -20,14 +20,7 @@ const MAX_ALLOC: u64 = 1 << 40;
 
 /// Adds the debug tasks to `out`.
 pub fn register(out: &mut Vec<Arc<dyn Task>>) {
-    for kind in [
-        Kind::Echo,
-        Kind::Sleep,
-        Kind::Spin,
-        Kind::Panic,
-        Kind::Alloc,
-        Kind::Abort,
-    ] {
+    for kind in [Kind::Echo, Kind::Sleep, Kind::Spin, Kind::Panic, Kind::Alloc, Kind::Abort] {
         out.push(Arc::new(DebugTask(kind)));
     }
 }
@@ -78,21 +71,14 @@ const SPECS: [TaskSpec; 6] = [
         description: "allocates and touches `bytes` bytes; output is the count in ASCII decimal",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
-        params: &[ParamSpec::required(
-            "bytes",
-            "bytes to allocate, 0..=1099511627776",
-        )],
+        params: &[ParamSpec::required("bytes", "bytes to allocate, 0..=1099511627776")],
     },
     TaskSpec {
         name: "debug.abort",
         description: "kills its worker process (abort or segmentation fault); ISOLATED only",
         default_mode: Mode::Isolated,
         allowed_modes: &[Mode::Isolated],
-        params: &[ParamSpec::optional(
-            "kind",
-            "how to die: abort|segv",
-            "abort",
-        )],
+        params: &[ParamSpec::optional("kind", "how to die: abort|segv", "abort")],
     },
 ];
 
@@ -110,9 +96,7 @@ impl Task for DebugTask {
             Kind::Spin => Box::new(Spin(Duration::from_millis(params.int("ms", 0..=MAX_MS)?))),
             Kind::Panic => Box::new(Panic),
             Kind::Alloc => Box::new(Alloc(params.int("bytes", 0..=MAX_ALLOC)?)),
-            Kind::Abort => Box::new(Abort {
-                segv: params.choice("kind", &["abort", "segv"])? == "segv",
-            }),
+            Kind::Abort => Box::new(Abort { segv: params.choice("kind", &["abort", "segv"])? == "segv" }),
         })
     }
 }
@@ -158,10 +142,7 @@ impl Job for Spin {
                 break;
             }
             ctx.check()?;
-            ctx.progress(
-                elapsed.as_secs_f64() / self.0.as_secs_f64().max(1e-9),
-                "spinning",
-            );
+            ctx.progress(elapsed.as_secs_f64() / self.0.as_secs_f64().max(1e-9), "spinning");
             // About a millisecond of arithmetic between checks.
             let slice_end = Instant::now() + Duration::from_millis(1).min(self.0 - elapsed);
             while Instant::now() < slice_end {
@@ -192,8 +173,8 @@ impl Job for Alloc {
     }
 
     fn run(&self, ctx: &Context, _input: Bytes) -> Result<Bytes, TaskError> {
-        let len = usize::try_from(self.0)
-            .map_err(|_| TaskError::TooLarge("allocation exceeds the address space".into()))?;
+        let len =
+            usize::try_from(self.0).map_err(|_| TaskError::TooLarge("allocation exceeds the address space".into()))?;
         let mut block: Vec<u8> = Vec::new();
         block
             .try_reserve_exact(len)

@@ -11,14 +11,8 @@ use crate::{Context, Job, Mode, Params, Task, TaskError, TaskSpec};
 
 /// Adds the hash tasks to `out`.
 pub fn register(out: &mut Vec<Arc<dyn Task>>) {
-    out.push(Arc::new(HashTask {
-        spec: SHA256,
-        algo: Algo::Sha256,
-    }));
-    out.push(Arc::new(HashTask {
-        spec: BLAKE3,
-        algo: Algo::Blake3,
-    }));
+    out.push(Arc::new(HashTask { spec: SHA256, algo: Algo::Sha256 }));
+    out.push(Arc::new(HashTask { spec: BLAKE3, algo: Algo::Blake3 }));
 }
 
 const SHA256: TaskSpec = TaskSpec {
@@ -105,28 +99,15 @@ mod tests {
 
     fn run(algo: Algo, input: &[u8]) -> String {
         let ctx = Context::new(None, CancelFlag::new(), None);
-        hex::encode(
-            HashJob(algo)
-                .run(&ctx, Bytes::copy_from_slice(input))
-                .unwrap(),
-        )
+        hex::encode(HashJob(algo).run(&ctx, Bytes::copy_from_slice(input)).unwrap())
     }
 
     #[test]
     fn sha256_matches_nist_vectors() {
+        assert_eq!(run(Algo::Sha256, b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(run(Algo::Sha256, b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(
-            run(Algo::Sha256, b""),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert_eq!(
-            run(Algo::Sha256, b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(
-            run(
-                Algo::Sha256,
-                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
-            ),
+            run(Algo::Sha256, b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
         );
         // One million 'a': crosses the chunk boundary.
@@ -142,16 +123,10 @@ mod tests {
 
     #[test]
     fn blake3_matches_reference_vectors() {
-        assert_eq!(
-            run(Algo::Blake3, b""),
-            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
+        assert_eq!(run(Algo::Blake3, b""), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
         // The official test vectors' input: bytes 0..=250 repeating, length 1023.
         let input: Vec<u8> = (0..1023u32).map(|i| (i % 251) as u8).collect();
-        assert_eq!(
-            run(Algo::Blake3, &input),
-            "10108970eeda3eb932baac1428c7a2163b0e924c9a9e25b35bba72b28f70bd11"
-        );
+        assert_eq!(run(Algo::Blake3, &input), "10108970eeda3eb932baac1428c7a2163b0e924c9a9e25b35bba72b28f70bd11");
     }
 
     #[test]
@@ -159,9 +134,7 @@ mod tests {
         let flag = CancelFlag::new();
         flag.cancel();
         let ctx = Context::new(None, flag, None);
-        let err = HashJob(Algo::Sha256)
-            .run(&ctx, Bytes::from(vec![0u8; 4 * CHUNK]))
-            .unwrap_err();
+        let err = HashJob(Algo::Sha256).run(&ctx, Bytes::from(vec![0u8; 4 * CHUNK])).unwrap_err();
         assert_eq!(err, TaskError::Cancelled);
     }
 }

@@ -126,9 +126,7 @@ mod tests {
 
     fn encode(img: &RgbaImage, format: ImageFormat) -> Bytes {
         let img = match format {
-            ImageFormat::Jpeg => {
-                DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(img.clone()).to_rgb8())
-            }
+            ImageFormat::Jpeg => DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(img.clone()).to_rgb8()),
             _ => DynamicImage::ImageRgba8(img.clone()),
         };
         let mut out = Cursor::new(Vec::new());
@@ -136,19 +134,9 @@ mod tests {
         Bytes::from(out.into_inner())
     }
 
-    fn thumb(
-        input: Bytes,
-        width: u32,
-        height: u32,
-        format: ImageFormat,
-    ) -> Result<DynamicImage, TaskError> {
+    fn thumb(input: Bytes, width: u32, height: u32, format: ImageFormat) -> Result<DynamicImage, TaskError> {
         let ctx = Context::new(None, CancelFlag::new(), None);
-        let out = ThumbnailJob {
-            width,
-            height,
-            format,
-        }
-        .run(&ctx, input)?;
+        let out = ThumbnailJob { width, height, format }.run(&ctx, input)?;
         let decoded = image::load_from_memory(&out).unwrap();
         assert_eq!(image::guess_format(&out).unwrap(), format);
         Ok(decoded)
@@ -156,22 +144,11 @@ mod tests {
 
     #[test]
     fn fits_the_box_and_keeps_the_aspect_in_every_format() {
-        let src = RgbaImage::from_fn(400, 200, |x, y| {
-            Rgba([(x % 256) as u8, (y % 256) as u8, 128, 255])
-        });
-        for in_fmt in [
-            ImageFormat::Png,
-            ImageFormat::Jpeg,
-            ImageFormat::WebP,
-            ImageFormat::Gif,
-        ] {
+        let src = RgbaImage::from_fn(400, 200, |x, y| Rgba([(x % 256) as u8, (y % 256) as u8, 128, 255]));
+        for in_fmt in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Gif] {
             for out_fmt in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
                 let t = thumb(encode(&src, in_fmt), 100, 100, out_fmt).unwrap();
-                assert_eq!(
-                    (t.width(), t.height()),
-                    (100, 50),
-                    "{in_fmt:?} -> {out_fmt:?}"
-                );
+                assert_eq!((t.width(), t.height()), (100, 50), "{in_fmt:?} -> {out_fmt:?}");
             }
         }
         // A small image is not enlarged.
@@ -181,20 +158,11 @@ mod tests {
 
     #[test]
     fn undecodable_input_is_invalid() {
-        let err = thumb(
-            Bytes::from_static(b"hello, not an image"),
-            10,
-            10,
-            ImageFormat::Png,
-        )
-        .unwrap_err();
+        let err = thumb(Bytes::from_static(b"hello, not an image"), 10, 10, ImageFormat::Png).unwrap_err();
         assert!(matches!(err, TaskError::InvalidInput(_)), "{err:?}");
         // A PNG signature followed by garbage.
         let mut fake = b"\x89PNG\r\n\x1a\n".to_vec();
         fake.extend_from_slice(&[0xAB; 64]);
-        assert!(matches!(
-            thumb(Bytes::from(fake), 10, 10, ImageFormat::Png),
-            Err(TaskError::InvalidInput(_))
-        ));
+        assert!(matches!(thumb(Bytes::from(fake), 10, 10, ImageFormat::Png), Err(TaskError::InvalidInput(_))));
     }
 }

@@ -35,10 +35,7 @@ const SPEC: TaskSpec = TaskSpec {
     description: "counts the primes <= limit (segmented sieve, parallel); input ignored; output is the count in ASCII decimal",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,
-    params: &[ParamSpec::required(
-        "limit",
-        "upper bound, an integer in 0..=10000000000",
-    )],
+    params: &[ParamSpec::required("limit", "upper bound, an integer in 0..=10000000000")],
 };
 
 impl Task for PrimesTask {
@@ -47,9 +44,7 @@ impl Task for PrimesTask {
     }
 
     fn prepare(&self, params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
-        Ok(Box::new(CountJob {
-            limit: params.int("limit", 0..=MAX_LIMIT)?,
-        }))
+        Ok(Box::new(CountJob { limit: params.int("limit", 0..=MAX_LIMIT)? }))
     }
 }
 
@@ -88,7 +83,7 @@ fn count_primes(ctx: &Context, limit: u64) -> Result<u64, TaskError> {
                 let hi = (lo + SEGMENT).min(end);
                 let count = sieve_segment(flags, lo, hi, &base);
                 let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if ctx.wants_progress() && finished % 64 == 0 {
+                if ctx.wants_progress() && finished.is_multiple_of(64) {
                     ctx.progress(finished as f64 / segments as f64, "");
                 }
                 Ok(count)
@@ -164,16 +159,7 @@ mod tests {
 
     #[test]
     fn known_counts() {
-        for (limit, pi) in [
-            (0, 0),
-            (1, 0),
-            (2, 1),
-            (3, 2),
-            (10, 4),
-            (100, 25),
-            (1000, 168),
-            (1_000_000, 78498),
-        ] {
+        for (limit, pi) in [(0, 0), (1, 0), (2, 1), (3, 2), (10, 4), (100, 25), (1000, 168), (1_000_000, 78498)] {
             assert_eq!(count(limit), pi, "pi({limit})");
         }
         assert_eq!(count(10_000_000), 664_579);
@@ -181,13 +167,8 @@ mod tests {
 
     #[test]
     fn matches_trial_division_across_segment_edges() {
-        for limit in (0..3000).chain([
-            2 * SEGMENT - 1,
-            2 * SEGMENT,
-            2 * SEGMENT + 1,
-            2 * SEGMENT + 3,
-            5 * SEGMENT + 11,
-        ]) {
+        for limit in (0..3000).chain([2 * SEGMENT - 1, 2 * SEGMENT, 2 * SEGMENT + 1, 2 * SEGMENT + 3, 5 * SEGMENT + 11])
+        {
             assert_eq!(count(limit), plain(limit), "pi({limit})");
         }
     }

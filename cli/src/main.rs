@@ -1,0 +1,248 @@
+//! `offload`: the command-line client. Lists the server's tasks and runs one,
+//! with input from a file, stdin or the command line, params as `k=v`, a mode
+//! and a deadline; shows a progress bar on a terminal (via ExecuteStream)
+//! and prints binary output as hex on a terminal.
+
+use std::{
+    collections::HashMap,
+    io::{IsTerminal, Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use offload_proto::offload::v1::{
+    ExecuteRequest, ExecuteResponse, ExecutionMode, ListTasksRequest, Stage, compute_client::ComputeClient,
+    execute_event::Event,
+};
+use tonic::transport::Channel;
+
+/// Client of an Offload server.
+#[derive(Debug, Parser)]
+#[command(name = "offload", version, about)]
+struct Cli {
+    /// Server address.
+    #[arg(long, short, env = "OFFLOAD_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    server: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Lists the server's tasks with their modes and params.
+    Tasks,
+    /// Runs one task and writes its output.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Task name, e.g. hash.sha256.
+    task: String,
+    /// Param as NAME=VALUE; repeat for several.
+    #[arg(short, long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    /// Read the input from FILE ('-' for stdin).
+    #[arg(short, long, value_name = "FILE", conflicts_with = "data")]
+    input: Option<PathBuf>,
+    /// Use TEXT as the input.
+    #[arg(short, long, value_name = "TEXT")]
+    data: Option<String>,
+    /// Where to run it. [default: the task's default]
+    #[arg(short, long, value_enum)]
+    mode: Option<ModeArg>,
+    /// Deadline in seconds (sent as grpc-timeout).
+    #[arg(short, long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Write the output to FILE instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Print the output as hex even when not on a terminal.
+    #[arg(long)]
+    hex: bool,
+    /// Never show a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the run's stats to stderr.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Pool,
+    Isolated,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("offload: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(cli.server.clone())
+        .with_context(|| format!("bad server address {:?}", cli.server))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", cli.server))?;
+    let mut client = ComputeClient::new(channel).max_decoding_message_size(usize::MAX);
+    match cli.command {
+        Command::Tasks => list(&mut client).await,
+        Command::Run(args) => execute(&mut client, args).await,
+    }
+}
+
+async fn list(client: &mut ComputeClient<Channel>) -> anyhow::Result<()> {
+    let tasks = client.list_tasks(ListTasksRequest {}).await.map_err(status_error)?.into_inner().tasks;
+    let mode_name =
+        |m: i32| ExecutionMode::try_from(m).map_or("?", |m| m.as_str_name().trim_start_matches("EXECUTION_MODE_"));
+    for task in tasks {
+        let allowed: Vec<&str> = task.allowed_modes.iter().map(|m| mode_name(*m)).collect();
+        println!("{}  [{} default; allowed {}]", task.name, mode_name(task.default_mode), allowed.join(", "));
+        println!("    {}", task.description);
+        for p in task.params {
+            let default = if p.required { "required".to_string() } else { format!("default {}", p.default_value) };
+            println!("    {}: {} ({default})", p.name, p.description);
+        }
+    }
+    Ok(())
+}
+
+async fn execute(client: &mut ComputeClient<Channel>, args: RunArgs) -> anyhow::Result<()> {
+    let input = match (&args.input, &args.data) {
+        (Some(path), _) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+            buf
+        }
+        (Some(path), _) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        (None, Some(text)) => text.clone().into_bytes(),
+        (None, None) => Vec::new(),
+    };
+    let mode = match args.mode {
+        None => ExecutionMode::Unspecified,
+        Some(ModeArg::Pool) => ExecutionMode::Pool,
+        Some(ModeArg::Isolated) => ExecutionMode::Isolated,
+    };
+    let body = ExecuteRequest {
+        task: args.task.clone(),
+        input: Bytes::from(input),
+        params: args.params.iter().cloned().collect::<HashMap<_, _>>(),
+        mode: mode as i32,
+        id: String::new(),
+    };
+    let mut request = tonic::Request::new(body);
+    if let Some(secs) = args.timeout {
+        if !(secs > 0.0 && secs.is_finite()) {
+            bail!("--timeout must be a positive number of seconds");
+        }
+        // Sent as the header alone: tonic's client-side timer would answer
+        // CANCELLED before the server's DEADLINE_EXCEEDED arrives.
+        let header = grpc_timeout(Duration::from_secs_f64(secs)).parse().expect("ascii header");
+        request.metadata_mut().insert("grpc-timeout", header);
+    }
+    let show_progress = !args.no_progress && std::io::stderr().is_terminal();
+    let response = if show_progress {
+        with_progress(client, request).await?
+    } else {
+        client.execute(request).await.map_err(status_error)?.into_inner()
+    };
+    if args.verbose
+        && let Some(stats) = &response.stats
+    {
+        eprintln!(
+            "mode {} queued {} us, ran {} us, worker pid {}, replica {}",
+            ExecutionMode::try_from(response.mode).map_or("?", |m| m.as_str_name()),
+            stats.queued_us,
+            stats.run_us,
+            stats.worker_pid,
+            stats.replica
+        );
+    }
+    write_output(&response.output, args.output.as_deref(), args.hex)
+}
+
+/// Runs the call through ExecuteStream, drawing its progress on stderr.
+async fn with_progress(
+    client: &mut ComputeClient<Channel>,
+    request: tonic::Request<ExecuteRequest>,
+) -> anyhow::Result<ExecuteResponse> {
+    let bar = ProgressBar::new(1000);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:8} [{bar:40}] {percent:>3}% {elapsed} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let mut events = client.execute_stream(request).await.map_err(status_error)?.into_inner();
+    while let Some(event) = events.message().await.map_err(|s| {
+        bar.abandon();
+        status_error(s)
+    })? {
+        match event.event {
+            Some(Event::Progress(p)) => {
+                bar.set_prefix(if p.stage == Stage::Queued as i32 { "queued" } else { "running" });
+                bar.set_position((p.fraction * 1000.0) as u64);
+                bar.set_message(p.message);
+            }
+            Some(Event::Result(result)) => {
+                bar.finish_and_clear();
+                return Ok(result);
+            }
+            None => {}
+        }
+    }
+    bar.abandon();
+    bail!("the server closed the stream without a result")
+}
+
+fn write_output(output: &[u8], path: Option<&std::path::Path>, force_hex: bool) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        return std::fs::write(path, output).with_context(|| format!("writing {}", path.display()));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let printable = std::str::from_utf8(output).is_ok_and(|s| !s.chars().any(|c| c.is_control() && !c.is_whitespace()));
+    if force_hex || (stdout.is_terminal() && !printable) {
+        writeln!(stdout, "{}", hex::encode(output))?;
+    } else {
+        stdout.write_all(output)?;
+        if stdout.is_terminal() && !output.ends_with(b"\n") {
+            writeln!(stdout)?;
+        }
+    }
+    Ok(())
+}
+
+/// Formats a grpc-timeout value: at most 8 digits, in the finest unit that fits.
+fn grpc_timeout(timeout: Duration) -> String {
+    const LIMIT: u128 = 99_999_999;
+    let micros = timeout.as_micros();
+    [(1, 'u'), (1_000, 'm'), (1_000_000, 'S'), (60_000_000, 'M'), (3_600_000_000, 'H')]
+        .into_iter()
+        .map(|(per_unit, unit)| (micros.div_ceil(per_unit), unit))
+        .find(|(value, _)| *value <= LIMIT)
+        .map_or_else(|| format!("{LIMIT}H"), |(value, unit)| format!("{value}{unit}"))
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}

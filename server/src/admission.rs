@@ -1,0 +1,192 @@
+//! Admission control for one executor: a bounded queue, and a deadline-aware
+//! check that refuses a call which could not even start before its deadline.
+//! The expected wait is the work already admitted ahead of the call (queued
+//! costs plus what remains of running ones) spread over the executor's slots.
+//!
+//! A [`Ticket`] follows each admitted call; dropping it, wherever the call
+//! ends, gives its place back, so no path can strand the counters.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `capacity` calls are already waiting.
+    QueueFull {
+        /// The queue's bound.
+        capacity: usize,
+    },
+    /// The call would wait `wait` but has only `remaining` before its deadline.
+    WouldMissDeadline {
+        /// The expected wait.
+        wait: Duration,
+        /// Time left before the deadline.
+        remaining: Duration,
+    },
+}
+
+/// The load of one executor.
+#[derive(Debug)]
+pub struct Admission {
+    slots: usize,
+    capacity: usize,
+    state: Mutex<Load>,
+}
+
+#[derive(Debug, Default)]
+struct Load {
+    queued: usize,
+    queued_cost: Duration,
+    /// Start time and expected cost of each running call, by slab key.
+    running: Vec<Option<(Instant, Duration)>>,
+    running_count: usize,
+}
+
+impl Load {
+    fn expected_wait(&self, slots: usize, now: Instant) -> Duration {
+        if self.running_count + self.queued < slots {
+            return Duration::ZERO;
+        }
+        let remaining: Duration = self
+            .running
+            .iter()
+            .flatten()
+            .map(|(start, cost)| cost.saturating_sub(now.saturating_duration_since(*start)))
+            .sum();
+        (self.queued_cost + remaining) / slots as u32
+    }
+}
+
+impl Admission {
+    /// An executor with `slots` parallel slots and room for `capacity` waiting calls.
+    pub fn new(slots: usize, capacity: usize) -> Arc<Self> {
+        Arc::new(Self { slots: slots.max(1), capacity, state: Mutex::new(Load::default()) })
+    }
+
+    /// Admits a call of expected `cost` that must start within `remaining`.
+    pub fn admit(self: &Arc<Self>, cost: Duration, remaining: Option<Duration>) -> Result<Ticket, Refusal> {
+        let now = Instant::now();
+        let mut load = self.lock();
+        if load.queued >= self.capacity {
+            return Err(Refusal::QueueFull { capacity: self.capacity });
+        }
+        if let Some(remaining) = remaining {
+            let wait = load.expected_wait(self.slots, now);
+            if wait >= remaining {
+                return Err(Refusal::WouldMissDeadline { wait, remaining });
+            }
+        }
+        load.queued += 1;
+        load.queued_cost += cost;
+        Ok(Ticket { admission: Arc::clone(self), cost, admitted: now, running: None })
+    }
+
+    /// Calls admitted and not started yet.
+    pub fn queued(&self) -> usize {
+        self.lock().queued
+    }
+
+    /// Calls running now.
+    pub fn running(&self) -> usize {
+        self.lock().running_count
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Load> {
+        // The counters stay consistent even if a holder panicked.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An admitted call's place in its executor's load.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    cost: Duration,
+    admitted: Instant,
+    /// Slab key once started.
+    running: Option<usize>,
+}
+
+impl Ticket {
+    /// Marks the call as running; returns how long it waited.
+    pub fn start(&mut self) -> Duration {
+        let now = Instant::now();
+        let mut load = self.admission.lock();
+        load.queued -= 1;
+        load.queued_cost = load.queued_cost.saturating_sub(self.cost);
+        let entry = Some((now, self.cost));
+        let key = match load.running.iter().position(Option::is_none) {
+            Some(free) => {
+                load.running[free] = entry;
+                free
+            }
+            None => {
+                load.running.push(entry);
+                load.running.len() - 1
+            }
+        };
+        load.running_count += 1;
+        self.running = Some(key);
+        now.saturating_duration_since(self.admitted)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut load = self.admission.lock();
+        match self.running {
+            Some(key) => {
+                load.running[key] = None;
+                load.running_count -= 1;
+            }
+            None => {
+                load.queued -= 1;
+                load.queued_cost = load.queued_cost.saturating_sub(self.cost);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_queue_is_bounded_and_tickets_give_their_place_back() {
+        let a = Admission::new(1, 2);
+        let t1 = a.admit(MS, None).unwrap();
+        let _t2 = a.admit(MS, None).unwrap();
+        assert_eq!(a.admit(MS, None).unwrap_err(), Refusal::QueueFull { capacity: 2 });
+        drop(t1);
+        let mut t3 = a.admit(MS, None).unwrap();
+        t3.start();
+        assert_eq!((a.queued(), a.running()), (1, 1));
+        drop(t3);
+        assert_eq!((a.queued(), a.running()), (1, 0));
+    }
+
+    #[test]
+    fn a_call_that_cannot_start_before_its_deadline_is_refused() {
+        let a = Admission::new(2, 100);
+        // Two free slots: no wait whatever the deadline.
+        let mut busy1 = a.admit(1000 * MS, Some(MS)).unwrap();
+        let mut busy2 = a.admit(1000 * MS, Some(MS)).unwrap();
+        busy1.start();
+        busy2.start();
+        // Both slots busy for about a second.
+        match a.admit(MS, Some(100 * MS)) {
+            Err(Refusal::WouldMissDeadline { wait, remaining }) => {
+                assert!(wait > 900 * MS && wait <= 1000 * MS, "{wait:?}");
+                assert_eq!(remaining, 100 * MS);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(a.admit(MS, Some(5000 * MS)).is_ok());
+        assert!(a.admit(MS, None).is_ok());
+    }
+}

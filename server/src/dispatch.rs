@@ -1,0 +1,294 @@
+//! The dispatcher: turns a call into a run on the right executor. It checks
+//! the request (task, mode, params), asks the executor's admission control
+//! for a place, runs tiny tasks inline and everything else on the pool, and
+//! enforces the deadline and cancellation while it waits.
+//!
+//! The work is split in two steps so that streaming handlers can refuse a
+//! call with a plain status before they start streaming: [`Dispatcher::admit`]
+//! checks and reserves, [`Admitted::run`] runs.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use offload_proto::offload::v1::ExecutionMode;
+use offload_worker::{CancelFlag, Catalog, Context, Job, Mode, ProgressSink, Task, TaskError, run_job};
+use tokio::sync::watch;
+
+use crate::{
+    admission::{Refusal, Ticket},
+    cost::CostModel,
+    error::CallError,
+    pool::Pool,
+};
+
+/// One call as the dispatcher sees it, decoded from any of the RPCs.
+#[derive(Debug, Default)]
+pub struct Call {
+    /// Task name.
+    pub task: String,
+    /// Input bytes.
+    pub input: Bytes,
+    /// Raw parameters.
+    pub params: HashMap<String, String>,
+    /// Raw ExecutionMode value.
+    pub mode: i32,
+    /// Absolute deadline, from grpc-timeout.
+    pub deadline: Option<Instant>,
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The task's output.
+    pub output: Bytes,
+    /// Where it ran.
+    pub mode: Mode,
+    /// Time between admission and start.
+    pub queued: Duration,
+    /// Time it ran.
+    pub run: Duration,
+    /// The worker's pid in ISOLATED mode, else 0.
+    pub worker_pid: u32,
+}
+
+/// What a streaming caller sees of a run in progress.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProgressState {
+    /// Whether the task has started.
+    pub running: bool,
+    /// Fraction done, never decreasing.
+    pub fraction: f64,
+    /// The task's latest note.
+    pub message: String,
+}
+
+/// Settings of the dispatcher.
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    /// Tasks cheaper than this run on the calling thread.
+    pub inline_threshold: Duration,
+    /// Largest output a response may carry.
+    pub max_output_bytes: usize,
+}
+
+/// Routes calls to executors.
+#[derive(Debug)]
+pub struct Dispatcher {
+    catalog: Catalog,
+    costs: CostModel,
+    pool: Pool,
+    options: DispatchOptions,
+    draining: AtomicBool,
+}
+
+impl Dispatcher {
+    /// A dispatcher serving `catalog` on `pool`.
+    pub fn new(catalog: Catalog, pool: Pool, options: DispatchOptions) -> Arc<Self> {
+        Arc::new(Self { costs: CostModel::new(&catalog), catalog, pool, options, draining: AtomicBool::new(false) })
+    }
+
+    /// The tasks served.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The POOL executor.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Refuses new calls from now on; calls already admitted go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Checks `call` and reserves its place on an executor.
+    pub fn admit(self: &Arc<Self>, call: Call) -> Result<Admitted, CallError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(CallError::Draining);
+        }
+        let task = self.catalog.get(&call.task)?;
+        let spec = task.spec();
+        let mode = match ExecutionMode::try_from(call.mode) {
+            Ok(ExecutionMode::Unspecified) => spec.default_mode,
+            Ok(ExecutionMode::Pool) => Mode::Pool,
+            Ok(ExecutionMode::Isolated) => Mode::Isolated,
+            Err(_) => return Err(CallError::UndefinedMode(call.mode)),
+        };
+        if !spec.allowed_modes.contains(&mode) {
+            return Err(CallError::ModeNotAllowed {
+                task: spec.name,
+                mode: mode.as_str(),
+                allowed: spec.allowed_modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let job = Catalog::prepare(task.as_ref(), &call.params)
+            .map_err(|source| CallError::Task { task: spec.name, source })?;
+        if mode == Mode::Isolated {
+            return Err(CallError::ModeUnavailable { mode: mode.as_str() });
+        }
+
+        let estimate = job.estimate(call.input.len());
+        let expected = self.costs.expected(spec.name, estimate);
+        let placement = match expected {
+            Some(cost) if cost < self.options.inline_threshold => Placement::Inline,
+            _ => {
+                // Unknown work is charged a millisecond until measured.
+                let cost = expected.unwrap_or(Duration::from_millis(1));
+                let remaining = call.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                let ticket = self.pool.admission().admit(cost, remaining).map_err(|refusal| match refusal {
+                    Refusal::QueueFull { capacity } => CallError::QueueFull { executor: "POOL", capacity },
+                    Refusal::WouldMissDeadline { wait, remaining } => {
+                        CallError::WouldMissDeadline { task: spec.name, executor: "POOL", wait, remaining }
+                    }
+                })?;
+                Placement::Pool(ticket)
+            }
+        };
+        Ok(Admitted {
+            dispatcher: Arc::clone(self),
+            task: Arc::clone(task),
+            job,
+            input: call.input,
+            deadline: call.deadline,
+            estimate,
+            placement,
+        })
+    }
+}
+
+enum Placement {
+    Inline,
+    Pool(Ticket),
+}
+
+/// A call that passed admission and holds its place until it runs.
+pub struct Admitted {
+    dispatcher: Arc<Dispatcher>,
+    task: Arc<dyn Task>,
+    job: Box<dyn Job>,
+    input: Bytes,
+    deadline: Option<Instant>,
+    estimate: Option<Duration>,
+    placement: Placement,
+}
+
+impl std::fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admitted").field("task", &self.task.spec().name).finish_non_exhaustive()
+    }
+}
+
+/// Raises a call's cancel flag when its handler goes away, whether the
+/// client cancelled, disconnected, or the deadline fired.
+struct CancelOnDrop(CancelFlag);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl Admitted {
+    /// The task's name.
+    pub fn task_name(&self) -> &'static str {
+        self.task.spec().name
+    }
+
+    /// Runs the call; `progress`, when given, follows its stage and progress.
+    pub async fn run(self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
+        let name = self.task.spec().name;
+        let dispatcher = Arc::clone(&self.dispatcher);
+        let max_output = dispatcher.options.max_output_bytes;
+        let outcome = match self.placement {
+            Placement::Inline => {
+                let ctx = Context::new(self.deadline, CancelFlag::new(), None);
+                let start = Instant::now();
+                let result = run_job(self.job.as_ref(), &ctx, self.input);
+                let run = start.elapsed();
+                dispatcher.costs.record(name, self.estimate, run);
+                Outcome {
+                    output: result.map_err(|source| task_error(name, source))?,
+                    mode: Mode::Pool,
+                    queued: Duration::ZERO,
+                    run,
+                    worker_pid: 0,
+                }
+            }
+            Placement::Pool(ticket) => {
+                let cancel = CancelFlag::new();
+                let _cancel_on_drop = CancelOnDrop(cancel.clone());
+                let started = Arc::new(AtomicBool::new(false));
+                let sink = progress.map(progress_sink);
+                let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
+                let work_started = Arc::clone(&started);
+                let work_dispatcher = Arc::clone(&dispatcher);
+                let done = dispatcher.pool.submit(ticket, move |queued| {
+                    work_started.store(true, Ordering::Release);
+                    if let Some(sink) = &sink {
+                        sink(0.0, "");
+                    }
+                    let ctx = Context::new(deadline, cancel, sink);
+                    let start = Instant::now();
+                    let result = run_job(job.as_ref(), &ctx, input);
+                    let run = start.elapsed();
+                    if result.is_ok() {
+                        work_dispatcher.costs.record(name, estimate, run);
+                    }
+                    (result, queued, run)
+                });
+                let finished = match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline.into(), done).await.map_err(|_| {
+                        let stage = if started.load(Ordering::Acquire) { "running" } else { "queued" };
+                        CallError::DeadlineExceeded { task: name, stage }
+                    })?,
+                    None => done.await,
+                };
+                let (result, queued, run) =
+                    finished.map_err(|_| CallError::Internal(format!("{name}: the pool dropped the call")))?;
+                Outcome {
+                    output: result.map_err(|source| task_error(name, source))?,
+                    mode: Mode::Pool,
+                    queued,
+                    run,
+                    worker_pid: 0,
+                }
+            }
+        };
+        if outcome.output.len() > max_output {
+            return Err(CallError::OutputTooLarge { task: name, size: outcome.output.len(), limit: max_output });
+        }
+        Ok(outcome)
+    }
+}
+
+fn task_error(task: &'static str, source: TaskError) -> CallError {
+    CallError::Task { task, source }
+}
+
+/// A progress sink feeding a watch channel: the first report marks the call
+/// running, and the fraction never goes down even when parallel parts of a
+/// task report out of order.
+fn progress_sink(tx: watch::Sender<ProgressState>) -> ProgressSink {
+    Arc::new(move |fraction: f64, message: &str| {
+        tx.send_if_modified(|state| {
+            let fraction = fraction.max(state.fraction);
+            if state.running && fraction == state.fraction && message == state.message {
+                return false;
+            }
+            state.running = true;
+            state.fraction = fraction;
+            if message != state.message {
+                state.message = message.to_string();
+            }
+            true
+        });
+    })
+}

@@ -1,0 +1,148 @@
+//! Why a call failed, and the one place where that becomes a gRPC status.
+//! Messages say what was wrong and what is accepted; internal failures are
+//! logged in full but reach the client only as a short INTERNAL.
+
+use std::time::Duration;
+
+use offload_proto::google::rpc;
+use offload_worker::{TaskError, catalog::LookupError};
+use tonic::{Code, Status};
+
+/// A call that did not produce an output.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The request names no task of the catalog.
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// The request's mode is not a value of ExecutionMode.
+    #[error("mode {0} is not a defined ExecutionMode; use 0 (the task's default), 1 (POOL) or 2 (ISOLATED)")]
+    UndefinedMode(i32),
+    /// The task does not run in the requested mode.
+    #[error("task {task} does not run in mode {mode}; allowed: {allowed}")]
+    ModeNotAllowed {
+        /// The task asked for.
+        task: &'static str,
+        /// The mode asked for.
+        mode: &'static str,
+        /// The modes the task allows.
+        allowed: String,
+    },
+    /// The requested executor does not exist in this build.
+    #[error("{mode} mode is not available yet on this server; use POOL")]
+    ModeUnavailable {
+        /// The mode asked for.
+        mode: &'static str,
+    },
+    /// The task refused or failed.
+    #[error("{task}: {source}")]
+    Task {
+        /// The task's name.
+        task: &'static str,
+        /// What the task reported.
+        source: TaskError,
+    },
+    /// The executor's queue is full.
+    #[error("{executor} queue is full ({capacity} calls waiting); retry later")]
+    QueueFull {
+        /// Which executor.
+        executor: &'static str,
+        /// Its queue's capacity.
+        capacity: usize,
+    },
+    /// The call could not start before its deadline.
+    #[error(
+        "{task} would wait about {} ms for a free {executor} thread but its deadline is in {} ms",
+        wait.as_millis(),
+        remaining.as_millis()
+    )]
+    WouldMissDeadline {
+        /// The task's name.
+        task: &'static str,
+        /// Which executor.
+        executor: &'static str,
+        /// The expected wait.
+        wait: Duration,
+        /// Time left before the call's deadline.
+        remaining: Duration,
+    },
+    /// The deadline passed while the call was queued or running.
+    #[error("{task}: deadline exceeded while {stage}")]
+    DeadlineExceeded {
+        /// The task's name.
+        task: &'static str,
+        /// "queued" or "running".
+        stage: &'static str,
+    },
+    /// The output is larger than a response may be.
+    #[error("{task}: output of {size} bytes exceeds the max message size of {limit} bytes")]
+    OutputTooLarge {
+        /// The task's name.
+        task: &'static str,
+        /// The output's size.
+        size: usize,
+        /// The configured max message size.
+        limit: usize,
+    },
+    /// The server is shutting down.
+    #[error("server is draining and takes no new calls; retry on another replica")]
+    Draining,
+    /// A bug or lost executor; details are in the log.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CallError {
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            CallError::Lookup(LookupError::EmptyName) => Code::InvalidArgument,
+            CallError::Lookup(LookupError::Unknown { .. }) => Code::NotFound,
+            CallError::UndefinedMode(_) | CallError::ModeNotAllowed { .. } => Code::InvalidArgument,
+            CallError::ModeUnavailable { .. } => Code::Unimplemented,
+            CallError::Task { source, .. } => match source {
+                TaskError::InvalidParam(_) | TaskError::InvalidInput(_) => Code::InvalidArgument,
+                TaskError::TooLarge(_) => Code::ResourceExhausted,
+                TaskError::Cancelled => Code::Cancelled,
+                TaskError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+                TaskError::Panicked(_) | TaskError::Failed(_) => Code::Internal,
+            },
+            CallError::QueueFull { .. } | CallError::WouldMissDeadline { .. } | CallError::OutputTooLarge { .. } => {
+                Code::ResourceExhausted
+            }
+            CallError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            CallError::Draining => Code::Unavailable,
+            CallError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<CallError> for Status {
+    fn from(err: CallError) -> Self {
+        let code = err.code();
+        if code == Code::Internal {
+            tracing::error!(error = %err, "call failed with an internal error");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<CallError> for rpc::Status {
+    fn from(err: CallError) -> Self {
+        let status = Status::from(err);
+        rpc::Status { code: status.code() as i32, message: status.message().to_string(), details: Vec::new() }
+    }
+}
+
+/// A status tonic produced while decoding a request, as the API promises
+/// it: tonic answers an oversized message with OUT_OF_RANGE, the API with
+/// RESOURCE_EXHAUSTED (the server itself never uses OUT_OF_RANGE).
+pub fn request_status(status: Status, max_message_bytes: usize) -> Status {
+    if status.code() == Code::OutOfRange {
+        Status::resource_exhausted(format!(
+            "request exceeds the max message size of {max_message_bytes} bytes ({})",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}

@@ -1,0 +1,163 @@
+//! Assembles the service (Compute, health, reflection, the tower layers) and
+//! serves it over HTTP/2 until told to stop, then drains: health goes
+//! NOT_SERVING, new calls are refused, the listener closes, and calls in
+//! flight get a bounded grace to finish.
+//!
+//! Connections are served with hyper directly rather than through tonic's
+//! `Server`, whose built-in timeout layer would answer expired calls with
+//! CANCELLED before the dispatcher could answer DEADLINE_EXCEEDED.
+
+use std::{sync::Arc, time::Duration};
+
+use http::HeaderValue;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use offload_proto::offload::v1::compute_server::ComputeServer;
+use offload_worker::{Catalog, CatalogOptions};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Code, Status, service::Routes};
+use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
+
+use crate::{
+    config::Config,
+    dispatch::{DispatchOptions, Dispatcher},
+    error::request_status,
+    pool::Pool,
+    service::ComputeService,
+};
+
+/// The name health checks use for the Compute service.
+pub const COMPUTE_SERVICE_NAME: &str = "offload.v1.Compute";
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The rayon pool could not be built.
+    #[error("cannot start the pool: {0}")]
+    Pool(#[from] rayon::ThreadPoolBuildError),
+    /// The reflection service could not load the descriptors.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves `config` on `listener` until `shutdown` fires, then drains.
+pub async fn serve(config: &Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let catalog = Catalog::builtin(&CatalogOptions {
+        debug_tasks: config.debug_tasks,
+        max_decompressed_bytes: config.max_decompressed_bytes,
+    });
+    let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
+    let dispatcher = Dispatcher::new(
+        catalog,
+        pool,
+        DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
+    );
+    let in_flight = TaskTracker::new();
+    let compute = ComputeService::new(
+        Arc::clone(&dispatcher),
+        &config.replica_name,
+        config.batch_concurrency,
+        config.max_message_bytes,
+        in_flight.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["", COMPUTE_SERVICE_NAME] {
+        health.set_service_status(name, ServingStatus::Serving).await;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(offload_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let routes = Routes::new(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(
+            ComputeServer::new(compute)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        );
+    let max_message_bytes = config.max_message_bytes;
+    let service = ServiceBuilder::new()
+        // Outermost: give oversized unary requests the API's status code.
+        .map_response(move |response| rewrite_oversized(response, max_message_bytes))
+        .service(routes);
+
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        // Large inputs need windows larger than HTTP/2's 64 KiB default.
+        .adaptive_window(true)
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let connections = GracefulShutdown::new();
+
+    tracing::info!(pool_threads = dispatcher.pool().threads(), tasks = dispatcher.catalog().iter().count(), "serving");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+                    let connection = connections.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(err) = connection.await {
+                            tracing::debug!(%peer, error = %err, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(err) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        }
+    }
+
+    tracing::info!(grace = ?config.shutdown_grace, "draining");
+    for name in ["", COMPUTE_SERVICE_NAME] {
+        health.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    dispatcher.start_draining();
+    drop(listener);
+    in_flight.close();
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        // Calls first; then connections get a moment to flush their last
+        // responses (a health watch stream never ends on its own, so this
+        // part does not wait for every connection).
+        in_flight.wait().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), connections.shutdown()).await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("drained; stopped"),
+        Err(_) => {
+            tracing::warn!(still_running = in_flight.len(), "shutdown grace ran out; stopping with calls in flight")
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites tonic's OUT_OF_RANGE answer to an oversized request (sent as a
+/// trailers-only response, so the status is in the headers).
+fn rewrite_oversized<B>(mut response: http::Response<B>, max_message_bytes: usize) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status") == Some(&HeaderValue::from_static("11"))
+        && let Some(status) = Status::from_header_map(headers).filter(|s| s.code() == Code::OutOfRange)
+    {
+        headers.remove("grpc-message");
+        let rewritten = request_status(status, max_message_bytes);
+        if rewritten.add_header(headers).is_err() {
+            headers.insert("grpc-status", HeaderValue::from(Code::ResourceExhausted as i32));
+        }
+    }
+    response
+}

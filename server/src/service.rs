@@ -1,0 +1,248 @@
+//! The gRPC handlers of `offload.v1.Compute`. Each one only decodes the
+//! request, hands it to the [`Dispatcher`], and encodes the outcome; errors
+//! become statuses through `CallError`'s one mapping.
+
+use std::{pin::Pin, sync::Arc, time::Instant};
+
+use futures::{Stream, StreamExt, stream::FuturesUnordered};
+use offload_proto::offload::v1::{
+    ExecuteEvent, ExecuteRequest, ExecuteResponse, ExecutionMode, ListTasksRequest, ListTasksResponse, ParamInfo,
+    Progress, Stage, TaskInfo, TaskStats, compute_server::Compute, execute_event::Event,
+};
+use offload_worker::Mode;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    deadline,
+    dispatch::{Call, Dispatcher, Outcome, ProgressState},
+    error::{CallError, request_status},
+};
+
+/// A boxed stream of results, as tonic's streaming methods return.
+type ResultStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The Compute service.
+#[derive(Debug, Clone)]
+pub struct ComputeService {
+    dispatcher: Arc<Dispatcher>,
+    /// Reported in every response's stats.
+    replica: Arc<str>,
+    /// Items of one batch stream run at once.
+    batch_concurrency: usize,
+    /// Largest message, for rewriting tonic's decode errors.
+    max_message_bytes: usize,
+    /// Counts calls in flight, so that shutdown can wait for them.
+    in_flight: TaskTracker,
+}
+
+impl ComputeService {
+    /// A service over `dispatcher`.
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        replica: &str,
+        batch_concurrency: usize,
+        max_message_bytes: usize,
+        in_flight: TaskTracker,
+    ) -> Self {
+        Self { dispatcher, replica: replica.into(), batch_concurrency, max_message_bytes, in_flight }
+    }
+
+    fn response(&self, id: String, outcome: Outcome) -> ExecuteResponse {
+        ExecuteResponse {
+            id,
+            output: outcome.output,
+            mode: wire_mode(outcome.mode) as i32,
+            stats: Some(TaskStats {
+                queued_us: outcome.queued.as_micros() as u64,
+                run_us: outcome.run.as_micros() as u64,
+                worker_pid: outcome.worker_pid,
+                replica: self.replica.to_string(),
+            }),
+            error: None,
+        }
+    }
+}
+
+/// Splits a request into its id and the dispatcher's call.
+fn into_call(request: ExecuteRequest, deadline: Option<Instant>) -> (String, Call) {
+    let ExecuteRequest { task, input, params, mode, id } = request;
+    (id, Call { task, input, params, mode, deadline })
+}
+
+fn wire_mode(mode: Mode) -> ExecutionMode {
+    match mode {
+        Mode::Pool => ExecutionMode::Pool,
+        Mode::Isolated => ExecutionMode::Isolated,
+    }
+}
+
+fn progress_event(stage: Stage, state: &ProgressState) -> ExecuteEvent {
+    ExecuteEvent {
+        event: Some(Event::Progress(Progress {
+            fraction: state.fraction,
+            message: state.message.clone(),
+            stage: stage as i32,
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl Compute for ComputeService {
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+        let _in_flight = self.in_flight.token();
+        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let (id, call) = into_call(request.into_inner(), deadline);
+        let outcome = self.dispatcher.admit(call)?.run(None).await?;
+        Ok(Response::new(self.response(id, outcome)))
+    }
+
+    type ExecuteStreamStream = ResultStream<ExecuteEvent>;
+
+    async fn execute_stream(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+        let in_flight = self.in_flight.token();
+        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let (id, call) = into_call(request.into_inner(), deadline);
+        let admitted = self.dispatcher.admit(call)?;
+        let (events, events_rx) = mpsc::channel(16);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let (progress_tx, mut progress) = watch::channel(ProgressState::default());
+            if events.send(Ok(progress_event(Stage::Queued, &ProgressState::default()))).await.is_err() {
+                return;
+            }
+            let run = admitted.run(Some(progress_tx));
+            tokio::pin!(run);
+            let mut reported_running = false;
+            let mut progress_open = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    result = &mut run => {
+                        if !reported_running {
+                            let state = progress.borrow().clone();
+                            let _ = events.send(Ok(progress_event(Stage::Running, &state))).await;
+                        }
+                        let last = match result {
+                            Ok(outcome) => Ok(ExecuteEvent { event: Some(Event::Result(service.response(id, outcome))) }),
+                            Err(err) => Err(Status::from(err)),
+                        };
+                        let _ = events.send(last).await;
+                        return;
+                    }
+                    changed = progress.changed(), if progress_open => {
+                        if changed.is_err() {
+                            progress_open = false;
+                            continue;
+                        }
+                        let state = progress.borrow_and_update().clone();
+                        if state.running {
+                            reported_running = true;
+                            if events.send(Ok(progress_event(Stage::Running, &state))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // The client went away: dropping `run` cancels the task.
+                    () = events.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(events_rx))))
+    }
+
+    type ExecuteBatchStream = ResultStream<ExecuteResponse>;
+
+    async fn execute_batch(
+        &self,
+        request: Request<Streaming<ExecuteRequest>>,
+    ) -> Result<Response<Self::ExecuteBatchStream>, Status> {
+        let in_flight = self.in_flight.token();
+        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let mut requests = request.into_inner();
+        let (results, results_rx) = mpsc::channel(self.batch_concurrency);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let mut running = FuturesUnordered::new();
+            let mut input_open = true;
+            loop {
+                let reply = tokio::select! {
+                    next = requests.message(), if input_open && running.len() < service.batch_concurrency => {
+                        match next {
+                            Ok(Some(request)) => {
+                                let (id, call) = into_call(request, deadline);
+                                match service.dispatcher.admit(call) {
+                                    Ok(admitted) => {
+                                        running.push(async move { (id, admitted.run(None).await) });
+                                        continue;
+                                    }
+                                    Err(err) => failed_item(id, err),
+                                }
+                            }
+                            Ok(None) => {
+                                input_open = false;
+                                continue;
+                            }
+                            Err(status) => {
+                                // The request stream is broken; nothing more can be read.
+                                let _ = results.send(Err(request_status(status, service.max_message_bytes))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Some((id, result)) = running.next(), if !running.is_empty() => match result {
+                        Ok(outcome) => service.response(id, outcome),
+                        Err(err) => failed_item(id, err),
+                    },
+                    // The client went away: dropping `running` cancels its tasks.
+                    () = results.closed() => return,
+                    else => return,
+                };
+                if results.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(results_rx))))
+    }
+
+    async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
+        let tasks = self
+            .dispatcher
+            .catalog()
+            .iter()
+            .map(|task| {
+                let spec = task.spec();
+                TaskInfo {
+                    name: spec.name.to_string(),
+                    description: spec.description.to_string(),
+                    default_mode: wire_mode(spec.default_mode) as i32,
+                    allowed_modes: spec.allowed_modes.iter().map(|m| wire_mode(*m) as i32).collect(),
+                    params: spec
+                        .params
+                        .iter()
+                        .map(|p| ParamInfo {
+                            name: p.name.to_string(),
+                            description: p.description.to_string(),
+                            default_value: p.default.unwrap_or_default().to_string(),
+                            required: p.default.is_none(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListTasksResponse { tasks }))
+    }
+}
+
+/// A batch item that failed: its status travels in `error`.
+fn failed_item(id: String, err: CallError) -> ExecuteResponse {
+    ExecuteResponse { id, error: Some(err.into()), ..Default::default() }
+}

@@ -1,0 +1,175 @@
+//! The end-to-end harness: builds and starts the real `offload-server`
+//! binary on an ephemeral port, waits until it listens, hands out clients,
+//! and stops it (SIGKILL on drop, so a failed test leaves no process).
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use offload_proto::offload::v1::{ExecuteRequest, compute_client::ComputeClient};
+use tonic::transport::Channel;
+
+/// How long a server may take to start listening.
+const START_BOUND: Duration = Duration::from_secs(30);
+
+/// The directory holding the workspace's binaries, built once per test run
+/// (same profile as the tests) so the tests always run the current code.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["build", "--quiet", "-p", "offload-server", "-p", "offload-cli"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        // Test executables live in target/<profile>/deps; binaries one level up.
+        let exe = std::env::current_exe().expect("test executable path");
+        exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+    })
+}
+
+/// A running server process.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    /// Where it serves gRPC.
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts a server with the debug tasks and `args`.
+    pub fn start(args: &[&str]) -> Self {
+        let mut all = vec!["--listen", "127.0.0.1:0", "--debug-tasks"];
+        all.extend_from_slice(args);
+        Self::start_exact(&all)
+    }
+
+    /// Starts a server with exactly `args` (plus JSON logs on stderr).
+    pub fn start_exact(args: &[&str]) -> Self {
+        let mut child = Command::new(bin_dir().join("offload-server"))
+            .args(args)
+            .env("OFFLOAD_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn offload-server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (found, addr_rx) = mpsc::channel();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let addr: String = addr.chars().take_while(|c| !matches!(c, '"' | ' ')).collect();
+                    let _ = found.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(START_BOUND) {
+            Ok(addr) => addr.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not listen within {START_BOUND:?}; logs:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Self { child, addr, logs }
+    }
+
+    /// The server's URL for tonic channels.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect to server")
+    }
+
+    /// A Compute client with no message size limit of its own.
+    pub async fn client(&self) -> ComputeClient<Channel> {
+        ComputeClient::new(self.channel().await)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal server");
+    }
+
+    /// Waits up to `bound` for the process to exit.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request for `task` with `params`.
+pub fn request(task: &str, params: &[(&str, &str)], input: impl Into<bytes::Bytes>) -> ExecuteRequest {
+    ExecuteRequest {
+        task: task.to_string(),
+        input: input.into(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    }
+}
+
+/// Wraps `body` with a gRPC deadline sent as the grpc-timeout header only
+/// (tonic's own client timer would answer CANCELLED before the server does).
+pub fn with_deadline<T>(body: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    let value = format!("{}m", timeout.as_millis());
+    request.metadata_mut().insert("grpc-timeout", value.parse().unwrap());
+    request
+}
+
+/// Polls `check` every 10 ms until it holds or `bound` passes.
+pub async fn wait_for(bound: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + bound;
+    while Instant::now() < end {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
