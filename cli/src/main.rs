@@ -244,5 +244,10 @@ fn grpc_timeout(timeout: Duration) -> String {
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
+    // tonic's channel enforces the deadline locally too and calls that
+    // CANCELLED; it is the deadline all the same.
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        return anyhow::anyhow!("DeadlineExceeded: the --timeout passed before the server answered");
+    }
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }

@@ -172,7 +172,7 @@ impl Compute for ComputeService {
             let _in_flight = in_flight;
             let mut running = FuturesUnordered::new();
             let mut input_open = true;
-            loop {
+            while input_open || !running.is_empty() {
                 let reply = tokio::select! {
                     next = requests.message(), if input_open && running.len() < service.batch_concurrency => {
                         match next {
@@ -203,7 +203,6 @@ impl Compute for ComputeService {
                     },
                     // The client went away: dropping `running` cancels its tasks.
                     () = results.closed() => return,
-                    else => return,
                 };
                 if results.send(Ok(reply)).await.is_err() {
                     return;

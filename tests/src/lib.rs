@@ -106,6 +106,27 @@ impl Server {
             .max_encoding_message_size(usize::MAX)
     }
 
+    /// A Compute client over a bare HTTP/2 connection. It sends grpc-timeout
+    /// like any client but, unlike tonic's `Channel`, does not also enforce it
+    /// locally (which answers CANCELLED), so a test sees the server's own
+    /// answer to an expired call.
+    pub fn wire_client(&self) -> ComputeClient<WireTransport> {
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<tonic::body::Body>();
+        let origin = format!("http://{}", self.addr);
+        let transport = tower::ServiceBuilder::new()
+            .map_request(move |mut request: http::Request<tonic::body::Body>| {
+                let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                *request.uri_mut() = format!("{origin}{path}").parse().expect("valid uri");
+                request
+            })
+            .service(http);
+        ComputeClient::new(tower::util::BoxCloneService::new(transport))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -143,6 +164,13 @@ impl Drop for Server {
     }
 }
 
+/// The transport of [`Server::wire_client`].
+pub type WireTransport = tower::util::BoxCloneService<
+    http::Request<tonic::body::Body>,
+    http::Response<hyper::body::Incoming>,
+    hyper_util::client::legacy::Error,
+>;
+
 /// A request for `task` with `params`.
 pub fn request(task: &str, params: &[(&str, &str)], input: impl Into<bytes::Bytes>) -> ExecuteRequest {
     ExecuteRequest {
@@ -153,8 +181,7 @@ pub fn request(task: &str, params: &[(&str, &str)], input: impl Into<bytes::Byte
     }
 }
 
-/// Wraps `body` with a gRPC deadline sent as the grpc-timeout header only
-/// (tonic's own client timer would answer CANCELLED before the server does).
+/// Wraps `body` with a gRPC deadline (the grpc-timeout header).
 pub fn with_deadline<T>(body: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(body);
     let value = format!("{}m", timeout.as_millis());

@@ -1,0 +1,65 @@
+//! The `offload` command-line client against a real server.
+
+use std::process::Command;
+
+use offload_e2e::{Server, bin_dir};
+
+fn offload(server: &Server, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(bin_dir().join("offload"))
+        .arg("--server")
+        .arg(server.url())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn offload");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_lists_runs_and_reports_errors() {
+    let server = Server::start(&[]);
+
+    let out = offload(&server, &["tasks"], None);
+    assert!(out.status.success());
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(listing.contains("primes.count") && listing.contains("limit"), "{listing}");
+
+    let out = offload(&server, &["run", "hash.sha256", "--input", "-", "--hex"], Some(b"abc"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+
+    let out = offload(&server, &["run", "primes.count", "-p", "limit=100"], None);
+    assert_eq!(out.stdout, b"25");
+
+    let dir = std::env::temp_dir().join(format!("offload-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let packed = dir.join("packed.zst");
+    let out =
+        offload(&server, &["run", "compress.zstd", "-d", "hello hello hello", "-o", packed.to_str().unwrap()], None);
+    assert!(out.status.success());
+    assert_eq!(zstd::decode_all(std::fs::read(&packed).unwrap().as_slice()).unwrap(), b"hello hello hello");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let out = offload(&server, &["run", "debug.sleep", "-p", "ms=5000", "--timeout", "0.2"], None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("DeadlineExceeded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = offload(&server, &["run", "no.such"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+}

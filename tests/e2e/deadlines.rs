@@ -1,0 +1,112 @@
+//! Deadlines and cancellation: expired or abandoned work stops, its thread
+//! is free again at once, and calls that could not start in time are
+//! refused up front.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use offload_e2e::{Server, request, with_deadline};
+use tonic::Code;
+
+const THREADS: usize = 2;
+
+/// Runs 3 x THREADS spins of 100 ms at once; with every thread free they
+/// finish in about 150 ms, so 2 s shows the pool has all its threads. The
+/// server may still be processing the cancellations when this starts (they
+/// travel as HTTP/2 resets), so a refusal is retried for up to 500 ms.
+async fn pool_has_full_capacity(server: &Server) {
+    let started = Instant::now();
+    let calls = (0..3 * THREADS).map(|_| async {
+        let mut client = server.client().await;
+        loop {
+            let body = request("debug.spin", &[("ms", "100")], vec![]);
+            match client.execute(with_deadline(body, Duration::from_secs(2))).await {
+                Err(err) if err.code() == Code::ResourceExhausted && started.elapsed() < Duration::from_millis(500) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => return other,
+            }
+        }
+    });
+    for result in join_all(calls).await {
+        result.expect("spin finished within its deadline");
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_task_past_its_deadline_stops_and_frees_its_thread() {
+    let server = Server::start(&["--pool-threads", "2"]);
+    for task in ["debug.spin", "debug.sleep"] {
+        let calls = (0..THREADS).map(|_| async {
+            let mut client = server.wire_client();
+            let started = Instant::now();
+            let body = request(task, &[("ms", "60000")], vec![]);
+            let err = client.execute(with_deadline(body, Duration::from_millis(200))).await.unwrap_err();
+            (err, started.elapsed())
+        });
+        for (err, took) in join_all(calls).await {
+            assert_eq!(err.code(), Code::DeadlineExceeded, "{task}: {err:?}");
+            assert!(err.message().contains("deadline exceeded"), "{}", err.message());
+            assert!(took < Duration::from_secs(2), "{task} answered after {took:?}");
+        }
+        pool_has_full_capacity(&server).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_its_task() {
+    let server = Server::start(&["--pool-threads", "2"]);
+    let mut client = server.client().await;
+    let mut streams = Vec::new();
+    for _ in 0..THREADS {
+        streams.push(super::start_running(&mut client, request("debug.spin", &[("ms", "60000")], vec![])).await);
+    }
+    // Both threads spin for a minute unless cancellation reaches them.
+    drop(streams);
+    pool_has_full_capacity(&server).await;
+}
+
+#[tokio::test]
+async fn a_call_that_could_not_start_before_its_deadline_is_refused_up_front() {
+    let server = Server::start(&["--pool-threads", "2"]);
+    let mut client = server.client().await;
+    let mut busy = Vec::new();
+    for _ in 0..THREADS {
+        busy.push(super::start_running(&mut client, request("debug.sleep", &[("ms", "3000")], vec![])).await);
+    }
+    let started = Instant::now();
+    let body = request("debug.sleep", &[("ms", "10")], vec![]);
+    let err = client.execute(with_deadline(body, Duration::from_millis(500))).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("deadline"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_millis(400), "refused at once, took {:?}", started.elapsed());
+    // With a deadline it can meet, the same call is admitted and runs.
+    let body = request("debug.sleep", &[("ms", "10")], vec![]);
+    client.execute(with_deadline(body, Duration::from_secs(20))).await.expect("admitted and run");
+}
+
+#[tokio::test]
+async fn under_a_flood_calls_succeed_or_are_refused_quickly() {
+    let server = Server::start(&["--pool-threads", "2", "--queue-capacity", "64"]);
+    // 200 calls of 20 ms each with a 500 ms deadline: far more than fits.
+    let calls = (0..200).map(|_| async {
+        let mut client = server.wire_client();
+        let started = Instant::now();
+        let body = request("debug.sleep", &[("ms", "20")], vec![]);
+        let result = client.execute(with_deadline(body, Duration::from_millis(500))).await;
+        (result.map(|_| ()).map_err(|e| e.code()), started.elapsed())
+    });
+    let results = join_all(calls).await;
+    let ok = results.iter().filter(|(r, _)| r.is_ok()).count();
+    let refused = results.iter().filter(|(r, _)| *r == Err(Code::ResourceExhausted)).count();
+    let late = results.iter().filter(|(r, _)| *r == Err(Code::DeadlineExceeded)).count();
+    assert_eq!(ok + refused + late, 200, "only these outcomes: {results:?}");
+    assert!(ok >= 20, "a good share succeeds: {ok}");
+    assert!(late <= 10, "only calls admitted at the edge may expire: {late}");
+    for (result, took) in &results {
+        if *result == Err(Code::ResourceExhausted) {
+            assert!(*took < Duration::from_millis(400), "refusals are quick: {took:?}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Calls a running Offload server from Python's official gRPC stack: makes
+# (once) a venv with grpcio, generates stubs from proto/, runs the check.
+# Usage: tests/python/run.sh HOST:PORT
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+venv=${OFFLOAD_PY_VENV:-$root/target/py-venv}
+stamp="$venv/.requirements"
+if ! cmp -s "$here/requirements.txt" "$stamp" 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
+  cp "$here/requirements.txt" "$stamp"
+fi
+gen=$(mktemp -d)
+trap 'rm -rf "$gen"' EXIT
+"$venv/bin/python" -m grpc_tools.protoc -I "$root/proto" --python_out="$gen" --grpc_python_out="$gen" \
+  offload/v1/compute.proto google/rpc/status.proto
+PYTHONPATH="$gen" "$venv/bin/python" "$here/check_sha256.py" "$1"
