@@ -123,11 +123,13 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: Cancellatio
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "draining");
+    // Refuse first, then tell: once a health watcher sees NOT_SERVING, new
+    // connections are already refused and new calls answered UNAVAILABLE.
+    dispatcher.start_draining();
+    drop(listener);
     for name in ["", COMPUTE_SERVICE_NAME] {
         health.set_service_status(name, ServingStatus::NotServing).await;
     }
-    dispatcher.start_draining();
-    drop(listener);
     in_flight.close();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         // Calls first; then connections get a moment to flush their last

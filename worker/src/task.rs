@@ -107,3 +107,50 @@ pub fn run_job(job: &dyn Job, ctx: &Context, input: Bytes) -> Result<Bytes, Task
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::CancelFlag;
+
+    static RAN: AtomicBool = AtomicBool::new(false);
+
+    struct Marks;
+
+    impl Job for Marks {
+        fn run(&self, _ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
+            RAN.store(true, Ordering::SeqCst);
+            Ok(input)
+        }
+    }
+
+    struct Panics;
+
+    impl Job for Panics {
+        fn run(&self, _ctx: &Context, _input: Bytes) -> Result<Bytes, TaskError> {
+            panic!("boom {}", 7)
+        }
+    }
+
+    #[test]
+    fn a_job_whose_deadline_passed_in_the_queue_never_runs() {
+        let ctx = Context::new(Some(Instant::now() - Duration::from_millis(1)), CancelFlag::new(), None);
+        assert!(matches!(run_job(&Marks, &ctx, Bytes::new()), Err(TaskError::DeadlineExceeded { .. })));
+        let cancelled = CancelFlag::new();
+        cancelled.cancel();
+        let ctx = Context::new(None, cancelled, None);
+        assert_eq!(run_job(&Marks, &ctx, Bytes::new()), Err(TaskError::Cancelled));
+        assert!(!RAN.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_with_its_message() {
+        let ctx = Context::new(None, CancelFlag::new(), None);
+        assert_eq!(run_job(&Panics, &ctx, Bytes::new()), Err(TaskError::Panicked("boom 7".into())));
+    }
+}
