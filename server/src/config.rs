@@ -40,11 +40,16 @@ pub enum LogFormat {
 /// Every flag also reads an OFFLOAD_* environment variable and a key of the
 /// TOML file given by --config (same name with '_' for '-'); flags win over
 /// the environment, which wins over the file.
-#[derive(Debug, Clone, Default, Parser)]
+//
+// The same struct is the file's shape: each field is optional so that what
+// the command line leaves unset can come from the file, then the default.
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
 #[command(name = "offload-server", version, about, long_about = None)]
+#[serde(deny_unknown_fields)]
 pub struct Args {
     /// TOML file with any of the settings below (keys as flag names, with '_').
     #[arg(long, env = "OFFLOAD_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 
     /// Address to serve gRPC on. Port 0 picks a free port (logged at start).
@@ -54,14 +59,15 @@ pub struct Args {
 
     /// List and run the debug.* tasks (for tests and benchmarks).
     #[arg(long, env = "OFFLOAD_DEBUG_TASKS")]
+    #[serde(default)]
     pub debug_tasks: bool,
 
     /// Threads of the POOL executor. [default: the available cores]
     #[arg(long, env = "OFFLOAD_POOL_THREADS", value_name = "N")]
     pub pool_threads: Option<NonZeroUsize>,
 
-    /// Calls that may wait for a pool thread; beyond it calls fail at once
-    /// with RESOURCE_EXHAUSTED. [default: 1024]
+    /// Calls that may wait for a pool thread, and separately for a worker
+    /// process; beyond it calls fail at once with RESOURCE_EXHAUSTED. [default: 1024]
     #[arg(long, env = "OFFLOAD_QUEUE_CAPACITY", value_name = "N")]
     pub queue_capacity: Option<NonZeroUsize>,
 
@@ -96,23 +102,78 @@ pub struct Args {
     /// Log format; the level comes from RUST_LOG (default info). [default: auto]
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Worker processes of the ISOLATED executor. [default: the available cores]
+    #[arg(long, env = "OFFLOAD_WORKERS", value_name = "N")]
+    pub workers: Option<NonZeroUsize>,
+
+    /// Address-space limit of each worker in bytes (RLIMIT_AS); 0 for none.
+    /// [default: 2147483648 (2 GiB)]
+    #[arg(long, env = "OFFLOAD_WORKER_MEMORY_LIMIT_BYTES", value_name = "BYTES")]
+    pub worker_memory_limit_bytes: Option<u64>,
+
+    /// Nice level of the workers (0..=19), so the front's own threads stay
+    /// responsive when workers saturate the cores. [default: 10]
+    #[arg(long, env = "OFFLOAD_WORKER_NICE", value_name = "N")]
+    pub worker_nice: Option<i32>,
+
+    /// Tasks after which a worker is replaced (between tasks); 0 for never.
+    /// [default: 10000]
+    #[arg(long, env = "OFFLOAD_WORKER_MAX_TASKS", value_name = "N")]
+    pub worker_max_tasks: Option<u64>,
+
+    /// Resident memory in bytes after which a worker is replaced (between
+    /// tasks); 0 for never. [default: 536870912 (512 MiB)]
+    #[arg(long, env = "OFFLOAD_WORKER_MAX_RSS_BYTES", value_name = "BYTES")]
+    pub worker_max_rss_bytes: Option<u64>,
+
+    /// Milliseconds between heartbeats to each worker. [default: 1000]
+    #[arg(long, env = "OFFLOAD_WORKER_HEARTBEAT_MS", value_name = "MS")]
+    pub worker_heartbeat_ms: Option<u64>,
+
+    /// Milliseconds of silence after which a worker counts as hung and is
+    /// killed. [default: 5000]
+    #[arg(long, env = "OFFLOAD_WORKER_HEARTBEAT_TIMEOUT_MS", value_name = "MS")]
+    pub worker_heartbeat_timeout_ms: Option<u64>,
+
+    /// Milliseconds each rung of the stop ladder (cancel frame, SIGTERM)
+    /// waits before the next (SIGTERM, SIGKILL). [default: 100]
+    #[arg(long, env = "OFFLOAD_WORKER_KILL_GRACE_MS", value_name = "MS")]
+    pub worker_kill_grace_ms: Option<u64>,
+
+    /// Worker program to run instead of re-executing this server in worker
+    /// mode (for example the offload-worker binary).
+    #[arg(long, env = "OFFLOAD_WORKER_PROGRAM", value_name = "PATH")]
+    pub worker_program: Option<PathBuf>,
 }
 
-/// The TOML file's shape: the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    debug_tasks: Option<bool>,
-    pool_threads: Option<NonZeroUsize>,
-    queue_capacity: Option<NonZeroUsize>,
-    max_message_bytes: Option<NonZeroUsize>,
-    max_decompressed_bytes: Option<NonZeroUsize>,
-    inline_threshold_us: Option<u64>,
-    batch_concurrency: Option<NonZeroUsize>,
-    shutdown_grace_secs: Option<f64>,
-    replica_name: Option<String>,
-    log_format: Option<LogFormat>,
+impl Args {
+    /// Fills what `self` leaves unset from `file`.
+    fn or(self, file: Args) -> Args {
+        Args {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            debug_tasks: self.debug_tasks || file.debug_tasks,
+            pool_threads: self.pool_threads.or(file.pool_threads),
+            queue_capacity: self.queue_capacity.or(file.queue_capacity),
+            max_message_bytes: self.max_message_bytes.or(file.max_message_bytes),
+            max_decompressed_bytes: self.max_decompressed_bytes.or(file.max_decompressed_bytes),
+            inline_threshold_us: self.inline_threshold_us.or(file.inline_threshold_us),
+            batch_concurrency: self.batch_concurrency.or(file.batch_concurrency),
+            shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
+            replica_name: self.replica_name.or(file.replica_name),
+            log_format: self.log_format.or(file.log_format),
+            workers: self.workers.or(file.workers),
+            worker_memory_limit_bytes: self.worker_memory_limit_bytes.or(file.worker_memory_limit_bytes),
+            worker_nice: self.worker_nice.or(file.worker_nice),
+            worker_max_tasks: self.worker_max_tasks.or(file.worker_max_tasks),
+            worker_max_rss_bytes: self.worker_max_rss_bytes.or(file.worker_max_rss_bytes),
+            worker_heartbeat_ms: self.worker_heartbeat_ms.or(file.worker_heartbeat_ms),
+            worker_heartbeat_timeout_ms: self.worker_heartbeat_timeout_ms.or(file.worker_heartbeat_timeout_ms),
+            worker_kill_grace_ms: self.worker_kill_grace_ms.or(file.worker_kill_grace_ms),
+            worker_program: self.worker_program.or(file.worker_program),
+        }
+    }
 }
 
 /// A configuration that cannot be used.
@@ -153,7 +214,7 @@ pub struct Config {
     pub debug_tasks: bool,
     /// Threads of the rayon pool.
     pub pool_threads: usize,
-    /// Calls that may wait for the pool.
+    /// Calls that may wait, per executor.
     pub queue_capacity: usize,
     /// Largest request or response message.
     pub max_message_bytes: usize,
@@ -169,13 +230,31 @@ pub struct Config {
     pub replica_name: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Worker processes.
+    pub workers: usize,
+    /// RLIMIT_AS of each worker; 0 for none.
+    pub worker_memory_limit_bytes: u64,
+    /// Nice level of the workers.
+    pub worker_nice: i32,
+    /// Tasks per worker before recycling; 0 for never.
+    pub worker_max_tasks: u64,
+    /// Resident memory per worker before recycling; 0 for never.
+    pub worker_max_rss_bytes: u64,
+    /// Interval between heartbeats.
+    pub worker_heartbeat: Duration,
+    /// Silence after which a worker is killed.
+    pub worker_heartbeat_timeout: Duration,
+    /// Wait between rungs of the stop ladder.
+    pub worker_kill_grace: Duration,
+    /// Worker program; None to re-execute this server.
+    pub worker_program: Option<PathBuf>,
 }
 
 impl Config {
     /// Reads the file named by `args` (if any) and validates the result.
     pub fn load(args: Args) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            None => FileConfig::default(),
+            None => Args::default(),
             Some(path) => {
                 let text =
                     std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
@@ -183,47 +262,61 @@ impl Config {
                     .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
             }
         };
+        let a = args.or(file);
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-        let grace = args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS);
+        let grace = a.shutdown_grace_secs.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS);
         if !(0.0..=86_400.0).contains(&grace) {
-            return Err(ConfigError::Invalid {
-                name: "shutdown-grace-secs",
-                reason: format!("{grace} is not in 0..=86400"),
-            });
+            return Err(invalid("shutdown-grace-secs", format!("{grace} is not in 0..=86400")));
         }
-        let max_message_bytes =
-            args.max_message_bytes.or(file.max_message_bytes).map_or(DEFAULT_MAX_MESSAGE_BYTES, NonZeroUsize::get);
-        if max_message_bytes > u32::MAX as usize {
-            return Err(ConfigError::Invalid {
-                name: "max-message-bytes",
-                reason: format!("{max_message_bytes} exceeds the gRPC frame limit of {}", u32::MAX),
-            });
+        let max_message_bytes = a.max_message_bytes.map_or(DEFAULT_MAX_MESSAGE_BYTES, NonZeroUsize::get);
+        if max_message_bytes > (u32::MAX as usize) / 2 {
+            return Err(invalid("max-message-bytes", format!("{max_message_bytes} exceeds {}", u32::MAX / 2)));
+        }
+        let worker_nice = a.worker_nice.unwrap_or(10);
+        if !(0..=19).contains(&worker_nice) {
+            return Err(invalid("worker-nice", format!("{worker_nice} is not in 0..=19")));
+        }
+        let millis = |value: Option<u64>, default: u64| Duration::from_millis(value.unwrap_or(default));
+        let worker_heartbeat = millis(a.worker_heartbeat_ms, 1000);
+        let worker_heartbeat_timeout = millis(a.worker_heartbeat_timeout_ms, 5000);
+        if worker_heartbeat.is_zero() || worker_heartbeat_timeout <= worker_heartbeat {
+            return Err(invalid(
+                "worker-heartbeat-timeout-ms",
+                "must be longer than a non-zero --worker-heartbeat-ms".to_string(),
+            ));
+        }
+        if let Some(program) = &a.worker_program
+            && !program.is_file()
+        {
+            return Err(invalid("worker-program", format!("{} is not a file", program.display())));
         }
         Ok(Self {
-            listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
-            debug_tasks: args.debug_tasks || file.debug_tasks.unwrap_or(false),
-            pool_threads: args.pool_threads.or(file.pool_threads).map_or(cores, NonZeroUsize::get),
-            queue_capacity: args
-                .queue_capacity
-                .or(file.queue_capacity)
-                .map_or(DEFAULT_QUEUE_CAPACITY, NonZeroUsize::get),
+            listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            debug_tasks: a.debug_tasks,
+            pool_threads: a.pool_threads.map_or(cores, NonZeroUsize::get),
+            queue_capacity: a.queue_capacity.map_or(DEFAULT_QUEUE_CAPACITY, NonZeroUsize::get),
             max_message_bytes,
-            max_decompressed_bytes: args
-                .max_decompressed_bytes
-                .or(file.max_decompressed_bytes)
-                .map_or(DEFAULT_MAX_DECOMPRESSED_BYTES, NonZeroUsize::get),
-            inline_threshold: Duration::from_micros(
-                args.inline_threshold_us.or(file.inline_threshold_us).unwrap_or(DEFAULT_INLINE_THRESHOLD_US),
-            ),
-            batch_concurrency: args
-                .batch_concurrency
-                .or(file.batch_concurrency)
-                .map_or(DEFAULT_BATCH_CONCURRENCY, NonZeroUsize::get),
+            max_decompressed_bytes: a.max_decompressed_bytes.map_or(DEFAULT_MAX_DECOMPRESSED_BYTES, NonZeroUsize::get),
+            inline_threshold: Duration::from_micros(a.inline_threshold_us.unwrap_or(DEFAULT_INLINE_THRESHOLD_US)),
+            batch_concurrency: a.batch_concurrency.map_or(DEFAULT_BATCH_CONCURRENCY, NonZeroUsize::get),
             shutdown_grace: Duration::from_secs_f64(grace),
-            replica_name: args.replica_name.or(file.replica_name).unwrap_or_else(host_name),
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Auto),
+            replica_name: a.replica_name.unwrap_or_else(host_name),
+            log_format: a.log_format.unwrap_or(LogFormat::Auto),
+            workers: a.workers.map_or(cores, NonZeroUsize::get),
+            worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),
+            worker_nice,
+            worker_max_tasks: a.worker_max_tasks.unwrap_or(10_000),
+            worker_max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(512 << 20),
+            worker_heartbeat,
+            worker_heartbeat_timeout,
+            worker_kill_grace: millis(a.worker_kill_grace_ms, 100),
+            worker_program: a.worker_program,
         })
     }
+}
+
+fn invalid(name: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { name, reason }
 }
 
 /// The kernel's host name, or "offload" where it cannot be read.

@@ -19,12 +19,14 @@ use std::{
 use bytes::Bytes;
 use offload_proto::offload::v1::ExecutionMode;
 use offload_worker::{CancelFlag, Catalog, Context, Job, Mode, ProgressSink, Task, TaskError, run_job};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admission::{Refusal, Ticket},
+    admission::{Admission, Refusal, Ticket},
     cost::CostModel,
     error::CallError,
+    isolated::{DeathCause, JobError, Supervisor, WorkerJob, death::StopReason},
     pool::Pool,
 };
 
@@ -82,16 +84,32 @@ pub struct DispatchOptions {
 #[derive(Debug)]
 pub struct Dispatcher {
     catalog: Catalog,
-    costs: CostModel,
+    /// Expected costs per executor (a run in a worker also pays the IPC).
+    pool_costs: CostModel,
+    isolated_costs: CostModel,
     pool: Pool,
+    isolated: Supervisor,
     options: DispatchOptions,
     draining: AtomicBool,
 }
 
 impl Dispatcher {
-    /// A dispatcher serving `catalog` on `pool`.
-    pub fn new(catalog: Catalog, pool: Pool, options: DispatchOptions) -> Arc<Self> {
-        Arc::new(Self { costs: CostModel::new(&catalog), catalog, pool, options, draining: AtomicBool::new(false) })
+    /// A dispatcher serving `catalog` on `pool` and `isolated`.
+    pub fn new(catalog: Catalog, pool: Pool, isolated: Supervisor, options: DispatchOptions) -> Arc<Self> {
+        Arc::new(Self {
+            pool_costs: CostModel::new(&catalog),
+            isolated_costs: CostModel::new(&catalog),
+            catalog,
+            pool,
+            isolated,
+            options,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The ISOLATED executor.
+    pub fn isolated(&self) -> &Supervisor {
+        &self.isolated
     }
 
     /// The tasks served.
@@ -102,6 +120,13 @@ impl Dispatcher {
     /// The POOL executor.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    fn costs(&self, mode: Mode) -> &CostModel {
+        match mode {
+            Mode::Pool => &self.pool_costs,
+            Mode::Isolated => &self.isolated_costs,
+        }
     }
 
     /// Refuses new calls from now on; calls already admitted go on.
@@ -132,30 +157,36 @@ impl Dispatcher {
         let job = Catalog::prepare(task.as_ref(), &call.params)
             .map_err(|source| CallError::Task { task: spec.name, source })?;
         if mode == Mode::Isolated {
-            return Err(CallError::ModeUnavailable { mode: mode.as_str() });
+            self.isolated.check_available().map_err(|e| CallError::Unavailable(e.to_string()))?;
         }
 
         let estimate = job.estimate(call.input.len());
-        let expected = self.costs.expected(spec.name, estimate);
+        let costs = self.costs(mode);
+        let expected = costs.expected(spec.name, estimate);
         let placement = match expected {
-            Some(cost) if cost < self.options.inline_threshold => Placement::Inline,
+            Some(cost) if mode == Mode::Pool && cost < self.options.inline_threshold => Placement::Inline,
             _ => {
+                let (executor, admission): (&'static str, &Arc<Admission>) = match mode {
+                    Mode::Pool => ("POOL thread", self.pool.admission()),
+                    Mode::Isolated => ("worker process", self.isolated.admission()),
+                };
                 // Unknown work is charged a millisecond until measured.
                 let cost = expected.unwrap_or(Duration::from_millis(1));
                 let remaining = call.deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                let ticket = self.pool.admission().admit(cost, remaining).map_err(|refusal| match refusal {
-                    Refusal::QueueFull { capacity } => CallError::QueueFull { executor: "POOL", capacity },
+                let ticket = admission.admit(cost, remaining).map_err(|refusal| match refusal {
+                    Refusal::QueueFull { capacity } => CallError::QueueFull { mode: mode.as_str(), capacity },
                     Refusal::WouldMissDeadline { wait, remaining } => {
-                        CallError::WouldMissDeadline { task: spec.name, executor: "POOL", wait, remaining }
+                        CallError::WouldMissDeadline { task: spec.name, executor, wait, remaining }
                     }
                 })?;
-                Placement::Pool(ticket)
+                Placement::Queued(mode, ticket)
             }
         };
         Ok(Admitted {
             dispatcher: Arc::clone(self),
             task: Arc::clone(task),
             job,
+            params: call.params,
             input: call.input,
             deadline: call.deadline,
             estimate,
@@ -165,8 +196,10 @@ impl Dispatcher {
 }
 
 enum Placement {
+    /// Run on the calling thread: tiny POOL work.
     Inline,
-    Pool(Ticket),
+    /// Queued on an executor.
+    Queued(Mode, Ticket),
 }
 
 /// A call that passed admission and holds its place until it runs.
@@ -174,6 +207,8 @@ pub struct Admitted {
     dispatcher: Arc<Dispatcher>,
     task: Arc<dyn Task>,
     job: Box<dyn Job>,
+    /// Raw params, for a worker process to prepare its own job from.
+    params: HashMap<String, String>,
     input: Bytes,
     deadline: Option<Instant>,
     estimate: Option<Duration>,
@@ -207,27 +242,22 @@ impl Admitted {
         let name = self.task.spec().name;
         let dispatcher = Arc::clone(&self.dispatcher);
         let max_output = dispatcher.options.max_output_bytes;
+        let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
         let outcome = match self.placement {
             Placement::Inline => {
-                let ctx = Context::new(self.deadline, CancelFlag::new(), None);
+                let ctx = Context::new(deadline, CancelFlag::new(), None);
                 let start = Instant::now();
-                let result = run_job(self.job.as_ref(), &ctx, self.input);
+                let result = run_job(job.as_ref(), &ctx, input);
                 let run = start.elapsed();
-                dispatcher.costs.record(name, self.estimate, run);
-                Outcome {
-                    output: result.map_err(|source| task_error(name, source))?,
-                    mode: Mode::Pool,
-                    queued: Duration::ZERO,
-                    run,
-                    worker_pid: 0,
-                }
+                dispatcher.pool_costs.record(name, estimate, run);
+                let output = result.map_err(|source| task_error(name, source))?;
+                Outcome { output, mode: Mode::Pool, queued: Duration::ZERO, run, worker_pid: 0 }
             }
-            Placement::Pool(ticket) => {
+            Placement::Queued(Mode::Pool, ticket) => {
                 let cancel = CancelFlag::new();
                 let _cancel_on_drop = CancelOnDrop(cancel.clone());
                 let started = Arc::new(AtomicBool::new(false));
                 let sink = progress.map(progress_sink);
-                let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
                 let work_started = Arc::clone(&started);
                 let work_dispatcher = Arc::clone(&dispatcher);
                 let done = dispatcher.pool.submit(ticket, move |queued| {
@@ -240,25 +270,39 @@ impl Admitted {
                     let result = run_job(job.as_ref(), &ctx, input);
                     let run = start.elapsed();
                     if result.is_ok() {
-                        work_dispatcher.costs.record(name, estimate, run);
+                        work_dispatcher.pool_costs.record(name, estimate, run);
                     }
                     (result, queued, run)
                 });
-                let finished = match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline.into(), done).await.map_err(|_| {
-                        let stage = if started.load(Ordering::Acquire) { "running" } else { "queued" };
-                        CallError::DeadlineExceeded { task: name, stage }
-                    })?,
-                    None => done.await,
-                };
-                let (result, queued, run) =
-                    finished.map_err(|_| CallError::Internal(format!("{name}: the pool dropped the call")))?;
+                let (result, queued, run) = answer(done, deadline, &started, name).await?;
+                let output = result.map_err(|source| task_error(name, source))?;
+                Outcome { output, mode: Mode::Pool, queued, run, worker_pid: 0 }
+            }
+            Placement::Queued(Mode::Isolated, ticket) => {
+                drop(job);
+                let cancel = CancellationToken::new();
+                let _cancel_on_drop = cancel.clone().drop_guard();
+                let started = Arc::new(AtomicBool::new(false));
+                let (reply, done) = oneshot::channel();
+                dispatcher.isolated.submit(WorkerJob {
+                    task: name,
+                    params: self.params,
+                    input,
+                    deadline,
+                    cancel,
+                    progress: progress.map(progress_sink),
+                    ticket,
+                    started: Arc::clone(&started),
+                    reply,
+                });
+                let run = answer(done, deadline, &started, name).await?.map_err(|err| job_error(name, err))?;
+                dispatcher.isolated_costs.record(name, estimate, run.run);
                 Outcome {
-                    output: result.map_err(|source| task_error(name, source))?,
-                    mode: Mode::Pool,
-                    queued,
-                    run,
-                    worker_pid: 0,
+                    output: run.output,
+                    mode: Mode::Isolated,
+                    queued: run.queued,
+                    run: run.run,
+                    worker_pid: run.pid,
                 }
             }
         };
@@ -266,6 +310,36 @@ impl Admitted {
             return Err(CallError::OutputTooLarge { task: name, size: outcome.output.len(), limit: max_output });
         }
         Ok(outcome)
+    }
+}
+
+/// Waits for an executor's answer until the call's deadline.
+async fn answer<T>(
+    done: oneshot::Receiver<T>,
+    deadline: Option<Instant>,
+    started: &AtomicBool,
+    task: &'static str,
+) -> Result<T, CallError> {
+    let finished = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), done).await.map_err(|_| {
+            let stage = if started.load(Ordering::Acquire) { "running" } else { "queued" };
+            CallError::DeadlineExceeded { task, stage }
+        })?,
+        None => done.await,
+    };
+    finished.map_err(|_| CallError::Internal(format!("{task}: the executor dropped the call")))
+}
+
+fn job_error(task: &'static str, err: JobError) -> CallError {
+    match err {
+        JobError::Task(source) => task_error(task, source),
+        JobError::Died { pid, task, cause: DeathCause::MemoryLimit } => CallError::WorkerOutOfMemory { pid, task },
+        JobError::Died { pid, task, cause } => CallError::WorkerDied { pid, task, cause: cause.to_string() },
+        JobError::Stopped { reason: StopReason::Deadline, .. } => {
+            CallError::DeadlineExceeded { task, stage: "running" }
+        }
+        JobError::Stopped { reason: StopReason::Cancelled, .. } => task_error(task, TaskError::Cancelled),
+        JobError::Unavailable(message) => CallError::Unavailable(message),
     }
 }
 

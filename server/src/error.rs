@@ -27,11 +27,28 @@ pub enum CallError {
         /// The modes the task allows.
         allowed: String,
     },
-    /// The requested executor does not exist in this build.
-    #[error("{mode} mode is not available yet on this server; use POOL")]
-    ModeUnavailable {
-        /// The mode asked for.
-        mode: &'static str,
+    /// The executor cannot take calls (no worker process can be started).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The worker process running the task died.
+    #[error("worker {pid} {cause} while running {task}")]
+    WorkerDied {
+        /// The worker's pid.
+        pid: u32,
+        /// The task.
+        task: &'static str,
+        /// Why it died, classified.
+        cause: String,
+    },
+    /// The worker process running the task ran out of its memory limit.
+    #[error(
+        "worker {pid} exceeded its memory limit while running {task} (--worker-memory-limit-bytes); it was replaced"
+    )]
+    WorkerOutOfMemory {
+        /// The worker's pid.
+        pid: u32,
+        /// The task.
+        task: &'static str,
     },
     /// The task refused or failed.
     #[error("{task}: {source}")]
@@ -42,16 +59,16 @@ pub enum CallError {
         source: TaskError,
     },
     /// The executor's queue is full.
-    #[error("{executor} queue is full ({capacity} calls waiting); retry later")]
+    #[error("{mode} queue is full ({capacity} calls waiting); retry later")]
     QueueFull {
-        /// Which executor.
-        executor: &'static str,
+        /// Which executor, by mode name.
+        mode: &'static str,
         /// Its queue's capacity.
         capacity: usize,
     },
     /// The call could not start before its deadline.
     #[error(
-        "{task} would wait about {} ms for a free {executor} thread but its deadline is in {} ms",
+        "{task} would wait about {} ms for a free {executor} but its deadline is in {} ms",
         wait.as_millis(),
         remaining.as_millis()
     )]
@@ -98,10 +115,12 @@ impl CallError {
             CallError::Lookup(LookupError::EmptyName) => Code::InvalidArgument,
             CallError::Lookup(LookupError::Unknown { .. }) => Code::NotFound,
             CallError::UndefinedMode(_) | CallError::ModeNotAllowed { .. } => Code::InvalidArgument,
-            CallError::ModeUnavailable { .. } => Code::Unimplemented,
+            CallError::Unavailable(_) => Code::Unavailable,
+            CallError::WorkerDied { .. } => Code::Internal,
+            CallError::WorkerOutOfMemory { .. } => Code::ResourceExhausted,
             CallError::Task { source, .. } => match source {
                 TaskError::InvalidParam(_) | TaskError::InvalidInput(_) => Code::InvalidArgument,
-                TaskError::TooLarge(_) => Code::ResourceExhausted,
+                TaskError::TooLarge(_) | TaskError::OutOfMemory(_) => Code::ResourceExhausted,
                 TaskError::Cancelled => Code::Cancelled,
                 TaskError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
                 TaskError::Panicked(_) | TaskError::Failed(_) => Code::Internal,

@@ -7,6 +7,7 @@
 //! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
 //! - [`admission`] and [`cost`]: bounded queues and deadline-aware admission.
 //! - [`pool`]: the rayon executor (POOL mode).
+//! - [`isolated`]: the worker-process executor (ISOLATED mode).
 //! - [`error`]: call errors and their one mapping to gRPC statuses.
 //! - [`config`], [`logging`], [`shutdown`]: process set-up around it all.
 
@@ -16,6 +17,7 @@ pub mod cost;
 pub mod deadline;
 pub mod dispatch;
 pub mod error;
+pub mod isolated;
 pub mod logging;
 pub mod pool;
 pub mod server;

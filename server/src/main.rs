@@ -14,6 +14,10 @@ use offload_server::{
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // Re-executed by the front as one of its worker processes.
+    if std::env::args_os().nth(1).is_some_and(|a| a == server::WORKER_PROCESS_FLAG) {
+        return offload_worker::process::main();
+    }
     let config = match Config::load(Args::parse()) {
         Ok(config) => config,
         Err(err) => {

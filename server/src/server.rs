@@ -7,7 +7,7 @@
 //! `Server`, whose built-in timeout layer would answer expired calls with
 //! CANCELLED before the dispatcher could answer DEADLINE_EXCEEDED.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 use hyper_util::{
@@ -16,7 +16,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use offload_proto::offload::v1::compute_server::ComputeServer;
-use offload_worker::{Catalog, CatalogOptions};
+use offload_worker::{Catalog, CatalogOptions, process::Settings};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, service::Routes};
@@ -27,6 +27,7 @@ use crate::{
     config::Config,
     dispatch::{DispatchOptions, Dispatcher},
     error::request_status,
+    isolated::{IsolatedOptions, Supervisor, WorkerOptions},
     pool::Pool,
     service::ComputeService,
 };
@@ -47,14 +48,15 @@ pub enum ServeError {
 
 /// Serves `config` on `listener` until `shutdown` fires, then drains.
 pub async fn serve(config: &Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let catalog = Catalog::builtin(&CatalogOptions {
-        debug_tasks: config.debug_tasks,
-        max_decompressed_bytes: config.max_decompressed_bytes,
-    });
+    let catalog_options =
+        CatalogOptions { debug_tasks: config.debug_tasks, max_decompressed_bytes: config.max_decompressed_bytes };
+    let catalog = Catalog::builtin(&catalog_options);
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
+    let isolated = Supervisor::start(isolated_options(config, &catalog, catalog_options));
     let dispatcher = Dispatcher::new(
         catalog,
         pool,
+        isolated,
         DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
     );
     let in_flight = TaskTracker::new();
@@ -140,12 +142,47 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: Cancellatio
     })
     .await;
     match drained {
-        Ok(()) => tracing::info!("drained; stopped"),
+        Ok(()) => tracing::info!("drained"),
         Err(_) => {
             tracing::warn!(still_running = in_flight.len(), "shutdown grace ran out; stopping with calls in flight")
         }
     }
+    dispatcher.isolated().shutdown(config.worker_kill_grace * 5).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// The flag with which this executable, re-executed, becomes a worker.
+pub const WORKER_PROCESS_FLAG: &str = "--worker-process";
+
+fn isolated_options(config: &Config, catalog: &Catalog, catalog_options: CatalogOptions) -> IsolatedOptions {
+    let (program, args) = match &config.worker_program {
+        Some(program) => (program.clone(), Vec::new()),
+        // /proc/self/exe still works when the file was replaced by a rebuild.
+        None => (PathBuf::from("/proc/self/exe"), vec![WORKER_PROCESS_FLAG.to_string()]),
+    };
+    IsolatedOptions {
+        workers: config.workers,
+        queue_capacity: config.queue_capacity,
+        worker: WorkerOptions {
+            program,
+            args,
+            settings: Settings {
+                memory_limit: config.worker_memory_limit_bytes,
+                nice: config.worker_nice,
+                catalog: catalog_options,
+                // Room for the protobuf fields around the largest message.
+                max_frame: config.max_message_bytes + (64 << 10),
+            },
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_interval: config.worker_heartbeat,
+            heartbeat_timeout: config.worker_heartbeat_timeout,
+            kill_grace: config.worker_kill_grace,
+        },
+        max_tasks_per_worker: config.worker_max_tasks,
+        max_worker_rss_bytes: config.worker_max_rss_bytes,
+        tasks: catalog.iter().map(|t| t.spec().name).collect(),
+    }
 }
 
 /// Rewrites tonic's OUT_OF_RANGE answer to an oversized request (sent as a

@@ -41,11 +41,6 @@ async fn bad_requests_get_clear_statuses() {
             "allowed: ISOLATED",
         ),
         (request("decompress.zstd", &[], &b"garbage"[..]), Code::InvalidArgument, "not valid zstd"),
-        (
-            ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request("hash.sha256", &[], vec![]) },
-            Code::Unimplemented,
-            "ISOLATED",
-        ),
         (request("debug.panic", &[], vec![]), Code::Internal, "panicked"),
     ];
     for (body, code, needle) in cases {

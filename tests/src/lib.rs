@@ -155,6 +155,52 @@ impl Server {
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }
+
+    /// Whether any log line so far contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// The server's live child processes (its workers), sorted.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        children_of(self.child.id())
+    }
+
+    /// Waits up to `bound` until the server has `n` live workers; returns them.
+    pub async fn wait_for_workers(&self, n: usize, bound: Duration) -> Vec<u32> {
+        let mut pids = Vec::new();
+        let found = wait_for(bound, || {
+            pids = self.worker_pids();
+            pids.len() == n
+        })
+        .await;
+        assert!(found, "expected {n} workers, have {pids:?}");
+        pids
+    }
+}
+
+/// Live (not zombie) children of `pid`, sorted.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+    }
+    out.retain(|p| is_alive(*p));
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether `pid` is a running (not zombie) process.
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
 }
 
 impl Drop for Server {

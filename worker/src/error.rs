@@ -16,6 +16,9 @@ pub enum TaskError {
     /// The task would need more than a configured limit allows.
     #[error("{0}")]
     TooLarge(String),
+    /// The task could not allocate the memory it needed.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// The call was cancelled (client went away, or the server stopped it).
     #[error("cancelled")]
     Cancelled,

@@ -9,11 +9,13 @@
 //! - [`error`]: [`TaskError`], the one error type tasks return.
 //! - [`catalog`]: the set of tasks a process serves, and request validation.
 //! - [`tasks`]: the built-in tasks, one module per family.
+//! - [`process`]: the worker process, serving the catalog over a Unix socket.
 
 pub mod catalog;
 pub mod context;
 pub mod error;
 pub mod params;
+pub mod process;
 pub mod task;
 pub mod tasks;
 

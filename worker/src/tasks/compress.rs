@@ -66,10 +66,11 @@ struct DecompressTask {
     max_output: usize,
 }
 
+// Decompression of untrusted data: a worker process by default.
 const DECOMPRESS: TaskSpec = TaskSpec {
     name: "decompress.zstd",
     description: "decompresses one or more zstd frames; output larger than the server's cap fails with RESOURCE_EXHAUSTED",
-    default_mode: Mode::Pool,
+    default_mode: Mode::Isolated,
     allowed_modes: BOTH_MODES,
     params: &[],
 };

@@ -178,7 +178,7 @@ impl Job for Alloc {
         let mut block: Vec<u8> = Vec::new();
         block
             .try_reserve_exact(len)
-            .map_err(|e| TaskError::TooLarge(format!("could not allocate {len} bytes: {e}")))?;
+            .map_err(|e| TaskError::OutOfMemory(format!("could not allocate {len} bytes: {e}")))?;
         // Touch every page so the memory is really resident.
         let mut touched = 0;
         while touched < len {
@@ -200,9 +200,13 @@ impl Job for Abort {
     fn run(&self, _ctx: &Context, _input: Bytes) -> Result<Bytes, TaskError> {
         if self.segv {
             // Raising the signal kills the process the way a wild pointer
-            // would, without undefined behaviour in our own code.
-            nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV)
-                .map_err(|e| TaskError::Failed(format!("could not raise SIGSEGV: {e}")))?;
+            // would, without undefined behaviour in our own code. The Rust
+            // runtime's handler (for stack overflows) swallows the first
+            // one and restores the default action, so the second one kills.
+            for _ in 0..2 {
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV)
+                    .map_err(|e| TaskError::Failed(format!("could not raise SIGSEGV: {e}")))?;
+            }
             Err(TaskError::Failed("SIGSEGV did not end the process".into()))
         } else {
             std::process::abort()

@@ -25,12 +25,11 @@ pub fn register(out: &mut Vec<Arc<dyn Task>>) {
 
 struct ThumbnailTask;
 
-// Runs in the pool by default until isolated mode exists; untrusted decoders
-// belong in a worker process then.
+// Image decoders parse untrusted input: a worker process by default.
 const SPEC: TaskSpec = TaskSpec {
     name: "image.thumbnail",
     description: "scales a PNG/JPEG/WebP/GIF image to fit a width x height box (aspect kept, never enlarged); output is the encoded image",
-    default_mode: Mode::Pool,
+    default_mode: Mode::Isolated,
     allowed_modes: BOTH_MODES,
     params: &[
         ParamSpec::required("width", "box width in pixels, 1..=4096"),

@@ -1,0 +1,65 @@
+//! Framing of the worker protocol (`offload.worker.v1`): a 4-byte
+//! big-endian length, then one protobuf message whose field 15, `payload`,
+//! is written last and separately, so large inputs and outputs go from the
+//! caller's buffer to the socket without an encoding copy. Readers decode a
+//! frame as an ordinary message.
+
+use prost::{
+    Message,
+    encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len},
+};
+
+/// The protocol version both ends must speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The field number of `payload` in WorkerRequest and WorkerReply.
+const PAYLOAD_FIELD: u32 = 15;
+
+/// Bytes of the length prefix.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// The bytes to write before a payload of `payload_len` bytes: the length
+/// prefix, `message` (whose own `payload` must be empty), and the payload's
+/// field key and length. The frame is this followed by the payload.
+pub fn frame_head<M: Message>(message: &M, payload_len: usize) -> Vec<u8> {
+    let payload_part = if payload_len == 0 {
+        0
+    } else {
+        key_len(PAYLOAD_FIELD) + encoded_len_varint(payload_len as u64) + payload_len
+    };
+    let body_len = message.encoded_len() + payload_part;
+    let mut head = Vec::with_capacity(LENGTH_PREFIX + message.encoded_len() + 16);
+    head.extend_from_slice(&(body_len as u32).to_be_bytes());
+    message.encode(&mut head).expect("a Vec grows as needed");
+    if payload_len > 0 {
+        encode_key(PAYLOAD_FIELD, WireType::LengthDelimited, &mut head);
+        encode_varint(payload_len as u64, &mut head);
+    }
+    head
+}
+
+/// The total frame length (after the prefix) that [`frame_head`] announces.
+pub fn body_len(head: &[u8]) -> usize {
+    u32::from_be_bytes(head[..LENGTH_PREFIX].try_into().expect("4 bytes")) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offload::worker::v1::{RunTask, WorkerRequest, worker_request::Body};
+    use bytes::Bytes;
+
+    #[test]
+    fn a_head_plus_payload_decodes_as_one_message() {
+        let run = RunTask { id: 7, task: "hash.sha256".into(), ..Default::default() };
+        let message = WorkerRequest { body: Some(Body::Run(run.clone())), payload: Bytes::new() };
+        for payload in [Vec::new(), b"abc".to_vec(), vec![9u8; 300_000]] {
+            let mut frame = frame_head(&message, payload.len());
+            frame.extend_from_slice(&payload);
+            assert_eq!(body_len(&frame), frame.len() - LENGTH_PREFIX);
+            let decoded = WorkerRequest::decode(&frame[LENGTH_PREFIX..]).unwrap();
+            assert_eq!(decoded.body, Some(Body::Run(run.clone())));
+            assert_eq!(decoded.payload.as_ref(), payload.as_slice());
+        }
+    }
+}

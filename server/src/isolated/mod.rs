@@ -1,0 +1,207 @@
+//! The ISOLATED executor: a pool of supervised worker processes, each
+//! reached over its own Unix socket and running one task at a time.
+//!
+//! - [`worker`]: one worker process (spawn, handshake, run, stop ladder).
+//! - [`slot`]: the loop that keeps one worker alive and feeds it jobs.
+//! - [`death`]: why workers end, for statuses, logs and counters.
+//!
+//! Jobs wait in one shared queue; each slot takes the next job only when its
+//! worker is ready, so a call waits for a process to start only when every
+//! worker is busy or being replaced.
+
+pub mod death;
+mod slot;
+pub mod worker;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use offload_worker::{ProgressSink, TaskError};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::admission::{Admission, Ticket};
+pub use death::DeathCause;
+use death::{DeathCounters, Rung, StopReason};
+pub use worker::WorkerOptions;
+
+/// Settings of the ISOLATED executor.
+#[derive(Debug, Clone)]
+pub struct IsolatedOptions {
+    /// Worker processes kept running.
+    pub workers: usize,
+    /// Calls that may wait for a worker.
+    pub queue_capacity: usize,
+    /// How each worker is started and watched.
+    pub worker: WorkerOptions,
+    /// Tasks after which a worker is replaced (0: never).
+    pub max_tasks_per_worker: u64,
+    /// Resident memory after which a worker is replaced (0: never).
+    pub max_worker_rss_bytes: u64,
+    /// Tasks every worker must offer (checked at the handshake).
+    pub tasks: Vec<&'static str>,
+}
+
+/// One task for a worker.
+pub struct WorkerJob {
+    /// Task name.
+    pub task: &'static str,
+    /// Raw params, already validated by the front.
+    pub params: HashMap<String, String>,
+    /// Input bytes.
+    pub input: Bytes,
+    /// Absolute deadline.
+    pub deadline: Option<Instant>,
+    /// Cancelled when the caller goes away.
+    pub cancel: CancellationToken,
+    /// Receives the task's progress.
+    pub progress: Option<ProgressSink>,
+    /// The job's place in the executor's load.
+    pub ticket: Ticket,
+    /// Set when a worker takes the job.
+    pub started: Arc<AtomicBool>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<WorkerRun, JobError>>,
+}
+
+/// A task a worker finished.
+#[derive(Debug)]
+pub struct WorkerRun {
+    /// The output.
+    pub output: Bytes,
+    /// Time between admission and start.
+    pub queued: Duration,
+    /// Time from sending to the answer.
+    pub run: Duration,
+    /// The worker's pid.
+    pub pid: u32,
+}
+
+/// Why an isolated job produced no output.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The task failed inside a healthy worker.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// The worker died while running the task.
+    #[error("worker {pid} {cause} while running {task}")]
+    Died {
+        /// The worker's pid.
+        pid: u32,
+        /// The task it ran.
+        task: &'static str,
+        /// Why it died.
+        cause: DeathCause,
+    },
+    /// The front stopped the task (deadline or cancellation).
+    #[error("stopped by {rung}")]
+    Stopped {
+        /// Why.
+        reason: StopReason,
+        /// The rung of the ladder that worked.
+        rung: Rung,
+    },
+    /// No worker can be started.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// State shared by the slots and the dispatcher.
+#[derive(Debug)]
+struct Shared {
+    options: IsolatedOptions,
+    jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<WorkerJob>>,
+    live: AtomicUsize,
+    last_start_error: Mutex<Option<String>>,
+    deaths: DeathCounters,
+}
+
+/// The pool of worker processes.
+#[derive(Debug)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    submit: mpsc::UnboundedSender<WorkerJob>,
+    admission: Arc<Admission>,
+    slots: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Supervisor {
+    /// Starts `options.workers` slots, each spawning its worker.
+    pub fn start(options: IsolatedOptions) -> Self {
+        let (submit, jobs) = mpsc::unbounded_channel();
+        let admission = Admission::new(options.workers, options.queue_capacity);
+        let workers = options.workers;
+        let shared = Arc::new(Shared {
+            options,
+            jobs: tokio::sync::Mutex::new(jobs),
+            live: AtomicUsize::new(0),
+            last_start_error: Mutex::new(None),
+            deaths: DeathCounters::default(),
+        });
+        let slots = TaskTracker::new();
+        let stop = CancellationToken::new();
+        for index in 0..workers {
+            slots.spawn(slot::run(index, Arc::clone(&shared), stop.clone()));
+        }
+        slots.close();
+        Self { shared, submit, admission, slots, stop }
+    }
+
+    /// The executor's admission control.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// Number of worker slots.
+    pub fn workers(&self) -> usize {
+        self.shared.options.workers
+    }
+
+    /// Worker processes alive now.
+    pub fn live_workers(&self) -> usize {
+        self.shared.live.load(Ordering::Relaxed)
+    }
+
+    /// Deaths by cause since start.
+    pub fn deaths(&self) -> Vec<(&'static str, u64)> {
+        self.shared.deaths.snapshot()
+    }
+
+    /// Fails when no worker is alive and the last start failed, so that
+    /// calls are refused instead of waiting for a worker that may never come.
+    pub fn check_available(&self) -> Result<(), JobError> {
+        if self.live_workers() > 0 {
+            return Ok(());
+        }
+        match self.shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(err) => {
+                Err(JobError::Unavailable(format!("no worker process is running; the last start failed: {err}")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `job` for the next free worker.
+    pub fn submit(&self, job: WorkerJob) {
+        if let Err(mpsc::error::SendError(job)) = self.submit.send(job) {
+            let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
+        }
+    }
+
+    /// Stops every worker (idle ones at once, busy ones after their task or
+    /// at `grace`) and waits for them to be reaped.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.slots.wait()).await.is_err() {
+            tracing::warn!("worker slots did not stop in time");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! One worker slot: keeps a worker process alive and feeds it jobs from the
+//! shared queue. It replaces a worker that died (right away after a task
+//! killed it; with capped exponential backoff while starts keep failing),
+//! recycles one that ran enough tasks or grew too large (starting the
+//! replacement first, so capacity never dips), and retires it on shutdown.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    JobError, Shared, WorkerJob,
+    death::DeathCause,
+    worker::{Fate, WorkerProcess},
+};
+
+/// First and longest waits between failed starts.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Runs slot `index` until `stop` fires.
+pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationToken) {
+    let options = &shared.options;
+    let mut backoff = BACKOFF_FIRST;
+    let mut worker: Option<WorkerProcess> = None;
+    loop {
+        let current = match worker.as_mut() {
+            Some(w) => w,
+            None => match start(&shared).await {
+                Ok(w) => {
+                    backoff = BACKOFF_FIRST;
+                    worker.insert(w)
+                }
+                Err(err) => {
+                    tracing::warn!(slot = index, error = %err, retry_in = ?backoff, "worker failed to start; backing off");
+                    *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_CAP);
+                    continue;
+                }
+            },
+        };
+
+        // Wait for a job while watching the idle worker.
+        let mut job = None;
+        let fate = current
+            .idle(&options.worker, async {
+                tokio::select! {
+                    next = async { shared.jobs.lock().await.recv().await } => job = next,
+                    () = stop.cancelled() => {}
+                }
+            })
+            .await;
+        if let Fate::Dead(cause) = fate {
+            let pid = current.pid();
+            buried(&shared, &mut worker, pid, &cause, None);
+            continue;
+        }
+        let Some(job) = job else {
+            // Stopping (or the queue closed): retire the worker and leave.
+            if let Some(w) = worker.take() {
+                shared.live.fetch_sub(1, Ordering::Relaxed);
+                w.retire(options.worker.kill_grace * 5).await;
+            }
+            return;
+        };
+        if let Some(early) = expired(&job) {
+            let _ = job.reply.send(Err(early));
+            continue;
+        }
+
+        let task = job.task;
+        let pid = current.pid();
+        match current.run(job, &options.worker).await {
+            Fate::Dead(cause) => buried(&shared, &mut worker, pid, &cause, Some(task)),
+            Fate::Alive => {
+                if let Some(reason) = recycle_reason(&shared, current) {
+                    recycle(&shared, &mut worker, index, &reason).await;
+                }
+            }
+        }
+    }
+}
+
+async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
+    let worker =
+        WorkerProcess::spawn(&shared.options.worker, &shared.options.tasks).await.map_err(|e| e.to_string())?;
+    shared.live.fetch_add(1, Ordering::Relaxed);
+    *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    tracing::info!(worker.pid = worker.pid(), "worker started");
+    Ok(worker)
+}
+
+/// Records a dead worker and clears the slot so the loop starts another.
+fn buried(shared: &Shared, worker: &mut Option<WorkerProcess>, pid: u32, cause: &DeathCause, task: Option<&str>) {
+    shared.deaths.record(cause);
+    shared.live.fetch_sub(1, Ordering::Relaxed);
+    *worker = None;
+    match task {
+        Some(task) => tracing::warn!(
+            worker.pid = pid,
+            task.name = task,
+            reason = cause.label(),
+            "worker {pid} {cause} while running {task}; replacing it"
+        ),
+        None => tracing::warn!(worker.pid = pid, reason = cause.label(), "idle worker {pid} {cause}; replacing it"),
+    }
+}
+
+/// A job whose caller left or whose deadline passed while it waited is
+/// answered without running.
+fn expired(job: &WorkerJob) -> Option<JobError> {
+    use super::death::{Rung, StopReason};
+    if job.cancel.is_cancelled() {
+        return Some(JobError::Stopped { reason: StopReason::Cancelled, rung: Rung::CancelFrame });
+    }
+    if job.deadline.is_some_and(|d| d <= std::time::Instant::now()) {
+        return Some(JobError::Stopped { reason: StopReason::Deadline, rung: Rung::CancelFrame });
+    }
+    None
+}
+
+fn recycle_reason(shared: &Shared, worker: &WorkerProcess) -> Option<String> {
+    let options = &shared.options;
+    if options.max_tasks_per_worker > 0 && worker.tasks_done >= options.max_tasks_per_worker {
+        return Some(format!("it ran {} tasks", worker.tasks_done));
+    }
+    if options.max_worker_rss_bytes > 0
+        && let Some(rss) = worker.resident_bytes()
+        && rss > options.max_worker_rss_bytes
+    {
+        return Some(format!("its resident memory is {rss} bytes"));
+    }
+    None
+}
+
+/// Replaces the slot's worker: the new one first, then the old one retires.
+async fn recycle(shared: &Shared, worker: &mut Option<WorkerProcess>, index: usize, reason: &str) {
+    match start(shared).await {
+        Ok(fresh) => {
+            let old = worker.replace(fresh).expect("a worker to recycle");
+            let pid = old.pid();
+            shared.deaths.record(&DeathCause::Recycled);
+            shared.live.fetch_sub(1, Ordering::Relaxed);
+            tracing::info!(slot = index, worker.pid = pid, reason = "recycle", "retiring worker {pid}: {reason}");
+            old.retire(shared.options.worker.kill_grace * 5).await;
+        }
+        Err(err) => tracing::warn!(slot = index, error = %err, "could not start a replacement; keeping the old worker"),
+    }
+}

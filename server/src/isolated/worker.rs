@@ -1,0 +1,539 @@
+//! One worker process as the front sees it: spawning it with its socket and
+//! limits, the handshake, framed I/O, running one task with the stop ladder
+//! and heartbeats, watching it while idle, and retiring it. The process is
+//! owned: dropping a `WorkerProcess` kills its process group, and tokio reaps
+//! the child, so no path leaves a zombie or an orphan.
+
+use std::{
+    collections::VecDeque,
+    os::{fd::AsFd, unix::net::UnixStream as StdUnixStream},
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use offload_proto::{
+    framing::{self, PROTOCOL_VERSION},
+    offload::worker::v1::{
+        Cancel, FailureKind, Ping, RunTask, TaskDone, Welcome, WorkerReply, WorkerRequest, worker_reply, worker_request,
+    },
+};
+use offload_worker::process::{self as worker_process, Settings};
+use prost::Message;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::unix::{OwnedReadHalf, OwnedWriteHalf},
+    process::{Child, Command},
+};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+
+use super::{
+    JobError, WorkerJob, WorkerRun,
+    death::{DeathCause, Rung, StopReason},
+};
+
+/// How the front starts and watches its workers.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The program to run; by default this executable, re-executed.
+    pub program: PathBuf,
+    /// Its arguments (`--worker-process` when re-executing the server).
+    pub args: Vec<String>,
+    /// What the worker is told at start.
+    pub settings: Settings,
+    /// Time a new worker has to say Hello.
+    pub handshake_timeout: Duration,
+    /// Interval between pings.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a worker counts as hung.
+    pub heartbeat_timeout: Duration,
+    /// Time each rung of the stop ladder waits before the next.
+    pub kill_grace: Duration,
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The process could not be spawned.
+    #[error("cannot spawn {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The worker did not complete the handshake.
+    #[error("handshake with worker {pid} failed: {reason}")]
+    Handshake {
+        /// The worker's pid.
+        pid: u32,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// What became of a worker after a task or a wait.
+#[derive(Debug)]
+pub enum Fate {
+    /// It is alive and can take another task.
+    Alive,
+    /// It is gone, for this reason.
+    Dead(DeathCause),
+}
+
+/// Last lines a worker wrote to stderr, to classify its death.
+type StderrTail = Arc<Mutex<VecDeque<String>>>;
+const STDERR_LINES: usize = 20;
+
+/// A live worker process.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    pid: u32,
+    child: Child,
+    reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    writer: OwnedWriteHalf,
+    stderr: StderrTail,
+    stderr_done: tokio::sync::watch::Receiver<bool>,
+    next_id: u64,
+    /// Tasks it has finished, for recycling.
+    pub tasks_done: u64,
+}
+
+/// Serialises spawns: the child's socket end is inheritable only while one
+/// spawn runs, so no other worker inherits it.
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+impl WorkerProcess {
+    /// Starts a worker and completes the handshake.
+    ///
+    /// Must be called on a runtime thread (never `spawn_blocking`): the
+    /// worker's parent-death signal fires when the spawning thread exits.
+    pub async fn spawn(options: &WorkerOptions, expected_tasks: &[&str]) -> Result<Self, StartError> {
+        let spawn_error = |source| StartError::Spawn { program: options.program.display().to_string(), source };
+        let (ours, theirs) = StdUnixStream::pair().map_err(spawn_error)?;
+        let mut command = Command::new(&options.program);
+        command
+            .args(&options.args)
+            .env_clear()
+            .envs(options.settings.to_env())
+            .env(worker_process::env::FD, theirs_fd(&theirs).to_string())
+            .env(worker_process::env::PARENT_PID, std::process::id().to_string())
+            // glibc reserves 64 MiB of address space per malloc arena and
+            // thread; two arenas keep RLIMIT_AS about real memory.
+            .env("MALLOC_ARENA_MAX", "2")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = {
+            let _serial = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            rustix::io::fcntl_setfd(theirs.as_fd(), rustix::io::FdFlags::empty()).map_err(|e| spawn_error(e.into()))?;
+            let spawned = command.spawn();
+            drop(theirs);
+            spawned.map_err(spawn_error)?
+        };
+        let pid = child.id().unwrap_or(0);
+        let stderr = StderrTail::default();
+        let (stderr_tx, stderr_done) = tokio::sync::watch::channel(false);
+        if let Some(pipe) = child.stderr.take() {
+            let tail = Arc::clone(&stderr);
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    tracing::warn!(worker.pid = pid, "worker stderr: {line}");
+                    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    if tail.len() == STDERR_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+                let _ = stderr_tx.send(true);
+            });
+        }
+        ours.set_nonblocking(true).map_err(spawn_error)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(spawn_error)?;
+        let (read, writer) = stream.into_split();
+        let codec = LengthDelimitedCodec::builder()
+            .length_field_length(framing::LENGTH_PREFIX)
+            .max_frame_length(options.settings.max_frame)
+            .new_codec();
+        let mut worker = Self {
+            pid,
+            child,
+            reader: FramedRead::new(read, codec),
+            writer,
+            stderr,
+            stderr_done,
+            next_id: 0,
+            tasks_done: 0,
+        };
+        match tokio::time::timeout(options.handshake_timeout, worker.handshake(expected_tasks)).await {
+            Ok(Ok(())) => Ok(worker),
+            Ok(Err(reason)) => Err(StartError::Handshake { pid, reason }),
+            Err(_) => {
+                Err(StartError::Handshake { pid, reason: format!("no Hello within {:?}", options.handshake_timeout) })
+            }
+        }
+    }
+
+    async fn handshake(&mut self, expected_tasks: &[&str]) -> Result<(), String> {
+        let hello = match self.next_reply().await {
+            Ok(Some((worker_reply::Body::Hello(hello), _))) => hello,
+            Ok(Some((other, _))) => return Err(format!("expected Hello, got {other:?}")),
+            Ok(None) => {
+                let status = self.child.wait().await.map_err(|e| e.to_string())?;
+                return Err(format!("worker {} before saying Hello", self.describe_exit(status).await));
+            }
+            Err(err) => return Err(err),
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(format!("worker speaks protocol {}, this front {PROTOCOL_VERSION}", hello.protocol_version));
+        }
+        if hello.pid != self.pid {
+            return Err(format!("worker says its pid is {}, the front started {}", hello.pid, self.pid));
+        }
+        let missing: Vec<&str> =
+            expected_tasks.iter().copied().filter(|t| !hello.tasks.iter().any(|h| h == t)).collect();
+        if !missing.is_empty() {
+            return Err(format!("worker lacks tasks {}", missing.join(", ")));
+        }
+        self.send(worker_request::Body::Welcome(Welcome { protocol_version: PROTOCOL_VERSION }), &[])
+            .await
+            .map_err(|e| format!("sending Welcome: {e}"))
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn send(&mut self, body: worker_request::Body, payload: &[u8]) -> std::io::Result<()> {
+        let request = WorkerRequest { body: Some(body), payload: Bytes::new() };
+        self.writer.write_all(&framing::frame_head(&request, payload.len())).await?;
+        if !payload.is_empty() {
+            self.writer.write_all(payload).await?;
+        }
+        Ok(())
+    }
+
+    /// The next frame; `Ok(None)` when the socket closed; `Err` for a frame
+    /// that breaks the protocol.
+    async fn next_reply(&mut self) -> Result<Option<(worker_reply::Body, Bytes)>, String> {
+        decode(self.reader.next().await)
+    }
+
+    /// Describes how the worker ended, waiting briefly for its last stderr lines.
+    async fn describe_exit(&mut self, status: ExitStatus) -> DeathCause {
+        let mut done = self.stderr_done.clone();
+        let _ = tokio::time::timeout(Duration::from_millis(500), done.wait_for(|d| *d)).await;
+        let tail: Vec<String> = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        DeathCause::from_status(status, &tail.join("\n"))
+    }
+
+    /// Sends `signal` to the worker's process group (it and anything it started).
+    fn signal_group(&self, signal: Signal) {
+        if self.pid != 0 {
+            let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+
+    /// Waits up to `bound` for the worker to exit.
+    async fn exited_within(&mut self, bound: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(bound, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+
+    /// Kills the process group and reaps the worker.
+    async fn kill(&mut self) {
+        self.signal_group(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+
+    /// Runs `job` on this worker and answers it; returns what became of the worker.
+    pub async fn run(&mut self, job: WorkerJob, options: &WorkerOptions) -> Fate {
+        let WorkerJob { task, params, input, deadline, cancel, progress, mut ticket, started, reply } = job;
+        let queued = ticket.start();
+        started.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(sink) = &progress {
+            sink(0.0, "");
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let run = RunTask {
+            id,
+            task: task.to_string(),
+            params,
+            deadline_unix_nanos: deadline.map_or(0, unix_nanos),
+            traceparent: String::new(),
+        };
+        let begun = Instant::now();
+        let (result, fate) = match self.send(worker_request::Body::Run(run), &input).await {
+            Err(err) => {
+                tracing::debug!(worker.pid = self.pid, error = %err, "could not send the task");
+                let cause = self.death().await;
+                (Err(JobError::Died { pid: self.pid, task, cause: cause.clone() }), Fate::Dead(cause))
+            }
+            Ok(()) => {
+                drop(input);
+                self.follow(id, task, deadline, &cancel, progress.as_ref(), options).await
+            }
+        };
+        let pid = self.pid;
+        let _ = reply.send(result.map(|output| WorkerRun { output, queued, run: begun.elapsed(), pid }));
+        fate
+    }
+
+    /// Follows a sent task to its end: its result, its worker's death or
+    /// hang, or its deadline or cancellation (then the stop ladder).
+    async fn follow(
+        &mut self,
+        id: u64,
+        task: &'static str,
+        deadline: Option<Instant>,
+        cancel: &tokio_util::sync::CancellationToken,
+        progress: Option<&offload_worker::ProgressSink>,
+        options: &WorkerOptions,
+    ) -> (Result<Bytes, JobError>, Fate) {
+        let died =
+            |pid, cause: DeathCause| (Err(JobError::Died { pid, task, cause: cause.clone() }), Fate::Dead(cause));
+        let mut heartbeat = tokio::time::interval(options.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let deadline_reached = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline_reached);
+        let reason = loop {
+            tokio::select! {
+                frame = self.reader.next() => match decode(frame) {
+                    Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
+                        self.tasks_done += 1;
+                        let fate = self.finished(&done).await;
+                        return (done_result(done, output), fate);
+                    }
+                    Ok(Some((worker_reply::Body::Progress(p), _))) if p.id == id => {
+                        last_heard = Instant::now();
+                        if let Some(sink) = progress {
+                            sink(p.fraction, &p.message);
+                        }
+                    }
+                    Ok(Some((worker_reply::Body::Pong(_), _))) => last_heard = Instant::now(),
+                    Ok(Some((other, _))) => {
+                        let cause = self.protocol_breach(format!("unexpected frame {other:?}")).await;
+                        return died(self.pid, cause);
+                    }
+                    Ok(None) => {
+                        let cause = self.death().await;
+                        return died(self.pid, cause);
+                    }
+                    Err(detail) => {
+                        let cause = self.protocol_breach(detail).await;
+                        return died(self.pid, cause);
+                    }
+                },
+                status = self.child.wait() => {
+                    let cause = match status {
+                        Ok(status) => self.describe_exit(status).await,
+                        Err(_) => DeathCause::Exited(-1),
+                    };
+                    return died(self.pid, cause);
+                }
+                () = &mut deadline_reached => break StopReason::Deadline,
+                // The caller gives up at its deadline too: that is the deadline.
+                () = cancel.cancelled() => break match deadline {
+                    Some(d) if Instant::now() >= d => StopReason::Deadline,
+                    _ => StopReason::Cancelled,
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > options.heartbeat_timeout {
+                        tracing::warn!(worker.pid = self.pid, task.name = task, "worker stopped answering; killing it");
+                        self.kill().await;
+                        return died(self.pid, DeathCause::Unresponsive);
+                    }
+                    // A broken socket shows up in the next read or wait.
+                    let _ = self.send(worker_request::Body::Ping(Ping { seq: id }), &[]).await;
+                }
+            }
+        };
+        let (rung, fate) = self.stop(id, reason, options).await;
+        match rung {
+            Rung::CancelFrame => {
+                tracing::info!(worker.pid = self.pid, task.name = task, ?reason, "{task} stopped by {rung}")
+            }
+            _ => tracing::warn!(
+                worker.pid = self.pid,
+                task.name = task,
+                ?reason,
+                "{task} stopped by {rung}; worker killed"
+            ),
+        }
+        (Err(JobError::Stopped { reason, rung }), fate)
+    }
+
+    /// The stop ladder: a cancel frame, then SIGTERM, then SIGKILL, each
+    /// given `kill_grace`. Returns the rung that worked.
+    async fn stop(&mut self, id: u64, reason: StopReason, options: &WorkerOptions) -> (Rung, Fate) {
+        if self.send(worker_request::Body::Cancel(Cancel { id }), &[]).await.is_ok() {
+            let answered = tokio::time::timeout(options.kill_grace, async {
+                loop {
+                    match self.next_reply().await {
+                        Ok(Some((worker_reply::Body::Done(done), _))) if done.id == id => return Some(done),
+                        Ok(Some(_)) => continue,
+                        _ => return None,
+                    }
+                }
+            })
+            .await;
+            if let Ok(Some(done)) = answered {
+                self.tasks_done += 1;
+                return (Rung::CancelFrame, self.finished(&done).await);
+            }
+        }
+        self.signal_group(Signal::SIGTERM);
+        if self.exited_within(options.kill_grace).await.is_some() {
+            self.signal_group(Signal::SIGKILL);
+            return (Rung::Terminate, Fate::Dead(DeathCause::StopKilled(reason, Rung::Terminate)));
+        }
+        self.kill().await;
+        (Rung::Kill, Fate::Dead(DeathCause::StopKilled(reason, Rung::Kill)))
+    }
+
+    /// After a TaskDone: a worker that ran out of memory exits by itself.
+    async fn finished(&mut self, done: &TaskDone) -> Fate {
+        if done.failure == FailureKind::OutOfMemory as i32 {
+            if self.exited_within(Duration::from_secs(2)).await.is_none() {
+                self.kill().await;
+            }
+            return Fate::Dead(DeathCause::MemoryLimit);
+        }
+        Fate::Alive
+    }
+
+    /// The worker's socket closed or it exited: reap it and say why.
+    async fn death(&mut self) -> DeathCause {
+        match self.exited_within(Duration::from_secs(2)).await {
+            Some(status) => self.describe_exit(status).await,
+            None => {
+                // Alive but its socket is gone: useless; make sure it is dead.
+                self.kill().await;
+                DeathCause::Protocol("the socket closed while the process lived".into())
+            }
+        }
+    }
+
+    async fn protocol_breach(&mut self, detail: String) -> DeathCause {
+        tracing::warn!(worker.pid = self.pid, "worker broke the protocol: {detail}");
+        self.kill().await;
+        DeathCause::Protocol(detail)
+    }
+
+    /// Watches an idle worker until `wake` resolves (returns `Alive`) or the
+    /// worker dies or hangs (returns `Dead`).
+    pub async fn idle<F: std::future::Future<Output = ()>>(&mut self, options: &WorkerOptions, wake: F) -> Fate {
+        tokio::pin!(wake);
+        let mut heartbeat = tokio::time::interval(options.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                () = &mut wake => return Fate::Alive,
+                frame = self.reader.next() => match decode(frame) {
+                    Ok(Some((worker_reply::Body::Pong(_), _))) => last_heard = Instant::now(),
+                    Ok(Some((other, _))) => return Fate::Dead(self.protocol_breach(format!("unexpected frame {other:?} while idle")).await),
+                    Ok(None) => return Fate::Dead(self.death().await),
+                    Err(detail) => return Fate::Dead(self.protocol_breach(detail).await),
+                },
+                status = self.child.wait() => {
+                    return Fate::Dead(match status {
+                        Ok(status) => self.describe_exit(status).await,
+                        Err(_) => DeathCause::Exited(-1),
+                    });
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > options.heartbeat_timeout {
+                        tracing::warn!(worker.pid = self.pid, "idle worker stopped answering; killing it");
+                        self.kill().await;
+                        return Fate::Dead(DeathCause::Unresponsive);
+                    }
+                    // A broken socket shows up in the next read or wait.
+                    let _ = self.send(worker_request::Body::Ping(Ping { seq: 0 }), &[]).await;
+                }
+            }
+        }
+    }
+
+    /// Resident memory of the worker, from /proc.
+    pub fn resident_bytes(&self) -> Option<u64> {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * rustix::param::page_size() as u64)
+    }
+
+    /// Retires the worker between tasks: closing its socket makes it exit;
+    /// one that lingers is killed.
+    pub async fn retire(mut self, grace: Duration) {
+        let _ = self.writer.shutdown().await;
+        if self.exited_within(grace).await.is_none() {
+            self.kill().await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // Whatever happened, nothing of this worker outlives its handle; a
+        // group already gone makes this a no-op. tokio reaps the child.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal_group(Signal::SIGKILL);
+        }
+    }
+}
+
+/// Decodes a frame read from a worker. A socket that closed or broke reads
+/// as `Ok(None)` (the worker died: its exit status says why); a frame that is
+/// too long or does not decode is a protocol breach.
+fn decode(
+    frame: Option<Result<bytes::BytesMut, std::io::Error>>,
+) -> Result<Option<(worker_reply::Body, Bytes)>, String> {
+    match frame {
+        None => Ok(None),
+        Some(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => Err(format!("reading a frame: {err}")),
+        Some(Err(_)) => Ok(None),
+        Some(Ok(frame)) => {
+            let reply = WorkerReply::decode(frame.freeze()).map_err(|e| format!("undecodable frame: {e}"))?;
+            let body = reply.body.ok_or("frame without a body")?;
+            Ok(Some((body, reply.payload)))
+        }
+    }
+}
+
+fn done_result(done: TaskDone, output: Bytes) -> Result<Bytes, JobError> {
+    if done.failure == FailureKind::Unspecified as i32 {
+        return Ok(output);
+    }
+    let kind = FailureKind::try_from(done.failure).unwrap_or(FailureKind::Failed);
+    Err(JobError::Task(worker_process::task_error(kind, done.message, Duration::from_micros(done.run_us))))
+}
+
+fn theirs_fd(stream: &StdUnixStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    stream.as_raw_fd()
+}
+
+fn unix_nanos(deadline: Instant) -> u64 {
+    let left = deadline.saturating_duration_since(Instant::now());
+    (SystemTime::now() + left).duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64).max(1)
+}

@@ -1,0 +1,397 @@
+//! The worker process: serves tasks from the catalog to its front over one
+//! Unix socket, one task at a time (see `proto/offload/worker/v1`).
+//!
+//! The main thread reads frames and answers pings at once, so a long task is
+//! never mistaken for a hung worker; a second thread runs the tasks. The
+//! worker exits when the socket closes (its front is gone), when it receives
+//! a malformed frame (it does not guess), or after a task ran out of memory.
+//! At start it applies the limits the front asked for, and asks the kernel
+//! to kill it when its parent dies.
+
+use std::{
+    io::{self, Read, Write},
+    os::{fd::FromRawFd, unix::net::UnixStream},
+    process::ExitCode,
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Bytes, BytesMut};
+use offload_proto::{
+    framing::{self, PROTOCOL_VERSION},
+    offload::worker::v1::{
+        FailureKind, Hello, Pong, RunTask, TaskDone, TaskProgress, WorkerReply, WorkerRequest, worker_reply,
+        worker_request,
+    },
+};
+use prost::Message;
+
+use crate::{CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job};
+
+/// Exit status: the socket closed or the front retired the worker.
+pub const EXIT_CLEAN: u8 = 0;
+/// Exit status: the front sent something that is not the protocol.
+pub const EXIT_PROTOCOL: u8 = 2;
+/// Exit status: a task ran out of memory; the worker is not reused.
+pub const EXIT_OUT_OF_MEMORY: u8 = 3;
+/// Exit status: the settings or the set-up were unusable.
+pub const EXIT_SETUP: u8 = 4;
+
+/// Environment variables through which the front configures a worker.
+pub mod env {
+    /// The inherited socket's file descriptor number.
+    pub const FD: &str = "OFFLOAD_WORKER_FD";
+    /// The front's pid, to detect a parent that died before we started.
+    pub const PARENT_PID: &str = "OFFLOAD_WORKER_PARENT_PID";
+    /// Address-space limit in bytes (0: none).
+    pub const MEMORY_LIMIT: &str = "OFFLOAD_WORKER_MEMORY_LIMIT";
+    /// Nice level (0..=19).
+    pub const NICE: &str = "OFFLOAD_WORKER_NICE";
+    /// "1" to serve the debug tasks.
+    pub const DEBUG_TASKS: &str = "OFFLOAD_WORKER_DEBUG_TASKS";
+    /// Cap on decompressed output.
+    pub const MAX_DECOMPRESSED: &str = "OFFLOAD_WORKER_MAX_DECOMPRESSED";
+    /// Largest frame accepted.
+    pub const MAX_FRAME: &str = "OFFLOAD_WORKER_MAX_FRAME";
+}
+
+/// What the front tells a worker at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Address-space limit in bytes; 0 for none.
+    pub memory_limit: u64,
+    /// Nice level of the worker's threads.
+    pub nice: i32,
+    /// The catalog to serve.
+    pub catalog: CatalogOptions,
+    /// Largest frame accepted, in bytes.
+    pub max_frame: usize,
+}
+
+impl Settings {
+    /// The environment variables that carry these settings.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (env::MEMORY_LIMIT, self.memory_limit.to_string()),
+            (env::NICE, self.nice.to_string()),
+            (env::DEBUG_TASKS, u8::from(self.catalog.debug_tasks).to_string()),
+            (env::MAX_DECOMPRESSED, self.catalog.max_decompressed_bytes.to_string()),
+            (env::MAX_FRAME, self.max_frame.to_string()),
+        ]
+    }
+
+    fn from_env() -> Result<Self, String> {
+        Ok(Self {
+            memory_limit: var(env::MEMORY_LIMIT)?,
+            nice: var(env::NICE)?,
+            catalog: CatalogOptions {
+                debug_tasks: var::<u8>(env::DEBUG_TASKS)? == 1,
+                max_decompressed_bytes: var(env::MAX_DECOMPRESSED)?,
+            },
+            max_frame: var(env::MAX_FRAME)?,
+        })
+    }
+}
+
+fn var<T: std::str::FromStr>(name: &str) -> Result<T, String> {
+    let raw = std::env::var(name).map_err(|_| format!("{name} is not set; workers are started by offload-server"))?;
+    raw.parse().map_err(|_| format!("{name}={raw:?} is not valid"))
+}
+
+/// Why a worker stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The front broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The socket failed.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The worker process's entry point: set up from the environment, serve,
+/// and map the end to an exit status.
+pub fn main() -> ExitCode {
+    // A task's panic is reported to the front in its TaskDone; one line on
+    // stderr (which the front logs) is enough here.
+    std::panic::set_hook(Box::new(|info| eprintln!("task panicked: {info}")));
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(err) => return setup_failed(&err),
+    };
+    let stream = match setup(&settings) {
+        Ok(stream) => stream,
+        Err(err) => return setup_failed(&err),
+    };
+    match serve(stream, Catalog::builtin(&settings.catalog), settings.max_frame) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("offload-worker {}: {err}", std::process::id());
+            ExitCode::from(match err {
+                WorkerError::Protocol(_) => EXIT_PROTOCOL,
+                WorkerError::Io(_) => EXIT_CLEAN,
+            })
+        }
+    }
+}
+
+fn setup_failed(err: &str) -> ExitCode {
+    eprintln!("offload-worker {}: cannot start: {err}", std::process::id());
+    ExitCode::from(EXIT_SETUP)
+}
+
+/// Applies the limits and takes the socket, before any other thread exists
+/// (threads inherit the nice level of the thread that creates them).
+fn setup(settings: &Settings) -> Result<UnixStream, String> {
+    use rustix::process::{Resource, Rlimit, Signal, getppid, set_parent_process_death_signal, setrlimit};
+
+    set_parent_process_death_signal(Some(Signal::KILL)).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    // The parent may have died before the line above took effect.
+    let parent: i32 = var(env::PARENT_PID)?;
+    if getppid().map(|p| p.as_raw_nonzero().get()) != Some(parent) {
+        return Err("the front exited before the worker started".into());
+    }
+    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })
+        .map_err(|e| format!("RLIMIT_CORE: {e}"))?;
+    if settings.memory_limit > 0 {
+        let limit = Some(settings.memory_limit);
+        setrlimit(Resource::As, Rlimit { current: limit, maximum: limit }).map_err(|e| format!("RLIMIT_AS: {e}"))?;
+    }
+    if settings.nice != 0 {
+        rustix::process::setpriority_process(None, settings.nice).map_err(|e| format!("setpriority: {e}"))?;
+    }
+    let fd: i32 = var(env::FD)?;
+    if fd < 3 {
+        return Err(format!("{}={fd} is a standard stream", env::FD));
+    }
+    // SAFETY: the front passed this descriptor to this process alone, open,
+    // for the worker socket; nothing else here owns or closes it.
+    #[allow(unsafe_code)]
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    Ok(stream)
+}
+
+/// The writing half, shared by the reader (pongs) and the task thread.
+type Writer = Arc<Mutex<UnixStream>>;
+
+fn send(writer: &Writer, reply: &WorkerReply, payload: &[u8]) -> io::Result<()> {
+    let head = framing::frame_head(reply, payload.len());
+    let mut stream = writer.lock().unwrap_or_else(|e| e.into_inner());
+    stream.write_all(&head)?;
+    stream.write_all(payload)
+}
+
+fn reply(body: worker_reply::Body) -> WorkerReply {
+    WorkerReply { body: Some(body), payload: Bytes::new() }
+}
+
+/// Reads one frame into `buf` (reused across frames); None at end of stream.
+fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>, WorkerError> {
+    let mut prefix = [0u8; framing::LENGTH_PREFIX];
+    match reader.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max_frame {
+        return Err(WorkerError::Protocol(format!("frame of {len} bytes exceeds the limit of {max_frame}")));
+    }
+    // Reclaims the previous frame's memory once the task let go of it.
+    buf.clear();
+    buf.reserve(len);
+    buf.resize(len, 0);
+    reader.read_exact(&mut buf[..])?;
+    Ok(Some(buf.split().freeze()))
+}
+
+/// Serves tasks on `stream` until it closes. Returns the exit status.
+pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u8, WorkerError> {
+    let writer: Writer = Arc::new(Mutex::new(stream.try_clone()?));
+    let mut reader = io::BufReader::with_capacity(64 << 10, stream);
+    let mut buf = BytesMut::new();
+
+    let tasks = catalog.iter().map(|t| t.spec().name.to_string()).collect();
+    send(
+        &writer,
+        &reply(worker_reply::Body::Hello(Hello { protocol_version: PROTOCOL_VERSION, pid: std::process::id(), tasks })),
+        &[],
+    )?;
+    match next_request(&mut reader, &mut buf, max_frame)? {
+        None => return Ok(EXIT_CLEAN),
+        Some(worker_request::Body::Welcome(w)) if w.protocol_version == PROTOCOL_VERSION => {}
+        Some(worker_request::Body::Welcome(w)) => {
+            return Err(WorkerError::Protocol(format!(
+                "front speaks protocol {}, this worker {PROTOCOL_VERSION}",
+                w.protocol_version
+            )));
+        }
+        Some(other) => return Err(WorkerError::Protocol(format!("expected Welcome, got {other:?}"))),
+    }
+
+    // The running task, if any: its id and cancel flag.
+    let current: Arc<Mutex<Option<(u64, CancelFlag)>>> = Arc::new(Mutex::new(None));
+    let (jobs, job_rx) = mpsc::channel::<(RunTask, Bytes, CancelFlag)>();
+    {
+        let writer = Arc::clone(&writer);
+        let current = Arc::clone(&current);
+        std::thread::Builder::new()
+            .name("offload-task".into())
+            .spawn(move || run_tasks(&catalog, job_rx, &writer, &current))?;
+    }
+
+    loop {
+        let (request, payload) = match read_frame(&mut reader, &mut buf, max_frame)? {
+            None => return Ok(EXIT_CLEAN),
+            Some(frame) => decode(frame)?,
+        };
+        match request {
+            worker_request::Body::Run(run) => {
+                let cancel = CancelFlag::new();
+                {
+                    let mut slot = current.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((busy, _)) = *slot {
+                        return Err(WorkerError::Protocol(format!("task {} sent while task {busy} runs", run.id)));
+                    }
+                    *slot = Some((run.id, cancel.clone()));
+                }
+                if jobs.send((run, payload, cancel)).is_err() {
+                    return Err(WorkerError::Io(io::Error::other("the task thread is gone")));
+                }
+            }
+            worker_request::Body::Cancel(c) => {
+                let slot = current.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((id, flag)) = slot.as_ref()
+                    && *id == c.id
+                {
+                    flag.cancel();
+                }
+            }
+            worker_request::Body::Ping(p) => send(&writer, &reply(worker_reply::Body::Pong(Pong { seq: p.seq })), &[])?,
+            worker_request::Body::Welcome(_) => return Err(WorkerError::Protocol("second Welcome".into())),
+        }
+    }
+}
+
+fn next_request(
+    reader: &mut impl Read,
+    buf: &mut BytesMut,
+    max_frame: usize,
+) -> Result<Option<worker_request::Body>, WorkerError> {
+    match read_frame(reader, buf, max_frame)? {
+        None => Ok(None),
+        Some(frame) => Ok(Some(decode(frame)?.0)),
+    }
+}
+
+fn decode(frame: Bytes) -> Result<(worker_request::Body, Bytes), WorkerError> {
+    let request = WorkerRequest::decode(frame).map_err(|e| WorkerError::Protocol(format!("undecodable frame: {e}")))?;
+    let body = request.body.ok_or_else(|| WorkerError::Protocol("frame without a body".into()))?;
+    Ok((body, request.payload))
+}
+
+/// The task thread: runs each task and sends its TaskDone.
+fn run_tasks(
+    catalog: &Catalog,
+    jobs: mpsc::Receiver<(RunTask, Bytes, CancelFlag)>,
+    writer: &Writer,
+    current: &Mutex<Option<(u64, CancelFlag)>>,
+) {
+    for (run, input, cancel) in jobs {
+        let id = run.id;
+        let started = Instant::now();
+        let result = run_one(catalog, run, input, cancel, writer);
+        let run_us = started.elapsed().as_micros() as u64;
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let (done, output) = match result {
+            Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
+            Err(err) => {
+                let (kind, message) = failure(&err);
+                (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
+            }
+        };
+        let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
+        if send(writer, &reply(worker_reply::Body::Done(done)), &output).is_err() {
+            std::process::exit(i32::from(EXIT_CLEAN));
+        }
+        if out_of_memory {
+            // Whatever failed to allocate may have left the heap fragmented
+            // or a library half-initialised: do not reuse this process.
+            std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
+        }
+    }
+}
+
+fn run_one(
+    catalog: &Catalog,
+    run: RunTask,
+    input: Bytes,
+    cancel: CancelFlag,
+    writer: &Writer,
+) -> Result<Bytes, TaskError> {
+    let task = catalog.get(&run.task).map_err(|e| TaskError::Failed(format!("worker: {e}")))?;
+    let job = Catalog::prepare(task.as_ref(), &run.params)?;
+    let deadline = (run.deadline_unix_nanos > 0).then(|| to_instant(run.deadline_unix_nanos));
+    let ctx = Context::new(deadline, cancel, Some(progress_sink(run.id, Arc::clone(writer))));
+    run_job(job.as_ref(), &ctx, input)
+}
+
+/// Converts an absolute wall-clock deadline to this process's monotonic clock.
+fn to_instant(unix_nanos: u64) -> Instant {
+    let deadline = UNIX_EPOCH + Duration::from_nanos(unix_nanos);
+    let now = Instant::now();
+    match deadline.duration_since(SystemTime::now()) {
+        Ok(left) => now + left,
+        Err(_) => now,
+    }
+}
+
+/// Sends progress frames, at most one per 20 ms (and always the last 1.0).
+fn progress_sink(id: u64, writer: Writer) -> ProgressSink {
+    let last = Mutex::new(None::<Instant>);
+    Arc::new(move |fraction: f64, message: &str| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= Duration::from_millis(20));
+        if !(due || fraction >= 1.0) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let progress = TaskProgress { id, fraction, message: message.to_string() };
+        // A failed send means the front is gone; the reader thread exits.
+        let _ = send(&writer, &reply(worker_reply::Body::Progress(progress)), &[]);
+    })
+}
+
+fn failure(err: &TaskError) -> (FailureKind, String) {
+    let kind = match err {
+        TaskError::InvalidParam(_) => FailureKind::InvalidParam,
+        TaskError::InvalidInput(_) => FailureKind::InvalidInput,
+        TaskError::TooLarge(_) => FailureKind::TooLarge,
+        TaskError::OutOfMemory(_) => FailureKind::OutOfMemory,
+        TaskError::Cancelled => FailureKind::Cancelled,
+        TaskError::DeadlineExceeded { .. } => FailureKind::DeadlineExceeded,
+        TaskError::Panicked(_) => FailureKind::Panicked,
+        TaskError::Failed(_) => FailureKind::Failed,
+    };
+    let message = match err {
+        TaskError::Panicked(m) => m.clone(),
+        other => other.to_string(),
+    };
+    (kind, message)
+}
+
+/// The task error a TaskDone's failure stands for, on the front's side.
+pub fn task_error(kind: FailureKind, message: String, run: Duration) -> TaskError {
+    match kind {
+        FailureKind::InvalidParam => TaskError::InvalidParam(message),
+        FailureKind::InvalidInput => TaskError::InvalidInput(message),
+        FailureKind::TooLarge => TaskError::TooLarge(message),
+        FailureKind::OutOfMemory => TaskError::OutOfMemory(message),
+        FailureKind::Cancelled => TaskError::Cancelled,
+        FailureKind::DeadlineExceeded => TaskError::DeadlineExceeded { after: run },
+        FailureKind::Panicked => TaskError::Panicked(message),
+        FailureKind::Failed | FailureKind::Unspecified | FailureKind::ProgramFailed | FailureKind::UnknownTask => {
+            TaskError::Failed(message)
+        }
+    }
+}
