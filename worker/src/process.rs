@@ -395,3 +395,73 @@ pub fn task_error(kind: FailureKind, message: String, run: Duration) -> TaskErro
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use offload_proto::offload::worker::v1::Welcome;
+
+    fn start() -> (UnixStream, std::thread::JoinHandle<Result<u8, WorkerError>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let catalog = Catalog::builtin(&CatalogOptions { debug_tasks: true, ..Default::default() });
+        let worker = std::thread::spawn(move || serve(theirs, catalog, 1 << 20));
+        (ours, worker)
+    }
+
+    fn read_reply(stream: &mut UnixStream) -> WorkerReply {
+        let frame = read_frame(stream, &mut BytesMut::new(), 1 << 20).unwrap().expect("a frame");
+        WorkerReply::decode(frame).unwrap()
+    }
+
+    fn write_request(stream: &mut UnixStream, body: worker_request::Body, payload: &[u8]) {
+        let request = WorkerRequest { body: Some(body), payload: Bytes::new() };
+        stream.write_all(&framing::frame_head(&request, payload.len())).unwrap();
+        stream.write_all(payload).unwrap();
+    }
+
+    fn welcome(version: u32) -> worker_request::Body {
+        worker_request::Body::Welcome(Welcome { protocol_version: version })
+    }
+
+    #[test]
+    fn says_hello_runs_a_task_and_exits_cleanly_at_end_of_stream() {
+        let (mut front, worker) = start();
+        let Some(worker_reply::Body::Hello(hello)) = read_reply(&mut front).body else { panic!("expected Hello") };
+        assert_eq!((hello.protocol_version, hello.pid), (PROTOCOL_VERSION, std::process::id()));
+        assert!(hello.tasks.iter().any(|t| t == "debug.echo"));
+        write_request(&mut front, welcome(PROTOCOL_VERSION), &[]);
+        let run = RunTask { id: 5, task: "debug.echo".into(), ..Default::default() };
+        write_request(&mut front, worker_request::Body::Run(run), b"payload");
+        let reply = read_reply(&mut front);
+        let Some(worker_reply::Body::Done(done)) = reply.body else { panic!("expected Done") };
+        assert_eq!((done.id, done.failure), (5, 0));
+        assert_eq!(reply.payload.as_ref(), b"payload");
+        drop(front);
+        assert_eq!(worker.join().unwrap().unwrap(), EXIT_CLEAN);
+    }
+
+    #[test]
+    fn refuses_a_front_of_another_protocol_version() {
+        let (mut front, worker) = start();
+        read_reply(&mut front);
+        write_request(&mut front, welcome(PROTOCOL_VERSION + 1), &[]);
+        let err = worker.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("front speaks protocol 2, this worker 1"), "{err}");
+    }
+
+    #[test]
+    fn exits_on_a_malformed_frame_instead_of_guessing() {
+        let (mut front, worker) = start();
+        read_reply(&mut front);
+        write_request(&mut front, welcome(PROTOCOL_VERSION), &[]);
+        front.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
+        assert!(matches!(worker.join().unwrap(), Err(WorkerError::Protocol(_))));
+
+        let (mut front, worker) = start();
+        read_reply(&mut front);
+        write_request(&mut front, welcome(PROTOCOL_VERSION), &[]);
+        front.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        let err = worker.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+}
