@@ -6,6 +6,7 @@
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+use offload_worker::tasks::exec::ExecSpec;
 use serde::Deserialize;
 
 /// Default address: loopback only, so a first run exposes nothing.
@@ -145,6 +146,12 @@ pub struct Args {
     /// mode (for example the offload-worker binary).
     #[arg(long, env = "OFFLOAD_WORKER_PROGRAM", value_name = "PATH")]
     pub worker_program: Option<PathBuf>,
+
+    /// External programs served as `exec.*` tasks: `[[exec]]` tables of the
+    /// config file only (see the README).
+    #[arg(skip)]
+    #[serde(default)]
+    pub exec: Vec<ExecSpec>,
 }
 
 impl Args {
@@ -172,6 +179,7 @@ impl Args {
             worker_heartbeat_timeout_ms: self.worker_heartbeat_timeout_ms.or(file.worker_heartbeat_timeout_ms),
             worker_kill_grace_ms: self.worker_kill_grace_ms.or(file.worker_kill_grace_ms),
             worker_program: self.worker_program.or(file.worker_program),
+            exec: if self.exec.is_empty() { file.exec } else { self.exec },
         }
     }
 }
@@ -248,6 +256,8 @@ pub struct Config {
     pub worker_kill_grace: Duration,
     /// Worker program; None to re-execute this server.
     pub worker_program: Option<PathBuf>,
+    /// External programs served as tasks.
+    pub exec: Vec<ExecSpec>,
 }
 
 impl Config {
@@ -290,6 +300,12 @@ impl Config {
         {
             return Err(invalid("worker-program", format!("{} is not a file", program.display())));
         }
+        for (i, spec) in a.exec.iter().enumerate() {
+            spec.validate().map_err(|e| invalid("exec", e.to_string()))?;
+            if a.exec[..i].iter().any(|other| other.name == spec.name) {
+                return Err(invalid("exec", format!("task {:?} is declared twice", spec.name)));
+            }
+        }
         Ok(Self {
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             debug_tasks: a.debug_tasks,
@@ -311,6 +327,7 @@ impl Config {
             worker_heartbeat_timeout,
             worker_kill_grace: millis(a.worker_kill_grace_ms, 100),
             worker_program: a.worker_program,
+            exec: a.exec,
         })
     }
 }
@@ -354,6 +371,19 @@ mod tests {
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.queue_capacity, 9);
         assert!(c.debug_tasks);
+    }
+
+    #[test]
+    fn exec_tasks_come_from_the_file_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "[[exec]]\nname = \"exec.wc\"\nprogram = \"/usr/bin/wc\"\nargs = [\"-c\"]\n").unwrap();
+        let c = Config::load(parse(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.exec.len(), 1);
+        assert_eq!(c.exec[0].args, ["-c"]);
+        std::fs::write(&path, "[[exec]]\nname = \"exec.x\"\nprogram = \"/no/such/program\"\n").unwrap();
+        let err = Config::load(parse(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(err.to_string().contains("/no/such/program"), "{err}");
     }
 
     #[test]

@@ -123,6 +123,7 @@ impl CallError {
                 TaskError::TooLarge(_) | TaskError::OutOfMemory(_) => Code::ResourceExhausted,
                 TaskError::Cancelled => Code::Cancelled,
                 TaskError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+                TaskError::ProgramFailed(_) => Code::FailedPrecondition,
                 TaskError::Panicked(_) | TaskError::Failed(_) => Code::Internal,
             },
             CallError::QueueFull { .. } | CallError::WouldMissDeadline { .. } | CallError::OutputTooLarge { .. } => {

@@ -48,8 +48,11 @@ pub enum ServeError {
 
 /// Serves `config` on `listener` until `shutdown` fires, then drains.
 pub async fn serve(config: &Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let catalog_options =
-        CatalogOptions { debug_tasks: config.debug_tasks, max_decompressed_bytes: config.max_decompressed_bytes };
+    let catalog_options = CatalogOptions {
+        debug_tasks: config.debug_tasks,
+        max_decompressed_bytes: config.max_decompressed_bytes,
+        exec: config.exec.clone(),
+    };
     let catalog = Catalog::builtin(&catalog_options);
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
     let isolated = Supervisor::start(isolated_options(config, &catalog, catalog_options));

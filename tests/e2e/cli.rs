@@ -42,14 +42,12 @@ async fn the_cli_lists_runs_and_reports_errors() {
     let out = offload(&server, &["run", "primes.count", "-p", "limit=100"], None);
     assert_eq!(out.stdout, b"25");
 
-    let dir = std::env::temp_dir().join(format!("offload-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let packed = dir.join("packed.zst");
+    let dir = tempfile::tempdir().unwrap();
+    let packed = dir.path().join("packed.zst");
     let out =
         offload(&server, &["run", "compress.zstd", "-d", "hello hello hello", "-o", packed.to_str().unwrap()], None);
     assert!(out.status.success());
     assert_eq!(zstd::decode_all(std::fs::read(&packed).unwrap().as_slice()).unwrap(), b"hello hello hello");
-    std::fs::remove_dir_all(&dir).unwrap();
 
     let out = offload(&server, &["run", "debug.sleep", "-p", "ms=5000", "--timeout", "0.2"], None);
     assert!(!out.status.success());

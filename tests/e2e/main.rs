@@ -5,6 +5,7 @@ mod batch;
 mod cli;
 mod deadlines;
 mod discovery;
+mod exec;
 mod isolated;
 mod python;
 mod shutdown;

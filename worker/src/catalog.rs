@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, collections::HashMap, sync::Arc};
 
-use crate::{Job, Params, Task, TaskError, tasks};
+use crate::{Job, Params, Task, TaskError, tasks, tasks::exec::ExecSpec};
 
 /// Which tasks a catalog holds and the limits they obey.
 #[derive(Debug, Clone)]
@@ -13,11 +13,13 @@ pub struct CatalogOptions {
     pub debug_tasks: bool,
     /// Largest output `decompress.zstd` may produce, in bytes.
     pub max_decompressed_bytes: usize,
+    /// External programs declared as tasks (already validated).
+    pub exec: Vec<ExecSpec>,
 }
 
 impl Default for CatalogOptions {
     fn default() -> Self {
-        Self { debug_tasks: false, max_decompressed_bytes: 256 << 20 }
+        Self { debug_tasks: false, max_decompressed_bytes: 256 << 20, exec: Vec::new() }
     }
 }
 
@@ -60,6 +62,7 @@ impl Catalog {
         if options.debug_tasks {
             tasks::debug::register(&mut all);
         }
+        tasks::exec::register(&mut all, &options.exec);
         Self { tasks: all.into_iter().map(|t| (t.spec().name, t)).collect() }
     }
 

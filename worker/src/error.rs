@@ -31,6 +31,9 @@ pub enum TaskError {
     /// The task panicked; the message is the panic's payload.
     #[error("task panicked: {0}")]
     Panicked(String),
+    /// An external program exited non-zero or was killed.
+    #[error("{0}")]
+    ProgramFailed(String),
     /// Any other failure inside the task.
     #[error("{0}")]
     Failed(String),

@@ -26,7 +26,7 @@ use offload_proto::{
 };
 use prost::Message;
 
-use crate::{CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job};
+use crate::{CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job, tasks::exec::ExecSpec};
 
 /// Exit status: the socket closed or the front retired the worker.
 pub const EXIT_CLEAN: u8 = 0;
@@ -53,6 +53,8 @@ pub mod env {
     pub const MAX_DECOMPRESSED: &str = "OFFLOAD_WORKER_MAX_DECOMPRESSED";
     /// Largest frame accepted.
     pub const MAX_FRAME: &str = "OFFLOAD_WORKER_MAX_FRAME";
+    /// The exec task declarations, as TOML.
+    pub const EXEC: &str = "OFFLOAD_WORKER_EXEC";
 }
 
 /// What the front tells a worker at start.
@@ -77,6 +79,7 @@ impl Settings {
             (env::DEBUG_TASKS, u8::from(self.catalog.debug_tasks).to_string()),
             (env::MAX_DECOMPRESSED, self.catalog.max_decompressed_bytes.to_string()),
             (env::MAX_FRAME, self.max_frame.to_string()),
+            (env::EXEC, toml::to_string(&ExecList { exec: self.catalog.exec.clone() }).expect("exec specs serialize")),
         ]
     }
 
@@ -87,10 +90,21 @@ impl Settings {
             catalog: CatalogOptions {
                 debug_tasks: var::<u8>(env::DEBUG_TASKS)? == 1,
                 max_decompressed_bytes: var(env::MAX_DECOMPRESSED)?,
+                exec: {
+                    let raw = std::env::var(env::EXEC).unwrap_or_default();
+                    let list: ExecList = toml::from_str(&raw).map_err(|e| format!("{}: {e}", env::EXEC))?;
+                    list.exec
+                },
             },
             max_frame: var(env::MAX_FRAME)?,
         })
     }
+}
+
+/// The exec declarations' wrapper, as TOML wants a table at the top.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExecList {
+    exec: Vec<ExecSpec>,
 }
 
 fn var<T: std::str::FromStr>(name: &str) -> Result<T, String> {
@@ -372,6 +386,7 @@ fn failure(err: &TaskError) -> (FailureKind, String) {
         TaskError::DeadlineExceeded { .. } => FailureKind::DeadlineExceeded,
         TaskError::Panicked(_) => FailureKind::Panicked,
         TaskError::Failed(_) => FailureKind::Failed,
+        TaskError::ProgramFailed(_) => FailureKind::ProgramFailed,
     };
     let message = match err {
         TaskError::Panicked(m) => m.clone(),
@@ -390,9 +405,8 @@ pub fn task_error(kind: FailureKind, message: String, run: Duration) -> TaskErro
         FailureKind::Cancelled => TaskError::Cancelled,
         FailureKind::DeadlineExceeded => TaskError::DeadlineExceeded { after: run },
         FailureKind::Panicked => TaskError::Panicked(message),
-        FailureKind::Failed | FailureKind::Unspecified | FailureKind::ProgramFailed | FailureKind::UnknownTask => {
-            TaskError::Failed(message)
-        }
+        FailureKind::ProgramFailed => TaskError::ProgramFailed(message),
+        FailureKind::Failed | FailureKind::Unspecified | FailureKind::UnknownTask => TaskError::Failed(message),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod compress;
 pub mod debug;
+pub mod exec;
 pub mod hash;
 pub mod image;
 pub mod primes;
