@@ -297,3 +297,16 @@ async fn many_isolated_calls_at_once_all_succeed() {
     });
     join_all(calls).await;
 }
+
+#[tokio::test]
+async fn a_worker_whose_memory_grew_past_the_limit_is_recycled_between_tasks() {
+    // Any worker's resident memory exceeds one byte: every task retires its worker.
+    let server = Server::start(&["--workers", "1", "--worker-max-rss-bytes", "1"]);
+    server.wait_for_workers(1, Duration::from_secs(10)).await;
+    let mut client = server.client().await;
+    let first = pid_of(&client.execute(isolated("debug.echo", &[], &b"a"[..])).await.unwrap().into_inner());
+    let second = pid_of(&client.execute(isolated("debug.echo", &[], &b"b"[..])).await.unwrap().into_inner());
+    assert_ne!(first, second);
+    assert!(server.logged("its resident memory is"));
+    assert!(wait_for(Duration::from_secs(3), || !is_alive(first)).await);
+}
