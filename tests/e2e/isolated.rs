@@ -74,7 +74,11 @@ async fn a_crash_fails_only_its_call_names_the_cause_and_the_worker_is_replaced(
     assert!(before.contains(&pid_of(&other.into_inner())));
     let after = server.wait_for_workers(2, Duration::from_secs(10)).await;
     assert_ne!(after, before, "crashed workers were replaced");
-    assert!(server.logged("died with SIGSEGV while running debug.abort; replacing it"));
+    assert!(
+        server.wait_logged("died with SIGSEGV while running debug.abort; replacing it").await,
+        "{:?}",
+        server.logs()
+    );
 }
 
 #[tokio::test]
@@ -143,7 +147,7 @@ async fn a_client_that_goes_away_frees_its_worker() {
     let mut client = server.client().await;
     let stream = super::start_running(&mut client, isolated("debug.spin", &[("ms", "60000")], vec![])).await;
     drop(stream);
-    assert!(wait_for(Duration::from_secs(5), || server.logged("debug.spin stopped by the cancel frame")).await);
+    assert!(server.wait_logged("debug.spin stopped by the cancel frame").await, "{:?}", server.logs());
     let body = isolated("debug.echo", &[], &b"next"[..]);
     let out = client.execute(with_deadline(body, Duration::from_secs(2))).await.expect("the worker is free again");
     assert_eq!(vec![pid_of(&out.into_inner())], before);
@@ -158,7 +162,7 @@ async fn the_memory_limit_fails_the_call_with_resource_exhausted_and_replaces_th
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     let after = server.wait_for_workers(1, Duration::from_secs(10)).await;
     assert_ne!(after, before);
-    assert!(server.logged("exceeded its memory limit while running debug.alloc"));
+    assert!(server.wait_logged("exceeded its memory limit while running debug.alloc").await, "{:?}", server.logs());
     // Within the limit it works.
     let out = client.execute(isolated("debug.alloc", &[("bytes", "16777216")], vec![])).await.unwrap().into_inner();
     assert_eq!(out.output.as_ref(), b"16777216");
@@ -192,7 +196,7 @@ async fn a_worker_is_recycled_after_its_task_count_with_no_dip_in_capacity() {
     assert_ne!(pids[2], pids[3], "recycled after 3 tasks: {pids:?}");
     assert_eq!(pids[3], pids[5]);
     assert_ne!(pids[5], pids[6]);
-    assert!(server.logged("ran 3 tasks"));
+    assert!(server.wait_logged("ran 3 tasks").await, "{:?}", server.logs());
     assert!(!is_alive(pids[0]), "the retired worker exited and was reaped");
 }
 
@@ -209,7 +213,7 @@ async fn an_idle_worker_killed_from_outside_is_replaced_before_it_is_needed() {
         })
         .await
     );
-    assert!(server.logged("idle worker"));
+    assert!(server.wait_logged("idle worker").await, "{:?}", server.logs());
     let mut client = server.client().await;
     let out = client.execute(isolated("debug.echo", &[], &b"x"[..])).await.unwrap().into_inner();
     assert_eq!(vec![pid_of(&out)], after);
@@ -222,13 +226,7 @@ async fn a_busy_worker_killed_from_outside_fails_its_call_with_the_signal() {
     let mut client = server.client().await;
     let mut stream = super::start_running(&mut client, isolated("debug.sleep", &[("ms", "30000")], vec![])).await;
     signal(before[0], Signal::SIGKILL);
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended without a status"),
-            Err(status) => break status,
-        }
-    };
+    let err = super::final_status(&mut stream).await;
     assert_eq!(err.code(), Code::Internal);
     assert!(
         err.message().contains(&format!("worker {} died with SIGKILL while running debug.sleep", before[0])),
@@ -244,7 +242,7 @@ async fn a_worker_that_stops_answering_is_killed_and_replaced() {
         Server::start(&["--workers", "1", "--worker-heartbeat-ms", "100", "--worker-heartbeat-timeout-ms", "600"]);
     let before = server.wait_for_workers(1, Duration::from_secs(10)).await;
     signal(before[0], Signal::SIGSTOP);
-    assert!(wait_for(Duration::from_secs(5), || server.logged("idle worker stopped answering")).await);
+    assert!(server.wait_logged("idle worker stopped answering").await, "{:?}", server.logs());
     let after = server.wait_for_workers(1, Duration::from_secs(10)).await;
     assert_ne!(after, before);
     // A long task is not mistaken for a hang: it outlives the heartbeat timeout.
@@ -271,7 +269,7 @@ async fn no_worker_survives_a_sigkilled_front() {
 #[tokio::test]
 async fn a_worker_that_cannot_start_backs_off_and_the_front_stays_up() {
     let server = Server::start(&["--workers", "1", "--worker-program", "/bin/false"]);
-    assert!(wait_for(Duration::from_secs(5), || server.logged("backing off")).await);
+    assert!(server.wait_logged("backing off").await, "{:?}", server.logs());
     let mut client = server.client().await;
     let err = client.execute(isolated("debug.echo", &[], vec![])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -307,6 +305,6 @@ async fn a_worker_whose_memory_grew_past_the_limit_is_recycled_between_tasks() {
     let first = pid_of(&client.execute(isolated("debug.echo", &[], &b"a"[..])).await.unwrap().into_inner());
     let second = pid_of(&client.execute(isolated("debug.echo", &[], &b"b"[..])).await.unwrap().into_inner());
     assert_ne!(first, second);
-    assert!(server.logged("its resident memory is"));
+    assert!(server.wait_logged("its resident memory is").await, "{:?}", server.logs());
     assert!(wait_for(Duration::from_secs(3), || !is_alive(first)).await);
 }

@@ -51,3 +51,14 @@ pub async fn start_queued(
     assert!(matches!(first.event, Some(Event::Progress(p)) if p.stage == Stage::Queued as i32));
     events
 }
+
+/// Reads `events` to the end and returns the status it failed with.
+pub async fn final_status(events: &mut Streaming<offload_proto::offload::v1::ExecuteEvent>) -> tonic::Status {
+    loop {
+        match events.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a failure status"),
+            Err(status) => return status,
+        }
+    }
+}

@@ -41,7 +41,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     drop((client, health, watch));
     let status = server.wait_exit(Duration::from_secs(10)).expect("exited after draining");
     assert!(status.success(), "{status:?}");
-    assert!(server.logs().iter().any(|l| l.contains("drained")), "{:?}", server.logs());
+    assert!(server.wait_logged("drained").await, "{:?}", server.logs());
 }
 
 #[tokio::test]
@@ -52,5 +52,5 @@ async fn a_call_that_outlives_the_grace_does_not_hold_the_exit() {
     server.signal(Signal::SIGINT);
     let status = server.wait_exit(Duration::from_secs(10)).expect("exited after the grace");
     assert!(status.success(), "{status:?}");
-    assert!(server.logs().iter().any(|l| l.contains("grace ran out")), "{:?}", server.logs());
+    assert!(server.wait_logged("grace ran out").await, "{:?}", server.logs());
 }

@@ -52,12 +52,6 @@ async fn a_quick_task_still_reports_both_stages_and_failures_are_the_rpc_status(
     let err = client.execute_stream(request("no.such", &[], vec![])).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let mut events = client.execute_stream(request("debug.panic", &[], vec![])).await.unwrap().into_inner();
-    let err = loop {
-        match events.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended without the failure"),
-            Err(status) => break status,
-        }
-    };
+    let err = super::final_status(&mut events).await;
     assert_eq!(err.code(), Code::Internal);
 }

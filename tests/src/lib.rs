@@ -161,20 +161,32 @@ impl Server {
         self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
+    /// Waits up to 5 s for a log line containing `needle` (log lines reach
+    /// the test through a pipe, after the event they tell of).
+    pub async fn wait_logged(&self, needle: &str) -> bool {
+        wait_for(Duration::from_secs(5), || self.logged(needle)).await
+    }
+
     /// The server's live child processes (its workers), sorted.
     pub fn worker_pids(&self) -> Vec<u32> {
         children_of(self.child.id())
     }
 
-    /// Waits up to `bound` until the server has `n` live workers; returns them.
+    /// Waits up to `bound` until the server has `n` live workers, each past
+    /// its handshake (logged as started); returns their pids.
     pub async fn wait_for_workers(&self, n: usize, bound: Duration) -> Vec<u32> {
         let mut pids = Vec::new();
         let found = wait_for(bound, || {
             pids = self.worker_pids();
-            pids.len() == n
+            let logs = self.logs.lock().unwrap();
+            let started = |pid: &u32| {
+                let field = format!("\"worker.pid\":{pid},");
+                logs.iter().any(|l| l.contains("worker started") && l.contains(&field))
+            };
+            pids.len() == n && pids.iter().all(started)
         })
         .await;
-        assert!(found, "expected {n} workers, have {pids:?}");
+        assert!(found, "expected {n} started workers, have {pids:?}");
         pids
     }
 }

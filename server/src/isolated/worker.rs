@@ -6,7 +6,10 @@
 
 use std::{
     collections::VecDeque,
-    os::{fd::AsFd, unix::net::UnixStream as StdUnixStream},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::net::UnixStream as StdUnixStream,
+    },
     path::PathBuf,
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -123,7 +126,7 @@ impl WorkerProcess {
             .args(&options.args)
             .env_clear()
             .envs(options.settings.to_env())
-            .env(worker_process::env::FD, theirs_fd(&theirs).to_string())
+            .env(worker_process::env::FD, theirs.as_raw_fd().to_string())
             .env(worker_process::env::PARENT_PID, std::process::id().to_string())
             // glibc reserves 64 MiB of address space per malloc arena and
             // thread; two arenas keep RLIMIT_AS about real memory.
@@ -526,11 +529,6 @@ fn done_result(done: TaskDone, output: Bytes) -> Result<Bytes, JobError> {
     }
     let kind = FailureKind::try_from(done.failure).unwrap_or(FailureKind::Failed);
     Err(JobError::Task(worker_process::task_error(kind, done.message, Duration::from_micros(done.run_us))))
-}
-
-fn theirs_fd(stream: &StdUnixStream) -> i32 {
-    use std::os::fd::AsRawFd;
-    stream.as_raw_fd()
 }
 
 fn unix_nanos(deadline: Instant) -> u64 {
