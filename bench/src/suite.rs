@@ -1,0 +1,565 @@
+//! The benchmark suite: every scenario of the performance targets, each
+//! against its baseline in the same run, written to `BENCHMARKS.md`.
+//! Ratios, not absolute numbers, are the point: the machine is noisy, so
+//! each scenario runs several times and reports the median.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, Stage, execute_event::Event};
+
+use crate::{
+    baseline::{self, Style},
+    load::{self, Api, LoadSpec, Report, Shape},
+    procstat,
+};
+
+/// Settings of a suite run.
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    /// Seconds per measurement.
+    pub seconds: f64,
+    /// Runs per scenario (median reported).
+    pub runs: usize,
+    /// Soak length for the memory scenario, seconds.
+    pub soak_seconds: f64,
+    /// Where to write the report.
+    pub out: PathBuf,
+    /// Whether this is the quick mode (for the report's header).
+    pub quick: bool,
+}
+
+/// A process started for the suite; killed on drop.
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn release_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target/release"))
+}
+
+/// Starts the release offload-server with `args` and waits until it listens.
+fn offload(args: &[&str]) -> anyhow::Result<Proc> {
+    let binary = release_dir().join("offload-server");
+    if !binary.is_file() {
+        bail!("{} is missing: build with `cargo build --release --workspace`", binary.display());
+    }
+    let mut child = Command::new(&binary)
+        .args(["--listen", "127.0.0.1:0", "--debug-tasks", "--log-format", "json"])
+        .args(args)
+        .env("RUST_LOG", "warn,offload_server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr: String = rest.chars().take_while(|c| !matches!(c, '"' | ' ')).collect();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).context("the server did not start listening")?;
+    Ok(Proc { child, url: format!("http://{addr}") })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts this program's baseline server.
+fn baseline_server(style: Style) -> anyhow::Result<Proc> {
+    let port = free_port()?;
+    let style = match style {
+        Style::Inline => "inline",
+        Style::Blocking => "blocking",
+    };
+    let child = Command::new(std::env::current_exe()?)
+        .args(["baseline", "--listen", &format!("127.0.0.1:{port}"), "--style", style])
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok(Proc { child, url: format!("http://127.0.0.1:{port}") })
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// One row of the report.
+struct Row {
+    scenario: String,
+    offload: String,
+    baseline: String,
+    ratio: f64,
+    target: String,
+    met: bool,
+}
+
+struct Suite {
+    options: SuiteOptions,
+    rows: Vec<Row>,
+    details: String,
+}
+
+impl Suite {
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.options.seconds)
+    }
+
+    /// Runs one load; any failed call fails the suite (no scenario expects errors).
+    async fn measure(&mut self, label: &str, spec: &LoadSpec, pid: Option<u32>) -> anyhow::Result<Report> {
+        let report = load::run(spec, pid).await?;
+        let line = format!("{label}: {}", report.summary());
+        println!("{line}");
+        writeln!(self.details, "- {line}").expect("string");
+        if !report.errors.is_empty() || report.ok == 0 {
+            bail!("{label}: {} ok, errors {:?}", report.ok, report.errors);
+        }
+        Ok(report)
+    }
+
+    fn row(&mut self, scenario: &str, offload: String, baseline: String, ratio: f64, target: &str, met: bool) {
+        println!("=> {scenario}: ratio {ratio:.2} (target {target}) {}", if met { "met" } else { "NOT MET" });
+        self.rows.push(Row { scenario: scenario.into(), offload, baseline, ratio, target: target.into(), met });
+    }
+
+    fn spec(&self, url: &str, task: &str, params: &[(&str, &str)], mode: ExecutionMode, size: usize) -> LoadSpec {
+        LoadSpec { duration: self.duration(), ..LoadSpec::closed(url, task, params, mode, size) }
+    }
+
+    /// Median calls/s of `runs` measurements against each of `servers`.
+    async fn throughputs(
+        &mut self,
+        label: &str,
+        spec: &LoadSpec,
+        servers: &[(&str, &Proc)],
+    ) -> anyhow::Result<Vec<f64>> {
+        let mut all = vec![Vec::new(); servers.len()];
+        for run in 0..self.options.runs {
+            for (i, (name, server)) in servers.iter().enumerate() {
+                let spec = LoadSpec { url: server.url.clone(), ..spec.clone() };
+                let report = self.measure(&format!("{label} [{name}, run {run}]"), &spec, Some(server.pid())).await?;
+                all[i].push(report.calls_per_sec);
+            }
+        }
+        Ok(all.into_iter().map(median).collect())
+    }
+
+    async fn dispatch_overhead(&mut self, offload: &Proc, inline: &Proc) -> anyhow::Result<()> {
+        let spec = self.spec("", "debug.echo", &[], ExecutionMode::Pool, 64);
+        let t = self
+            .throughputs("1. debug.echo 64 B POOL, 4x64", &spec, &[("offload", offload), ("inline", inline)])
+            .await?;
+        let ratio = t[0] / t[1];
+        self.row(
+            "1. dispatch overhead: debug.echo 64 B POOL, 4 conns x 64",
+            format!("{:.0} calls/s", t[0]),
+            format!("{:.0} calls/s inline", t[1]),
+            ratio,
+            ">= 0.85x inline",
+            ratio >= 0.85,
+        );
+        Ok(())
+    }
+
+    async fn cpu_bound(&mut self, offload: &Proc, inline: &Proc, blocking: &Proc) -> anyhow::Result<()> {
+        for (task, params, size) in [("hash.sha256", vec![], 1 << 20), ("primes.count", vec![("limit", "2000000")], 0)]
+        {
+            let mut spec = self.spec("", task, &params, ExecutionMode::Pool, size);
+            spec.in_flight = 8;
+            let label = format!("2. {task} POOL, 4x8");
+            let t = self
+                .throughputs(&label, &spec, &[("offload", offload), ("inline", inline), ("spawn_blocking", blocking)])
+                .await?;
+            let (vs_inline, vs_blocking) = (t[0] / t[1], t[0] / t[2]);
+            let what = if size > 0 { format!("{task} 1 MiB") } else { format!("{task} limit=2000000") };
+            self.row(
+                &format!("2. CPU-bound: {what} vs inline"),
+                format!("{:.0} calls/s", t[0]),
+                format!("{:.0} calls/s inline", t[1]),
+                vs_inline,
+                ">= 0.9x inline",
+                vs_inline >= 0.9,
+            );
+            self.row(
+                &format!("2. CPU-bound: {what} vs spawn_blocking"),
+                format!("{:.0} calls/s", t[0]),
+                format!("{:.0} calls/s spawn_blocking", t[2]),
+                vs_blocking,
+                ">= 1.0x spawn_blocking",
+                vs_blocking >= 1.0,
+            );
+        }
+        Ok(())
+    }
+
+    async fn isolation_overhead(&mut self, offload: &Proc) -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("offload-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("pingpong.sock");
+        let mut peer = Command::new(std::env::current_exe()?)
+            .args(["pingpong-peer", "--path", socket.to_str().expect("utf-8 path"), "--size", "64"])
+            .spawn()?;
+        let rtt = baseline::pingpong(&socket, 64, self.duration());
+        let _ = peer.kill();
+        let _ = peer.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let rtt = rtt?.as_secs_f64() * 1e6;
+        writeln!(self.details, "- 3. bare Unix-socket ping-pong, 64 B: median round trip {rtt:.1} us").expect("string");
+
+        let mut added = Vec::new();
+        for run in 0..self.options.runs {
+            let mut p50 = [0.0; 2];
+            for (i, mode) in [ExecutionMode::Pool, ExecutionMode::Isolated].into_iter().enumerate() {
+                let mut spec = self.spec(&offload.url, "debug.echo", &[], mode, 64);
+                spec.connections = 1;
+                spec.in_flight = 1;
+                let report = self
+                    .measure(&format!("3. debug.echo 64 B {mode:?}, 1x1 [run {run}]"), &spec, Some(offload.pid()))
+                    .await?;
+                p50[i] = report.p50_us as f64;
+            }
+            added.push(p50[1] - p50[0]);
+        }
+        let added = median(added);
+        let ratio = added / rtt;
+        self.row(
+            "3. isolation overhead: debug.echo 64 B, concurrency 1, added median latency",
+            format!("+{added:.0} us"),
+            format!("{rtt:.0} us socket round trip"),
+            ratio,
+            "<= 1.5x round trip",
+            ratio <= 1.5,
+        );
+
+        let spec = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Pool, 64);
+        let pool = self.throughputs("3. debug.echo 64 B POOL, 4x64", &spec, &[("offload", offload)]).await?[0];
+        let spec = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Isolated, 64);
+        let isolated = self.throughputs("3. debug.echo 64 B ISOLATED, 4x64", &spec, &[("offload", offload)]).await?[0];
+        let ratio = isolated / pool;
+        self.row(
+            "3. isolation overhead: debug.echo 64 B, 4 conns x 64, throughput",
+            format!("{isolated:.0} calls/s ISOLATED"),
+            format!("{pool:.0} calls/s POOL"),
+            ratio,
+            ">= 0.6x POOL",
+            ratio >= 0.6,
+        );
+        Ok(())
+    }
+
+    async fn large_payloads(&mut self, offload: &Proc) -> anyhow::Result<()> {
+        let mut ratios = Vec::new();
+        let mut p50s = [Vec::new(), Vec::new()];
+        for run in 0..self.options.runs {
+            let mut p50 = [0.0; 2];
+            for (i, mode) in [ExecutionMode::Pool, ExecutionMode::Isolated].into_iter().enumerate() {
+                let mut spec = self.spec(&offload.url, "hash.sha256", &[], mode, 16 << 20);
+                spec.connections = 1;
+                spec.in_flight = 1;
+                let report = self
+                    .measure(&format!("4. hash.sha256 16 MiB {mode:?}, 1x1 [run {run}]"), &spec, Some(offload.pid()))
+                    .await?;
+                p50[i] = report.p50_us as f64 / 1e3;
+                p50s[i].push(p50[i]);
+            }
+            ratios.push(p50[1] / p50[0]);
+        }
+        let ratio = median(ratios);
+        let [pool, isolated] = p50s;
+        self.row(
+            "4. large payloads: hash.sha256 16 MiB, concurrency 1, median latency",
+            format!("{:.1} ms ISOLATED", median(isolated)),
+            format!("{:.1} ms POOL", median(pool)),
+            ratio,
+            "<= 1.5x POOL",
+            ratio <= 1.5,
+        );
+        Ok(())
+    }
+
+    async fn latency_isolation(&mut self, workers: usize) -> anyhow::Result<()> {
+        let offload = offload(&["--workers", &workers.to_string()])?;
+        let open = LoadSpec {
+            shape: Shape::Open { rate: 200.0 },
+            connections: 2,
+            duration: self.duration().max(Duration::from_secs(1)),
+            ..LoadSpec::closed(&offload.url, "hash.sha256", &[], ExecutionMode::Pool, 1024)
+        };
+        let mut idle = Vec::new();
+        let mut busy = Vec::new();
+        for run in 0..self.options.runs {
+            idle.push(
+                self.measure(
+                    &format!("5. hash.sha256 1 KiB POOL at 200/s, idle [run {run}]"),
+                    &open,
+                    Some(offload.pid()),
+                )
+                .await?
+                .p99_us as f64,
+            );
+            // Every worker spins for the whole measurement.
+            let spin_ms = (open.duration.as_millis() + 3000).to_string();
+            let mut clients = load::connect(&offload.url, 1).await?;
+            let client = &mut clients[0];
+            let mut spinning = Vec::new();
+            for _ in 0..workers {
+                let request = ExecuteRequest {
+                    task: "debug.spin".into(),
+                    params: [("ms".to_string(), spin_ms.clone())].into(),
+                    mode: ExecutionMode::Isolated as i32,
+                    ..Default::default()
+                };
+                let mut events = client.execute_stream(request).await?.into_inner();
+                loop {
+                    match events.message().await?.and_then(|e| e.event) {
+                        Some(Event::Progress(p)) if p.stage == Stage::Running as i32 => break,
+                        Some(_) => continue,
+                        None => bail!("spin ended before running"),
+                    }
+                }
+                spinning.push(events);
+            }
+            busy.push(
+                self.measure(
+                    &format!("5. hash.sha256 1 KiB POOL at 200/s, all workers spinning [run {run}]"),
+                    &open,
+                    Some(offload.pid()),
+                )
+                .await?
+                .p99_us as f64,
+            );
+            drop(spinning);
+        }
+        let (idle, busy) = (median(idle), median(busy));
+        let ratio = busy / idle;
+        self.row(
+            "5. latency isolation: POOL hash.sha256 1 KiB at 200/s, p99 with every worker spinning vs idle",
+            format!("p99 {busy:.0} us busy"),
+            format!("p99 {idle:.0} us idle"),
+            ratio,
+            "<= 3x idle",
+            ratio <= 3.0,
+        );
+        Ok(())
+    }
+
+    async fn batching(&mut self, offload: &Proc) -> anyhow::Result<()> {
+        let unary = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Pool, 64);
+        let batch = LoadSpec { api: Api::Batch, ..unary.clone() };
+        let u = self.throughputs("6. debug.echo 64 B unary, 4x64", &unary, &[("offload", offload)]).await?[0];
+        let b = self.throughputs("6. debug.echo 64 B batch, 4 streams x 64", &batch, &[("offload", offload)]).await?[0];
+        let ratio = b / u;
+        self.row(
+            "6. batching: debug.echo 64 B, ExecuteBatch vs Execute, same concurrency",
+            format!("{b:.0} tasks/s batch"),
+            format!("{u:.0} tasks/s unary"),
+            ratio,
+            ">= 3x unary",
+            ratio >= 3.0,
+        );
+        Ok(())
+    }
+
+    async fn memory(&mut self) -> anyhow::Result<()> {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        // Workers re-executing the (large) server binary map more of it than
+        // the dedicated offload-worker binary, which deployments use.
+        let reexec = offload(&[])?;
+        wait_until_up(&reexec.url).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let reexec_stat = procstat::tree(reexec.pid());
+        drop(reexec);
+        writeln!(
+            self.details,
+            "- 7. idle worker RSS when the server re-executes itself as the worker (no --worker-program): {:.1} MiB",
+            mib(reexec_stat.max_worker_rss)
+        )
+        .expect("string");
+
+        let worker = release_dir().join("offload-worker");
+        let offload = offload(&["--worker-program", worker.to_str().expect("utf-8 path")])?;
+        wait_until_up(&offload.url).await?;
+        // Let the workers finish starting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = procstat::tree(offload.pid());
+        let front_ok = idle.front_rss <= 16 << 20;
+        let worker_ok = idle.max_worker_rss <= 4 << 20;
+        self.row(
+            "7. memory: idle front RSS",
+            format!("{:.1} MiB", mib(idle.front_rss)),
+            "16 MiB".into(),
+            idle.front_rss as f64 / (16 << 20) as f64,
+            "<= 16 MiB",
+            front_ok,
+        );
+        self.row(
+            "7. memory: idle worker RSS (offload-worker binary)",
+            format!("{:.1} MiB", mib(idle.max_worker_rss)),
+            "4 MiB".into(),
+            idle.max_worker_rss as f64 / (4 << 20) as f64,
+            "<= 4 MiB",
+            worker_ok,
+        );
+
+        // Warm up at full load, then soak; growth is measured between the two.
+        let soak = Duration::from_secs_f64(self.options.soak_seconds);
+        let mut pool = self.spec(&offload.url, "hash.sha256", &[], ExecutionMode::Pool, 4096);
+        let mut isolated = self.spec(&offload.url, "hash.sha256", &[], ExecutionMode::Isolated, 4096);
+        (pool.duration, isolated.duration) = (soak / 2, soak / 2);
+        (pool.connections, isolated.connections) = (2, 2);
+        let warm = tokio::join!(load::run(&pool, None), load::run(&isolated, None));
+        warm.0?;
+        warm.1?;
+        let after_warmup = procstat::tree(offload.pid());
+        (pool.duration, isolated.duration) = (soak, soak);
+        let soaked = tokio::join!(load::run(&pool, Some(offload.pid())), load::run(&isolated, None));
+        let (pool_report, isolated_report) = (soaked.0?, soaked.1?);
+        writeln!(
+            self.details,
+            "- 7. soak {:.0} s: POOL {}; ISOLATED {}",
+            soak.as_secs_f64(),
+            pool_report.summary(),
+            isolated_report.summary()
+        )
+        .expect("string");
+        let after = procstat::tree(offload.pid());
+        let growth = |a: u64, b: u64| if a == 0 { 0.0 } else { b as f64 / a as f64 };
+        let front = growth(after_warmup.front_rss, after.front_rss);
+        let worker = growth(after_warmup.max_worker_rss, after.max_worker_rss);
+        self.row(
+            &format!("7. memory: front RSS growth over a {:.0} s soak at full load", soak.as_secs_f64()),
+            format!("{:.1} MiB", mib(after.front_rss)),
+            format!("{:.1} MiB after warm-up", mib(after_warmup.front_rss)),
+            front,
+            "<= 1.10x",
+            front <= 1.10,
+        );
+        self.row(
+            &format!("7. memory: worker RSS growth over a {:.0} s soak at full load", soak.as_secs_f64()),
+            format!("{:.1} MiB", mib(after.max_worker_rss)),
+            format!("{:.1} MiB after warm-up", mib(after_warmup.max_worker_rss)),
+            worker,
+            "<= 1.10x",
+            worker <= 1.10,
+        );
+        Ok(())
+    }
+
+    fn write(&self) -> anyhow::Result<()> {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut md = String::new();
+        writeln!(md, "# Offload benchmarks\n")?;
+        writeln!(
+            md,
+            "Written by `bench/run{}`; every ratio is measured against its baseline in the same run, the median of {} run(s) of {:.1} s each.\n",
+            if self.options.quick { " --quick" } else { "" },
+            self.options.runs,
+            self.options.seconds
+        )?;
+        if self.options.quick {
+            writeln!(
+                md,
+                "**Quick mode**: one short run per scenario, to check that the suite works; the figures are not meaningful.\n"
+            )?;
+        }
+        writeln!(md, "Machine: {cores} cores, {cpu}; load generator and server share it.\n")?;
+        writeln!(md, "| scenario | Offload | baseline | ratio | target | met? |")?;
+        writeln!(md, "|---|---|---|---|---|---|")?;
+        for r in &self.rows {
+            writeln!(
+                md,
+                "| {} | {} | {} | {:.2} | {} | {} |",
+                r.scenario,
+                r.offload,
+                r.baseline,
+                r.ratio,
+                r.target,
+                if r.met { "yes" } else { "**no**" }
+            )?;
+        }
+        writeln!(md, "\n## Commands\n")?;
+        writeln!(
+            md,
+            "```sh\nbench/run            # full suite (release build), writes this file\nbench/run --quick    # one short run per scenario (what CI runs)\ntarget/release/offload-bench load --help   # the load generator on its own\n```\n"
+        )?;
+        writeln!(md, "## Measurements\n\n{}", self.details)?;
+        std::fs::write(&self.options.out, md).with_context(|| format!("writing {}", self.options.out.display()))?;
+        println!("wrote {}", self.options.out.display());
+        Ok(())
+    }
+}
+
+/// Runs every scenario and writes the report.
+pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut suite = Suite { options, rows: Vec::new(), details: String::new() };
+    {
+        let offload = offload(&[])?;
+        let inline = baseline_server(Style::Inline)?;
+        let blocking = baseline_server(Style::Blocking)?;
+        // The baselines need a moment to bind; a failed connect is retried by `connect`.
+        wait_until_up(&inline.url).await?;
+        wait_until_up(&blocking.url).await?;
+        suite.dispatch_overhead(&offload, &inline).await?;
+        suite.cpu_bound(&offload, &inline, &blocking).await?;
+        suite.isolation_overhead(&offload).await?;
+        suite.large_payloads(&offload).await?;
+        suite.batching(&offload).await?;
+    }
+    suite.latency_isolation(workers).await?;
+    suite.memory().await?;
+    suite.write()?;
+    let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();
+    if !missed.is_empty() {
+        println!("targets not met: {missed:?}");
+    }
+    Ok(())
+}
+
+async fn wait_until_up(url: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match load::connect(url, 1).await {
+            Ok(_) => return Ok(()),
+            Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(err) => return Err(err),
+        }
+    }
+}
