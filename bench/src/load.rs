@@ -122,6 +122,9 @@ pub struct Report {
     pub front_peak_rss: Option<u64>,
     /// Peak resident memory of any worker during the run, bytes.
     pub worker_peak_rss: Option<u64>,
+    /// (quantile, microseconds) from p50 to p99.9, for charts.
+    #[serde(skip)]
+    pub distribution: Vec<(f64, f64)>,
 }
 
 impl Report {
@@ -247,6 +250,10 @@ pub async fn run(spec: &LoadSpec, server_pid: Option<u32>) -> anyhow::Result<Rep
         server_cpu_secs,
         front_peak_rss,
         worker_peak_rss,
+        distribution: [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999]
+            .iter()
+            .map(|q| (*q, h.value_at_quantile(*q) as f64))
+            .collect(),
     })
 }
 

@@ -4,9 +4,10 @@
 //! - [`load`]: closed- and open-loop load with HDR histograms.
 //! - [`baseline`]: the inline and spawn_blocking servers, the socket ping-pong.
 //! - [`procstat`]: the server's CPU time and memory from /proc.
-//! - [`suite`]: the scenarios and the report.
+//! - [`suite`]: the scenarios and the report; [`charts`]: its SVG charts.
 
 mod baseline;
+mod charts;
 mod load;
 mod procstat;
 mod suite;

@@ -17,6 +17,7 @@ use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, Stage, execute_e
 
 use crate::{
     baseline::{self, Style},
+    charts::{self, Series},
     load::{self, Api, LoadSpec, Report, Shape},
     procstat,
 };
@@ -35,6 +36,9 @@ pub struct SuiteOptions {
     /// Whether this is the quick mode (for the report's header).
     pub quick: bool,
 }
+
+/// Where charts go, next to the report.
+const CHART_DIR: &str = "bench/charts";
 
 /// A process started for the suite; killed on drop.
 struct Proc {
@@ -127,6 +131,8 @@ struct Suite {
     options: SuiteOptions,
     rows: Vec<Row>,
     details: String,
+    /// (file name, title) of each chart written, for the report.
+    charts: Vec<(String, String)>,
 }
 
 impl Suite {
@@ -162,22 +168,69 @@ impl Suite {
         spec: &LoadSpec,
         servers: &[(&str, &Proc)],
     ) -> anyhow::Result<Vec<f64>> {
+        Ok(self.throughputs_with_latency(label, spec, servers).await?.0)
+    }
+
+    /// As [`Suite::throughputs`], with the last run's latency distributions.
+    async fn throughputs_with_latency(
+        &mut self,
+        label: &str,
+        spec: &LoadSpec,
+        servers: &[(&str, &Proc)],
+    ) -> anyhow::Result<(Vec<f64>, Vec<Series>)> {
         let mut all = vec![Vec::new(); servers.len()];
+        let mut latencies = Vec::new();
         for run in 0..self.options.runs {
+            latencies.clear();
             for (i, (name, server)) in servers.iter().enumerate() {
                 let spec = LoadSpec { url: server.url.clone(), ..spec.clone() };
                 let report = self.measure(&format!("{label} [{name}, run {run}]"), &spec, Some(server.pid())).await?;
                 all[i].push(report.calls_per_sec);
+                latencies.push((name.to_string(), report.distribution));
             }
         }
-        Ok(all.into_iter().map(median).collect())
+        Ok((all.into_iter().map(median).collect(), latencies))
+    }
+
+    /// Throughput at 1, 4, 16 and 64 calls in flight per connection against
+    /// each server, charted.
+    async fn sweep(
+        &mut self,
+        file: &str,
+        title: &str,
+        spec: &LoadSpec,
+        servers: &[(&str, &Proc)],
+    ) -> anyhow::Result<()> {
+        let mut series: Vec<Series> = servers.iter().map(|(n, _)| (n.to_string(), Vec::new())).collect();
+        for in_flight in [1, 4, 16, 64] {
+            for (i, (name, server)) in servers.iter().enumerate() {
+                let spec = LoadSpec { url: server.url.clone(), in_flight, ..spec.clone() };
+                let total = in_flight * spec.connections;
+                let report =
+                    self.measure(&format!("{title} [{name}, {total} in flight]"), &spec, Some(server.pid())).await?;
+                series[i].1.push((total as f64, report.calls_per_sec));
+            }
+        }
+        self.chart(file, title, |path| charts::throughput(path, title, &series))
+    }
+
+    /// Draws a chart next to the report and lists it there.
+    fn chart(&mut self, file: &str, title: &str, draw: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let base = self.options.out.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        std::fs::create_dir_all(base.join(CHART_DIR))?;
+        draw(&base.join(CHART_DIR).join(file))?;
+        self.charts.push((format!("{CHART_DIR}/{file}"), title.to_string()));
+        Ok(())
     }
 
     async fn dispatch_overhead(&mut self, offload: &Proc, inline: &Proc) -> anyhow::Result<()> {
         let spec = self.spec("", "debug.echo", &[], ExecutionMode::Pool, 64);
-        let t = self
-            .throughputs("1. debug.echo 64 B POOL, 4x64", &spec, &[("offload", offload), ("inline", inline)])
-            .await?;
+        let servers = [("offload", offload), ("inline", inline)];
+        let (t, latency) = self.throughputs_with_latency("1. debug.echo 64 B POOL, 4x64", &spec, &servers).await?;
+        let title = "1. debug.echo 64 B POOL, 4 conns x 64: latency";
+        self.chart("1-latency.svg", title, |path| charts::latency(path, title, &latency))?;
+        self.sweep("1-throughput.svg", "1. debug.echo 64 B POOL: throughput", &spec, &servers).await?;
         let ratio = t[0] / t[1];
         self.row(
             "1. dispatch overhead: debug.echo 64 B POOL, 4 conns x 64",
@@ -196,9 +249,14 @@ impl Suite {
             let mut spec = self.spec("", task, &params, ExecutionMode::Pool, size);
             spec.in_flight = 8;
             let label = format!("2. {task} POOL, 4x8");
-            let t = self
-                .throughputs(&label, &spec, &[("offload", offload), ("inline", inline), ("spawn_blocking", blocking)])
-                .await?;
+            let servers = [("offload", offload), ("inline", inline), ("spawn_blocking", blocking)];
+            let (t, latency) = self.throughputs_with_latency(&label, &spec, &servers).await?;
+            let title = format!("2. {task} POOL, 4 conns x 8: latency");
+            self.chart(&format!("2-{task}-latency.svg"), &title, |path| charts::latency(path, &title, &latency))?;
+            if size > 0 {
+                let title = format!("2. {task} 1 MiB POOL: throughput");
+                self.sweep(&format!("2-{task}-throughput.svg"), &title, &spec, &servers).await?;
+            }
             let (vs_inline, vs_blocking) = (t[0] / t[1], t[0] / t[2]);
             let what = if size > 0 { format!("{task} 1 MiB") } else { format!("{task} limit=2000000") };
             self.row(
@@ -316,16 +374,12 @@ impl Suite {
         };
         let mut idle = Vec::new();
         let mut busy = Vec::new();
+        let mut distributions: Vec<Series> = Vec::new();
         for run in 0..self.options.runs {
-            idle.push(
-                self.measure(
-                    &format!("5. hash.sha256 1 KiB POOL at 200/s, idle [run {run}]"),
-                    &open,
-                    Some(offload.pid()),
-                )
-                .await?
-                .p99_us as f64,
-            );
+            let label = format!("5. hash.sha256 1 KiB POOL at 200/s, idle [run {run}]");
+            let report = self.measure(&label, &open, Some(offload.pid())).await?;
+            idle.push(report.p99_us as f64);
+            distributions = vec![("idle".into(), report.distribution)];
             // Every worker spins for the whole measurement.
             let spin_ms = (open.duration.as_millis() + 3000).to_string();
             let mut clients = load::connect(&offload.url, 1).await?;
@@ -348,17 +402,14 @@ impl Suite {
                 }
                 spinning.push(events);
             }
-            busy.push(
-                self.measure(
-                    &format!("5. hash.sha256 1 KiB POOL at 200/s, all workers spinning [run {run}]"),
-                    &open,
-                    Some(offload.pid()),
-                )
-                .await?
-                .p99_us as f64,
-            );
+            let label = format!("5. hash.sha256 1 KiB POOL at 200/s, all workers spinning [run {run}]");
+            let report = self.measure(&label, &open, Some(offload.pid())).await?;
+            busy.push(report.p99_us as f64);
+            distributions.push(("every worker spinning".into(), report.distribution));
             drop(spinning);
         }
+        let title = "5. POOL hash.sha256 1 KiB at 200 calls/s: latency";
+        self.chart("5-latency.svg", title, |path| charts::latency(path, title, &distributions))?;
         let (idle, busy) = (median(idle), median(busy));
         let ratio = busy / idle;
         self.row(
@@ -519,6 +570,18 @@ impl Suite {
             md,
             "```sh\nbench/run            # full suite (release build), writes this file\nbench/run --quick    # one short run per scenario (what CI runs)\ntarget/release/offload-bench load --help   # the load generator on its own\n```\n"
         )?;
+        if !self.charts.is_empty() {
+            writeln!(md, "## Charts\n")?;
+            for (file, title) in &self.charts {
+                writeln!(md, "![{title}]({file})\n")?;
+            }
+        }
+        if !self.charts.is_empty() {
+            writeln!(md, "## Charts\n")?;
+            for (file, title) in &self.charts {
+                writeln!(md, "![{title}]({file})\n")?;
+            }
+        }
         writeln!(md, "## Measurements\n\n{}", self.details)?;
         std::fs::write(&self.options.out, md).with_context(|| format!("writing {}", self.options.out.display()))?;
         println!("wrote {}", self.options.out.display());
@@ -529,7 +592,7 @@ impl Suite {
 /// Runs every scenario and writes the report.
 pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut suite = Suite { options, rows: Vec::new(), details: String::new() };
+    let mut suite = Suite { options, rows: Vec::new(), details: String::new(), charts: Vec::new() };
     {
         let offload = offload(&[])?;
         let inline = baseline_server(Style::Inline)?;

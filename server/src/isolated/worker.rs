@@ -309,8 +309,7 @@ impl WorkerProcess {
     ) -> (Result<Bytes, JobError>, Fate) {
         let died =
             |pid, cause: DeathCause| (Err(JobError::Died { pid, task, cause: cause.clone() }), Fate::Dead(cause));
-        let mut heartbeat = tokio::time::interval(options.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = heartbeat(options);
         let mut last_heard = Instant::now();
         let deadline_reached = async {
             match deadline {
@@ -447,8 +446,7 @@ impl WorkerProcess {
     /// worker dies or hangs (returns `Dead`).
     pub async fn idle<F: std::future::Future<Output = ()>>(&mut self, options: &WorkerOptions, wake: F) -> Fate {
         tokio::pin!(wake);
-        let mut heartbeat = tokio::time::interval(options.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = heartbeat(options);
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
@@ -503,6 +501,15 @@ impl Drop for WorkerProcess {
             self.signal_group(Signal::SIGKILL);
         }
     }
+}
+
+/// The heartbeat timer: its first tick is one interval away (tokio's
+/// `interval` ticks at once, which would ping the worker on every task).
+fn heartbeat(options: &WorkerOptions) -> tokio::time::Interval {
+    let period = options.heartbeat_interval;
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
 }
 
 /// Decodes a frame read from a worker. A socket that closed or broke reads
