@@ -30,6 +30,11 @@ use crate::{
     pool::Pool,
 };
 
+/// Isolated tasks expected to take less than this run on the worker's
+/// frame-reading thread: the thread hop would cost more than the task, and
+/// pings wait at most this long.
+const WORKER_INLINE_BELOW: Duration = Duration::from_micros(500);
+
 /// One call as the dispatcher sees it, decoded from any of the RPCs.
 #[derive(Debug, Default)]
 pub struct Call {
@@ -163,6 +168,8 @@ impl Dispatcher {
         let estimate = job.estimate(call.input.len());
         let costs = self.costs(mode);
         let expected = costs.expected(spec.name, estimate);
+        // Tiny isolated tasks may run on the worker's reading thread.
+        let worker_inline = mode == Mode::Isolated && expected.is_some_and(|cost| cost < WORKER_INLINE_BELOW);
         let placement = match expected {
             Some(cost) if mode == Mode::Pool && cost < self.options.inline_threshold => Placement::Inline,
             _ => {
@@ -190,6 +197,7 @@ impl Dispatcher {
             input: call.input,
             deadline: call.deadline,
             estimate,
+            worker_inline,
             placement,
         })
     }
@@ -212,6 +220,8 @@ pub struct Admitted {
     input: Bytes,
     deadline: Option<Instant>,
     estimate: Option<Duration>,
+    /// Tell the worker it may run the task on its reading thread.
+    worker_inline: bool,
     placement: Placement,
 }
 
@@ -288,6 +298,7 @@ impl Admitted {
                     task: name,
                     params: self.params,
                     input,
+                    inline: self.worker_inline,
                     deadline,
                     cancel,
                     progress: progress.map(progress_sink),
@@ -296,7 +307,9 @@ impl Admitted {
                     reply,
                 });
                 let run = answer(done, deadline, &started, name).await?.map_err(|err| job_error(name, err))?;
-                dispatcher.isolated_costs.record(name, estimate, run.run);
+                // The task's own time: the cost model decides placement, and the
+                // socket round trip is the same for every task.
+                dispatcher.isolated_costs.record(name, estimate, run.task_run);
                 Outcome {
                     output: run.output,
                     mode: Mode::Isolated,

@@ -247,6 +247,7 @@ pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u
     let current: Arc<Mutex<Option<(u64, CancelFlag)>>> = Arc::new(Mutex::new(None));
     let (jobs, job_rx) = mpsc::channel::<(RunTask, Bytes, CancelFlag)>();
     {
+        let catalog = catalog.clone();
         let writer = Arc::clone(&writer);
         let current = Arc::clone(&current);
         std::thread::Builder::new()
@@ -268,6 +269,11 @@ pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u
                         return Err(WorkerError::Protocol(format!("task {} sent while task {busy} runs", run.id)));
                     }
                     *slot = Some((run.id, cancel.clone()));
+                }
+                if run.inline {
+                    // Tiny: running it here costs less than waking the task thread.
+                    finish(&catalog, run, payload, cancel, &writer, &current);
+                    continue;
                 }
                 if jobs.send((run, payload, cancel)).is_err() {
                     return Err(WorkerError::Io(io::Error::other("the task thread is gone")));
@@ -312,27 +318,40 @@ fn run_tasks(
     current: &Mutex<Option<(u64, CancelFlag)>>,
 ) {
     for (run, input, cancel) in jobs {
-        let id = run.id;
-        let started = Instant::now();
-        let result = run_one(catalog, run, input, cancel, writer);
-        let run_us = started.elapsed().as_micros() as u64;
-        *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let (done, output) = match result {
-            Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
-            Err(err) => {
-                let (kind, message) = failure(&err);
-                (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
-            }
-        };
-        let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
-        if send(writer, &reply(worker_reply::Body::Done(done)), &output).is_err() {
-            std::process::exit(i32::from(EXIT_CLEAN));
+        finish(catalog, run, input, cancel, writer, current);
+    }
+}
+
+/// Runs one task to its end and sends its TaskDone; exits the process when
+/// the front is gone or the task ran out of memory.
+fn finish(
+    catalog: &Catalog,
+    run: RunTask,
+    input: Bytes,
+    cancel: CancelFlag,
+    writer: &Writer,
+    current: &Mutex<Option<(u64, CancelFlag)>>,
+) {
+    let id = run.id;
+    let started = Instant::now();
+    let result = run_one(catalog, run, input, cancel, writer);
+    let run_us = started.elapsed().as_micros() as u64;
+    *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let (done, output) = match result {
+        Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
+        Err(err) => {
+            let (kind, message) = failure(&err);
+            (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
         }
-        if out_of_memory {
-            // Whatever failed to allocate may have left the heap fragmented
-            // or a library half-initialised: do not reuse this process.
-            std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
-        }
+    };
+    let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
+    if send(writer, &reply(worker_reply::Body::Done(done)), &output).is_err() {
+        std::process::exit(i32::from(EXIT_CLEAN));
+    }
+    if out_of_memory {
+        // Whatever failed to allocate may have left the heap fragmented
+        // or a library half-initialised: do not reuse this process.
+        std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
     }
 }
 

@@ -57,6 +57,8 @@ pub struct WorkerJob {
     pub params: HashMap<String, String>,
     /// Input bytes.
     pub input: Bytes,
+    /// Whether the worker may run it on its frame-reading thread (tiny).
+    pub inline: bool,
     /// Absolute deadline.
     pub deadline: Option<Instant>,
     /// Cancelled when the caller goes away.
@@ -80,6 +82,8 @@ pub struct WorkerRun {
     pub queued: Duration,
     /// Time from sending to the answer.
     pub run: Duration,
+    /// Time the task itself ran inside the worker.
+    pub task_run: Duration,
     /// The worker's pid.
     pub pid: u32,
 }

@@ -264,7 +264,7 @@ impl WorkerProcess {
 
     /// Runs `job` on this worker and answers it; returns what became of the worker.
     pub async fn run(&mut self, job: WorkerJob, options: &WorkerOptions) -> Fate {
-        let WorkerJob { task, params, input, deadline, cancel, progress, mut ticket, started, reply } = job;
+        let WorkerJob { task, params, input, inline, deadline, cancel, progress, mut ticket, started, reply } = job;
         let queued = ticket.start();
         started.store(true, std::sync::atomic::Ordering::Release);
         if let Some(sink) = &progress {
@@ -278,6 +278,7 @@ impl WorkerProcess {
             params,
             deadline_unix_nanos: deadline.map_or(0, unix_nanos),
             traceparent: String::new(),
+            inline,
         };
         let begun = Instant::now();
         let (result, fate) = match self.send(worker_request::Body::Run(run), &input).await {
@@ -292,7 +293,8 @@ impl WorkerProcess {
             }
         };
         let pid = self.pid;
-        let _ = reply.send(result.map(|output| WorkerRun { output, queued, run: begun.elapsed(), pid }));
+        let run = begun.elapsed();
+        let _ = reply.send(result.map(|(output, task_run)| WorkerRun { output, queued, run, task_run, pid }));
         fate
     }
 
@@ -306,7 +308,7 @@ impl WorkerProcess {
         cancel: &tokio_util::sync::CancellationToken,
         progress: Option<&offload_worker::ProgressSink>,
         options: &WorkerOptions,
-    ) -> (Result<Bytes, JobError>, Fate) {
+    ) -> (Result<(Bytes, Duration), JobError>, Fate) {
         let died =
             |pid, cause: DeathCause| (Err(JobError::Died { pid, task, cause: cause.clone() }), Fate::Dead(cause));
         let mut heartbeat = heartbeat(options);
@@ -530,9 +532,10 @@ fn decode(
     }
 }
 
-fn done_result(done: TaskDone, output: Bytes) -> Result<Bytes, JobError> {
+/// The answer a TaskDone carries: the output and the task's own run time.
+fn done_result(done: TaskDone, output: Bytes) -> Result<(Bytes, Duration), JobError> {
     if done.failure == FailureKind::Unspecified as i32 {
-        return Ok(output);
+        return Ok((output, Duration::from_micros(done.run_us)));
     }
     let kind = FailureKind::try_from(done.failure).unwrap_or(FailureKind::Failed);
     Err(JobError::Task(worker_process::task_error(kind, done.message, Duration::from_micros(done.run_us))))
