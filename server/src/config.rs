@@ -100,6 +100,10 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_REPLICA_NAME", value_name = "NAME")]
     pub replica_name: Option<String>,
 
+    /// Address of the Prometheus endpoint (GET /metrics); off when unset.
+    #[arg(long, env = "OFFLOAD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log format; the level comes from RUST_LOG (default info). [default: auto]
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -170,6 +174,7 @@ impl Args {
             shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             workers: self.workers.or(file.workers),
             worker_memory_limit_bytes: self.worker_memory_limit_bytes.or(file.worker_memory_limit_bytes),
             worker_nice: self.worker_nice.or(file.worker_nice),
@@ -238,6 +243,8 @@ pub struct Config {
     pub replica_name: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Address of the metrics endpoint, if any.
+    pub metrics_listen: Option<SocketAddr>,
     /// Worker processes.
     pub workers: usize,
     /// RLIMIT_AS of each worker; 0 for none.
@@ -318,6 +325,7 @@ impl Config {
             shutdown_grace: Duration::from_secs_f64(grace),
             replica_name: a.replica_name.unwrap_or_else(host_name),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
+            metrics_listen: a.metrics_listen,
             workers: a.workers.map_or(cores, NonZeroUsize::get),
             worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),
             worker_nice,

@@ -27,6 +27,7 @@ use crate::{
     cost::CostModel,
     error::CallError,
     isolated::{DeathCause, JobError, Supervisor, WorkerJob, death::StopReason},
+    metrics::Metrics,
     pool::Pool,
 };
 
@@ -96,6 +97,7 @@ pub struct Dispatcher {
     isolated: Supervisor,
     options: DispatchOptions,
     draining: AtomicBool,
+    metrics: Metrics,
 }
 
 impl Dispatcher {
@@ -109,7 +111,13 @@ impl Dispatcher {
             isolated,
             options,
             draining: AtomicBool::new(false),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The ISOLATED executor.
@@ -139,19 +147,39 @@ impl Dispatcher {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Checks `call` and reserves its place on an executor.
+    /// Checks `call` and reserves its place on an executor; a refusal is
+    /// counted in the metrics here.
     pub fn admit(self: &Arc<Self>, call: Call) -> Result<Admitted, CallError> {
+        // Labels for a refusal: unknown names are not labels (unbounded).
+        let mut labels = ("unknown", "unknown");
+        let admitted = self.admit_labelled(call, &mut labels);
+        if let Err(err) = &admitted {
+            self.metrics.call(labels.0, labels.1, err.code(), None);
+            if let Some(reason) = err.rejection() {
+                self.metrics.rejected(reason);
+            }
+        }
+        admitted
+    }
+
+    fn admit_labelled(
+        self: &Arc<Self>,
+        call: Call,
+        labels: &mut (&'static str, &'static str),
+    ) -> Result<Admitted, CallError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(CallError::Draining);
         }
         let task = self.catalog.get(&call.task)?;
         let spec = task.spec();
+        labels.0 = spec.name;
         let mode = match ExecutionMode::try_from(call.mode) {
             Ok(ExecutionMode::Unspecified) => spec.default_mode,
             Ok(ExecutionMode::Pool) => Mode::Pool,
             Ok(ExecutionMode::Isolated) => Mode::Isolated,
             Err(_) => return Err(CallError::UndefinedMode(call.mode)),
         };
+        labels.1 = mode.as_str();
         if !spec.allowed_modes.contains(&mode) {
             return Err(CallError::ModeNotAllowed {
                 task: spec.name,
@@ -248,7 +276,24 @@ impl Admitted {
     }
 
     /// Runs the call; `progress`, when given, follows its stage and progress.
+    /// The call is counted in the metrics however it ends (a call whose
+    /// caller went away counts as CANCELLED).
     pub async fn run(self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
+        let dispatcher = Arc::clone(&self.dispatcher);
+        let mode = match &self.placement {
+            Placement::Inline => Mode::Pool,
+            Placement::Queued(mode, _) => *mode,
+        };
+        let mut record = CallRecord { metrics: &dispatcher.metrics, task: self.task.spec().name, mode, done: false };
+        let result = self.execute(progress).await;
+        record.done = true;
+        let timing = result.as_ref().ok().map(|o| (o.queued, o.run));
+        let code = result.as_ref().map_or_else(CallError::code, |_| tonic::Code::Ok);
+        record.metrics.call(record.task, mode.as_str(), code, timing);
+        result
+    }
+
+    async fn execute(self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
         let name = self.task.spec().name;
         let dispatcher = Arc::clone(&self.dispatcher);
         let max_output = dispatcher.options.max_output_bytes;
@@ -323,6 +368,22 @@ impl Admitted {
             return Err(CallError::OutputTooLarge { task: name, size: outcome.output.len(), limit: max_output });
         }
         Ok(outcome)
+    }
+}
+
+/// Counts a call whose future was dropped before it finished.
+struct CallRecord<'a> {
+    metrics: &'a Metrics,
+    task: &'static str,
+    mode: Mode,
+    done: bool,
+}
+
+impl Drop for CallRecord<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.call(self.task, self.mode.as_str(), tonic::Code::Cancelled, None);
+        }
     }
 }
 

@@ -136,6 +136,19 @@ impl CallError {
     }
 }
 
+impl CallError {
+    /// The reason label of a call refused before running, if it was one.
+    pub fn rejection(&self) -> Option<&'static str> {
+        match self {
+            CallError::QueueFull { .. } => Some("queue_full"),
+            CallError::WouldMissDeadline { .. } => Some("deadline"),
+            CallError::Draining => Some("draining"),
+            CallError::Unavailable(_) => Some("no_worker"),
+            _ => None,
+        }
+    }
+}
+
 impl From<CallError> for Status {
     fn from(err: CallError) -> Self {
         let code = err.code();

@@ -9,6 +9,7 @@
 //! - [`pool`]: the rayon executor (POOL mode).
 //! - [`isolated`]: the worker-process executor (ISOLATED mode).
 //! - [`error`]: call errors and their one mapping to gRPC statuses.
+//! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
 //! - [`config`], [`logging`], [`shutdown`]: process set-up around it all.
 
 pub mod admission;
@@ -19,6 +20,7 @@ pub mod dispatch;
 pub mod error;
 pub mod isolated;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod service;

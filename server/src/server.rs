@@ -28,6 +28,7 @@ use crate::{
     dispatch::{DispatchOptions, Dispatcher},
     error::request_status,
     isolated::{IsolatedOptions, Supervisor, WorkerOptions},
+    metrics,
     pool::Pool,
     service::ComputeService,
 };
@@ -44,6 +45,9 @@ pub enum ServeError {
     /// The reflection service could not load the descriptors.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The metrics address could not be bound.
+    #[error("cannot listen for metrics: {0}")]
+    Metrics(#[from] std::io::Error),
 }
 
 /// Serves `config` on `listener` until `shutdown` fires, then drains.
@@ -62,6 +66,13 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: Cancellatio
         isolated,
         DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
     );
+    let metrics_stop = CancellationToken::new();
+    let _stop_metrics = metrics_stop.clone().drop_guard();
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr).await?;
+        // Served until the very end, so the drain can be watched.
+        tokio::spawn(metrics::serve(listener, Arc::clone(&dispatcher), metrics_stop.clone()));
+    }
     let in_flight = TaskTracker::new();
     let compute = ComputeService::new(
         Arc::clone(&dispatcher),

@@ -7,6 +7,7 @@ mod deadlines;
 mod discovery;
 mod exec;
 mod isolated;
+mod metrics;
 mod python;
 mod shutdown;
 mod statuses;
@@ -61,4 +62,17 @@ pub async fn final_status(events: &mut Streaming<offload_proto::offload::v1::Exe
             Err(status) => return status,
         }
     }
+}
+
+/// Reads `events` to the end and returns its result, if it had one.
+pub async fn final_result(
+    mut events: Streaming<offload_proto::offload::v1::ExecuteEvent>,
+) -> Option<offload_proto::offload::v1::ExecuteResponse> {
+    let mut result = None;
+    while let Some(event) = events.message().await.expect("stream events") {
+        if let Some(Event::Result(r)) = event.event {
+            result = Some(r);
+        }
+    }
+    result
 }

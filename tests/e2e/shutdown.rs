@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use offload_e2e::{Server, request};
-use offload_proto::offload::v1::{compute_client::ComputeClient, execute_event::Event};
+use offload_proto::offload::v1::compute_client::ComputeClient;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -18,7 +18,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
         health.watch(HealthCheckRequest { service: "offload.v1.Compute".into() }).await.unwrap().into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
 
-    let mut in_flight = super::start_running(&mut client, request("debug.sleep", &[("ms", "1500")], vec![])).await;
+    let in_flight = super::start_running(&mut client, request("debug.sleep", &[("ms", "1500")], vec![])).await;
     server.signal(Signal::SIGTERM);
 
     let update = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("health update");
@@ -30,12 +30,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // The call in flight still completes.
-    let mut result = None;
-    while let Some(event) = in_flight.message().await.expect("the in-flight call is not cut") {
-        if let Some(Event::Result(r)) = event.event {
-            result = Some(r);
-        }
-    }
+    let result = super::final_result(in_flight).await;
     assert!(result.expect("a result").stats.unwrap().run_us >= 1_500_000);
 
     drop((client, health, watch));

@@ -1,0 +1,231 @@
+//! Prometheus metrics: what the service counts, and the `/metrics` text
+//! endpoint on its own address (`--metrics-listen`). Calls are counted by
+//! the dispatcher, in one place for every RPC; gauges are read from the
+//! executors when scraped.
+
+use std::{net::SocketAddr, sync::Mutex, time::Duration};
+
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::dispatch::Dispatcher;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    task: String,
+    mode: String,
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskModeLabels {
+    task: String,
+    mode: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 10 us to about 10 minutes.
+    Histogram::new(exponential_buckets(0.000_01, 2.5, 20))
+}
+
+/// The service's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    duration: Histograms<TaskModeLabels>,
+    queue_wait: Histograms<ModeLabels>,
+    queue_depth: Family<ModeLabels, Gauge>,
+    busy: Family<ModeLabels, Gauge>,
+    live_workers: Gauge,
+    worker_restarts: Family<ReasonLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    /// Worker deaths already exported, per reason (the supervisor keeps totals).
+    exported_deaths: Mutex<Vec<(&'static str, u64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("offload");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register("calls", "Calls finished, by task, mode and gRPC status code", calls.clone());
+        let duration: Histograms<TaskModeLabels> = Family::new_with_constructor(seconds_histogram);
+        registry.register("task_duration_seconds", "Time tasks ran, by task and mode", duration.clone());
+        let queue_wait: Histograms<ModeLabels> = Family::new_with_constructor(seconds_histogram);
+        registry.register("queue_wait_seconds", "Time calls waited for an executor, by mode", queue_wait.clone());
+        let queue_depth = Family::<ModeLabels, Gauge>::default();
+        registry.register("queue_depth", "Calls waiting for an executor now, by mode", queue_depth.clone());
+        let busy = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "busy_executors",
+            "Pool threads or worker processes running a task now, by mode",
+            busy.clone(),
+        );
+        let live_workers = Gauge::default();
+        registry.register("live_workers", "Worker processes alive now", live_workers.clone());
+        let worker_restarts = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "worker_restarts",
+            "Worker processes replaced, by reason (crash, memory, deadline_kill, cancel_kill, unresponsive, protocol, recycle)",
+            worker_restarts.clone(),
+        );
+        let rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rejected_calls",
+            "Calls refused before running, by reason (queue_full, deadline, draining, no_worker, too_large)",
+            rejected.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            duration,
+            queue_wait,
+            queue_depth,
+            busy,
+            live_workers,
+            worker_restarts,
+            rejected,
+            exported_deaths: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a finished call; `timing` (queued, ran) when it ran.
+    pub fn call(&self, task: &str, mode: &str, code: Code, timing: Option<(Duration, Duration)>) {
+        let labels = CallLabels { task: task.to_string(), mode: mode.to_string(), code: code_name(code).to_string() };
+        self.calls.get_or_create(&labels).inc();
+        if let Some((queued, ran)) = timing {
+            self.queue_wait.get_or_create(&ModeLabels { mode: mode.to_string() }).observe(queued.as_secs_f64());
+            let labels = TaskModeLabels { task: task.to_string(), mode: mode.to_string() };
+            self.duration.get_or_create(&labels).observe(ran.as_secs_f64());
+        }
+    }
+
+    /// Counts a call refused before running.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+    }
+
+    /// The text exposition, with gauges read from `dispatcher` now.
+    pub fn render(&self, dispatcher: &Dispatcher) -> String {
+        for (mode, admission) in
+            [("POOL", dispatcher.pool().admission()), ("ISOLATED", dispatcher.isolated().admission())]
+        {
+            let labels = ModeLabels { mode: mode.to_string() };
+            self.queue_depth.get_or_create(&labels).set(admission.queued() as i64);
+            self.busy.get_or_create(&labels).set(admission.running() as i64);
+        }
+        self.live_workers.set(dispatcher.isolated().live_workers() as i64);
+        {
+            let mut exported = self.exported_deaths.lock().unwrap_or_else(|e| e.into_inner());
+            for (reason, total) in dispatcher.isolated().deaths() {
+                let before = exported.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n);
+                let counter = self.worker_restarts.get_or_create(&ReasonLabels { reason: reason.to_string() });
+                counter.inc_by(total.saturating_sub(before));
+                exported.retain(|(r, _)| *r != reason);
+                exported.push((reason, total));
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+/// The canonical name of a gRPC code, as in the gRPC spec (e.g. NOT_FOUND).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, dispatcher: std::sync::Arc<Dispatcher>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let dispatcher = std::sync::Arc::clone(&dispatcher);
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let dispatcher = std::sync::Arc::clone(&dispatcher);
+                async move {
+                    let response = if request.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                            .body(Full::new(bytes::Bytes::from(dispatcher.metrics().render(&dispatcher))))
+                    } else {
+                        Response::builder()
+                            .status(404)
+                            .body(Full::new(bytes::Bytes::from_static(b"metrics are at /metrics\n")))
+                    };
+                    Ok::<_, std::convert::Infallible>(response.expect("valid response"))
+                }
+            });
+            if let Err(err) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
+                tracing::debug!(error = %err, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the metrics address, logging where it serves.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "metrics on http://{local}/metrics");
+    Ok(listener)
+}

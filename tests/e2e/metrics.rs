@@ -1,0 +1,90 @@
+//! The Prometheus endpoint: after a known mix of calls, the counters and
+//! histogram counts add up.
+
+use std::{
+    io::{Read, Write},
+    time::Duration,
+};
+
+use offload_e2e::{Server, request, with_deadline};
+use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode};
+use tonic::Code;
+
+fn scrape(server: &Server) -> String {
+    let logs = server.logs();
+    let line = logs.iter().find(|l| l.contains("metrics on http://")).expect("metrics address logged");
+    let addr: String = line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not found in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+fn isolated(task: &str, params: &[(&str, &str)]) -> ExecuteRequest {
+    ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request(task, params, &b"x"[..]) }
+}
+
+#[tokio::test]
+async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
+    let server = Server::start(&["--metrics-listen", "127.0.0.1:0", "--workers", "2", "--pool-threads", "1"]);
+    assert!(server.wait_logged("metrics on http://").await);
+    server.wait_for_workers(2, Duration::from_secs(10)).await;
+    let mut client = server.wire_client();
+
+    for _ in 0..3 {
+        client.execute(request("hash.sha256", &[], &b"abc"[..])).await.unwrap();
+    }
+    for _ in 0..2 {
+        client.execute(isolated("debug.echo", &[])).await.unwrap();
+    }
+    assert_eq!(client.execute(request("no.such", &[], vec![])).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(client.execute(request("primes.count", &[], vec![])).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(client.execute(isolated("debug.abort", &[])).await.unwrap_err().code(), Code::Internal);
+    // One pool thread busy for 700 ms: a call with a 300 ms deadline is refused up front.
+    let mut other = server.client().await;
+    let busy = super::start_running(&mut other, request("debug.sleep", &[("ms", "700")], vec![])).await;
+    let refused = client
+        .execute(with_deadline(request("debug.sleep", &[("ms", "10")], vec![]), Duration::from_millis(300)))
+        .await;
+    assert_eq!(refused.unwrap_err().code(), Code::ResourceExhausted);
+    assert!(super::final_result(busy).await.is_some(), "the sleep finished");
+    server.wait_for_workers(2, Duration::from_secs(10)).await;
+
+    let m = scrape(&server);
+    let calls = |labels: &str| value(&m, &format!("offload_calls_total{{{labels}}}"));
+    assert_eq!(calls(r#"task="hash.sha256",mode="POOL",code="OK""#), 3.0);
+    assert_eq!(calls(r#"task="debug.echo",mode="ISOLATED",code="OK""#), 2.0);
+    assert_eq!(calls(r#"task="unknown",mode="unknown",code="NOT_FOUND""#), 1.0);
+    assert_eq!(calls(r#"task="primes.count",mode="POOL",code="INVALID_ARGUMENT""#), 1.0);
+    assert_eq!(calls(r#"task="debug.abort",mode="ISOLATED",code="INTERNAL""#), 1.0);
+    assert_eq!(calls(r#"task="debug.sleep",mode="POOL",code="RESOURCE_EXHAUSTED""#), 1.0);
+    assert_eq!(calls(r#"task="debug.sleep",mode="POOL",code="OK""#), 1.0);
+    let total: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("offload_calls_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(total, 10.0, "every call counted once:\n{m}");
+
+    assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="hash.sha256",mode="POOL"}"#), 3.0);
+    assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="debug.echo",mode="ISOLATED"}"#), 2.0);
+    // Each call that ran observes its queue wait (0 for tiny tasks run inline).
+    assert_eq!(value(&m, r#"offload_queue_wait_seconds_count{mode="ISOLATED"}"#), 2.0);
+    assert_eq!(value(&m, r#"offload_rejected_calls_total{reason="deadline"}"#), 1.0);
+    assert_eq!(value(&m, r#"offload_worker_restarts_total{reason="crash"}"#), 1.0);
+    assert_eq!(value(&m, "offload_live_workers"), 2.0);
+    assert_eq!(value(&m, r#"offload_queue_depth{mode="POOL"}"#), 0.0);
+    assert_eq!(value(&m, r#"offload_busy_executors{mode="ISOLATED"}"#), 0.0);
+}
