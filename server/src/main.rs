@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use offload_server::{
     config::{Args, Config},
     logging, server, shutdown,
@@ -18,7 +18,16 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == server::WORKER_PROCESS_FLAG) {
         return offload_worker::process::main();
     }
-    let config = match Config::load(Args::parse()) {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help and --version print and succeed; a bad flag is a bad configuration.
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match Config::load(args) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("offload-server: {err}");
