@@ -7,6 +7,8 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use offload_worker::tasks::exec::ExecSpec;
+
+use crate::telemetry::TraceSettings;
 use serde::Deserialize;
 
 /// Default address: loopback only, so a first run exposes nothing.
@@ -104,6 +106,15 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// OTLP/gRPC endpoint to export traces to (e.g. http://jaeger:4317);
+    /// traces are off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// service.name of the exported traces. [default: offload]
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    pub otel_service_name: Option<String>,
+
     /// Log format; the level comes from RUST_LOG (default info). [default: auto]
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -175,6 +186,8 @@ impl Args {
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
+            otel_service_name: self.otel_service_name.or(file.otel_service_name),
             workers: self.workers.or(file.workers),
             worker_memory_limit_bytes: self.worker_memory_limit_bytes.or(file.worker_memory_limit_bytes),
             worker_nice: self.worker_nice.or(file.worker_nice),
@@ -245,6 +258,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Address of the metrics endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where traces go.
+    pub traces: TraceSettings,
     /// Worker processes.
     pub workers: usize,
     /// RLIMIT_AS of each worker; 0 for none.
@@ -326,6 +341,10 @@ impl Config {
             replica_name: a.replica_name.unwrap_or_else(host_name),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
             metrics_listen: a.metrics_listen,
+            traces: TraceSettings {
+                endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),
+                service_name: a.otel_service_name.filter(|n| !n.is_empty()),
+            },
             workers: a.workers.map_or(cores, NonZeroUsize::get),
             worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),
             worker_nice,

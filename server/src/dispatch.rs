@@ -21,6 +21,7 @@ use offload_proto::offload::v1::ExecutionMode;
 use offload_worker::{CancelFlag, Catalog, Context, Job, Mode, ProgressSink, Task, TaskError, run_job};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
 use crate::{
     admission::{Admission, Refusal, Ticket},
@@ -29,6 +30,7 @@ use crate::{
     isolated::{DeathCause, JobError, Supervisor, WorkerJob, death::StopReason},
     metrics::Metrics,
     pool::Pool,
+    telemetry,
 };
 
 /// Isolated tasks expected to take less than this run on the worker's
@@ -300,10 +302,13 @@ impl Admitted {
         let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
         let outcome = match self.placement {
             Placement::Inline => {
+                let span = telemetry::execution_span(&Span::current(), name, "POOL", input.len());
+                let _entered = span.enter();
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
                 let start = Instant::now();
                 let result = run_job(job.as_ref(), &ctx, input);
                 let run = start.elapsed();
+                telemetry::record_run(&span, result.as_ref().map(Bytes::len));
                 dispatcher.pool_costs.record(name, estimate, run);
                 let output = result.map_err(|source| task_error(name, source))?;
                 Outcome { output, mode: Mode::Pool, queued: Duration::ZERO, run, worker_pid: 0 }
@@ -315,7 +320,11 @@ impl Admitted {
                 let sink = progress.map(progress_sink);
                 let work_started = Arc::clone(&started);
                 let work_dispatcher = Arc::clone(&dispatcher);
+                let (parent, queue) = (Span::current(), telemetry::queue_span("POOL"));
                 let done = dispatcher.pool.submit(ticket, move |queued| {
+                    drop(queue);
+                    let span = telemetry::execution_span(&parent, name, "POOL", input.len());
+                    let _entered = span.enter();
                     work_started.store(true, Ordering::Release);
                     if let Some(sink) = &sink {
                         sink(0.0, "");
@@ -324,6 +333,7 @@ impl Admitted {
                     let start = Instant::now();
                     let result = run_job(job.as_ref(), &ctx, input);
                     let run = start.elapsed();
+                    telemetry::record_run(&span, result.as_ref().map(Bytes::len));
                     if result.is_ok() {
                         work_dispatcher.pool_costs.record(name, estimate, run);
                     }
@@ -349,6 +359,8 @@ impl Admitted {
                     progress: progress.map(progress_sink),
                     ticket,
                     started: Arc::clone(&started),
+                    span: Span::current(),
+                    queue_span: telemetry::queue_span("ISOLATED"),
                     reply,
                 });
                 let run = answer(done, deadline, &started, name).await?.map_err(|err| job_error(name, err))?;

@@ -10,7 +10,8 @@
 //! - [`isolated`]: the worker-process executor (ISOLATED mode).
 //! - [`error`]: call errors and their one mapping to gRPC statuses.
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
-//! - [`config`], [`logging`], [`shutdown`]: process set-up around it all.
+//! - [`telemetry`]: logs and OpenTelemetry traces.
+//! - [`config`], [`shutdown`]: process set-up around it all.
 
 pub mod admission;
 pub mod config;
@@ -19,9 +20,9 @@ pub mod deadline;
 pub mod dispatch;
 pub mod error;
 pub mod isolated;
-pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod telemetry;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use offload_server::{
     config::{Args, Config},
-    logging, server, shutdown,
+    server, shutdown, telemetry,
 };
 
 /// Exit status for a bad configuration (EX_USAGE).
@@ -34,13 +34,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logging::init(config.log_format);
-    // A task's panic fails its call; log it as one line instead of stderr noise.
-    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
+            eprintln!("offload-server: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -53,13 +51,17 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let telemetry = telemetry::init(config.log_format, &config.traces);
+        // A task's panic fails its call; log it as one line instead of stderr noise.
+        std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "listening on {local}");
         let stop = shutdown::on_signals().context("cannot install signal handlers")?;
-        server::serve(&config, listener, stop).await?;
-        Ok(())
+        let served = server::serve(&config, listener, stop).await;
+        telemetry.shutdown();
+        Ok(served?)
     })
 }

@@ -15,10 +15,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use tracing::Instrument as _;
+
 use crate::{
     deadline,
     dispatch::{Call, Dispatcher, Outcome, ProgressState},
     error::{CallError, request_status},
+    telemetry,
 };
 
 /// A boxed stream of results, as tonic's streaming methods return.
@@ -93,10 +96,17 @@ fn progress_event(stage: Stage, state: &ProgressState) -> ExecuteEvent {
 impl Compute for ComputeService {
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
         let _in_flight = self.in_flight.token();
+        let span = telemetry::rpc_span("Execute", request.metadata());
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let (id, call) = into_call(request.into_inner(), deadline);
-        let outcome = self.dispatcher.admit(call)?.run(None).await?;
-        Ok(Response::new(self.response(id, outcome)))
+        let result = async {
+            let outcome = self.dispatcher.admit(call)?.run(None).await?;
+            Ok(Response::new(self.response(id, outcome)))
+        }
+        .instrument(span.clone())
+        .await;
+        telemetry::record_status(&span, result.as_ref().err());
+        result
     }
 
     type ExecuteStreamStream = ResultStream<ExecuteEvent>;
@@ -106,11 +116,20 @@ impl Compute for ComputeService {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let in_flight = self.in_flight.token();
+        let span = telemetry::rpc_span("ExecuteStream", request.metadata());
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let (id, call) = into_call(request.into_inner(), deadline);
-        let admitted = self.dispatcher.admit(call)?;
+        let admitted = match span.in_scope(|| self.dispatcher.admit(call)) {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                let status = Status::from(err);
+                telemetry::record_status(&span, Some(&status));
+                return Err(status);
+            }
+        };
         let (events, events_rx) = mpsc::channel(16);
         let service = self.clone();
+        let stream_span = span.clone();
         tokio::spawn(async move {
             let _in_flight = in_flight;
             let (progress_tx, mut progress) = watch::channel(ProgressState::default());
@@ -133,6 +152,7 @@ impl Compute for ComputeService {
                             Ok(outcome) => Ok(ExecuteEvent { event: Some(Event::Result(service.response(id, outcome))) }),
                             Err(err) => Err(Status::from(err)),
                         };
+                        telemetry::record_status(&stream_span, last.as_ref().err());
                         let _ = events.send(last).await;
                         return;
                     }
@@ -153,7 +173,7 @@ impl Compute for ComputeService {
                     () = events.closed() => return,
                 }
             }
-        });
+        }.instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(events_rx))))
     }
 
@@ -164,51 +184,59 @@ impl Compute for ComputeService {
         request: Request<Streaming<ExecuteRequest>>,
     ) -> Result<Response<Self::ExecuteBatchStream>, Status> {
         let in_flight = self.in_flight.token();
+        let span = telemetry::rpc_span("ExecuteBatch", request.metadata());
+        let stream_span = span.clone();
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let mut requests = request.into_inner();
         let (results, results_rx) = mpsc::channel(self.batch_concurrency);
         let service = self.clone();
-        tokio::spawn(async move {
-            let _in_flight = in_flight;
-            let mut running = FuturesUnordered::new();
-            let mut input_open = true;
-            while input_open || !running.is_empty() {
-                let reply = tokio::select! {
-                    next = requests.message(), if input_open && running.len() < service.batch_concurrency => {
-                        match next {
-                            Ok(Some(request)) => {
-                                let (id, call) = into_call(request, deadline);
-                                match service.dispatcher.admit(call) {
-                                    Ok(admitted) => {
-                                        running.push(async move { (id, admitted.run(None).await) });
-                                        continue;
+        tokio::spawn(
+            async move {
+                let _in_flight = in_flight;
+                let mut running = FuturesUnordered::new();
+                let mut input_open = true;
+                while input_open || !running.is_empty() {
+                    let reply = tokio::select! {
+                        next = requests.message(), if input_open && running.len() < service.batch_concurrency => {
+                            match next {
+                                Ok(Some(request)) => {
+                                    let (id, call) = into_call(request, deadline);
+                                    match service.dispatcher.admit(call) {
+                                        Ok(admitted) => {
+                                            running.push(async move { (id, admitted.run(None).await) });
+                                            continue;
+                                        }
+                                        Err(err) => failed_item(id, err),
                                     }
-                                    Err(err) => failed_item(id, err),
+                                }
+                                Ok(None) => {
+                                    input_open = false;
+                                    continue;
+                                }
+                                Err(status) => {
+                                    // The request stream is broken; nothing more can be read.
+                                    let status = request_status(status, service.max_message_bytes);
+                                    telemetry::record_status(&stream_span, Some(&status));
+                                    let _ = results.send(Err(status)).await;
+                                    return;
                                 }
                             }
-                            Ok(None) => {
-                                input_open = false;
-                                continue;
-                            }
-                            Err(status) => {
-                                // The request stream is broken; nothing more can be read.
-                                let _ = results.send(Err(request_status(status, service.max_message_bytes))).await;
-                                return;
-                            }
                         }
+                        Some((id, result)) = running.next(), if !running.is_empty() => match result {
+                            Ok(outcome) => service.response(id, outcome),
+                            Err(err) => failed_item(id, err),
+                        },
+                        // The client went away: dropping `running` cancels its tasks.
+                        () = results.closed() => return,
+                    };
+                    if results.send(Ok(reply)).await.is_err() {
+                        return;
                     }
-                    Some((id, result)) = running.next(), if !running.is_empty() => match result {
-                        Ok(outcome) => service.response(id, outcome),
-                        Err(err) => failed_item(id, err),
-                    },
-                    // The client went away: dropping `running` cancels its tasks.
-                    () = results.closed() => return,
-                };
-                if results.send(Ok(reply)).await.is_err() {
-                    return;
                 }
+                telemetry::record_status(&stream_span, None);
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(results_rx))))
     }
 

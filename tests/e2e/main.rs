@@ -14,6 +14,7 @@ mod shutdown;
 mod statuses;
 mod stream;
 mod tasks;
+mod traces;
 
 use std::time::Duration;
 

@@ -56,8 +56,14 @@ impl Server {
 
     /// Starts a server with exactly `args` (plus JSON logs on stderr).
     pub fn start_exact(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts a server with exactly `args` and the extra environment `env`.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(bin_dir().join("offload-server"))
             .args(args)
+            .envs(env.iter().copied())
             .env("OFFLOAD_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -257,4 +263,74 @@ pub async fn wait_for(bound: Duration, mut check: impl FnMut() -> bool) -> bool 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     check()
+}
+
+/// An OTLP/gRPC trace receiver (the collector side of the protocol Jaeger
+/// speaks), keeping every span it is sent.
+pub mod otlp {
+    use std::{
+        net::SocketAddr,
+        sync::{Arc, Mutex},
+    };
+
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+        trace::v1::ResourceSpans,
+    };
+
+    /// What the receiver got so far.
+    #[derive(Debug, Clone, Default)]
+    pub struct Received(Arc<Mutex<Vec<ResourceSpans>>>);
+
+    impl Received {
+        /// Every (service name, span) received.
+        pub fn spans(&self) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+            let mut out = Vec::new();
+            for resource_spans in self.0.lock().unwrap().iter() {
+                let service = resource_spans
+                    .resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                    .and_then(|a| a.value.as_ref())
+                    .map(|v| format!("{:?}", v.value))
+                    .unwrap_or_default();
+                for scope in &resource_spans.scope_spans {
+                    for span in &scope.spans {
+                        out.push((service.clone(), span.clone()));
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    struct Collector(Received);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.0.0.lock().unwrap().extend(request.into_inner().resource_spans);
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
+    /// Starts a receiver on an ephemeral port; it runs until the test ends.
+    pub async fn start() -> (SocketAddr, Received) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Received::default();
+        let service = TraceServiceServer::new(Collector(received.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, received)
+    }
 }

@@ -69,6 +69,10 @@ pub struct WorkerJob {
     pub ticket: Ticket,
     /// Set when a worker takes the job.
     pub started: Arc<AtomicBool>,
+    /// The caller's span: the execution span goes under it.
+    pub span: tracing::Span,
+    /// The span of the wait for a worker, ended when one takes the job.
+    pub queue_span: tracing::Span,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Result<WorkerRun, JobError>>,
 }

@@ -264,8 +264,24 @@ impl WorkerProcess {
 
     /// Runs `job` on this worker and answers it; returns what became of the worker.
     pub async fn run(&mut self, job: WorkerJob, options: &WorkerOptions) -> Fate {
-        let WorkerJob { task, params, input, inline, deadline, cancel, progress, mut ticket, started, reply } = job;
+        let WorkerJob {
+            task,
+            params,
+            input,
+            inline,
+            deadline,
+            cancel,
+            progress,
+            mut ticket,
+            started,
+            span,
+            queue_span,
+            reply,
+        } = job;
         let queued = ticket.start();
+        drop(queue_span);
+        let span = crate::telemetry::execution_span(&span, task, "ISOLATED", input.len());
+        span.record("worker.pid", i64::from(self.pid));
         started.store(true, std::sync::atomic::Ordering::Release);
         if let Some(sink) = &progress {
             sink(0.0, "");
@@ -277,7 +293,7 @@ impl WorkerProcess {
             task: task.to_string(),
             params,
             deadline_unix_nanos: deadline.map_or(0, unix_nanos),
-            traceparent: String::new(),
+            traceparent: crate::telemetry::traceparent(&span),
             inline,
         };
         let begun = Instant::now();
@@ -294,6 +310,7 @@ impl WorkerProcess {
         };
         let pid = self.pid;
         let run = begun.elapsed();
+        crate::telemetry::record_run(&span, result.as_ref().map(|(output, _)| output.len()));
         let _ = reply.send(result.map(|(output, task_run)| WorkerRun { output, queued, run, task_run, pid }));
         fate
     }

@@ -1,0 +1,225 @@
+//! Logs and traces. Logs go through `tracing-subscriber`: text on a
+//! terminal, JSON otherwise or when asked, level from RUST_LOG (default
+//! info). Traces are off unless an OTLP endpoint is configured (the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`, or `--otlp-endpoint`); then spans are
+//! batched and exported over OTLP/gRPC (what Jaeger ingests on port 4317),
+//! the sampler comes from `OTEL_TRACES_SAMPLER`/`_ARG` and the resource from
+//! `OTEL_SERVICE_NAME`/`OTEL_RESOURCE_ATTRIBUTES`. Export never blocks a
+//! call: a dead collector only loses spans. W3C `traceparent` propagation
+//! is installed either way.
+
+use std::{
+    io::IsTerminal,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::LogFormat;
+
+/// Whether spans are exported. Call spans cost a few microseconds each, so
+/// without an exporter they are not created at all.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// The service name used when neither the flag nor the environment sets one.
+pub const DEFAULT_SERVICE_NAME: &str = "offload";
+
+/// Where traces go, if anywhere.
+#[derive(Debug, Clone, Default)]
+pub struct TraceSettings {
+    /// OTLP/gRPC endpoint; None reads OTEL_EXPORTER_OTLP_ENDPOINT (and off if unset).
+    pub endpoint: Option<String>,
+    /// service.name; None reads OTEL_SERVICE_NAME, then the default.
+    pub service_name: Option<String>,
+}
+
+impl TraceSettings {
+    /// Whether traces are exported at all.
+    pub fn enabled(&self) -> bool {
+        self.endpoint.is_some()
+            || ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some_and(|e| !e.is_empty()))
+    }
+}
+
+/// Keeps the trace pipeline alive; `shutdown` flushes what is buffered.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports buffered spans (bounded by the exporter's timeout) and stops.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(err) = provider.shutdown()
+        {
+            tracing::warn!(error = %err, "flushing traces at shutdown failed");
+        }
+    }
+}
+
+/// Installs the global subscriber and, if configured, the trace exporter.
+/// Must run inside the tokio runtime (the exporter's channel lives there).
+pub fn init(format: LogFormat, traces: &TraceSettings) -> Telemetry {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // JSON lines carry the fields of the spans they are in, the call's trace id among them.
+    let fmt = if json { fmt.json().flatten_event(true).with_current_span(true).boxed() } else { fmt.boxed() };
+    let (provider, error) = if traces.enabled() {
+        match provider(traces) {
+            Ok(p) => (Some(p), None),
+            Err(err) => (None, Some(err)),
+        }
+    } else {
+        (None, None)
+    };
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("offload-server")));
+    EXPORTING.store(otel.is_some(), Ordering::Relaxed);
+    tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    if let Some(err) = error {
+        tracing::warn!(error = %err, "traces are off: the OTLP exporter could not be built");
+    }
+    Telemetry { provider }
+}
+
+fn provider(traces: &TraceSettings) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = &traces.endpoint {
+        exporter = exporter.with_endpoint(endpoint.clone());
+    }
+    let mut resource = Resource::builder();
+    let env_names_it = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    match &traces.service_name {
+        Some(name) => resource = resource.with_service_name(name.clone()),
+        None if !env_names_it => resource = resource.with_service_name(DEFAULT_SERVICE_NAME),
+        None => {}
+    }
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter.build()?).with_resource(resource.build()).build())
+}
+
+/// Reads W3C trace context from gRPC metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The server span of one RPC, named and attributed after the OpenTelemetry
+/// RPC conventions, continuing the caller's trace when its metadata carries
+/// a `traceparent`.
+pub fn rpc_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    use tracing::field::Empty;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = format!("offload.v1.Compute/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "offload.v1.Compute",
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        trace_id = Empty,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let _ = span.set_parent(parent);
+    use opentelemetry::trace::TraceContextExt as _;
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", trace_id.to_string());
+    }
+    span
+}
+
+/// Records how an RPC ended on its span; failures mark it as an error.
+pub fn record_status(span: &tracing::Span, status: Option<&tonic::Status>) {
+    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
+    span.record("rpc.grpc.status_code", code as i64);
+    if let Some(status) = status {
+        mark_error(span, status.message().to_string());
+    }
+}
+
+/// Marks `span` as failed with `message`.
+fn mark_error(span: &tracing::Span, message: String) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    span.set_status(opentelemetry::trace::Status::error(message));
+}
+
+/// The W3C `traceparent` of `span`, for a worker to continue the trace.
+pub fn traceparent(span: &tracing::Span) -> String {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !exporting() {
+        return String::new();
+    }
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&span.context(), &mut carrier));
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// The span of a task's run, under `parent` (the RPC's span, or the batch
+/// stream's for each of its items).
+pub fn execution_span(parent: &tracing::Span, task: &str, mode: &'static str, input_bytes: usize) -> tracing::Span {
+    use tracing::field::Empty;
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        parent: parent,
+        "execute",
+        otel.name = format!("execute {task}"),
+        task.name = task,
+        offload.mode = mode,
+        input.bytes = input_bytes as i64,
+        output.bytes = Empty,
+        worker.pid = Empty,
+    )
+}
+
+/// The span of the time a call waited for an executor.
+pub fn queue_span(mode: &'static str) -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!("queue", otel.name = "queue", offload.mode = mode)
+}
+
+/// Records a run's result on its execution span.
+pub fn record_run<E: std::fmt::Display>(span: &tracing::Span, result: Result<usize, E>) {
+    match result {
+        Ok(output_bytes) => {
+            span.record("output.bytes", output_bytes as i64);
+        }
+        Err(err) => mark_error(span, err.to_string()),
+    }
+}

@@ -1,0 +1,122 @@
+//! Traces: one call is one trace that continues the caller's, exported over
+//! OTLP; a dead collector costs the calls nothing.
+
+use std::time::{Duration, Instant};
+
+use offload_e2e::{Server, otlp, request, wait_for};
+use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode};
+use opentelemetry_proto::tonic::{
+    common::v1::{AnyValue, any_value::Value},
+    trace::v1::{Span, status::StatusCode},
+};
+use tonic::Code;
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn traced(body: ExecuteRequest, parent_span: &str) -> tonic::Request<ExecuteRequest> {
+    let mut request = tonic::Request::new(body);
+    let traceparent = format!("00-{TRACE_ID}-{parent_span}-01");
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    request
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v: &AnyValue| v.value.as_ref())
+}
+
+fn text(span: &Span, key: &str) -> String {
+    match attr(span, key) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_call_is_one_trace_continuing_the_callers() {
+    let (collector, received) = otlp::start().await;
+    let endpoint = format!("http://{collector}");
+    let server = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    server.wait_for_workers(1, Duration::from_secs(10)).await;
+    let mut client = server.client().await;
+
+    let pool = request("primes.count", &[("limit", "100000")], vec![]);
+    client.execute(traced(pool, "00f067aa0ba902b7")).await.unwrap();
+    let isolated = ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request("hash.sha256", &[], &b"abc"[..]) };
+    let out = client.execute(traced(isolated, "00f067aa0ba902b8")).await.unwrap().into_inner();
+    let worker_pid = out.stats.unwrap().worker_pid;
+    let failing = request("primes.count", &[("limit", "ten")], vec![]);
+    assert_eq!(client.execute(traced(failing, "00f067aa0ba902b9")).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let ours = || -> Vec<(String, Span)> {
+        received.spans().into_iter().filter(|(_, s)| hex::encode(&s.trace_id) == TRACE_ID).collect()
+    };
+    // Three RPC spans, and a queue and an execution span for each call that ran.
+    assert!(wait_for(Duration::from_secs(10), || ours().len() >= 7).await, "spans: {:#?}", ours());
+    let spans = ours();
+    let named = |name: &str| spans.iter().filter(|(_, s)| s.name == name).map(|(_, s)| s.clone()).collect::<Vec<_>>();
+    let rpcs = named("offload.v1.Compute/Execute");
+    assert_eq!(rpcs.len(), 3, "{spans:#?}");
+    for rpc in &rpcs {
+        assert_eq!(text(rpc, "rpc.system"), "grpc");
+        assert_eq!(text(rpc, "rpc.service"), "offload.v1.Compute");
+        assert_eq!(text(rpc, "rpc.method"), "Execute");
+        assert!(
+            ["00f067aa0ba902b7", "00f067aa0ba902b8", "00f067aa0ba902b9"]
+                .contains(&hex::encode(&rpc.parent_span_id).as_str())
+        );
+    }
+    let rpc_for = |caller: &str| rpcs.iter().find(|s| hex::encode(&s.parent_span_id) == caller).unwrap().clone();
+    let failed = rpc_for("00f067aa0ba902b9");
+    let status = failed.status.clone().unwrap();
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert!(status.message.contains("not an integer"), "{status:?}");
+    assert_eq!(attr(&failed, "rpc.grpc.status_code"), Some(&Value::IntValue(Code::InvalidArgument as i64)));
+
+    for (caller, task, mode) in
+        [("00f067aa0ba902b7", "primes.count", "POOL"), ("00f067aa0ba902b8", "hash.sha256", "ISOLATED")]
+    {
+        let rpc = rpc_for(caller);
+        let children: Vec<&Span> = spans.iter().map(|(_, s)| s).filter(|s| s.parent_span_id == rpc.span_id).collect();
+        let queue = children
+            .iter()
+            .find(|s| s.name == "queue")
+            .unwrap_or_else(|| panic!("queue span under {caller}: {children:#?}"));
+        assert_eq!(text(queue, "offload.mode"), mode);
+        let exec = children.iter().find(|s| s.name == format!("execute {task}")).expect("execution span");
+        assert_eq!(text(exec, "task.name"), task);
+        assert_eq!(text(exec, "offload.mode"), mode);
+        assert!(attr(exec, "input.bytes").is_some() && attr(exec, "output.bytes").is_some());
+        if mode == "ISOLATED" {
+            assert_eq!(attr(exec, "worker.pid"), Some(&Value::IntValue(i64::from(worker_pid))));
+        }
+    }
+    assert!(spans.iter().all(|(service, _)| service.contains("offload")), "{spans:#?}");
+}
+
+#[tokio::test]
+async fn a_dead_collector_does_not_slow_or_fail_calls() {
+    // Nothing listens on port 1.
+    let server = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--debug-tasks"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1"), ("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    );
+    let mut client = server.client().await;
+    let started = Instant::now();
+    for i in 0..200 {
+        let body = request("primes.count", &[("limit", "1000")], vec![]);
+        let mut traced = tonic::Request::new(body);
+        traced.metadata_mut().insert("traceparent", format!("00-{TRACE_ID}-{:016x}-01", i + 1).parse().unwrap());
+        assert_eq!(client.execute(traced).await.unwrap().into_inner().output.as_ref(), b"168");
+    }
+    // 200 tiny calls take well under a second; an exporter on the call path
+    // (a connect attempt per call) would take far longer.
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
