@@ -58,8 +58,9 @@ async fn a_call_is_one_trace_continuing_the_callers() {
     let ours = || -> Vec<(String, Span)> {
         received.spans().into_iter().filter(|(_, s)| hex::encode(&s.trace_id) == TRACE_ID).collect()
     };
-    // Three RPC spans, and a queue and an execution span for each call that ran.
-    assert!(wait_for(Duration::from_secs(10), || ours().len() >= 7).await, "spans: {:#?}", ours());
+    // Three RPC spans, a queue and an execution span for each call that ran,
+    // and the span the worker exported itself.
+    assert!(wait_for(Duration::from_secs(10), || ours().len() >= 8).await, "spans: {:#?}", ours());
     let spans = ours();
     let named = |name: &str| spans.iter().filter(|(_, s)| s.name == name).map(|(_, s)| s.clone()).collect::<Vec<_>>();
     let rpcs = named("offload.v1.Compute/Execute");
@@ -96,9 +97,17 @@ async fn a_call_is_one_trace_continuing_the_callers() {
         assert!(attr(exec, "input.bytes").is_some() && attr(exec, "output.bytes").is_some());
         if mode == "ISOLATED" {
             assert_eq!(attr(exec, "worker.pid"), Some(&Value::IntValue(i64::from(worker_pid))));
+            let (service, inside) = spans
+                .iter()
+                .find(|(_, s)| s.parent_span_id == exec.span_id)
+                .unwrap_or_else(|| panic!("no worker span under the execution span: {spans:#?}"));
+            assert_eq!(inside.name, "worker hash.sha256");
+            assert!(service.contains("offload-worker"), "worker span's service: {service}");
+            assert_eq!(attr(inside, "worker.pid"), Some(&Value::IntValue(i64::from(worker_pid))));
         }
     }
-    assert!(spans.iter().all(|(service, _)| service.contains("offload")), "{spans:#?}");
+    let front: Vec<&(String, Span)> = spans.iter().filter(|(_, s)| !s.name.starts_with("worker ")).collect();
+    assert!(front.iter().all(|(service, _)| service.contains("\"offload\"")), "{front:#?}");
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 //! - [`catalog`]: the set of tasks a process serves, and request validation.
 //! - [`tasks`]: the built-in tasks, one module per family.
 //! - [`process`]: the worker process, serving the catalog over a Unix socket.
+//! - [`trace`]: the worker's own spans, exported over OTLP when configured.
 
 pub mod catalog;
 pub mod context;
@@ -18,6 +19,7 @@ pub mod params;
 pub mod process;
 pub mod task;
 pub mod tasks;
+pub mod trace;
 
 pub use catalog::{Catalog, CatalogOptions};
 pub use context::{CancelFlag, Context, ProgressSink};

@@ -26,7 +26,10 @@ use offload_proto::{
 };
 use prost::Message;
 
-use crate::{CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job, tasks::exec::ExecSpec};
+use crate::{
+    CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job, tasks::exec::ExecSpec,
+    trace::Tracing,
+};
 
 /// Exit status: the socket closed or the front retired the worker.
 pub const EXIT_CLEAN: u8 = 0;
@@ -137,7 +140,12 @@ pub fn main() -> ExitCode {
         Ok(stream) => stream,
         Err(err) => return setup_failed(&err),
     };
-    match serve(stream, Catalog::builtin(&settings.catalog), settings.max_frame) {
+    let tracing = Tracing::from_env().map(Arc::new);
+    let served = serve(stream, Catalog::builtin(&settings.catalog), settings.max_frame, tracing.clone());
+    if let Some(tracing) = tracing.and_then(|t| Arc::try_unwrap(t).ok()) {
+        tracing.shutdown();
+    }
+    match served {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("offload-worker {}: {err}", std::process::id());
@@ -220,7 +228,12 @@ fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> R
 }
 
 /// Serves tasks on `stream` until it closes. Returns the exit status.
-pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u8, WorkerError> {
+pub fn serve(
+    stream: UnixStream,
+    catalog: Catalog,
+    max_frame: usize,
+    tracing: Option<Arc<Tracing>>,
+) -> Result<u8, WorkerError> {
     let writer: Writer = Arc::new(Mutex::new(stream.try_clone()?));
     let mut reader = io::BufReader::with_capacity(64 << 10, stream);
     let mut buf = BytesMut::new();
@@ -246,13 +259,14 @@ pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u
     // The running task, if any: its id and cancel flag.
     let current: Arc<Mutex<Option<(u64, CancelFlag)>>> = Arc::new(Mutex::new(None));
     let (jobs, job_rx) = mpsc::channel::<(RunTask, Bytes, CancelFlag)>();
+    let runner = Runner { catalog, writer: Arc::clone(&writer), current: Arc::clone(&current), tracing };
     {
-        let catalog = catalog.clone();
-        let writer = Arc::clone(&writer);
-        let current = Arc::clone(&current);
-        std::thread::Builder::new()
-            .name("offload-task".into())
-            .spawn(move || run_tasks(&catalog, job_rx, &writer, &current))?;
+        let runner = runner.clone();
+        std::thread::Builder::new().name("offload-task".into()).spawn(move || {
+            for (run, input, cancel) in job_rx {
+                runner.finish(run, input, cancel);
+            }
+        })?;
     }
 
     loop {
@@ -272,7 +286,7 @@ pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u
                 }
                 if run.inline {
                     // Tiny: running it here costs less than waking the task thread.
-                    finish(&catalog, run, payload, cancel, &writer, &current);
+                    runner.finish(run, payload, cancel);
                     continue;
                 }
                 if jobs.send((run, payload, cancel)).is_err() {
@@ -310,63 +324,53 @@ fn decode(frame: Bytes) -> Result<(worker_request::Body, Bytes), WorkerError> {
     Ok((body, request.payload))
 }
 
-/// The task thread: runs each task and sends its TaskDone.
-fn run_tasks(
-    catalog: &Catalog,
-    jobs: mpsc::Receiver<(RunTask, Bytes, CancelFlag)>,
-    writer: &Writer,
-    current: &Mutex<Option<(u64, CancelFlag)>>,
-) {
-    for (run, input, cancel) in jobs {
-        finish(catalog, run, input, cancel, writer, current);
-    }
+/// What runs tasks: shared by the task thread and, for tiny tasks, the reader.
+#[derive(Clone)]
+struct Runner {
+    catalog: Catalog,
+    writer: Writer,
+    current: Arc<Mutex<Option<(u64, CancelFlag)>>>,
+    tracing: Option<Arc<Tracing>>,
 }
 
-/// Runs one task to its end and sends its TaskDone; exits the process when
-/// the front is gone or the task ran out of memory.
-fn finish(
-    catalog: &Catalog,
-    run: RunTask,
-    input: Bytes,
-    cancel: CancelFlag,
-    writer: &Writer,
-    current: &Mutex<Option<(u64, CancelFlag)>>,
-) {
-    let id = run.id;
-    let started = Instant::now();
-    let result = run_one(catalog, run, input, cancel, writer);
-    let run_us = started.elapsed().as_micros() as u64;
-    *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    let (done, output) = match result {
-        Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
-        Err(err) => {
-            let (kind, message) = failure(&err);
-            (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
+impl Runner {
+    /// Runs one task to its end and sends its TaskDone; exits the process
+    /// when the front is gone or the task ran out of memory.
+    fn finish(&self, run: RunTask, input: Bytes, cancel: CancelFlag) {
+        let id = run.id;
+        let span = self.tracing.as_ref().map(|t| t.task_span(&run.task, &run.traceparent));
+        let started = Instant::now();
+        let result = self.run_one(run, input, cancel);
+        let run_us = started.elapsed().as_micros() as u64;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(span) = span {
+            Tracing::end(span, result.as_ref().err().map(ToString::to_string));
         }
-    };
-    let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
-    if send(writer, &reply(worker_reply::Body::Done(done)), &output).is_err() {
-        std::process::exit(i32::from(EXIT_CLEAN));
+        let (done, output) = match result {
+            Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
+            Err(err) => {
+                let (kind, message) = failure(&err);
+                (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
+            }
+        };
+        let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
+        if send(&self.writer, &reply(worker_reply::Body::Done(done)), &output).is_err() {
+            std::process::exit(i32::from(EXIT_CLEAN));
+        }
+        if out_of_memory {
+            // Whatever failed to allocate may have left the heap fragmented
+            // or a library half-initialised: do not reuse this process.
+            std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
+        }
     }
-    if out_of_memory {
-        // Whatever failed to allocate may have left the heap fragmented
-        // or a library half-initialised: do not reuse this process.
-        std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
-    }
-}
 
-fn run_one(
-    catalog: &Catalog,
-    run: RunTask,
-    input: Bytes,
-    cancel: CancelFlag,
-    writer: &Writer,
-) -> Result<Bytes, TaskError> {
-    let task = catalog.get(&run.task).map_err(|e| TaskError::Failed(format!("worker: {e}")))?;
-    let job = Catalog::prepare(task.as_ref(), &run.params)?;
-    let deadline = (run.deadline_unix_nanos > 0).then(|| to_instant(run.deadline_unix_nanos));
-    let ctx = Context::new(deadline, cancel, Some(progress_sink(run.id, Arc::clone(writer))));
-    run_job(job.as_ref(), &ctx, input)
+    fn run_one(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> Result<Bytes, TaskError> {
+        let task = self.catalog.get(&run.task).map_err(|e| TaskError::Failed(format!("worker: {e}")))?;
+        let job = Catalog::prepare(task.as_ref(), &run.params)?;
+        let deadline = (run.deadline_unix_nanos > 0).then(|| to_instant(run.deadline_unix_nanos));
+        let ctx = Context::new(deadline, cancel, Some(progress_sink(run.id, Arc::clone(&self.writer))));
+        run_job(job.as_ref(), &ctx, input)
+    }
 }
 
 /// Converts an absolute wall-clock deadline to this process's monotonic clock.
@@ -437,7 +441,7 @@ mod tests {
     fn start() -> (UnixStream, std::thread::JoinHandle<Result<u8, WorkerError>>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let catalog = Catalog::builtin(&CatalogOptions { debug_tasks: true, ..Default::default() });
-        let worker = std::thread::spawn(move || serve(theirs, catalog, 1 << 20));
+        let worker = std::thread::spawn(move || serve(theirs, catalog, 1 << 20, None));
         (ours, worker)
     }
 

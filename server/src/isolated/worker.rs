@@ -51,6 +51,8 @@ pub struct WorkerOptions {
     pub args: Vec<String>,
     /// What the worker is told at start.
     pub settings: Settings,
+    /// Extra environment (the OpenTelemetry settings when tracing is on).
+    pub env: Vec<(String, String)>,
     /// Time a new worker has to say Hello.
     pub handshake_timeout: Duration,
     /// Interval between pings.
@@ -126,6 +128,7 @@ impl WorkerProcess {
             .args(&options.args)
             .env_clear()
             .envs(options.settings.to_env())
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(worker_process::env::FD, theirs.as_raw_fd().to_string())
             .env(worker_process::env::PARENT_PID, std::process::id().to_string())
             // glibc reserves 64 MiB of address space per malloc arena and
