@@ -129,3 +129,47 @@ async fn a_dead_collector_does_not_slow_or_fail_calls() {
     // (a connect attempt per call) would take far longer.
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn batch_items_get_their_own_spans_and_logs_carry_the_trace_id() {
+    let (collector, received) = otlp::start().await;
+    let endpoint = format!("http://{collector}");
+    let server = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let mut client = server.client().await;
+    let items: Vec<ExecuteRequest> = (0..3)
+        .map(|i| ExecuteRequest { id: format!("item-{i}"), ..request("primes.count", &[("limit", "50000")], vec![]) })
+        .collect();
+    let mut batch = tonic::Request::new(tokio_stream::iter(items));
+    batch.metadata_mut().insert("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902c1-01").parse().unwrap());
+    let mut results = client.execute_batch(batch).await.unwrap().into_inner();
+    let mut answered = 0;
+    while results.message().await.unwrap().is_some() {
+        answered += 1;
+    }
+    assert_eq!(answered, 3);
+    // A failing call logs inside its span: the line carries the trace id.
+    assert_eq!(
+        client.execute(traced(request("debug.panic", &[], vec![]), "00f067aa0ba902c2")).await.unwrap_err().code(),
+        Code::Internal
+    );
+
+    let stream_span =
+        || received.spans().into_iter().map(|(_, s)| s).find(|s| s.name == "offload.v1.Compute/ExecuteBatch");
+    assert!(wait_for(Duration::from_secs(10), || stream_span().is_some()).await);
+    let stream = stream_span().unwrap();
+    assert_eq!(hex::encode(&stream.trace_id), TRACE_ID);
+    let executions = || {
+        received
+            .spans()
+            .into_iter()
+            .filter(|(_, s)| s.parent_span_id == stream.span_id && s.name == "execute primes.count")
+            .count()
+    };
+    assert!(wait_for(Duration::from_secs(10), || executions() == 3).await, "{:#?}", received.spans());
+    assert!(server.wait_logged("call failed with an internal error").await);
+    let line = server.logs().into_iter().find(|l| l.contains("call failed with an internal error")).unwrap();
+    assert!(line.contains(TRACE_ID), "{line}");
+}
