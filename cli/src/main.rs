@@ -39,6 +39,16 @@ enum Command {
     Tasks,
     /// Runs one task and writes its output.
     Run(RunArgs),
+    /// Checks the server's gRPC health: exits 0 when SERVING, 1 otherwise
+    /// (for container health checks and scripts).
+    Health {
+        /// The service to check; "" is the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,11 +114,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to {}", cli.server))?;
-    let mut client = ComputeClient::new(channel).max_decoding_message_size(usize::MAX);
+    let mut client = ComputeClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
     match cli.command {
         Command::Tasks => list(&mut client).await,
         Command::Run(args) => execute(&mut client, args).await,
+        Command::Health { service, timeout } => health(channel, &service, timeout).await,
     }
+}
+
+async fn health(channel: Channel, service: &str, timeout: f64) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mut request = tonic::Request::new(HealthCheckRequest { service: service.to_string() });
+    request.set_timeout(Duration::from_secs_f64(timeout.max(0.001)));
+    let status = HealthClient::new(channel).check(request).await.map_err(status_error)?.into_inner().status;
+    let status = ServingStatus::try_from(status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    if status != ServingStatus::Serving {
+        bail!("{:?} is not serving", service);
+    }
+    Ok(())
 }
 
 async fn list(client: &mut ComputeClient<Channel>) -> anyhow::Result<()> {

@@ -60,4 +60,12 @@ async fn the_cli_lists_runs_and_reports_errors() {
     let out = offload(&server, &["run", "no.such"], None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+
+    let out = offload(&server, &["health"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    let out = offload(&server, &["health", "--service", "offload.v1.Compute"], None);
+    assert!(out.status.success());
+    let out = offload(&server, &["health", "--service", "no.such.Service"], None);
+    assert!(!out.status.success(), "an unknown service is not healthy");
 }
