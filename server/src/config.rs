@@ -8,7 +8,7 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use offload_worker::tasks::exec::ExecSpec;
 
-use crate::telemetry::TraceSettings;
+use crate::telemetry::{self, TraceSettings};
 use serde::Deserialize;
 
 /// Default address: loopback only, so a first run exposes nothing.
@@ -115,6 +115,20 @@ pub struct Args {
     #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
     pub otel_service_name: Option<String>,
 
+    /// Trace sampler: always_on, always_off, traceidratio,
+    /// parentbased_always_on, parentbased_always_off or
+    /// parentbased_traceidratio. [default: parentbased_always_on]
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_name = "SAMPLER")]
+    pub otel_traces_sampler: Option<String>,
+
+    /// The sampler's argument: the ratio for the *traceidratio samplers.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
+
+    /// Extra resource attributes of the exported spans, as key=value,key=value.
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_name = "ATTRS")]
+    pub otel_resource_attributes: Option<String>,
+
     /// Log format; the level comes from RUST_LOG (default info). [default: auto]
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -188,6 +202,9 @@ impl Args {
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
             otel_service_name: self.otel_service_name.or(file.otel_service_name),
+            otel_traces_sampler: self.otel_traces_sampler.or(file.otel_traces_sampler),
+            otel_traces_sampler_arg: self.otel_traces_sampler_arg.or(file.otel_traces_sampler_arg),
+            otel_resource_attributes: self.otel_resource_attributes.or(file.otel_resource_attributes),
             workers: self.workers.or(file.workers),
             worker_memory_limit_bytes: self.worker_memory_limit_bytes.or(file.worker_memory_limit_bytes),
             worker_nice: self.worker_nice.or(file.worker_nice),
@@ -344,6 +361,13 @@ impl Config {
             traces: TraceSettings {
                 endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),
                 service_name: a.otel_service_name.filter(|n| !n.is_empty()),
+                sampler: telemetry::Sampling::parse(
+                    a.otel_traces_sampler.as_deref(),
+                    a.otel_traces_sampler_arg.as_deref(),
+                )
+                .map_err(|reason| invalid("otel-traces-sampler", reason))?,
+                resource_attributes: telemetry::parse_attributes(a.otel_resource_attributes.as_deref().unwrap_or(""))
+                    .map_err(|reason| invalid("otel-resource-attributes", reason))?,
             },
             workers: a.workers.map_or(cores, NonZeroUsize::get),
             worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),

@@ -175,8 +175,20 @@ fn worker_trace_env(config: &Config) -> Vec<(String, String)> {
     if !config.traces.enabled() {
         return Vec::new();
     }
-    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect();
-    env.retain(|(k, _)| k != "OTEL_SERVICE_NAME" && k != "OTEL_EXPORTER_OTLP_ENDPOINT");
+    // The front's settings win over its environment, as they do in the front.
+    let decided =
+        ["OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"];
+    let mut env: Vec<(String, String)> =
+        std::env::vars().filter(|(k, _)| k.starts_with("OTEL_") && !decided.contains(&k.as_str())).collect();
+    let (sampler, arg) = config.traces.sampler.env();
+    env.push(("OTEL_TRACES_SAMPLER".into(), sampler.into()));
+    env.extend(arg.map(|a| ("OTEL_TRACES_SAMPLER_ARG".to_string(), a)));
+    if !config.traces.resource_attributes.is_empty() {
+        let attributes: Vec<String> =
+            config.traces.resource_attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.retain(|(k, _)| k != "OTEL_RESOURCE_ATTRIBUTES");
+        env.push(("OTEL_RESOURCE_ATTRIBUTES".into(), attributes.join(",")));
+    }
     if let Some(endpoint) = config.traces.endpoint.clone().or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
     {
         env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint));

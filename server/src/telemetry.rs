@@ -37,6 +37,94 @@ pub struct TraceSettings {
     pub endpoint: Option<String>,
     /// service.name; None reads OTEL_SERVICE_NAME, then the default.
     pub service_name: Option<String>,
+    /// Which traces are kept.
+    pub sampler: Sampling,
+    /// Extra resource attributes.
+    pub resource_attributes: Vec<(String, String)>,
+}
+
+/// A trace sampler, as the OTEL_TRACES_SAMPLER values name them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Sampling {
+    /// Follow the caller's decision; sample root traces (the default).
+    #[default]
+    ParentBasedAlwaysOn,
+    /// Follow the caller's decision; drop root traces.
+    ParentBasedAlwaysOff,
+    /// Follow the caller's decision; sample this share of root traces.
+    ParentBasedRatio(f64),
+    /// Sample everything.
+    AlwaysOn,
+    /// Sample nothing.
+    AlwaysOff,
+    /// Sample this share of all traces.
+    Ratio(f64),
+}
+
+impl Sampling {
+    /// Parses a sampler name and its argument.
+    pub fn parse(name: Option<&str>, arg: Option<&str>) -> Result<Self, String> {
+        let ratio = || -> Result<f64, String> {
+            match arg {
+                None => Ok(1.0),
+                Some(a) => a
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| format!("sampler argument {a:?} is not a ratio in 0..=1")),
+            }
+        };
+        Ok(match name.map(str::trim).unwrap_or("parentbased_always_on") {
+            "parentbased_always_on" | "" => Sampling::ParentBasedAlwaysOn,
+            "parentbased_always_off" => Sampling::ParentBasedAlwaysOff,
+            "parentbased_traceidratio" => Sampling::ParentBasedRatio(ratio()?),
+            "always_on" => Sampling::AlwaysOn,
+            "always_off" => Sampling::AlwaysOff,
+            "traceidratio" => Sampling::Ratio(ratio()?),
+            other => {
+                return Err(format!(
+                    "unknown sampler {other:?}; use always_on, always_off, traceidratio or their parentbased_ forms"
+                ));
+            }
+        })
+    }
+
+    /// The OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG values naming it.
+    pub fn env(self) -> (&'static str, Option<String>) {
+        match self {
+            Sampling::ParentBasedAlwaysOn => ("parentbased_always_on", None),
+            Sampling::ParentBasedAlwaysOff => ("parentbased_always_off", None),
+            Sampling::ParentBasedRatio(r) => ("parentbased_traceidratio", Some(r.to_string())),
+            Sampling::AlwaysOn => ("always_on", None),
+            Sampling::AlwaysOff => ("always_off", None),
+            Sampling::Ratio(r) => ("traceidratio", Some(r.to_string())),
+        }
+    }
+
+    fn sampler(self) -> opentelemetry_sdk::trace::Sampler {
+        use opentelemetry_sdk::trace::Sampler;
+        match self {
+            Sampling::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            Sampling::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            Sampling::ParentBasedRatio(r) => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r))),
+            Sampling::AlwaysOn => Sampler::AlwaysOn,
+            Sampling::AlwaysOff => Sampler::AlwaysOff,
+            Sampling::Ratio(r) => Sampler::TraceIdRatioBased(r),
+        }
+    }
+}
+
+/// Parses `key=value,key=value` resource attributes.
+pub fn parse_attributes(raw: &str) -> Result<Vec<(String, String)>, String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("{pair:?} is not key=value")),
+        })
+        .collect()
 }
 
 impl TraceSettings {
@@ -102,15 +190,20 @@ fn provider(traces: &TraceSettings) -> Result<SdkTracerProvider, opentelemetry_o
     if let Some(endpoint) = &traces.endpoint {
         exporter = exporter.with_endpoint(endpoint.clone());
     }
-    let mut resource = Resource::builder();
-    let env_names_it = std::env::var_os("OTEL_SERVICE_NAME").is_some()
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    let mut resource = Resource::builder().with_attributes(
+        traces.resource_attributes.iter().map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+    );
+    let named = traces.resource_attributes.iter().any(|(k, _)| k == "service.name");
     match &traces.service_name {
         Some(name) => resource = resource.with_service_name(name.clone()),
-        None if !env_names_it => resource = resource.with_service_name(DEFAULT_SERVICE_NAME),
+        None if !named => resource = resource.with_service_name(DEFAULT_SERVICE_NAME),
         None => {}
     }
-    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter.build()?).with_resource(resource.build()).build())
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter.build()?)
+        .with_sampler(traces.sampler.sampler())
+        .with_resource(resource.build())
+        .build())
 }
 
 /// Reads W3C trace context from gRPC metadata.
@@ -221,5 +314,24 @@ pub fn record_run<E: std::fmt::Display>(span: &tracing::Span, result: Result<usi
             span.record("output.bytes", output_bytes as i64);
         }
         Err(err) => mark_error(span, err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samplers_and_attributes_parse_as_the_spec_names_them() {
+        assert_eq!(Sampling::parse(None, None), Ok(Sampling::ParentBasedAlwaysOn));
+        assert_eq!(Sampling::parse(Some("traceidratio"), Some("0.25")), Ok(Sampling::Ratio(0.25)));
+        assert_eq!(Sampling::parse(Some("parentbased_traceidratio"), None), Ok(Sampling::ParentBasedRatio(1.0)));
+        assert!(Sampling::parse(Some("traceidratio"), Some("2")).is_err());
+        assert!(Sampling::parse(Some("sometimes"), None).is_err());
+        assert_eq!(
+            parse_attributes("deployment.environment=prod, team = compute"),
+            Ok(vec![("deployment.environment".into(), "prod".into()), ("team".into(), "compute".into())])
+        );
+        assert!(parse_attributes("novalue").is_err());
     }
 }
