@@ -47,7 +47,7 @@ pub enum LogFormat {
 // The same struct is the file's shape: each field is optional so that what
 // the command line leaves unset can come from the file, then the default.
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
-#[command(name = "offload-server", version, about, long_about = None)]
+#[command(name = "offload-server", version, about, long_about = None, args_override_self = true)]
 #[serde(deny_unknown_fields)]
 pub struct Args {
     /// TOML file with any of the settings below (keys as flag names, with '_').
@@ -59,6 +59,19 @@ pub struct Args {
     /// [default: 127.0.0.1:50051]
     #[arg(long, env = "OFFLOAD_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+
+    /// Front replicas on this machine, all serving --listen (SO_REUSEPORT):
+    /// a number, or "auto" for one per core. With more than one, this
+    /// process supervises them: restarts dead ones, rolls them on SIGHUP,
+    /// drains them all on SIGTERM. [default: 1]
+    #[arg(long, env = "OFFLOAD_REPLICAS", value_name = "N|auto")]
+    pub replicas: Option<String>,
+
+    /// Set by the replica supervisor on its replicas: bind --listen with
+    /// SO_REUSEPORT, die with the supervisor, say "ready" on stdout.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub replica: bool,
 
     /// List and run the debug.* tasks (for tests and benchmarks).
     #[arg(long, env = "OFFLOAD_DEBUG_TASKS")]
@@ -189,6 +202,8 @@ impl Args {
         Args {
             config: self.config,
             listen: self.listen.or(file.listen),
+            replicas: self.replicas.or(file.replicas),
+            replica: self.replica,
             debug_tasks: self.debug_tasks || file.debug_tasks,
             pool_threads: self.pool_threads.or(file.pool_threads),
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
@@ -253,6 +268,10 @@ pub enum ConfigError {
 pub struct Config {
     /// Address to serve gRPC on.
     pub listen: SocketAddr,
+    /// Replicas to supervise; 1 means this process serves.
+    pub replicas: usize,
+    /// Whether this process is a replica under a supervisor.
+    pub replica: bool,
     /// Whether the debug.* tasks are served.
     pub debug_tasks: bool,
     /// Threads of the rayon pool.
@@ -345,8 +364,19 @@ impl Config {
                 return Err(invalid("exec", format!("task {:?} is declared twice", spec.name)));
             }
         }
+        let replicas = match a.replicas.as_deref().map(str::trim) {
+            None | Some("") => 1,
+            Some("auto") => cores,
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| invalid("replicas", format!("{n:?} is not auto or a number in 1..=256")))?,
+        };
         Ok(Self {
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            replicas: if a.replica { 1 } else { replicas },
+            replica: a.replica,
             debug_tasks: a.debug_tasks,
             pool_threads: a.pool_threads.map_or(cores, NonZeroUsize::get),
             queue_capacity: a.queue_capacity.map_or(DEFAULT_QUEUE_CAPACITY, NonZeroUsize::get),

@@ -1,6 +1,7 @@
 //! Offload's front service: the gRPC API, the dispatcher and its executors.
 //!
 //! Layout, in the order a request flows:
+//! - [`cluster`]: the replica supervisor (`--replicas`).
 //! - [`server`]: assembles the services and layers, serves HTTP/2, drains.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
@@ -14,6 +15,7 @@
 //! - [`config`], [`shutdown`]: process set-up around it all.
 
 pub mod admission;
+pub mod cluster;
 pub mod config;
 pub mod cost;
 pub mod deadline;

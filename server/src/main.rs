@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use offload_server::{
+    cluster,
     config::{Args, Config},
     server, shutdown, telemetry,
 };
@@ -54,14 +55,44 @@ fn run(config: Config) -> anyhow::Result<()> {
         let telemetry = telemetry::init(config.log_format, &config.traces);
         // A task's panic fails its call; log it as one line instead of stderr noise.
         std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let local = listener.local_addr()?;
-        tracing::info!(addr = %local, "listening on {local}");
         let stop = shutdown::on_signals().context("cannot install signal handlers")?;
-        let served = server::serve(&config, listener, stop).await;
+        let served = if config.replicas > 1 {
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let hangups = shutdown::on_hangups().context("cannot install signal handlers")?;
+            cluster::supervise(&config, args, stop, hangups).await.context("replica supervisor")
+        } else {
+            serve_here(&config, stop).await
+        };
         telemetry.shutdown();
-        Ok(served?)
+        served
     })
+}
+
+/// Serves in this process (alone, or as one replica of a supervisor).
+async fn serve_here(config: &Config, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let listener = if config.replica {
+        // Die with the supervisor (whose runtime thread started us).
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .context("PR_SET_PDEATHSIG")?;
+        let std_listener = cluster::reuse_port_listener(config.listen, true)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        tokio::net::TcpListener::from_std(std_listener)?
+    } else {
+        tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?
+    };
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, replica = %config.replica_name, "listening on {local}");
+    let replica = config.replica;
+    server::serve(config, listener, stop, move || {
+        if replica {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", cluster::READY_LINE);
+            let _ = out.flush();
+        }
+    })
+    .await?;
+    Ok(())
 }

@@ -51,7 +51,13 @@ pub enum ServeError {
 }
 
 /// Serves `config` on `listener` until `shutdown` fires, then drains.
-pub async fn serve(config: &Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// `on_serving` runs once the server accepts calls.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    on_serving: impl FnOnce(),
+) -> Result<(), ServeError> {
     let catalog_options = CatalogOptions {
         debug_tasks: config.debug_tasks,
         max_decompressed_bytes: config.max_decompressed_bytes,
@@ -114,6 +120,7 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: Cancellatio
         .keep_alive_timeout(Duration::from_secs(20));
     let connections = GracefulShutdown::new();
 
+    on_serving();
     tracing::info!(pool_threads = dispatcher.pool().threads(), tasks = dispatcher.catalog().iter().count(), "serving");
     loop {
         tokio::select! {

@@ -1,0 +1,76 @@
+//! Replicas on one machine (`--replicas`): connections spread over them, a
+//! dead replica is replaced, SIGTERM drains them all and leaves no process.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use offload_e2e::{Server, children_of, is_alive, request, wait_for};
+use offload_proto::offload::v1::compute_client::ComputeClient;
+use tonic::transport::Channel;
+
+/// Every process under `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for child in children_of(p) {
+            all.push(child);
+            frontier.push(child);
+        }
+    }
+    all
+}
+
+/// (replica pid) of every "replica ... serving" line logged so far.
+fn serving(server: &Server) -> Vec<u32> {
+    server
+        .logs()
+        .iter()
+        .filter(|l| l.contains("\"message\":\"replica ") && l.contains(" serving"))
+        .filter_map(|l| l.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()))
+        .collect()
+}
+
+async fn replica_of_fresh_connection(server: &Server) -> String {
+    let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let out = ComputeClient::new(channel).execute(request("debug.echo", &[], &b"x"[..])).await.unwrap().into_inner();
+    out.stats.unwrap().replica
+}
+
+#[tokio::test]
+async fn connections_spread_over_replicas_and_a_dead_one_is_replaced() {
+    let server = Server::start(&["--replicas", "3", "--workers", "1", "--replica-name", "r"]);
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 3).await, "{:?}", server.logs());
+    let mut seen = BTreeSet::new();
+    for _ in 0..24 {
+        seen.insert(replica_of_fresh_connection(&server).await);
+    }
+    assert!(seen.len() >= 2, "connections reached {seen:?}");
+    assert!(seen.iter().all(|r| ["r-0", "r-1", "r-2"].contains(&r.as_str())), "{seen:?}");
+
+    let victim = serving(&server)[0];
+    nix::sys::signal::kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 4).await, "{:?}", server.logs());
+    assert!(server.logged("replica exited; restarting it"));
+    // Every connection is served again, by live replicas only.
+    for _ in 0..12 {
+        replica_of_fresh_connection(&server).await;
+    }
+    assert!(!is_alive(victim));
+}
+
+#[tokio::test]
+async fn sigterm_drains_every_replica_then_no_process_is_left() {
+    let mut server = Server::start(&["--replicas", "2", "--workers", "1", "--shutdown-grace-secs", "10"]);
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 2).await, "{:?}", server.logs());
+    let tree = descendants(server.pid());
+    assert!(tree.len() >= 4, "two replicas and their workers: {tree:?}");
+    let mut client = server.client().await;
+    let in_flight = super::start_running(&mut client, request("debug.sleep", &[("ms", "1000")], vec![])).await;
+    server.signal(Signal::SIGTERM);
+    let result = super::final_result(in_flight).await.expect("the call in flight finished");
+    assert!(result.stats.unwrap().run_us >= 1_000_000);
+    let status = server.wait_exit(Duration::from_secs(20)).expect("supervisor exited");
+    assert!(status.success(), "{status:?}");
+    assert!(wait_for(Duration::from_secs(5), || tree.iter().all(|p| !is_alive(*p))).await, "left: {tree:?}");
+}
