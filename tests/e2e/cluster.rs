@@ -74,3 +74,62 @@ async fn sigterm_drains_every_replica_then_no_process_is_left() {
     assert!(status.success(), "{status:?}");
     assert!(wait_for(Duration::from_secs(5), || tree.iter().all(|p| !is_alive(*p))).await, "left: {tree:?}");
 }
+
+/// Whether a failed call never reached a handler, so a retry is safe:
+/// UNAVAILABLE (draining, or no connection) or a connection-level failure.
+fn never_started(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        || (status.code() == tonic::Code::Unknown && status.message().contains("transport error"))
+}
+
+#[tokio::test]
+async fn sighup_rolls_the_replicas_without_failing_a_call() {
+    let server = Server::start(&["--replicas", "2", "--workers", "1", "--shutdown-grace-secs", "10"]);
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 2).await, "{:?}", server.logs());
+    let before = serving(&server);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let url = server.url();
+        let stop = std::sync::Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let channel = Channel::from_shared(url).unwrap().connect_lazy();
+            let mut client = ComputeClient::new(channel);
+            let (mut ok, mut retried) = (0u32, 0u32);
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let input = format!("client {c} call {i}").into_bytes();
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    match client.execute(request("debug.sleep", &[("ms", "5")], input.clone())).await {
+                        Ok(_) => break,
+                        Err(status) if never_started(&status) && attempts < 50 => {
+                            retried += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(status) => panic!("call failed for good after {attempts} attempts: {status:?}"),
+                    }
+                }
+                ok += 1;
+            }
+            (ok, retried)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal(Signal::SIGHUP);
+    assert!(wait_for(Duration::from_secs(60), || server.logged("rolling restart done")).await, "{:?}", server.logs());
+    // Keep the load on the new replicas for a moment, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (ok, _retried) = client.await.expect("no call failed");
+        total += ok;
+    }
+    assert!(total > 20, "the load ran: {total} calls");
+    let after = serving(&server);
+    assert_eq!(after.len(), 4, "two new replicas: {after:?}");
+    assert!(before.iter().all(|p| !is_alive(*p)), "old replicas drained and exited");
+}
