@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Checks the deploy files without a container engine: the compose file
+# parses (Debian's docker-compose), the Kubernetes manifests validate
+# strictly against the Kubernetes schemas, and the files agree with each
+# other (check.py). Installs what it needs into target/deploy-venv.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+venv="$root/target/deploy-venv"
+if ! cmp -s "$here/requirements.txt" "$venv/.requirements" 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
+  cp "$here/requirements.txt" "$venv/.requirements"
+fi
+if ! command -v docker-compose >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || true
+fi
+docker-compose -f "$here/docker-compose.yml" config -q
+echo "compose file: ok"
+"$venv/bin/kubernetes-validate" --strict "$here"/k8s/*.yaml
+"$venv/bin/python" "$here/check.py"
