@@ -364,6 +364,7 @@ impl Config {
                 return Err(invalid("exec", format!("task {:?} is declared twice", spec.name)));
             }
         }
+        let replica_name = a.replica_name.clone().unwrap_or_else(host_name);
         let replicas = match a.replicas.as_deref().map(str::trim) {
             None | Some("") => 1,
             Some("auto") => cores,
@@ -385,7 +386,7 @@ impl Config {
             inline_threshold: Duration::from_micros(a.inline_threshold_us.unwrap_or(DEFAULT_INLINE_THRESHOLD_US)),
             batch_concurrency: a.batch_concurrency.map_or(DEFAULT_BATCH_CONCURRENCY, NonZeroUsize::get),
             shutdown_grace: Duration::from_secs_f64(grace),
-            replica_name: a.replica_name.unwrap_or_else(host_name),
+            replica_name: replica_name.clone(),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
             metrics_listen: a.metrics_listen,
             traces: TraceSettings {
@@ -398,6 +399,7 @@ impl Config {
                 .map_err(|reason| invalid("otel-traces-sampler", reason))?,
                 resource_attributes: telemetry::parse_attributes(a.otel_resource_attributes.as_deref().unwrap_or(""))
                     .map_err(|reason| invalid("otel-resource-attributes", reason))?,
+                instance: replica_name.clone(),
             },
             workers: a.workers.map_or(cores, NonZeroUsize::get),
             worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),

@@ -41,6 +41,8 @@ pub struct TraceSettings {
     pub sampler: Sampling,
     /// Extra resource attributes.
     pub resource_attributes: Vec<(String, String)>,
+    /// service.instance.id: the replica's name.
+    pub instance: String,
 }
 
 /// A trace sampler, as the OTEL_TRACES_SAMPLER values name them.
@@ -190,9 +192,11 @@ fn provider(traces: &TraceSettings) -> Result<SdkTracerProvider, opentelemetry_o
     if let Some(endpoint) = &traces.endpoint {
         exporter = exporter.with_endpoint(endpoint.clone());
     }
-    let mut resource = Resource::builder().with_attributes(
+    let resource = Resource::builder().with_attributes(
         traces.resource_attributes.iter().map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
     );
+    let mut resource =
+        resource.with_attribute(opentelemetry::KeyValue::new("service.instance.id", traces.instance.clone()));
     let named = traces.resource_attributes.iter().any(|(k, _)| k == "service.name");
     match &traces.service_name {
         Some(name) => resource = resource.with_service_name(name.clone()),

@@ -133,3 +133,55 @@ async fn sighup_rolls_the_replicas_without_failing_a_call() {
     assert_eq!(after.len(), 4, "two new replicas: {after:?}");
     assert!(before.iter().all(|p| !is_alive(*p)), "old replicas drained and exited");
 }
+
+#[tokio::test]
+async fn a_replica_killed_under_load_fails_only_its_calls_in_flight() {
+    let server = Server::start(&["--replicas", "3", "--workers", "1"]);
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 3).await, "{:?}", server.logs());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let url = server.url();
+        let stop = std::sync::Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let mut client = ComputeClient::new(Channel::from_shared(url).unwrap().connect_lazy());
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.execute(request("debug.sleep", &[("ms", "10")], vec![])).await {
+                    Ok(_) => ok += 1,
+                    Err(status) => failed.push(status),
+                }
+            }
+            // After the replacement every call succeeds again.
+            for _ in 0..5 {
+                client
+                    .execute(request("debug.echo", &[], &b"after"[..]))
+                    .await
+                    .expect("calls succeed after the replacement");
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = serving(&server)[1];
+    nix::sys::signal::kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 4).await, "{:?}", server.logs());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failures = Vec::new();
+    let mut total = 0;
+    for client in clients {
+        let (ok, failed) = client.await.unwrap();
+        total += ok;
+        failures.extend(failed);
+    }
+    assert!(total > 50, "the load ran: {total}");
+    // Only the calls in flight on the killed replica's connections fail: at
+    // most one per connection, and only as a lost connection.
+    assert!(failures.len() <= 6, "{failures:?}");
+    for status in &failures {
+        let lost_connection = matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Internal)
+            || (status.code() == tonic::Code::Unknown && status.message().contains("transport error"));
+        assert!(lost_connection, "{status:?}");
+    }
+}
