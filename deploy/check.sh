@@ -6,13 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-venv="$root/target/deploy-venv"
-if ! cmp -s "$here/requirements.txt" "$venv/.requirements" 2>/dev/null; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
-  cp "$here/requirements.txt" "$venv/.requirements"
-fi
+venv=$("$root/scripts/venv.sh" "$root/target/deploy-venv" "$here/requirements.txt")
 if ! command -v docker-compose >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || true
 fi

@@ -36,14 +36,20 @@ fn text(span: &Span, key: &str) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_call_is_one_trace_continuing_the_callers() {
+/// A server exporting to a fresh in-test collector, with one worker.
+async fn traced_server() -> (Server, otlp::Received) {
     let (collector, received) = otlp::start().await;
     let endpoint = format!("http://{collector}");
     let server = Server::start_with_env(
         &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1"],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
+    (server, received)
+}
+
+#[tokio::test]
+async fn a_call_is_one_trace_continuing_the_callers() {
+    let (server, received) = traced_server().await;
     server.wait_for_workers(1, Duration::from_secs(10)).await;
     let mut client = server.client().await;
 
@@ -132,12 +138,7 @@ async fn a_dead_collector_does_not_slow_or_fail_calls() {
 
 #[tokio::test]
 async fn batch_items_get_their_own_spans_and_logs_carry_the_trace_id() {
-    let (collector, received) = otlp::start().await;
-    let endpoint = format!("http://{collector}");
-    let server = Server::start_with_env(
-        &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1"],
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
-    );
+    let (server, received) = traced_server().await;
     let mut client = server.client().await;
     let items: Vec<ExecuteRequest> = (0..3)
         .map(|i| ExecuteRequest { id: format!("item-{i}"), ..request("primes.count", &[("limit", "50000")], vec![]) })

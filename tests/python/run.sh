@@ -5,14 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-venv=${OFFLOAD_PY_VENV:-$root/target/py-venv}
-stamp="$venv/.requirements"
-if ! cmp -s "$here/requirements.txt" "$stamp" 2>/dev/null; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
-  cp "$here/requirements.txt" "$stamp"
-fi
+venv=$("$root/scripts/venv.sh" "${OFFLOAD_PY_VENV:-$root/target/py-venv}" "$here/requirements.txt")
 gen=$(mktemp -d)
 trap 'rm -rf "$gen"' EXIT
 "$venv/bin/python" -m grpc_tools.protoc -I "$root/proto" --python_out="$gen" --grpc_python_out="$gen" \
