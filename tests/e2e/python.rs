@@ -1,5 +1,6 @@
-//! A real non-Rust client: Python's grpcio, with stubs generated from our
-//! proto files, checks Execute hash.sha256 against hashlib.
+//! Real non-Rust clients: Python's grpcio, with stubs generated from our
+//! proto files, checks Execute hash.sha256 against hashlib; grpcurl works
+//! from server reflection alone.
 
 use std::process::Command;
 
@@ -23,4 +24,22 @@ async fn python_grpcio_client_gets_correct_digests() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("python grpcio client: ok"));
+}
+
+#[tokio::test]
+async fn grpcurl_works_from_reflection_alone() {
+    let server = Server::start(&[]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpcurl/run.sh");
+    let addr = server.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || Command::new("bash").arg(script).arg(addr).output())
+        .await
+        .unwrap()
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("grpcurl: ok"));
 }

