@@ -209,8 +209,7 @@ impl Dispatcher {
                 };
                 // Unknown work is charged a millisecond until measured.
                 let cost = expected.unwrap_or(Duration::from_millis(1));
-                let remaining = call.deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                let ticket = admission.admit(cost, remaining).map_err(|refusal| match refusal {
+                let ticket = admission.admit(cost, call.deadline).map_err(|refusal| match refusal {
                     Refusal::QueueFull { capacity } => CallError::QueueFull { mode: mode.as_str(), capacity },
                     Refusal::WouldMissDeadline { wait, remaining } => {
                         CallError::WouldMissDeadline { task: spec.name, executor, wait, remaining }

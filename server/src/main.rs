@@ -83,7 +83,7 @@ async fn serve_here(config: &Config, stop: tokio_util::sync::CancellationToken) 
             .with_context(|| format!("cannot listen on {}", config.listen))?
     };
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, replica = %config.replica_name, "listening on {local}");
+    tracing::info!(addr = %local, "listening on {local}");
     let replica = config.replica;
     server::serve(config, listener, stop, move || {
         if replica {

@@ -167,7 +167,16 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Telemetry {
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // JSON lines carry the fields of the spans they are in, the call's trace id among them.
-    let fmt = if json { fmt.json().flatten_event(true).with_current_span(true).boxed() } else { fmt.boxed() };
+    let fmt = if json {
+        let instance = traces.instance.clone();
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .map_event_format(|json| WithReplica { inner: json, field: replica_field(&instance) })
+            .boxed()
+    } else {
+        fmt.boxed()
+    };
     let (provider, error) = if traces.enabled() {
         match provider(traces) {
             Ok(p) => (Some(p), None),
@@ -318,6 +327,48 @@ pub fn record_run<E: std::fmt::Display>(span: &tracing::Span, result: Result<usi
             span.record("output.bytes", output_bytes as i64);
         }
         Err(err) => mark_error(span, err.to_string()),
+    }
+}
+
+/// JSON log lines with the replica's name as their first field, so lines of
+/// several replicas sharing one output stay attributable.
+struct WithReplica<F> {
+    inner: F,
+    /// `"replica":"<name>",` ready to insert.
+    field: String,
+}
+
+fn replica_field(name: &str) -> String {
+    // serde_json-free escaping: names are host or pod names, but be safe.
+    let escaped: String = name
+        .chars()
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            c if c.is_control() => Vec::new(),
+            c => vec![c],
+        })
+        .collect();
+    format!("\"replica\":\"{escaped}\",")
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithReplica<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.inner.format_event(ctx, tracing_subscriber::fmt::format::Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(writer, "{{{}{rest}", self.field),
+            None => writer.write_str(&line),
+        }
     }
 }
 

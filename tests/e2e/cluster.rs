@@ -47,6 +47,10 @@ async fn connections_spread_over_replicas_and_a_dead_one_is_replaced() {
     }
     assert!(seen.len() >= 2, "connections reached {seen:?}");
     assert!(seen.iter().all(|r| ["r-0", "r-1", "r-2"].contains(&r.as_str())), "{seen:?}");
+    // Each replica's log lines say which replica wrote them.
+    for name in ["r-0", "r-1", "r-2"] {
+        assert!(server.logged(&format!("\"replica\":\"{name}\"")), "no log line of {name}");
+    }
 
     let victim = serving(&server)[0];
     nix::sys::signal::kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
