@@ -27,8 +27,9 @@ pub fn frame_head<M: Message>(message: &M, payload_len: usize) -> Vec<u8> {
     } else {
         key_len(PAYLOAD_FIELD) + encoded_len_varint(payload_len as u64) + payload_len
     };
-    let body_len = message.encoded_len() + payload_part;
-    let mut head = Vec::with_capacity(LENGTH_PREFIX + message.encoded_len() + 16);
+    let message_len = message.encoded_len();
+    let body_len = message_len + payload_part;
+    let mut head = Vec::with_capacity(LENGTH_PREFIX + message_len + 16);
     head.extend_from_slice(&(body_len as u32).to_be_bytes());
     message.encode(&mut head).expect("a Vec grows as needed");
     if payload_len > 0 {
@@ -36,11 +37,6 @@ pub fn frame_head<M: Message>(message: &M, payload_len: usize) -> Vec<u8> {
         encode_varint(payload_len as u64, &mut head);
     }
     head
-}
-
-/// The total frame length (after the prefix) that [`frame_head`] announces.
-pub fn body_len(head: &[u8]) -> usize {
-    u32::from_be_bytes(head[..LENGTH_PREFIX].try_into().expect("4 bytes")) as usize
 }
 
 #[cfg(test)]
@@ -56,7 +52,8 @@ mod tests {
         for payload in [Vec::new(), b"abc".to_vec(), vec![9u8; 300_000]] {
             let mut frame = frame_head(&message, payload.len());
             frame.extend_from_slice(&payload);
-            assert_eq!(body_len(&frame), frame.len() - LENGTH_PREFIX);
+            let announced = u32::from_be_bytes(frame[..LENGTH_PREFIX].try_into().unwrap()) as usize;
+            assert_eq!(announced, frame.len() - LENGTH_PREFIX);
             let decoded = WorkerRequest::decode(&frame[LENGTH_PREFIX..]).unwrap();
             assert_eq!(decoded.body, Some(Body::Run(run.clone())));
             assert_eq!(decoded.payload.as_ref(), payload.as_slice());

@@ -271,11 +271,6 @@ impl Drop for CancelOnDrop {
 }
 
 impl Admitted {
-    /// The task's name.
-    pub fn task_name(&self) -> &'static str {
-        self.task.spec().name
-    }
-
     /// Runs the call; `progress`, when given, follows its stage and progress.
     /// The call is counted in the metrics however it ends (a call whose
     /// caller went away counts as CANCELLED).

@@ -243,6 +243,8 @@ async fn a_worker_that_stops_answering_is_killed_and_replaced() {
     let before = server.wait_for_workers(1, Duration::from_secs(10)).await;
     signal(before[0], Signal::SIGSTOP);
     assert!(server.wait_logged("idle worker stopped answering").await, "{:?}", server.logs());
+    // The log line comes just before the kill: wait for the replacement.
+    assert!(wait_for(Duration::from_secs(10), || !is_alive(before[0])).await, "the hung worker was killed");
     let after = server.wait_for_workers(1, Duration::from_secs(10)).await;
     assert_ne!(after, before);
     // A long task is not mistaken for a hang: it outlives the heartbeat timeout.

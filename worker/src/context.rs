@@ -86,11 +86,6 @@ impl Context {
         Self { deadline, cancel, progress, started: Instant::now() }
     }
 
-    /// The call's deadline, if it has one.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
     /// Fails with `Cancelled` or `DeadlineExceeded` when the job must stop.
     pub fn check(&self) -> Result<(), TaskError> {
         if self.cancel.is_cancelled() {
