@@ -9,8 +9,14 @@ use prost::{
     encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len},
 };
 
-/// The protocol version both ends must speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version both ends must speak. Version 2: the front may
+/// pipeline RunTask frames (see [`MAX_OUTSTANDING`]).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Tasks a front may have sent to one worker and not yet seen answered; the
+/// worker runs them one at a time in arrival order and treats more as a
+/// protocol error.
+pub const MAX_OUTSTANDING: usize = 64;
 
 /// The field number of `payload` in WorkerRequest and WorkerReply.
 const PAYLOAD_FIELD: u32 = 15;
@@ -22,6 +28,14 @@ pub const LENGTH_PREFIX: usize = 4;
 /// prefix, `message` (whose own `payload` must be empty), and the payload's
 /// field key and length. The frame is this followed by the payload.
 pub fn frame_head<M: Message>(message: &M, payload_len: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(LENGTH_PREFIX + message.encoded_len() + 16);
+    append_head(message, payload_len, &mut head);
+    head
+}
+
+/// [`frame_head`] appended to `out`, so that several frames can go out in
+/// one write from one reused buffer.
+pub fn append_head<M: Message>(message: &M, payload_len: usize, out: &mut Vec<u8>) {
     let payload_part = if payload_len == 0 {
         0
     } else {
@@ -29,14 +43,13 @@ pub fn frame_head<M: Message>(message: &M, payload_len: usize) -> Vec<u8> {
     };
     let message_len = message.encoded_len();
     let body_len = message_len + payload_part;
-    let mut head = Vec::with_capacity(LENGTH_PREFIX + message_len + 16);
-    head.extend_from_slice(&(body_len as u32).to_be_bytes());
-    message.encode(&mut head).expect("a Vec grows as needed");
+    out.reserve(LENGTH_PREFIX + message_len + 16);
+    out.extend_from_slice(&(body_len as u32).to_be_bytes());
+    message.encode(out).expect("a Vec grows as needed");
     if payload_len > 0 {
-        encode_key(PAYLOAD_FIELD, WireType::LengthDelimited, &mut head);
-        encode_varint(payload_len as u64, &mut head);
+        encode_key(PAYLOAD_FIELD, WireType::LengthDelimited, out);
+        encode_varint(payload_len as u64, out);
     }
-    head
 }
 
 #[cfg(test)]

@@ -310,3 +310,63 @@ async fn a_worker_whose_memory_grew_past_the_limit_is_recycled_between_tasks() {
     assert!(server.wait_logged("its resident memory is").await, "{:?}", server.logs());
     assert!(wait_for(Duration::from_secs(3), || !is_alive(first)).await);
 }
+
+#[tokio::test]
+async fn workers_killed_under_pipelined_load_fail_at_most_the_calls_they_were_running() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let server = Server::start(&["--workers", "1"]);
+    let before = server.wait_for_workers(1, Duration::from_secs(10)).await;
+    // The front learns that debug.echo is tiny, and pipelines such calls.
+    let mut client = server.client().await;
+    for _ in 0..20 {
+        client.execute(isolated("debug.echo", &[], &b"warm"[..])).await.unwrap();
+    }
+    let (done, killed, ok_after_kill) = (AtomicUsize::new(0), AtomicBool::new(false), AtomicUsize::new(0));
+    const KILLS: usize = 3;
+    let callers = (0..16).map(|caller| {
+        let (server, done, killed, ok_after_kill) = (&server, &done, &killed, &ok_after_kill);
+        async move {
+            let mut client = server.client().await;
+            let mut failures = Vec::new();
+            for i in 0.. {
+                let input = format!("caller {caller} call {i}");
+                match client.execute(isolated("debug.echo", &[], input.clone().into_bytes())).await {
+                    Ok(out) => {
+                        assert_eq!(out.into_inner().output.as_ref(), input.as_bytes());
+                        if killed.load(Ordering::SeqCst) {
+                            ok_after_kill.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(status) => failures.push(status),
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                if ok_after_kill.load(Ordering::SeqCst) >= 1000 {
+                    break;
+                }
+            }
+            failures
+        }
+    });
+    let kill = async {
+        let mut victim = before[0];
+        for round in 1..=KILLS {
+            assert!(wait_for(Duration::from_secs(10), || done.load(Ordering::SeqCst) >= 300 * round).await);
+            signal(victim, Signal::SIGKILL);
+            killed.store(true, Ordering::SeqCst);
+            assert!(wait_for(Duration::from_secs(10), || server.worker_pids().iter().any(|p| *p != victim)).await);
+            victim = server.worker_pids()[0];
+        }
+    };
+    let (failures, ()) = tokio::time::timeout(Duration::from_secs(60), futures::future::join(join_all(callers), kill))
+        .await
+        .expect("the callers finish");
+    let failures: Vec<tonic::Status> = failures.into_iter().flatten().collect();
+    // Calls queued in the dead worker behind the one it ran had not started:
+    // they went to its replacement.
+    assert!(failures.len() <= KILLS, "{failures:?}");
+    for status in &failures {
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(status.message().contains("died with SIGKILL while running debug.echo"), "{status:?}");
+    }
+    assert!(!server.wait_for_workers(1, Duration::from_secs(10)).await.contains(&before[0]));
+}

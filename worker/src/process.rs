@@ -3,12 +3,16 @@
 //!
 //! The main thread reads frames and answers pings at once, so a long task is
 //! never mistaken for a hung worker; a second thread runs the tasks. The
+//! front may pipeline tasks: they queue and run in arrival order, and tiny
+//! ones (the front's `inline` hint) run on the reading thread when nothing is
+//! ahead of them, their answers collected and written together. The
 //! worker exits when the socket closes (its front is gone), when it receives
 //! a malformed frame (it does not guess), or after a task ran out of memory.
 //! At start it applies the limits the front asked for, and asks the kernel
 //! to kill it when its parent dies.
 
 use std::{
+    collections::VecDeque,
     io::{self, Read, Write},
     os::{fd::FromRawFd, unix::net::UnixStream},
     process::ExitCode,
@@ -207,6 +211,38 @@ fn reply(body: worker_reply::Body) -> WorkerReply {
     WorkerReply { body: Some(body), payload: Bytes::new() }
 }
 
+/// Replies the reading thread collects while more requests are already
+/// buffered, written in one syscall when it is about to wait for input: a
+/// pipelined batch of tiny tasks costs the front one read, not one per task.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+}
+
+/// Outputs larger than this are written from their own buffer, not copied.
+const OUTBOX_COPY_LIMIT: usize = 64 << 10;
+
+impl Outbox {
+    fn push(&mut self, writer: &Writer, reply: &WorkerReply, payload: &[u8]) -> io::Result<()> {
+        if payload.len() > OUTBOX_COPY_LIMIT {
+            self.flush(writer)?;
+            return send(writer, reply, payload);
+        }
+        framing::append_head(reply, payload.len(), &mut self.buf);
+        self.buf.extend_from_slice(payload);
+        Ok(())
+    }
+
+    fn flush(&mut self, writer: &Writer) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let written = writer.lock().unwrap_or_else(|e| e.into_inner()).write_all(&self.buf);
+        self.buf.clear();
+        written
+    }
+}
+
 /// Reads one frame into `buf` (reused across frames); None at end of stream.
 fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>, WorkerError> {
     let mut prefix = [0u8; framing::LENGTH_PREFIX];
@@ -226,6 +262,10 @@ fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> R
     reader.read_exact(&mut buf[..])?;
     Ok(Some(buf.split().freeze()))
 }
+
+/// Tasks received and not yet answered, oldest (running) first, with their
+/// cancel flags.
+type Outstanding = Arc<Mutex<VecDeque<(u64, CancelFlag)>>>;
 
 /// Serves tasks on `stream` until it closes. Returns the exit status.
 pub fn serve(
@@ -256,20 +296,28 @@ pub fn serve(
         Some(other) => return Err(WorkerError::Protocol(format!("expected Welcome, got {other:?}"))),
     }
 
-    // The running task, if any: its id and cancel flag.
-    let current: Arc<Mutex<Option<(u64, CancelFlag)>>> = Arc::new(Mutex::new(None));
+    let outstanding = Outstanding::default();
     let (jobs, job_rx) = mpsc::channel::<(RunTask, Bytes, CancelFlag)>();
-    let runner = Runner { catalog, writer: Arc::clone(&writer), current: Arc::clone(&current), tracing };
+    let runner = Runner { catalog, writer: Arc::clone(&writer), outstanding: Arc::clone(&outstanding), tracing };
     {
         let runner = runner.clone();
         std::thread::Builder::new().name("offload-task".into()).spawn(move || {
             for (run, input, cancel) in job_rx {
-                runner.finish(run, input, cancel);
+                let (done, output) = runner.complete(run, input, cancel);
+                if send(&runner.writer, &done, &output).is_err() {
+                    std::process::exit(i32::from(EXIT_CLEAN));
+                }
+                exit_if_out_of_memory(&done);
             }
         })?;
     }
 
+    let mut outbox = Outbox::default();
     loop {
+        if reader.buffer().is_empty() {
+            // About to wait for the front: what it waits for goes out first.
+            outbox.flush(&writer)?;
+        }
         let (request, payload) = match read_frame(&mut reader, &mut buf, max_frame)? {
             None => return Ok(EXIT_CLEAN),
             Some(frame) => decode(frame)?,
@@ -277,33 +325,60 @@ pub fn serve(
         match request {
             worker_request::Body::Run(run) => {
                 let cancel = CancelFlag::new();
-                {
-                    let mut slot = current.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((busy, _)) = *slot {
-                        return Err(WorkerError::Protocol(format!("task {} sent while task {busy} runs", run.id)));
+                let idle = {
+                    let mut queue = outstanding.lock().unwrap_or_else(|e| e.into_inner());
+                    if queue.len() >= framing::MAX_OUTSTANDING {
+                        return Err(WorkerError::Protocol(format!(
+                            "task {} sent while {} tasks are outstanding",
+                            run.id,
+                            queue.len()
+                        )));
                     }
-                    *slot = Some((run.id, cancel.clone()));
-                }
-                if run.inline {
-                    // Tiny: running it here costs less than waking the task thread.
-                    runner.finish(run, payload, cancel);
+                    queue.push_back((run.id, cancel.clone()));
+                    queue.len() == 1
+                };
+                if run.inline && idle {
+                    // Tiny, and nothing ahead of it: running it here costs
+                    // less than waking the task thread.
+                    let (done, output) = runner.complete(run, payload, cancel);
+                    outbox.push(&writer, &done, &output)?;
+                    if is_out_of_memory(&done) {
+                        outbox.flush(&writer)?;
+                        exit_if_out_of_memory(&done);
+                    }
                     continue;
                 }
+                // Answers keep the order of the requests: ours go out before
+                // the task thread's.
+                outbox.flush(&writer)?;
                 if jobs.send((run, payload, cancel)).is_err() {
                     return Err(WorkerError::Io(io::Error::other("the task thread is gone")));
                 }
             }
             worker_request::Body::Cancel(c) => {
-                let slot = current.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((id, flag)) = slot.as_ref()
-                    && *id == c.id
-                {
+                let queue = outstanding.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, flag)) = queue.iter().find(|(id, _)| *id == c.id) {
                     flag.cancel();
                 }
             }
-            worker_request::Body::Ping(p) => send(&writer, &reply(worker_reply::Body::Pong(Pong { seq: p.seq })), &[])?,
+            worker_request::Body::Ping(p) => {
+                outbox.push(&writer, &reply(worker_reply::Body::Pong(Pong { seq: p.seq })), &[])?;
+            }
             worker_request::Body::Welcome(_) => return Err(WorkerError::Protocol("second Welcome".into())),
         }
+    }
+}
+
+fn is_out_of_memory(done: &WorkerReply) -> bool {
+    matches!(&done.body, Some(worker_reply::Body::Done(d)) if d.failure == FailureKind::OutOfMemory as i32)
+}
+
+/// After a task ran out of memory (its TaskDone sent): whatever failed to
+/// allocate may have left the heap fragmented or a library half-initialised,
+/// so this process is not reused.
+fn exit_if_out_of_memory(done: &WorkerReply) {
+    if is_out_of_memory(done) {
+        std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
     }
 }
 
@@ -329,20 +404,21 @@ fn decode(frame: Bytes) -> Result<(worker_request::Body, Bytes), WorkerError> {
 struct Runner {
     catalog: Catalog,
     writer: Writer,
-    current: Arc<Mutex<Option<(u64, CancelFlag)>>>,
+    outstanding: Outstanding,
     tracing: Option<Arc<Tracing>>,
 }
 
 impl Runner {
-    /// Runs one task to its end and sends its TaskDone; exits the process
-    /// when the front is gone or the task ran out of memory.
-    fn finish(&self, run: RunTask, input: Bytes, cancel: CancelFlag) {
+    /// Runs the oldest outstanding task to its end (a task cancelled or past
+    /// its deadline while queued ends at once) and returns its TaskDone and
+    /// output.
+    fn complete(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> (WorkerReply, Bytes) {
         let id = run.id;
         let span = self.tracing.as_ref().map(|t| t.task_span(&run.task, &run.traceparent));
         let started = Instant::now();
         let result = self.run_one(run, input, cancel);
         let run_us = started.elapsed().as_micros() as u64;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.outstanding.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
         if let Some(span) = span {
             Tracing::end(span, result.as_ref().err().map(ToString::to_string));
         }
@@ -353,15 +429,7 @@ impl Runner {
                 (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
             }
         };
-        let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
-        if send(&self.writer, &reply(worker_reply::Body::Done(done)), &output).is_err() {
-            std::process::exit(i32::from(EXIT_CLEAN));
-        }
-        if out_of_memory {
-            // Whatever failed to allocate may have left the heap fragmented
-            // or a library half-initialised: do not reuse this process.
-            std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
-        }
+        (reply(worker_reply::Body::Done(done)), output)
     }
 
     fn run_one(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> Result<Bytes, TaskError> {
@@ -436,7 +504,7 @@ pub fn task_error(kind: FailureKind, message: String, run: Duration) -> TaskErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use offload_proto::offload::worker::v1::Welcome;
+    use offload_proto::offload::worker::v1::{Cancel, Welcome};
 
     fn start() -> (UnixStream, std::thread::JoinHandle<Result<u8, WorkerError>>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
@@ -477,13 +545,61 @@ mod tests {
         assert_eq!(worker.join().unwrap().unwrap(), EXIT_CLEAN);
     }
 
+    fn run(id: u64, task: &str, params: &[(&str, &str)], inline: bool) -> worker_request::Body {
+        let params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        worker_request::Body::Run(RunTask { id, task: task.into(), params, inline, ..Default::default() })
+    }
+
+    fn done(reply: &WorkerReply) -> (u64, i32) {
+        match &reply.body {
+            Some(worker_reply::Body::Done(done)) => (done.id, done.failure),
+            other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pipelined_tasks_run_in_order_and_a_queued_one_can_be_cancelled() {
+        let (mut front, worker) = start();
+        read_reply(&mut front);
+        write_request(&mut front, welcome(PROTOCOL_VERSION), &[]);
+        // Sent together: a slow task on the task thread, then tiny ones that
+        // must wait behind it, then one cancelled before it starts.
+        write_request(&mut front, run(1, "debug.sleep", &[("ms", "200")], false), &[]);
+        write_request(&mut front, run(2, "debug.echo", &[], true), b"two");
+        write_request(&mut front, run(3, "debug.echo", &[], true), b"three");
+        write_request(&mut front, run(4, "debug.sleep", &[("ms", "5000")], false), &[]);
+        write_request(&mut front, worker_request::Body::Cancel(Cancel { id: 4 }), &[]);
+        write_request(&mut front, run(5, "debug.echo", &[], true), b"five");
+        let replies: Vec<WorkerReply> = (0..5).map(|_| read_reply(&mut front)).collect();
+        let ids: Vec<(u64, i32)> = replies.iter().map(done).collect();
+        let cancelled = FailureKind::Cancelled as i32;
+        assert_eq!(ids, [(1, 0), (2, 0), (3, 0), (4, cancelled), (5, 0)]);
+        assert_eq!(replies[2].payload.as_ref(), b"three");
+        assert_eq!(replies[4].payload.as_ref(), b"five");
+        drop(front);
+        assert_eq!(worker.join().unwrap().unwrap(), EXIT_CLEAN);
+    }
+
+    #[test]
+    fn more_outstanding_tasks_than_the_protocol_allows_is_a_protocol_error() {
+        let (mut front, worker) = start();
+        read_reply(&mut front);
+        write_request(&mut front, welcome(PROTOCOL_VERSION), &[]);
+        for id in 0..=framing::MAX_OUTSTANDING as u64 {
+            write_request(&mut front, run(id, "debug.sleep", &[("ms", "5000")], false), &[]);
+        }
+        let err = worker.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("tasks are outstanding"), "{err}");
+    }
+
     #[test]
     fn refuses_a_front_of_another_protocol_version() {
         let (mut front, worker) = start();
         read_reply(&mut front);
         write_request(&mut front, welcome(PROTOCOL_VERSION + 1), &[]);
         let err = worker.join().unwrap().unwrap_err();
-        assert!(err.to_string().contains("front speaks protocol 2, this worker 1"), "{err}");
+        let expected = format!("front speaks protocol {}, this worker {PROTOCOL_VERSION}", PROTOCOL_VERSION + 1);
+        assert!(err.to_string().contains(&expected), "{err}");
     }
 
     #[test]

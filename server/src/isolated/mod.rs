@@ -7,14 +7,19 @@
 //!
 //! Jobs wait in one shared queue; each slot takes the next job only when its
 //! worker is ready, so a call waits for a process to start only when every
-//! worker is busy or being replaced.
+//! worker is busy or being replaced. A slot that takes a tiny job also takes
+//! the tiny jobs queued right behind it, up to [`PIPELINE_DEPTH`], and sends
+//! them together: the worker runs them in order and answers them together,
+//! so under load the socket round trip and the thread wake-ups are paid per
+//! batch rather than per call. Jobs a worker never started when it died go
+//! back to the front of the queue.
 
 pub mod death;
 mod slot;
 pub mod worker;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -24,7 +29,7 @@ use std::{
 
 use bytes::Bytes;
 use offload_worker::{ProgressSink, TaskError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::admission::{Admission, Ticket};
@@ -121,11 +126,94 @@ pub enum JobError {
     Unavailable(String),
 }
 
+/// Tiny jobs sent to one worker at once, at most.
+pub const PIPELINE_DEPTH: usize = 32;
+const _: () = assert!(PIPELINE_DEPTH <= offload_proto::framing::MAX_OUTSTANDING);
+
+/// Inputs larger than this are never pipelined: their copy and transfer
+/// would outweigh the saved round trip.
+const PIPELINE_INPUT_BELOW: usize = 16 << 10;
+
+/// The jobs waiting for a worker.
+#[derive(Default)]
+struct JobQueue {
+    jobs: Mutex<VecDeque<WorkerJob>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobQueue").field("len", &self.lock().len()).finish_non_exhaustive()
+    }
+}
+
+impl JobQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<WorkerJob>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, job: WorkerJob) {
+        if self.closed.load(Ordering::Acquire) {
+            let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
+            return;
+        }
+        self.lock().push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// Puts jobs a dead worker never started back at the front, in order.
+    fn requeue(&self, jobs: Vec<WorkerJob>) {
+        let count = jobs.len();
+        {
+            let mut queue = self.lock();
+            for job in jobs.into_iter().rev() {
+                queue.push_front(job);
+            }
+        }
+        for _ in 0..count {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The next job, waiting for one.
+    async fn next(&self) -> WorkerJob {
+        loop {
+            let ready = self.ready.notified();
+            if let Some(job) = self.lock().pop_front() {
+                return job;
+            }
+            ready.await;
+        }
+    }
+
+    /// Up to `max` pipelinable jobs from the front of the queue, without waiting.
+    fn take_tiny(&self, max: usize, into: &mut Vec<WorkerJob>) {
+        let mut queue = self.lock();
+        while into.len() < max && queue.front().is_some_and(pipelinable) {
+            into.extend(queue.pop_front());
+        }
+    }
+
+    /// Refuses new jobs and answers the waiting ones.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for job in self.lock().drain(..) {
+            let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
+        }
+    }
+}
+
+/// Whether a job may share a worker round trip with others.
+fn pipelinable(job: &WorkerJob) -> bool {
+    job.inline && job.input.len() < PIPELINE_INPUT_BELOW
+}
+
 /// State shared by the slots and the dispatcher.
 #[derive(Debug)]
 struct Shared {
     options: IsolatedOptions,
-    jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<WorkerJob>>,
+    queue: JobQueue,
     live: AtomicUsize,
     last_start_error: Mutex<Option<String>>,
     deaths: DeathCounters,
@@ -135,7 +223,6 @@ struct Shared {
 #[derive(Debug)]
 pub struct Supervisor {
     shared: Arc<Shared>,
-    submit: mpsc::UnboundedSender<WorkerJob>,
     admission: Arc<Admission>,
     slots: TaskTracker,
     stop: CancellationToken,
@@ -144,12 +231,11 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts `options.workers` slots, each spawning its worker.
     pub fn start(options: IsolatedOptions) -> Self {
-        let (submit, jobs) = mpsc::unbounded_channel();
         let admission = Admission::new(options.workers, options.queue_capacity);
         let workers = options.workers;
         let shared = Arc::new(Shared {
             options,
-            jobs: tokio::sync::Mutex::new(jobs),
+            queue: JobQueue::default(),
             live: AtomicUsize::new(0),
             last_start_error: Mutex::new(None),
             deaths: DeathCounters::default(),
@@ -160,7 +246,7 @@ impl Supervisor {
             slots.spawn(slot::run(index, Arc::clone(&shared), stop.clone()));
         }
         slots.close();
-        Self { shared, submit, admission, slots, stop }
+        Self { shared, admission, slots, stop }
     }
 
     /// The executor's admission control.
@@ -199,9 +285,7 @@ impl Supervisor {
 
     /// Queues `job` for the next free worker.
     pub fn submit(&self, job: WorkerJob) {
-        if let Err(mpsc::error::SendError(job)) = self.submit.send(job) {
-            let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
-        }
+        self.shared.queue.push(job);
     }
 
     /// Stops every worker (idle ones at once, busy ones after their task or
@@ -211,5 +295,6 @@ impl Supervisor {
         if tokio::time::timeout(grace + Duration::from_secs(1), self.slots.wait()).await.is_err() {
             tracing::warn!("worker slots did not stop in time");
         }
+        self.shared.queue.close();
     }
 }

@@ -52,7 +52,7 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
         let fate = current
             .idle(&options.worker, async {
                 tokio::select! {
-                    next = async { shared.jobs.lock().await.recv().await } => job = next,
+                    next = shared.queue.next() => job = Some(next),
                     () = stop.cancelled() => {}
                 }
             })
@@ -70,15 +70,32 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
             }
             return;
         };
-        if let Some(early) = expired(&job) {
-            let _ = job.reply.send(Err(early));
+        let mut batch = vec![job];
+        if super::pipelinable(&batch[0]) {
+            shared.queue.take_tiny(pipeline_room(&shared, current), &mut batch);
+        }
+        let batch: Vec<WorkerJob> = batch
+            .into_iter()
+            .filter_map(|job| match expired(&job) {
+                Some(early) => {
+                    let _ = job.reply.send(Err(early));
+                    None
+                }
+                None => Some(job),
+            })
+            .collect();
+        if batch.is_empty() {
             continue;
         }
 
-        let task = job.task;
         let pid = current.pid();
-        match current.run(job, &options.worker).await {
-            Fate::Dead(cause) => buried(&shared, &mut worker, pid, &cause, Some(task)),
+        tracing::debug!(jobs = batch.len(), "sending jobs to worker {pid}");
+        let end = current.run(batch, &options.worker).await;
+        if !end.unstarted.is_empty() {
+            shared.queue.requeue(end.unstarted);
+        }
+        match end.fate {
+            Fate::Dead(cause) => buried(&shared, &mut worker, pid, &cause, Some(end.task)),
             Fate::Alive => {
                 if let Some(reason) = recycle_reason(&shared, current) {
                     recycle(&shared, &mut worker, index, &reason).await;
@@ -124,6 +141,16 @@ fn expired(job: &WorkerJob) -> Option<JobError> {
         return Some(JobError::Stopped { reason: StopReason::Deadline, rung: Rung::CancelFrame });
     }
     None
+}
+
+/// How many jobs the worker may take at once: a worker due for recycling
+/// after N more tasks takes no more than N.
+fn pipeline_room(shared: &Shared, worker: &WorkerProcess) -> usize {
+    let max = shared.options.max_tasks_per_worker;
+    if max == 0 {
+        return super::PIPELINE_DEPTH;
+    }
+    (max.saturating_sub(worker.tasks_done).max(1) as usize).min(super::PIPELINE_DEPTH)
 }
 
 fn recycle_reason(shared: &Shared, worker: &WorkerProcess) -> Option<String> {

@@ -6,6 +6,7 @@
 
 use std::{
     collections::VecDeque,
+    io::IoSlice,
     os::{
         fd::{AsFd, AsRawFd},
         unix::net::UnixStream as StdUnixStream,
@@ -97,18 +98,178 @@ pub enum Fate {
 type StderrTail = Arc<Mutex<VecDeque<String>>>;
 const STDERR_LINES: usize = 20;
 
+/// Payloads up to this size are copied next to their frame head, so that a
+/// pipelined batch of small tasks goes out in one write; larger ones are
+/// written from the caller's buffer.
+const COPY_PAYLOAD_BELOW: usize = 16 << 10;
+
+/// Bytes queued for the worker: frames coalesced into shared buffers, large
+/// payloads as their own chunks. They are written while the front reads
+/// (see [`Link::next_frame`]), so neither side can block the other with a
+/// full socket buffer, and frames never interleave.
+#[derive(Debug, Default)]
+struct Outgoing {
+    chunks: VecDeque<Bytes>,
+    /// Frames not yet sealed into a chunk.
+    building: Vec<u8>,
+    /// Bytes of the first chunk already written.
+    written: usize,
+}
+
+impl Outgoing {
+    fn push(&mut self, request: &WorkerRequest, payload: &Bytes) {
+        framing::append_head(request, payload.len(), &mut self.building);
+        if payload.len() < COPY_PAYLOAD_BELOW {
+            self.building.extend_from_slice(payload);
+        } else {
+            self.seal();
+            self.chunks.push_back(payload.clone());
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.building.is_empty() {
+            self.chunks.push_back(Bytes::from(std::mem::take(&mut self.building)));
+        }
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while let Some(first) = self.chunks.front() {
+            let left = first.len() - self.written;
+            if n < left {
+                self.written += n;
+                return;
+            }
+            n -= left;
+            self.written = 0;
+            self.chunks.pop_front();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.building.clear();
+        self.written = 0;
+    }
+}
+
+/// Writes some of `out` in one vectored write.
+async fn write_some(writer: &mut OwnedWriteHalf, out: &Outgoing) -> std::io::Result<usize> {
+    const SLICES: usize = 32;
+    let mut slices: [IoSlice<'_>; SLICES] = [IoSlice::new(&[]); SLICES];
+    let mut count = 0;
+    for (i, chunk) in out.chunks.iter().take(SLICES).enumerate() {
+        let skip = if i == 0 { out.written } else { 0 };
+        slices[i] = IoSlice::new(&chunk[skip..]);
+        count += 1;
+    }
+    writer.write_vectored(&slices[..count]).await
+}
+
+/// The socket to one worker: framed reads, queued writes.
+#[derive(Debug)]
+struct Link {
+    reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    writer: OwnedWriteHalf,
+    out: Outgoing,
+}
+
+impl Link {
+    /// Queues a frame; it is written by the next [`Link::next_frame`] or [`Link::flush`].
+    fn queue(&mut self, body: worker_request::Body) {
+        self.queue_request(&WorkerRequest { body: Some(body), payload: Bytes::new() }, &Bytes::new());
+    }
+
+    /// Queues a frame whose message may carry a payload.
+    fn queue_request(&mut self, request: &WorkerRequest, payload: &Bytes) {
+        self.out.push(request, payload);
+    }
+
+    /// The next frame from the worker, writing queued frames meanwhile.
+    /// Cancel-safe: a frame half read or bytes half written stay where they were.
+    async fn next_frame(&mut self) -> Option<std::io::Result<bytes::BytesMut>> {
+        loop {
+            self.out.seal();
+            if self.out.chunks.is_empty() {
+                return self.reader.next().await;
+            }
+            tokio::select! {
+                biased;
+                frame = self.reader.next() => return frame,
+                written = write_some(&mut self.writer, &self.out) => match written {
+                    Ok(n) if n > 0 => self.out.advance(n),
+                    // The worker is gone; the read side says how.
+                    _ => self.out.clear(),
+                },
+            }
+        }
+    }
+
+    /// Writes everything queued (only where the worker is not writing: the
+    /// handshake and retirement).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.out.seal();
+        while !self.out.chunks.is_empty() {
+            match write_some(&mut self.writer, &self.out).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => self.out.advance(n),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A live worker process.
 #[derive(Debug)]
 pub struct WorkerProcess {
     pid: u32,
     child: Child,
-    reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
-    writer: OwnedWriteHalf,
+    link: Link,
     stderr: StderrTail,
     stderr_done: tokio::sync::watch::Receiver<bool>,
     next_id: u64,
     /// Tasks it has finished, for recycling.
     pub tasks_done: u64,
+}
+
+/// A job sent to the worker and not answered yet.
+struct Sent {
+    id: u64,
+    job: WorkerJob,
+    span: tracing::Span,
+    queued: Duration,
+    /// When it became the oldest unanswered job (the one the worker runs).
+    begun: Option<Instant>,
+}
+
+impl Sent {
+    /// The worker starts this job now: its predecessors are answered.
+    fn begin(&mut self) {
+        self.queued = self.job.ticket.start();
+        drop(std::mem::replace(&mut self.job.queue_span, tracing::Span::none()));
+        self.job.started.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(sink) = &self.job.progress {
+            sink(0.0, "");
+        }
+        self.begun = Some(Instant::now());
+    }
+
+    fn answer(self, result: Result<(Bytes, Duration), JobError>, pid: u32) {
+        crate::telemetry::record_run(&self.span, result.as_ref().map(|(output, _)| output.len()));
+        let (queued, run) = (self.queued, self.begun.map_or(Duration::ZERO, |b| b.elapsed()));
+        let _ = self.job.reply.send(result.map(|(output, task_run)| WorkerRun { output, queued, run, task_run, pid }));
+    }
+}
+
+/// How a run of jobs on one worker ended.
+pub struct RunEnd {
+    /// What became of the worker.
+    pub fate: Fate,
+    /// The task it was running last (the one that killed it, if it died).
+    pub task: &'static str,
+    /// Jobs sent but never started (the worker died or was stopped before
+    /// reaching them): they go back to the queue.
+    pub unstarted: Vec<WorkerJob>,
 }
 
 /// Serialises spawns: the child's socket end is inheritable only while one
@@ -177,8 +338,7 @@ impl WorkerProcess {
         let mut worker = Self {
             pid,
             child,
-            reader: FramedRead::new(read, codec),
-            writer,
+            link: Link { reader: FramedRead::new(read, codec), writer, out: Outgoing::default() },
             stderr,
             stderr_done,
             next_id: 0,
@@ -194,7 +354,7 @@ impl WorkerProcess {
     }
 
     async fn handshake(&mut self, expected_tasks: &[&str]) -> Result<(), String> {
-        let hello = match self.next_reply().await {
+        let hello = match decode(self.link.next_frame().await) {
             Ok(Some((worker_reply::Body::Hello(hello), _))) => hello,
             Ok(Some((other, _))) => return Err(format!("expected Hello, got {other:?}")),
             Ok(None) => {
@@ -214,29 +374,13 @@ impl WorkerProcess {
         if !missing.is_empty() {
             return Err(format!("worker lacks tasks {}", missing.join(", ")));
         }
-        self.send(worker_request::Body::Welcome(Welcome { protocol_version: PROTOCOL_VERSION }), &[])
-            .await
-            .map_err(|e| format!("sending Welcome: {e}"))
+        self.link.queue(worker_request::Body::Welcome(Welcome { protocol_version: PROTOCOL_VERSION }));
+        self.link.flush().await.map_err(|e| format!("sending Welcome: {e}"))
     }
 
     /// The worker's process id.
     pub fn pid(&self) -> u32 {
         self.pid
-    }
-
-    async fn send(&mut self, body: worker_request::Body, payload: &[u8]) -> std::io::Result<()> {
-        let request = WorkerRequest { body: Some(body), payload: Bytes::new() };
-        self.writer.write_all(&framing::frame_head(&request, payload.len())).await?;
-        if !payload.is_empty() {
-            self.writer.write_all(payload).await?;
-        }
-        Ok(())
-    }
-
-    /// The next frame; `Ok(None)` when the socket closed; `Err` for a frame
-    /// that breaks the protocol.
-    async fn next_reply(&mut self) -> Result<Option<(worker_reply::Body, Bytes)>, String> {
-        decode(self.reader.next().await)
     }
 
     /// Describes how the worker ended, waiting briefly for its last stderr lines.
@@ -265,107 +409,66 @@ impl WorkerProcess {
         let _ = self.child.wait().await;
     }
 
-    /// Runs `job` on this worker and answers it; returns what became of the worker.
-    pub async fn run(&mut self, job: WorkerJob, options: &WorkerOptions) -> Fate {
-        let WorkerJob {
-            task,
-            params,
-            input,
-            inline,
-            deadline,
-            cancel,
-            progress,
-            mut ticket,
-            started,
-            span,
-            queue_span,
-            reply,
-        } = job;
-        let queued = ticket.start();
-        drop(queue_span);
-        let span = crate::telemetry::execution_span(&span, task, "ISOLATED", input.len());
-        span.record("worker.pid", i64::from(self.pid));
-        started.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(sink) = &progress {
-            sink(0.0, "");
-        }
-        self.next_id += 1;
-        let id = self.next_id;
-        let run = RunTask {
-            id,
-            task: task.to_string(),
-            params,
-            deadline_unix_nanos: deadline.map_or(0, unix_nanos),
-            traceparent: crate::telemetry::traceparent(&span),
-            inline,
-        };
-        let begun = Instant::now();
-        let (result, fate) = match self.send(worker_request::Body::Run(run), &input).await {
-            Err(err) => {
-                tracing::debug!(worker.pid = self.pid, error = %err, "could not send the task");
-                let cause = self.death().await;
-                (Err(JobError::Died { pid: self.pid, task, cause: cause.clone() }), Fate::Dead(cause))
-            }
-            Ok(()) => {
-                drop(input);
-                self.follow(id, task, deadline, &cancel, progress.as_ref(), options).await
-            }
-        };
-        let pid = self.pid;
-        let run = begun.elapsed();
-        crate::telemetry::record_run(&span, result.as_ref().map(|(output, _)| output.len()));
-        let _ = reply.send(result.map(|(output, task_run)| WorkerRun { output, queued, run, task_run, pid }));
-        fate
-    }
-
-    /// Follows a sent task to its end: its result, its worker's death or
-    /// hang, or its deadline or cancellation (then the stop ladder).
-    async fn follow(
-        &mut self,
-        id: u64,
-        task: &'static str,
-        deadline: Option<Instant>,
-        cancel: &tokio_util::sync::CancellationToken,
-        progress: Option<&offload_worker::ProgressSink>,
-        options: &WorkerOptions,
-    ) -> (Result<(Bytes, Duration), JobError>, Fate) {
-        let died =
-            |pid, cause: DeathCause| (Err(JobError::Died { pid, task, cause: cause.clone() }), Fate::Dead(cause));
+    /// Sends `jobs` to the worker at once (it runs them in order) and
+    /// answers each; returns what became of the worker, and the jobs it
+    /// never started if it died or was killed on the way.
+    pub async fn run(&mut self, jobs: Vec<WorkerJob>, options: &WorkerOptions) -> RunEnd {
+        let mut flight: VecDeque<Sent> = jobs.into_iter().map(|job| self.send(job)).collect();
         let mut heartbeat = heartbeat(options);
         let mut last_heard = Instant::now();
-        let deadline_reached = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let deadline_reached = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(deadline_reached);
-        let reason = loop {
-            tokio::select! {
-                frame = self.reader.next() => match decode(frame) {
+        let mut head_deadline = None;
+        loop {
+            let Some(head) = flight.front_mut() else {
+                return RunEnd { fate: Fate::Alive, task: "", unstarted: Vec::new() };
+            };
+            if head.begun.is_none() {
+                head.begin();
+                last_heard = Instant::now();
+                head_deadline = head.job.deadline;
+                if let Some(d) = head_deadline {
+                    deadline_reached.as_mut().reset(d.into());
+                }
+            }
+            let (id, task) = (head.id, head.job.task);
+            let cancel = head.job.cancel.clone();
+            let stop_reason = tokio::select! {
+                frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
                         self.tasks_done += 1;
                         let fate = self.finished(&done).await;
-                        return (done_result(done, output), fate);
+                        let head = flight.pop_front().expect("the head");
+                        head.answer(done_result(done, output), self.pid);
+                        if let Fate::Dead(_) = fate {
+                            return self.ended(fate, task, flight);
+                        }
+                        continue;
                     }
-                    Ok(Some((worker_reply::Body::Progress(p), _))) if p.id == id => {
+                    Ok(Some((worker_reply::Body::Progress(p), _))) => {
                         last_heard = Instant::now();
-                        if let Some(sink) = progress {
+                        // A task behind the head may report before the head's
+                        // answer arrives (tiny ones' answers are written late).
+                        if p.id == id && let Some(sink) = &flight[0].job.progress {
                             sink(p.fraction, &p.message);
                         }
+                        continue;
                     }
-                    Ok(Some((worker_reply::Body::Pong(_), _))) => last_heard = Instant::now(),
+                    Ok(Some((worker_reply::Body::Pong(_), _))) => {
+                        last_heard = Instant::now();
+                        continue;
+                    }
                     Ok(Some((other, _))) => {
                         let cause = self.protocol_breach(format!("unexpected frame {other:?}")).await;
-                        return died(self.pid, cause);
+                        return self.died(cause, flight);
                     }
                     Ok(None) => {
                         let cause = self.death().await;
-                        return died(self.pid, cause);
+                        return self.died(cause, flight);
                     }
                     Err(detail) => {
                         let cause = self.protocol_breach(detail).await;
-                        return died(self.pid, cause);
+                        return self.died(cause, flight);
                     }
                 },
                 status = self.child.wait() => {
@@ -373,11 +476,11 @@ impl WorkerProcess {
                         Ok(status) => self.describe_exit(status).await,
                         Err(_) => DeathCause::Exited(-1),
                     };
-                    return died(self.pid, cause);
+                    return self.died(cause, flight);
                 }
-                () = &mut deadline_reached => break StopReason::Deadline,
+                () = &mut deadline_reached, if head_deadline.is_some() => StopReason::Deadline,
                 // The caller gives up at its deadline too: that is the deadline.
-                () = cancel.cancelled() => break match deadline {
+                () = cancel.cancelled() => match head_deadline {
                     Some(d) if Instant::now() >= d => StopReason::Deadline,
                     _ => StopReason::Cancelled,
                 },
@@ -385,46 +488,86 @@ impl WorkerProcess {
                     if last_heard.elapsed() > options.heartbeat_timeout {
                         tracing::warn!(worker.pid = self.pid, task.name = task, "worker stopped answering; killing it");
                         self.kill().await;
-                        return died(self.pid, DeathCause::Unresponsive);
+                        return self.died(DeathCause::Unresponsive, flight);
                     }
-                    // A broken socket shows up in the next read or wait.
-                    let _ = self.send(worker_request::Body::Ping(Ping { seq: id }), &[]).await;
+                    self.link.queue(worker_request::Body::Ping(Ping { seq: id }));
+                    continue;
                 }
+            };
+            let (rung, fate) = self.stop(id, stop_reason, options).await;
+            match rung {
+                Rung::CancelFrame => {
+                    tracing::info!(worker.pid = self.pid, task.name = task, reason = ?stop_reason, "{task} stopped by {rung}")
+                }
+                _ => tracing::warn!(
+                    worker.pid = self.pid,
+                    task.name = task,
+                    reason = ?stop_reason,
+                    "{task} stopped by {rung}; worker killed"
+                ),
             }
-        };
-        let (rung, fate) = self.stop(id, reason, options).await;
-        match rung {
-            Rung::CancelFrame => {
-                tracing::info!(worker.pid = self.pid, task.name = task, ?reason, "{task} stopped by {rung}")
+            let head = flight.pop_front().expect("the head");
+            head.answer(Err(JobError::Stopped { reason: stop_reason, rung }), self.pid);
+            if let Fate::Dead(_) = fate {
+                return self.ended(fate, task, flight);
             }
-            _ => tracing::warn!(
-                worker.pid = self.pid,
-                task.name = task,
-                ?reason,
-                "{task} stopped by {rung}; worker killed"
-            ),
         }
-        (Err(JobError::Stopped { reason, rung }), fate)
+    }
+
+    /// Queues one job's RunTask frame.
+    fn send(&mut self, mut job: WorkerJob) -> Sent {
+        self.next_id += 1;
+        let id = self.next_id;
+        let span = crate::telemetry::execution_span(&job.span, job.task, "ISOLATED", job.input.len());
+        span.record("worker.pid", i64::from(self.pid));
+        let run = RunTask {
+            id,
+            task: job.task.to_string(),
+            params: std::mem::take(&mut job.params),
+            deadline_unix_nanos: job.deadline.map_or(0, unix_nanos),
+            traceparent: crate::telemetry::traceparent(&span),
+            inline: job.inline,
+        };
+        let mut request = WorkerRequest { body: Some(worker_request::Body::Run(run)), payload: Bytes::new() };
+        self.link.queue_request(&request, &job.input);
+        // Kept with the job in case it must go to another worker.
+        if let Some(worker_request::Body::Run(run)) = &mut request.body {
+            job.params = std::mem::take(&mut run.params);
+        }
+        Sent { id, job, span, queued: Duration::ZERO, begun: None }
+    }
+
+    /// The head job's worker died: the head gets the death, the rest go back.
+    fn died(&self, cause: DeathCause, mut flight: VecDeque<Sent>) -> RunEnd {
+        let head = flight.pop_front().expect("the head");
+        let task = head.job.task;
+        head.answer(Err(JobError::Died { pid: self.pid, task, cause: cause.clone() }), self.pid);
+        self.ended(Fate::Dead(cause), task, flight)
+    }
+
+    fn ended(&self, fate: Fate, task: &'static str, flight: VecDeque<Sent>) -> RunEnd {
+        RunEnd { fate, task, unstarted: flight.into_iter().map(|sent| sent.job).collect() }
     }
 
     /// The stop ladder: a cancel frame, then SIGTERM, then SIGKILL, each
     /// given `kill_grace`. Returns the rung that worked.
     async fn stop(&mut self, id: u64, reason: StopReason, options: &WorkerOptions) -> (Rung, Fate) {
-        if self.send(worker_request::Body::Cancel(Cancel { id }), &[]).await.is_ok() {
-            let answered = tokio::time::timeout(options.kill_grace, async {
-                loop {
-                    match self.next_reply().await {
-                        Ok(Some((worker_reply::Body::Done(done), _))) if done.id == id => return Some(done),
-                        Ok(Some(_)) => continue,
-                        _ => return None,
-                    }
+        self.link.queue(worker_request::Body::Cancel(Cancel { id }));
+        // Tasks are answered in order: nothing but the head's progress and
+        // pongs can come before its TaskDone.
+        let answered = tokio::time::timeout(options.kill_grace, async {
+            loop {
+                match decode(self.link.next_frame().await) {
+                    Ok(Some((worker_reply::Body::Done(done), _))) if done.id == id => return Some(done),
+                    Ok(Some((worker_reply::Body::Progress(_) | worker_reply::Body::Pong(_), _))) => continue,
+                    _ => return None,
                 }
-            })
-            .await;
-            if let Ok(Some(done)) = answered {
-                self.tasks_done += 1;
-                return (Rung::CancelFrame, self.finished(&done).await);
             }
+        })
+        .await;
+        if let Ok(Some(done)) = answered {
+            self.tasks_done += 1;
+            return (Rung::CancelFrame, self.finished(&done).await);
         }
         self.signal_group(Signal::SIGTERM);
         if self.exited_within(options.kill_grace).await.is_some() {
@@ -473,7 +616,7 @@ impl WorkerProcess {
         loop {
             tokio::select! {
                 () = &mut wake => return Fate::Alive,
-                frame = self.reader.next() => match decode(frame) {
+                frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Pong(_), _))) => last_heard = Instant::now(),
                     Ok(Some((other, _))) => return Fate::Dead(self.protocol_breach(format!("unexpected frame {other:?} while idle")).await),
                     Ok(None) => return Fate::Dead(self.death().await),
@@ -492,7 +635,7 @@ impl WorkerProcess {
                         return Fate::Dead(DeathCause::Unresponsive);
                     }
                     // A broken socket shows up in the next read or wait.
-                    let _ = self.send(worker_request::Body::Ping(Ping { seq: 0 }), &[]).await;
+                    self.link.queue(worker_request::Body::Ping(Ping { seq: 0 }));
                 }
             }
         }
@@ -508,7 +651,12 @@ impl WorkerProcess {
     /// Retires the worker between tasks: closing its socket makes it exit;
     /// one that lingers is killed.
     pub async fn retire(mut self, grace: Duration) {
-        let _ = self.writer.shutdown().await;
+        let link = &mut self.link;
+        let _ = tokio::time::timeout(grace, async move {
+            let _ = link.flush().await;
+            let _ = link.writer.shutdown().await;
+        })
+        .await;
         if self.exited_within(grace).await.is_none() {
             self.kill().await;
         }
