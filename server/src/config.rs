@@ -161,7 +161,7 @@ pub struct Args {
     pub worker_nice: Option<i32>,
 
     /// Tasks after which a worker is replaced (between tasks); 0 for never.
-    /// [default: 10000]
+    /// [default: 1000000]
     #[arg(long, env = "OFFLOAD_WORKER_MAX_TASKS", value_name = "N")]
     pub worker_max_tasks: Option<u64>,
 
@@ -404,7 +404,7 @@ impl Config {
             workers: a.workers.map_or(cores, NonZeroUsize::get),
             worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),
             worker_nice,
-            worker_max_tasks: a.worker_max_tasks.unwrap_or(10_000),
+            worker_max_tasks: a.worker_max_tasks.unwrap_or(1_000_000),
             worker_max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(512 << 20),
             worker_heartbeat,
             worker_heartbeat_timeout,

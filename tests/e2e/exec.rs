@@ -30,6 +30,11 @@ args = ["30"]
 timeout_secs = 0.5
 
 [[exec]]
+name = "exec.fds"
+program = "/bin/ls"
+args = ["/proc/self/fd"]
+
+[[exec]]
 name = "exec.sleep"
 program = "/bin/sleep"
 args = ["30"]
@@ -53,6 +58,11 @@ async fn exec_tasks_run_declared_programs_in_workers() {
     assert_eq!(out.mode, ExecutionMode::Isolated as i32);
     let out = client.execute(request("exec.head", &[("bytes", "4")], &b"abcdefgh"[..])).await.unwrap().into_inner();
     assert_eq!(out.output.as_ref(), b"abcd");
+
+    // The program holds its stdio and the directory it lists, not the
+    // worker's socket to the front.
+    let out = client.execute(request("exec.fds", &[], vec![])).await.unwrap().into_inner();
+    assert_eq!(String::from_utf8_lossy(&out.output).split_whitespace().collect::<Vec<_>>(), ["0", "1", "2", "3"]);
 
     let err = client.execute(request("exec.head", &[("bytes", "4 /etc/passwd")], vec![])).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

@@ -86,8 +86,12 @@ impl Settings {
             (env::DEBUG_TASKS, u8::from(self.catalog.debug_tasks).to_string()),
             (env::MAX_DECOMPRESSED, self.catalog.max_decompressed_bytes.to_string()),
             (env::MAX_FRAME, self.max_frame.to_string()),
-            (env::EXEC, toml::to_string(&ExecList { exec: self.catalog.exec.clone() }).expect("exec specs serialize")),
         ]
+        .into_iter()
+        .chain((!self.catalog.exec.is_empty()).then(|| {
+            (env::EXEC, toml::to_string(&ExecList { exec: self.catalog.exec.clone() }).expect("exec specs serialize"))
+        }))
+        .collect()
     }
 
     fn from_env() -> Result<Self, String> {
@@ -97,10 +101,10 @@ impl Settings {
             catalog: CatalogOptions {
                 debug_tasks: var::<u8>(env::DEBUG_TASKS)? == 1,
                 max_decompressed_bytes: var(env::MAX_DECOMPRESSED)?,
-                exec: {
-                    let raw = std::env::var(env::EXEC).unwrap_or_default();
-                    let list: ExecList = toml::from_str(&raw).map_err(|e| format!("{}: {e}", env::EXEC))?;
-                    list.exec
+                // Unset when no exec task is declared (the parser stays cold).
+                exec: match std::env::var(env::EXEC) {
+                    Ok(raw) => toml::from_str::<ExecList>(&raw).map_err(|e| format!("{}: {e}", env::EXEC))?.exec,
+                    Err(_) => Vec::new(),
                 },
             },
             max_frame: var(env::MAX_FRAME)?,
@@ -190,11 +194,34 @@ fn setup(settings: &Settings) -> Result<UnixStream, String> {
     if fd < 3 {
         return Err(format!("{}={fd} is a standard stream", env::FD));
     }
+    close_on_exec_all()?;
     // SAFETY: the front passed this descriptor to this process alone, open,
     // for the worker socket; nothing else here owns or closes it.
     #[allow(unsafe_code)]
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
     Ok(stream)
+}
+
+/// Marks every inherited descriptor but the standard streams close-on-exec,
+/// the worker socket included: a program an exec task starts must not be
+/// able to speak the protocol to the front, nor hold whatever the front
+/// inherited from its own parent.
+fn close_on_exec_all() -> Result<(), String> {
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    let entries = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("listing /proc/self/fd: {e}"))?;
+    for fd in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+        if fd < 3 {
+            continue;
+        }
+        // SAFETY: only descriptor flags change, on a descriptor the kernel
+        // just listed; one that closed since (the listing's own) fails harmlessly.
+        #[allow(unsafe_code)]
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = fcntl_getfd(borrowed) {
+            let _ = fcntl_setfd(borrowed, flags | FdFlags::CLOEXEC);
+        }
+    }
+    Ok(())
 }
 
 /// The writing half, shared by the reader (pongs) and the task thread.

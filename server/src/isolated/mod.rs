@@ -127,7 +127,7 @@ pub enum JobError {
 }
 
 /// Tiny jobs sent to one worker at once, at most.
-pub const PIPELINE_DEPTH: usize = 32;
+pub const PIPELINE_DEPTH: usize = 64;
 const _: () = assert!(PIPELINE_DEPTH <= offload_proto::framing::MAX_OUTSTANDING);
 
 /// Inputs larger than this are never pipelined: their copy and transfer

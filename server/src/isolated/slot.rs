@@ -153,13 +153,16 @@ fn pipeline_room(shared: &Shared, worker: &WorkerProcess) -> usize {
     (max.saturating_sub(worker.tasks_done).max(1) as usize).min(super::PIPELINE_DEPTH)
 }
 
-fn recycle_reason(shared: &Shared, worker: &WorkerProcess) -> Option<String> {
+/// How often a busy worker's resident memory is read.
+const RSS_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+fn recycle_reason(shared: &Shared, worker: &mut WorkerProcess) -> Option<String> {
     let options = &shared.options;
     if options.max_tasks_per_worker > 0 && worker.tasks_done >= options.max_tasks_per_worker {
         return Some(format!("it ran {} tasks", worker.tasks_done));
     }
     if options.max_worker_rss_bytes > 0
-        && let Some(rss) = worker.resident_bytes()
+        && let Some(rss) = worker.resident_bytes_every(RSS_CHECK_INTERVAL)
         && rss > options.max_worker_rss_bytes
     {
         return Some(format!("its resident memory is {rss} bytes"));

@@ -230,6 +230,8 @@ pub struct WorkerProcess {
     next_id: u64,
     /// Tasks it has finished, for recycling.
     pub tasks_done: u64,
+    /// When its resident memory was last read.
+    rss_read: Option<Instant>,
 }
 
 /// A job sent to the worker and not answered yet.
@@ -343,6 +345,7 @@ impl WorkerProcess {
             stderr_done,
             next_id: 0,
             tasks_done: 0,
+            rss_read: None,
         };
         match tokio::time::timeout(options.handshake_timeout, worker.handshake(expected_tasks)).await {
             Ok(Ok(())) => Ok(worker),
@@ -639,6 +642,16 @@ impl WorkerProcess {
                 }
             }
         }
+    }
+
+    /// Resident memory of the worker, read at most once per `interval`
+    /// (three syscalls: not on every task of a busy worker).
+    pub fn resident_bytes_every(&mut self, interval: Duration) -> Option<u64> {
+        if self.rss_read.is_some_and(|at| at.elapsed() < interval) {
+            return None;
+        }
+        self.rss_read = Some(Instant::now());
+        self.resident_bytes()
     }
 
     /// Resident memory of the worker, from /proc.
