@@ -26,25 +26,25 @@ use crate::dispatch::Dispatcher;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
-    task: String,
-    mode: String,
-    code: String,
+    task: &'static str,
+    mode: &'static str,
+    code: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskModeLabels {
-    task: String,
-    mode: String,
+    task: &'static str,
+    mode: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
-    mode: String,
+    mode: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
-    reason: String,
+    reason: &'static str,
 }
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -118,19 +118,20 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts a finished call; `timing` (queued, ran) when it ran.
-    pub fn call(&self, task: &str, mode: &str, code: Code, timing: Option<(Duration, Duration)>) {
-        let labels = CallLabels { task: task.to_string(), mode: mode.to_string(), code: code_name(code).to_string() };
+    pub fn call(&self, task: &'static str, mode: &'static str, code: Code, timing: Option<(Duration, Duration)>) {
+        // Labels borrow static names: no allocation per call.
+        let labels = CallLabels { task, mode, code: code_name(code) };
         self.calls.get_or_create(&labels).inc();
         if let Some((queued, ran)) = timing {
-            self.queue_wait.get_or_create(&ModeLabels { mode: mode.to_string() }).observe(queued.as_secs_f64());
-            let labels = TaskModeLabels { task: task.to_string(), mode: mode.to_string() };
+            self.queue_wait.get_or_create(&ModeLabels { mode }).observe(queued.as_secs_f64());
+            let labels = TaskModeLabels { task, mode };
             self.duration.get_or_create(&labels).observe(ran.as_secs_f64());
         }
     }
 
     /// Counts a call refused before running.
     pub fn rejected(&self, reason: &'static str) {
-        self.rejected.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// The text exposition, with gauges read from `dispatcher` now.
@@ -138,7 +139,7 @@ impl Metrics {
         for (mode, admission) in
             [("POOL", dispatcher.pool().admission()), ("ISOLATED", dispatcher.isolated().admission())]
         {
-            let labels = ModeLabels { mode: mode.to_string() };
+            let labels = ModeLabels { mode };
             self.queue_depth.get_or_create(&labels).set(admission.queued() as i64);
             self.busy.get_or_create(&labels).set(admission.running() as i64);
         }
@@ -147,7 +148,7 @@ impl Metrics {
             let mut exported = self.exported_deaths.lock().unwrap_or_else(|e| e.into_inner());
             for (reason, total) in dispatcher.isolated().deaths() {
                 let before = exported.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n);
-                let counter = self.worker_restarts.get_or_create(&ReasonLabels { reason: reason.to_string() });
+                let counter = self.worker_restarts.get_or_create(&ReasonLabels { reason });
                 counter.inc_by(total.saturating_sub(before));
                 exported.retain(|(r, _)| *r != reason);
                 exported.push((reason, total));
