@@ -568,14 +568,8 @@ impl Suite {
         writeln!(md, "\n## Commands\n")?;
         writeln!(
             md,
-            "```sh\nbench/run            # full suite (release build), writes this file\nbench/run --quick    # one short run per scenario (what CI runs)\ntarget/release/offload-bench load --help   # the load generator on its own\n```\n"
+            "```sh\nbench/run            # full suite (release build), writes this file\nbench/run --quick    # one short run per scenario (what CI runs)\ntarget/release/offload-bench load --help   # the load generator on its own\n```\n\nHow the dispatch path was profiled, and what that found: [bench/PROFILING.md](bench/PROFILING.md).\n"
         )?;
-        if !self.charts.is_empty() {
-            writeln!(md, "## Charts\n")?;
-            for (file, title) in &self.charts {
-                writeln!(md, "![{title}]({file})\n")?;
-            }
-        }
         if !self.charts.is_empty() {
             writeln!(md, "## Charts\n")?;
             for (file, title) in &self.charts {

@@ -154,12 +154,17 @@ impl JobQueue {
     }
 
     fn push(&self, job: WorkerJob) {
-        if self.closed.load(Ordering::Acquire) {
-            let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
-            return;
+        {
+            // Checked under the lock, so no job slips in after `close` drained.
+            let mut queue = self.lock();
+            if !self.closed.load(Ordering::Relaxed) {
+                queue.push_back(job);
+                drop(queue);
+                self.ready.notify_one();
+                return;
+            }
         }
-        self.lock().push_back(job);
-        self.ready.notify_one();
+        let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
     }
 
     /// Puts jobs a dead worker never started back at the front, in order.
@@ -197,8 +202,12 @@ impl JobQueue {
 
     /// Refuses new jobs and answers the waiting ones.
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        for job in self.lock().drain(..) {
+        let waiting: Vec<WorkerJob> = {
+            let mut queue = self.lock();
+            self.closed.store(true, Ordering::Relaxed);
+            queue.drain(..).collect()
+        };
+        for job in waiting {
             let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
         }
     }
