@@ -179,17 +179,19 @@ impl Suite {
         servers: &[(&str, &Proc)],
     ) -> anyhow::Result<(Vec<f64>, Vec<Series>)> {
         let mut all = vec![Vec::new(); servers.len()];
-        let mut latencies = Vec::new();
+        let mut latencies: Vec<Option<Series>> = vec![None; servers.len()];
         for run in 0..self.options.runs {
-            latencies.clear();
-            for (i, (name, server)) in servers.iter().enumerate() {
+            // Each run starts with another server, so that none is always
+            // measured first (or right after the same neighbour).
+            for i in (0..servers.len()).map(|k| (k + run) % servers.len()) {
+                let (name, server) = servers[i];
                 let spec = LoadSpec { url: server.url.clone(), ..spec.clone() };
                 let report = self.measure(&format!("{label} [{name}, run {run}]"), &spec, Some(server.pid())).await?;
                 all[i].push(report.calls_per_sec);
-                latencies.push((name.to_string(), report.distribution));
+                latencies[i] = Some((name.to_string(), report.distribution));
             }
         }
-        Ok((all.into_iter().map(median).collect(), latencies))
+        Ok((all.into_iter().map(median).collect(), latencies.into_iter().flatten().collect()))
     }
 
     /// Throughput at 1, 4, 16 and 64 calls in flight per connection against
