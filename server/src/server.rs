@@ -106,9 +106,10 @@ pub async fn serve(
                 .max_encoding_message_size(config.max_message_bytes),
         );
     let max_message_bytes = config.max_message_bytes;
+    let counted = Arc::clone(&dispatcher);
     let service = ServiceBuilder::new()
         // Outermost: give oversized unary requests the API's status code.
-        .map_response(move |response| rewrite_oversized(response, max_message_bytes))
+        .map_response(move |response| rewrite_oversized(response, max_message_bytes, counted.metrics()))
         .service(routes);
 
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -242,12 +243,19 @@ fn isolated_options(config: &Config, catalog: &Catalog, catalog_options: Catalog
 }
 
 /// Rewrites tonic's OUT_OF_RANGE answer to an oversized request (sent as a
-/// trailers-only response, so the status is in the headers).
-fn rewrite_oversized<B>(mut response: http::Response<B>, max_message_bytes: usize) -> http::Response<B> {
+/// trailers-only response, so the status is in the headers), and counts the
+/// call: no handler saw it.
+fn rewrite_oversized<B>(
+    mut response: http::Response<B>,
+    max_message_bytes: usize,
+    metrics: &crate::metrics::Metrics,
+) -> http::Response<B> {
     let headers = response.headers_mut();
     if headers.get("grpc-status") == Some(&HeaderValue::from_static("11"))
         && let Some(status) = Status::from_header_map(headers).filter(|s| s.code() == Code::OutOfRange)
     {
+        metrics.call("unknown", "unknown", Code::ResourceExhausted, None);
+        metrics.rejected("too_large");
         headers.remove("grpc-message");
         let rewritten = request_status(status, max_message_bytes);
         if rewritten.add_header(headers).is_err() {

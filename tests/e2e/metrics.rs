@@ -38,7 +38,16 @@ fn isolated(task: &str, params: &[(&str, &str)]) -> ExecuteRequest {
 
 #[tokio::test]
 async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
-    let server = Server::start(&["--metrics-listen", "127.0.0.1:0", "--workers", "2", "--pool-threads", "1"]);
+    let server = Server::start(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--pool-threads",
+        "1",
+        "--max-message-bytes",
+        "100000",
+    ]);
     assert!(server.wait_logged("metrics on http://").await);
     server.wait_for_workers(2, Duration::from_secs(10)).await;
     let mut client = server.wire_client();
@@ -52,6 +61,9 @@ async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
     assert_eq!(client.execute(request("no.such", &[], vec![])).await.unwrap_err().code(), Code::NotFound);
     assert_eq!(client.execute(request("primes.count", &[], vec![])).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(client.execute(isolated("debug.abort", &[])).await.unwrap_err().code(), Code::Internal);
+    // Refused by the gRPC layer before any handler sees it: counted all the same.
+    let oversized = client.execute(request("hash.sha256", &[], vec![0u8; 200_000])).await.unwrap_err();
+    assert_eq!(oversized.code(), Code::ResourceExhausted);
     // One pool thread busy for 700 ms: a call with a 300 ms deadline is refused up front.
     let mut other = server.client().await;
     let busy = super::start_running(&mut other, request("debug.sleep", &[("ms", "700")], vec![])).await;
@@ -71,18 +83,20 @@ async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
     assert_eq!(calls(r#"task="debug.abort",mode="ISOLATED",code="INTERNAL""#), 1.0);
     assert_eq!(calls(r#"task="debug.sleep",mode="POOL",code="RESOURCE_EXHAUSTED""#), 1.0);
     assert_eq!(calls(r#"task="debug.sleep",mode="POOL",code="OK""#), 1.0);
+    assert_eq!(calls(r#"task="unknown",mode="unknown",code="RESOURCE_EXHAUSTED""#), 1.0);
     let total: f64 = m
         .lines()
         .filter(|l| l.starts_with("offload_calls_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert_eq!(total, 10.0, "every call counted once:\n{m}");
+    assert_eq!(total, 11.0, "every call counted once:\n{m}");
 
     assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="hash.sha256",mode="POOL"}"#), 3.0);
     assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="debug.echo",mode="ISOLATED"}"#), 2.0);
     // Each call that ran observes its queue wait (0 for tiny tasks run inline).
     assert_eq!(value(&m, r#"offload_queue_wait_seconds_count{mode="ISOLATED"}"#), 2.0);
     assert_eq!(value(&m, r#"offload_rejected_calls_total{reason="deadline"}"#), 1.0);
+    assert_eq!(value(&m, r#"offload_rejected_calls_total{reason="too_large"}"#), 1.0);
     assert_eq!(value(&m, r#"offload_worker_restarts_total{reason="crash"}"#), 1.0);
     assert_eq!(value(&m, "offload_live_workers"), 2.0);
     assert_eq!(value(&m, r#"offload_queue_depth{mode="POOL"}"#), 0.0);

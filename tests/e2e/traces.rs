@@ -36,15 +36,35 @@ fn text(span: &Span, key: &str) -> String {
     }
 }
 
-/// A server exporting to a fresh in-test collector, with one worker.
-async fn traced_server() -> (Server, otlp::Received) {
+/// A server exporting to a fresh in-test collector named by `variable`, with one worker.
+async fn traced_server_via(variable: &str) -> (Server, otlp::Received) {
     let (collector, received) = otlp::start().await;
     let endpoint = format!("http://{collector}");
     let server = Server::start_with_env(
         &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1"],
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        &[(variable, endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
     (server, received)
+}
+
+async fn traced_server() -> (Server, otlp::Received) {
+    traced_server_via("OTEL_EXPORTER_OTLP_ENDPOINT").await
+}
+
+#[tokio::test]
+async fn the_traces_specific_endpoint_variable_is_enough_for_front_and_workers() {
+    let (server, received) = traced_server_via("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").await;
+    server.wait_for_workers(1, Duration::from_secs(10)).await;
+    let mut client = server.client().await;
+    let isolated = ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request("hash.sha256", &[], &b"abc"[..]) };
+    client.execute(traced(isolated, "00f067aa0ba902c1")).await.unwrap();
+    let services = || -> Vec<String> { received.spans().into_iter().map(|(service, _)| service).collect() };
+    let both = || {
+        let seen = services();
+        // Service names come formatted as `Some(StringValue("..."))`.
+        seen.iter().any(|s| s.contains("\"offload\"")) && seen.iter().any(|s| s.contains("\"offload-worker\""))
+    };
+    assert!(wait_for(Duration::from_secs(10), both).await, "services seen: {:?}", services());
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Traces from inside a worker process: one span per task, parented through
 //! the `traceparent` the front puts in the task frame, exported over OTLP by
 //! the worker itself under its own service name. Off unless the front passed
-//! an OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT`) in the environment.
+//! an OTLP endpoint (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`) in the environment.
 //!
 //! The exporter's gRPC channel needs a tokio runtime: a one-thread runtime
 //! runs in the background only when tracing is on.
@@ -31,7 +32,10 @@ pub struct Tracing {
 impl Tracing {
     /// Starts tracing if the environment names an OTLP endpoint.
     pub fn from_env() -> Option<Self> {
-        let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty())?;
+        // The signal-specific variable wins, as the OpenTelemetry spec says.
+        let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|e| !e.is_empty()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("offload-otlp")
