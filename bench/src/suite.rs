@@ -117,6 +117,41 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// One side of a comparison: its name, and the load put on it (its URL included).
+struct Contender<'a> {
+    name: &'a str,
+    spec: LoadSpec,
+    server: &'a Proc,
+}
+
+/// The same load against each of `servers`.
+fn contenders<'a>(spec: &LoadSpec, servers: &[(&'a str, &'a Proc)]) -> Vec<Contender<'a>> {
+    servers
+        .iter()
+        .map(|&(name, server)| Contender { name, spec: LoadSpec { url: server.url.clone(), ..spec.clone() }, server })
+        .collect()
+}
+
+/// Calls/s of each contender in each run, and the last run's latency distributions.
+struct Measured {
+    runs: Vec<Vec<f64>>,
+    latency: Vec<Series>,
+}
+
+impl Measured {
+    /// Median calls/s of contender `i`.
+    fn median(&self, i: usize) -> f64 {
+        median(self.runs[i].clone())
+    }
+
+    /// Median over the runs of contender `i`'s calls/s over contender `j`'s,
+    /// both measured in the same run: the machine's speed drifts between
+    /// runs more than within one.
+    fn ratio(&self, i: usize, j: usize) -> f64 {
+        median(self.runs[i].iter().zip(&self.runs[j]).map(|(a, b)| a / b).collect())
+    }
+}
+
 /// One row of the report.
 struct Row {
     scenario: String,
@@ -161,37 +196,21 @@ impl Suite {
         LoadSpec { duration: self.duration(), ..LoadSpec::closed(url, task, params, mode, size) }
     }
 
-    /// Median calls/s of `runs` measurements against each of `servers`.
-    async fn throughputs(
-        &mut self,
-        label: &str,
-        spec: &LoadSpec,
-        servers: &[(&str, &Proc)],
-    ) -> anyhow::Result<Vec<f64>> {
-        Ok(self.throughputs_with_latency(label, spec, servers).await?.0)
-    }
-
-    /// As [`Suite::throughputs`], with the last run's latency distributions.
-    async fn throughputs_with_latency(
-        &mut self,
-        label: &str,
-        spec: &LoadSpec,
-        servers: &[(&str, &Proc)],
-    ) -> anyhow::Result<(Vec<f64>, Vec<Series>)> {
-        let mut all = vec![Vec::new(); servers.len()];
-        let mut latencies: Vec<Option<Series>> = vec![None; servers.len()];
+    /// Measures `runs` times the calls/s of each contender, all of them in
+    /// each run (each run starting with another one, so that none is always
+    /// measured first or right after the same neighbour).
+    async fn compare(&mut self, label: &str, contenders: &[Contender<'_>]) -> anyhow::Result<Measured> {
+        let mut runs = vec![Vec::new(); contenders.len()];
+        let mut latency: Vec<Option<Series>> = vec![None; contenders.len()];
         for run in 0..self.options.runs {
-            // Each run starts with another server, so that none is always
-            // measured first (or right after the same neighbour).
-            for i in (0..servers.len()).map(|k| (k + run) % servers.len()) {
-                let (name, server) = servers[i];
-                let spec = LoadSpec { url: server.url.clone(), ..spec.clone() };
-                let report = self.measure(&format!("{label} [{name}, run {run}]"), &spec, Some(server.pid())).await?;
-                all[i].push(report.calls_per_sec);
-                latencies[i] = Some((name.to_string(), report.distribution));
+            for i in (0..contenders.len()).map(|k| (k + run) % contenders.len()) {
+                let Contender { name, spec, server } = &contenders[i];
+                let report = self.measure(&format!("{label} [{name}, run {run}]"), spec, Some(server.pid())).await?;
+                runs[i].push(report.calls_per_sec);
+                latency[i] = Some((name.to_string(), report.distribution));
             }
         }
-        Ok((all.into_iter().map(median).collect(), latencies.into_iter().flatten().collect()))
+        Ok(Measured { runs, latency: latency.into_iter().flatten().collect() })
     }
 
     /// Throughput at 1, 4, 16 and 64 calls in flight per connection against
@@ -229,15 +248,15 @@ impl Suite {
     async fn dispatch_overhead(&mut self, offload: &Proc, inline: &Proc) -> anyhow::Result<()> {
         let spec = self.spec("", "debug.echo", &[], ExecutionMode::Pool, 64);
         let servers = [("offload", offload), ("inline", inline)];
-        let (t, latency) = self.throughputs_with_latency("1. debug.echo 64 B POOL, 4x64", &spec, &servers).await?;
+        let m = self.compare("1. debug.echo 64 B POOL, 4x64", &contenders(&spec, &servers)).await?;
         let title = "1. debug.echo 64 B POOL, 4 conns x 64: latency";
-        self.chart("1-latency.svg", title, |path| charts::latency(path, title, &latency))?;
+        self.chart("1-latency.svg", title, |path| charts::latency(path, title, &m.latency))?;
         self.sweep("1-throughput.svg", "1. debug.echo 64 B POOL: throughput", &spec, &servers).await?;
-        let ratio = t[0] / t[1];
+        let ratio = m.ratio(0, 1);
         self.row(
             "1. dispatch overhead: debug.echo 64 B POOL, 4 conns x 64",
-            format!("{:.0} calls/s", t[0]),
-            format!("{:.0} calls/s inline", t[1]),
+            format!("{:.0} calls/s", m.median(0)),
+            format!("{:.0} calls/s inline", m.median(1)),
             ratio,
             ">= 0.85x inline",
             ratio >= 0.85,
@@ -252,14 +271,15 @@ impl Suite {
             spec.in_flight = 8;
             let label = format!("2. {task} POOL, 4x8");
             let servers = [("offload", offload), ("inline", inline), ("spawn_blocking", blocking)];
-            let (t, latency) = self.throughputs_with_latency(&label, &spec, &servers).await?;
+            let m = self.compare(&label, &contenders(&spec, &servers)).await?;
             let title = format!("2. {task} POOL, 4 conns x 8: latency");
-            self.chart(&format!("2-{task}-latency.svg"), &title, |path| charts::latency(path, &title, &latency))?;
+            self.chart(&format!("2-{task}-latency.svg"), &title, |path| charts::latency(path, &title, &m.latency))?;
             if size > 0 {
                 let title = format!("2. {task} 1 MiB POOL: throughput");
                 self.sweep(&format!("2-{task}-throughput.svg"), &title, &spec, &servers).await?;
             }
-            let (vs_inline, vs_blocking) = (t[0] / t[1], t[0] / t[2]);
+            let (vs_inline, vs_blocking) = (m.ratio(0, 1), m.ratio(0, 2));
+            let t = [m.median(0), m.median(1), m.median(2)];
             let what = if size > 0 { format!("{task} 1 MiB") } else { format!("{task} limit=2000000") };
             self.row(
                 &format!("2. CPU-bound: {what} vs inline"),
@@ -320,11 +340,17 @@ impl Suite {
             ratio <= 1.5,
         );
 
-        let spec = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Pool, 64);
-        let pool = self.throughputs("3. debug.echo 64 B POOL, 4x64", &spec, &[("offload", offload)]).await?[0];
-        let spec = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Isolated, 64);
-        let isolated = self.throughputs("3. debug.echo 64 B ISOLATED, 4x64", &spec, &[("offload", offload)]).await?[0];
-        let ratio = isolated / pool;
+        let m = self
+            .compare(
+                "3. debug.echo 64 B, 4x64",
+                &[("POOL", ExecutionMode::Pool), ("ISOLATED", ExecutionMode::Isolated)].map(|(name, mode)| Contender {
+                    name,
+                    spec: self.spec(&offload.url, "debug.echo", &[], mode, 64),
+                    server: offload,
+                }),
+            )
+            .await?;
+        let (pool, isolated, ratio) = (m.median(0), m.median(1), m.ratio(1, 0));
         self.row(
             "3. isolation overhead: debug.echo 64 B, 4 conns x 64, throughput",
             format!("{isolated:.0} calls/s ISOLATED"),
@@ -428,9 +454,13 @@ impl Suite {
     async fn batching(&mut self, offload: &Proc) -> anyhow::Result<()> {
         let unary = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Pool, 64);
         let batch = LoadSpec { api: Api::Batch, ..unary.clone() };
-        let u = self.throughputs("6. debug.echo 64 B unary, 4x64", &unary, &[("offload", offload)]).await?[0];
-        let b = self.throughputs("6. debug.echo 64 B batch, 4 streams x 64", &batch, &[("offload", offload)]).await?[0];
-        let ratio = b / u;
+        let contenders = [("unary 4x64", unary), ("batch 4 streams x 64", batch)].map(|(name, spec)| Contender {
+            name,
+            spec,
+            server: offload,
+        });
+        let m = self.compare("6. debug.echo 64 B", &contenders).await?;
+        let (u, b, ratio) = (m.median(0), m.median(1), m.ratio(1, 0));
         self.row(
             "6. batching: debug.echo 64 B, ExecuteBatch vs Execute, same concurrency",
             format!("{b:.0} tasks/s batch"),
