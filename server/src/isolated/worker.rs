@@ -1,6 +1,8 @@
 //! One worker process as the front sees it: spawning it with its socket and
-//! limits, the handshake, framed I/O, running one task with the stop ladder
-//! and heartbeats, watching it while idle, and retiring it. The process is
+//! limits, the handshake, framed I/O (frames queued and written while the
+//! front reads), running a batch of jobs (the worker runs them one at a time,
+//! in order) with the stop ladder and heartbeats for the one running,
+//! watching it while idle, and retiring it. The process is
 //! owned: dropping a `WorkerProcess` kills its process group, and tokio reaps
 //! the child, so no path leaves a zombie or an orphan.
 
