@@ -200,6 +200,8 @@ impl Dispatcher {
         let expected = costs.expected(spec.name, estimate);
         // Tiny isolated tasks may run on the worker's reading thread.
         let worker_inline = mode == Mode::Isolated && expected.is_some_and(|cost| cost < WORKER_INLINE_BELOW);
+        // Unknown work is charged a millisecond until measured.
+        let cost = expected.unwrap_or(Duration::from_millis(1));
         let placement = match expected {
             Some(cost) if mode == Mode::Pool && cost < self.options.inline_threshold => Placement::Inline,
             _ => {
@@ -207,8 +209,6 @@ impl Dispatcher {
                     Mode::Pool => ("POOL thread", self.pool.admission()),
                     Mode::Isolated => ("worker process", self.isolated.admission()),
                 };
-                // Unknown work is charged a millisecond until measured.
-                let cost = expected.unwrap_or(Duration::from_millis(1));
                 let ticket = admission.admit(cost, call.deadline).map_err(|refusal| match refusal {
                     Refusal::QueueFull { capacity } => CallError::QueueFull { mode: mode.as_str(), capacity },
                     Refusal::WouldMissDeadline { wait, remaining } => {
@@ -226,6 +226,7 @@ impl Dispatcher {
             input: call.input,
             deadline: call.deadline,
             estimate,
+            cost,
             worker_inline,
             placement,
         })
@@ -249,6 +250,8 @@ pub struct Admitted {
     input: Bytes,
     deadline: Option<Instant>,
     estimate: Option<Duration>,
+    /// The expected run time admission charged.
+    cost: Duration,
     /// Tell the worker it may run the task on its reading thread.
     worker_inline: bool,
     placement: Placement,
@@ -348,6 +351,7 @@ impl Admitted {
                     params: self.params,
                     input,
                     inline: self.worker_inline,
+                    cost: self.cost,
                     deadline,
                     cancel,
                     progress: progress.map(progress_sink),

@@ -64,6 +64,8 @@ pub struct WorkerJob {
     pub input: Bytes,
     /// Whether the worker may run it on its frame-reading thread (tiny).
     pub inline: bool,
+    /// Its expected run time.
+    pub cost: Duration,
     /// Absolute deadline.
     pub deadline: Option<Instant>,
     /// Cancelled when the caller goes away.
@@ -128,6 +130,12 @@ pub enum JobError {
 
 /// Tiny jobs sent to one worker at once, at most.
 pub const PIPELINE_DEPTH: usize = 64;
+
+/// Expected run time of the jobs sent to one worker at once, at most: the
+/// last of them never waits longer than this behind the others, and a burst
+/// of tiny jobs is shared among the free workers rather than all taken by
+/// the first.
+const PIPELINE_BUDGET: Duration = Duration::from_millis(1);
 const _: () = assert!(PIPELINE_DEPTH <= offload_proto::framing::MAX_OUTSTANDING);
 
 /// Inputs larger than this are never pipelined: their copy and transfer
@@ -192,10 +200,16 @@ impl JobQueue {
         }
     }
 
-    /// Up to `max` pipelinable jobs from the front of the queue, without waiting.
+    /// Adds to `into` the pipelinable jobs at the front of the queue, without
+    /// waiting, while there are at most `max` and their expected run time
+    /// fits in [`PIPELINE_BUDGET`].
     fn take_tiny(&self, max: usize, into: &mut Vec<WorkerJob>) {
+        let mut budget: Duration = into.iter().map(|job| job.cost).sum();
         let mut queue = self.lock();
-        while into.len() < max && queue.front().is_some_and(pipelinable) {
+        while into.len() < max
+            && let Some(next) = queue.front().filter(|job| pipelinable(job) && budget + job.cost <= PIPELINE_BUDGET)
+        {
+            budget += next.cost;
             into.extend(queue.pop_front());
         }
     }
@@ -305,5 +319,74 @@ impl Supervisor {
             tracing::warn!("worker slots did not stop in time");
         }
         self.shared.queue.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    fn job(admission: &Arc<Admission>, inline: bool, cost: Duration, input: usize) -> WorkerJob {
+        WorkerJob {
+            task: "debug.echo",
+            params: HashMap::new(),
+            input: Bytes::from(vec![0u8; input]),
+            inline,
+            cost,
+            deadline: None,
+            cancel: CancellationToken::new(),
+            progress: None,
+            ticket: admission.admit(cost, None).expect("room"),
+            started: Arc::default(),
+            span: tracing::Span::none(),
+            queue_span: tracing::Span::none(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// The batch a free worker takes from a queue holding `jobs`, as their costs.
+    async fn batch(jobs: Vec<WorkerJob>) -> Vec<Duration> {
+        let queue = JobQueue::default();
+        jobs.into_iter().for_each(|j| queue.push(j));
+        let mut batch = vec![queue.next().await];
+        if pipelinable(&batch[0]) {
+            queue.take_tiny(PIPELINE_DEPTH, &mut batch);
+        }
+        batch.iter().map(|j| j.cost).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_the_tiny_jobs_in_front_within_the_depth_and_the_time_budget() {
+        let a = Admission::new(1, 1000);
+        // Within the budget, up to the depth.
+        let echoes = (0..100).map(|_| job(&a, true, 2 * US, 64)).collect();
+        assert_eq!(batch(echoes).await.len(), PIPELINE_DEPTH);
+        // 300 us each: three fit in the budget.
+        let costly = (0..5).map(|_| job(&a, true, 300 * US, 64)).collect();
+        assert_eq!(batch(costly).await, [300 * US; 3]);
+        // A job that is not tiny, or whose input is large, ends the batch.
+        let mixed = vec![job(&a, true, 2 * US, 64), job(&a, false, 5000 * US, 64), job(&a, true, 2 * US, 64)];
+        assert_eq!(batch(mixed).await, [2 * US]);
+        let large = vec![job(&a, true, 2 * US, 64), job(&a, true, 2 * US, PIPELINE_INPUT_BELOW)];
+        assert_eq!(batch(large).await, [2 * US]);
+        // A job that is not tiny goes alone.
+        let heavy = vec![job(&a, false, 5000 * US, 64), job(&a, true, 2 * US, 64)];
+        assert_eq!(batch(heavy).await, [5000 * US]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_answers_waiting_and_new_jobs_unavailable() {
+        let a = Admission::new(1, 10);
+        let queue = JobQueue::default();
+        let (waiting, mut waiting_answer) = oneshot::channel();
+        queue.push(WorkerJob { reply: waiting, ..job(&a, true, US, 1) });
+        queue.close();
+        let (late, mut late_answer) = oneshot::channel();
+        queue.push(WorkerJob { reply: late, ..job(&a, true, US, 1) });
+        for answer in [waiting_answer.try_recv(), late_answer.try_recv()] {
+            assert!(matches!(answer, Ok(Err(JobError::Unavailable(_)))), "{answer:?}");
+        }
     }
 }
