@@ -249,6 +249,9 @@ struct Outbox {
 /// Outputs larger than this are written from their own buffer, not copied.
 const OUTBOX_COPY_LIMIT: usize = 64 << 10;
 
+/// Outbox capacity kept between flushes.
+const OUTBOX_KEEP: usize = 256 << 10;
+
 impl Outbox {
     fn push(&mut self, writer: &Writer, reply: &WorkerReply, payload: &[u8]) -> io::Result<()> {
         if payload.len() > OUTBOX_COPY_LIMIT {
@@ -265,7 +268,12 @@ impl Outbox {
             return Ok(());
         }
         let written = writer.lock().unwrap_or_else(|e| e.into_inner()).write_all(&self.buf);
-        self.buf.clear();
+        if self.buf.capacity() > OUTBOX_KEEP {
+            // A batch of large answers does not pin its memory in an idle worker.
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
         written
     }
 }
