@@ -353,8 +353,9 @@ async fn workers_killed_under_pipelined_load_fail_at_most_the_calls_they_were_ru
             assert!(wait_for(Duration::from_secs(10), || done.load(Ordering::SeqCst) >= 300 * round).await);
             signal(victim, Signal::SIGKILL);
             killed.store(true, Ordering::SeqCst);
-            assert!(wait_for(Duration::from_secs(10), || server.worker_pids().iter().any(|p| *p != victim)).await);
-            victim = server.worker_pids()[0];
+            let replacement = || server.worker_pids().into_iter().find(|p| *p != victim && is_alive(*p));
+            assert!(wait_for(Duration::from_secs(10), || replacement().is_some()).await);
+            victim = replacement().expect("a replacement worker");
         }
     };
     let (failures, ()) = tokio::time::timeout(Duration::from_secs(60), futures::future::join(join_all(callers), kill))
