@@ -129,6 +129,11 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The call's expected run time, as admission charged it.
+    pub fn cost(&self) -> Duration {
+        self.cost
+    }
+
     /// Marks the call as running; returns how long it waited.
     pub fn start(&mut self) -> Duration {
         let now = Instant::now();

@@ -46,6 +46,8 @@ struct Replica {
     pid: u32,
     generation: u64,
     started: Instant,
+    /// Cancelled when the process has exited (and was reaped).
+    exited: CancellationToken,
 }
 
 /// A replica's exit, reported by the task that waits for it.
@@ -60,7 +62,7 @@ pub async fn supervise(
     config: &Config,
     args: Vec<OsString>,
     stop: CancellationToken,
-    mut hangups: mpsc::Receiver<()>,
+    mut hangups: tokio::signal::unix::Signal,
 ) -> std::io::Result<()> {
     // Hold the address (port 0 becomes a real port) for the replicas.
     let reserved = reuse_port_listener(config.listen, false)?;
@@ -86,7 +88,7 @@ pub async fn supervise(
                     // The new one serves before the old one drains.
                     let Some(fresh) = spawner.start(index, generation).await else { continue };
                     if let Some(old) = slot.replace(fresh) {
-                        drain(&old, &mut exits, index, old.generation, config.shutdown_grace).await;
+                        drain(&[&old], config.shutdown_grace).await;
                     }
                 }
                 tracing::info!("rolling restart done");
@@ -115,49 +117,25 @@ pub async fn supervise(
 
     tracing::info!("draining every replica");
     let live: Vec<&Replica> = replicas.iter().flatten().collect();
-    for replica in &live {
-        let _ = kill(Pid::from_raw(replica.pid as i32), Signal::SIGTERM);
-    }
-    let mut left = live.len();
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace + Duration::from_secs(10);
-    while left > 0 {
-        match tokio::time::timeout_at(deadline, exits.recv()).await {
-            Ok(Some(exit)) if replicas[exit.index].as_ref().is_some_and(|r| r.generation == exit.generation) => {
-                left -= 1
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => {
-                tracing::warn!(left, "replicas did not stop in time; killing them");
-                for replica in replicas.iter().flatten() {
-                    let _ = kill(Pid::from_raw(replica.pid as i32), Signal::SIGKILL);
-                }
-                break;
-            }
-        }
-    }
+    drain(&live, config.shutdown_grace).await;
     drop(reserved);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Asks `old` to drain and waits (bounded) for it to exit.
-async fn drain(
-    old: &Replica,
-    exits: &mut mpsc::UnboundedReceiver<Exit>,
-    index: usize,
-    generation: u64,
-    grace: Duration,
-) {
-    let _ = kill(Pid::from_raw(old.pid as i32), Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline, exits.recv()).await {
-            Ok(Some(exit)) if exit.index == index && exit.generation == generation => return,
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => {
-                let _ = kill(Pid::from_raw(old.pid as i32), Signal::SIGKILL);
-                return;
-            }
+/// Asks `replicas` to drain and waits (bounded by `grace` and a margin) for
+/// them to exit; kills the ones that do not. Exits are watched per replica,
+/// so other replicas' exits stay in the supervisor's channel meanwhile.
+async fn drain(replicas: &[&Replica], grace: Duration) {
+    for replica in replicas {
+        let _ = kill(Pid::from_raw(replica.pid as i32), Signal::SIGTERM);
+    }
+    let all_exited = futures::future::join_all(replicas.iter().map(|r| r.exited.cancelled()));
+    if tokio::time::timeout(grace + Duration::from_secs(10), all_exited).await.is_err() {
+        let left: Vec<u32> = replicas.iter().filter(|r| !r.exited.is_cancelled()).map(|r| r.pid).collect();
+        tracing::warn!(?left, "replicas did not stop in time; killing them");
+        for pid in left {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }
@@ -192,8 +170,11 @@ impl Spawner {
         let pid = child.id().unwrap_or(0);
         let stdout = child.stdout.take().expect("piped stdout");
         let exits = self.exits.clone();
+        let exited = CancellationToken::new();
+        let reaped = exited.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            reaped.cancel();
             let _ = exits.send(Exit { index, generation, status });
         });
         let mut lines = BufReader::new(stdout).lines();
@@ -217,6 +198,6 @@ impl Spawner {
         } else {
             tracing::info!(replica = index, pid, name = %name, "replica {name} (pid {pid}) serving");
         }
-        Some(Replica { pid, generation, started: Instant::now() })
+        Some(Replica { pid, generation, started: Instant::now(), exited })
     }
 }

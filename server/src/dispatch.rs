@@ -33,11 +33,6 @@ use crate::{
     telemetry,
 };
 
-/// Isolated tasks expected to take less than this run on the worker's
-/// frame-reading thread: the thread hop would cost more than the task, and
-/// pings wait at most this long.
-const WORKER_INLINE_BELOW: Duration = Duration::from_micros(500);
-
 /// One call as the dispatcher sees it, decoded from any of the RPCs.
 #[derive(Debug, Default)]
 pub struct Call {
@@ -198,10 +193,6 @@ impl Dispatcher {
         let estimate = job.estimate(call.input.len());
         let costs = self.costs(mode);
         let expected = costs.expected(spec.name, estimate);
-        // Tiny isolated tasks may run on the worker's reading thread.
-        let worker_inline = mode == Mode::Isolated && expected.is_some_and(|cost| cost < WORKER_INLINE_BELOW);
-        // Unknown work is charged a millisecond until measured.
-        let cost = expected.unwrap_or(Duration::from_millis(1));
         let placement = match expected {
             Some(cost) if mode == Mode::Pool && cost < self.options.inline_threshold => Placement::Inline,
             _ => {
@@ -209,6 +200,8 @@ impl Dispatcher {
                     Mode::Pool => ("POOL thread", self.pool.admission()),
                     Mode::Isolated => ("worker process", self.isolated.admission()),
                 };
+                // Unknown work is charged a millisecond until measured.
+                let cost = expected.unwrap_or(Duration::from_millis(1));
                 let ticket = admission.admit(cost, call.deadline).map_err(|refusal| match refusal {
                     Refusal::QueueFull { capacity } => CallError::QueueFull { mode: mode.as_str(), capacity },
                     Refusal::WouldMissDeadline { wait, remaining } => {
@@ -226,8 +219,6 @@ impl Dispatcher {
             input: call.input,
             deadline: call.deadline,
             estimate,
-            cost,
-            worker_inline,
             placement,
         })
     }
@@ -250,10 +241,6 @@ pub struct Admitted {
     input: Bytes,
     deadline: Option<Instant>,
     estimate: Option<Duration>,
-    /// The expected run time admission charged.
-    cost: Duration,
-    /// Tell the worker it may run the task on its reading thread.
-    worker_inline: bool,
     placement: Placement,
 }
 
@@ -350,8 +337,6 @@ impl Admitted {
                     task: name,
                     params: self.params,
                     input,
-                    inline: self.worker_inline,
-                    cost: self.cost,
                     deadline,
                     cancel,
                     progress: progress.map(progress_sink),

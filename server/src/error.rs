@@ -134,9 +134,7 @@ impl CallError {
             CallError::Internal(_) => Code::Internal,
         }
     }
-}
 
-impl CallError {
     /// The reason label of a call refused before running, if it was one.
     pub fn rejection(&self) -> Option<&'static str> {
         match self {

@@ -21,16 +21,7 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
-/// SIGHUPs, one message each (the replica supervisor's rolling restart).
-pub fn on_hangups() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            if tx.send(()).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
+/// SIGHUPs (the replica supervisor's rolling restart).
+pub fn on_hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    signal(SignalKind::hangup())
 }

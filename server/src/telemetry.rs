@@ -132,10 +132,7 @@ pub fn parse_attributes(raw: &str) -> Result<Vec<(String, String)>, String> {
 impl TraceSettings {
     /// Whether traces are exported at all.
     pub fn enabled(&self) -> bool {
-        self.endpoint.is_some()
-            || ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-                .iter()
-                .any(|v| std::env::var_os(v).is_some_and(|e| !e.is_empty()))
+        self.endpoint.is_some() || offload_worker::trace::endpoint_from_env().is_some()
     }
 }
 
@@ -339,16 +336,7 @@ struct WithReplica<F> {
 }
 
 fn replica_field(name: &str) -> String {
-    // serde_json-free escaping: names are host or pod names, but be safe.
-    let escaped: String = name
-        .chars()
-        .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
-            c if c.is_control() => Vec::new(),
-            c => vec![c],
-        })
-        .collect();
-    format!("\"replica\":\"{escaped}\",")
+    format!("\"replica\":{},", serde_json::Value::from(name))
 }
 
 impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithReplica<F>

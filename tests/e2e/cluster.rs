@@ -1,7 +1,14 @@
 //! Replicas on one machine (`--replicas`): connections spread over them, a
 //! dead replica is replaced, SIGTERM drains them all and leaves no process.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
 
 use nix::{sys::signal::Signal, unistd::Pid};
 use offload_e2e::{Server, children_of, is_alive, request, wait_for};
@@ -91,17 +98,18 @@ async fn sighup_rolls_the_replicas_without_failing_a_call() {
     let server = Server::start(&["--replicas", "2", "--workers", "1", "--shutdown-grace-secs", "10"]);
     assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 2).await, "{:?}", server.logs());
     let before = serving(&server);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU32::new(0));
     let mut clients = Vec::new();
     for c in 0..4 {
         let url = server.url();
-        let stop = std::sync::Arc::clone(&stop);
+        let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
         clients.push(tokio::spawn(async move {
             let channel = Channel::from_shared(url).unwrap().connect_lazy();
             let mut client = ComputeClient::new(channel);
             let (mut ok, mut retried) = (0u32, 0u32);
             let mut i = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let input = format!("client {c} call {i}").into_bytes();
                 let mut attempts = 0;
@@ -117,16 +125,18 @@ async fn sighup_rolls_the_replicas_without_failing_a_call() {
                     }
                 }
                 ok += 1;
+                done.fetch_add(1, Ordering::Relaxed);
             }
             (ok, retried)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(wait_for(Duration::from_secs(10), || done.load(Ordering::Relaxed) >= 10).await, "the load runs");
     server.signal(Signal::SIGHUP);
     assert!(wait_for(Duration::from_secs(60), || server.logged("rolling restart done")).await, "{:?}", server.logs());
-    // Keep the load on the new replicas for a moment, then stop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Calls go on against the new replicas, then the load stops.
+    let rolled = done.load(Ordering::Relaxed);
+    assert!(wait_for(Duration::from_secs(10), || done.load(Ordering::Relaxed) >= rolled + 10).await);
+    stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for client in clients {
         let (ok, _retried) = client.await.expect("no call failed");
@@ -142,19 +152,21 @@ async fn sighup_rolls_the_replicas_without_failing_a_call() {
 async fn a_replica_killed_under_load_fails_only_its_calls_in_flight() {
     let server = Server::start(&["--replicas", "3", "--workers", "1"]);
     assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 3).await, "{:?}", server.logs());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU32::new(0));
     let mut clients = Vec::new();
     for _ in 0..6 {
         let url = server.url();
-        let stop = std::sync::Arc::clone(&stop);
+        let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
         clients.push(tokio::spawn(async move {
             let mut client = ComputeClient::new(Channel::from_shared(url).unwrap().connect_lazy());
             let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 match client.execute(request("debug.sleep", &[("ms", "10")], vec![])).await {
                     Ok(_) => ok += 1,
                     Err(status) => failed.push(status),
                 }
+                done.fetch_add(1, Ordering::Relaxed);
             }
             // After the replacement every call succeeds again.
             for _ in 0..5 {
@@ -166,12 +178,14 @@ async fn a_replica_killed_under_load_fails_only_its_calls_in_flight() {
             (ok, failed)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(wait_for(Duration::from_secs(10), || done.load(Ordering::Relaxed) >= 30).await, "the load runs");
     let victim = serving(&server)[1];
     nix::sys::signal::kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 4).await, "{:?}", server.logs());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Calls go on after the replacement, then the load stops.
+    let replaced = done.load(Ordering::Relaxed);
+    assert!(wait_for(Duration::from_secs(10), || done.load(Ordering::Relaxed) >= replaced + 30).await);
+    stop.store(true, Ordering::Relaxed);
     let mut failures = Vec::new();
     let mut total = 0;
     for client in clients {

@@ -61,8 +61,7 @@ async fn the_traces_specific_endpoint_variable_is_enough_for_front_and_workers()
     let services = || -> Vec<String> { received.spans().into_iter().map(|(service, _)| service).collect() };
     let both = || {
         let seen = services();
-        // Service names come formatted as `Some(StringValue("..."))`.
-        seen.iter().any(|s| s.contains("\"offload\"")) && seen.iter().any(|s| s.contains("\"offload-worker\""))
+        seen.iter().any(|s| s == "offload") && seen.iter().any(|s| s == "offload-worker")
     };
     assert!(wait_for(Duration::from_secs(10), both).await, "services seen: {:?}", services());
 }
@@ -128,12 +127,12 @@ async fn a_call_is_one_trace_continuing_the_callers() {
                 .find(|(_, s)| s.parent_span_id == exec.span_id)
                 .unwrap_or_else(|| panic!("no worker span under the execution span: {spans:#?}"));
             assert_eq!(inside.name, "worker hash.sha256");
-            assert!(service.contains("offload-worker"), "worker span's service: {service}");
+            assert_eq!(service, "offload-worker", "worker span's service");
             assert_eq!(attr(inside, "worker.pid"), Some(&Value::IntValue(i64::from(worker_pid))));
         }
     }
     let front: Vec<&(String, Span)> = spans.iter().filter(|(_, s)| !s.name.starts_with("worker ")).collect();
-    assert!(front.iter().all(|(service, _)| service.contains("\"offload\"")), "{front:#?}");
+    assert!(front.iter().all(|(service, _)| service == "offload"), "{front:#?}");
 }
 
 #[tokio::test]

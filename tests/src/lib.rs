@@ -290,12 +290,15 @@ pub mod otlp {
         pub fn spans(&self) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
             let mut out = Vec::new();
             for resource_spans in self.0.lock().unwrap().iter() {
+                use opentelemetry_proto::tonic::common::v1::any_value::Value;
                 let service = resource_spans
                     .resource
                     .as_ref()
                     .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
-                    .and_then(|a| a.value.as_ref())
-                    .map(|v| format!("{:?}", v.value))
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(name) => Some(name.clone()),
+                        _ => None,
+                    })
                     .unwrap_or_default();
                 for scope in &resource_spans.scope_spans {
                     for span in &scope.spans {

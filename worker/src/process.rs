@@ -337,12 +337,12 @@ pub fn serve(
     {
         let runner = runner.clone();
         std::thread::Builder::new().name("offload-task".into()).spawn(move || {
+            let mut outbox = Outbox::default();
             for (run, input, cancel) in job_rx {
-                let (done, output) = runner.complete(run, input, cancel);
-                if send(&runner.writer, &done, &output).is_err() {
+                if runner.answer(&mut outbox, run, input, cancel).and_then(|()| outbox.flush(&runner.writer)).is_err() {
+                    // The front is gone.
                     std::process::exit(i32::from(EXIT_CLEAN));
                 }
-                exit_if_out_of_memory(&done);
             }
         })?;
     }
@@ -375,12 +375,7 @@ pub fn serve(
                 if run.inline && idle {
                     // Tiny, and nothing ahead of it: running it here costs
                     // less than waking the task thread.
-                    let (done, output) = runner.complete(run, payload, cancel);
-                    outbox.push(&writer, &done, &output)?;
-                    if is_out_of_memory(&done) {
-                        outbox.flush(&writer)?;
-                        exit_if_out_of_memory(&done);
-                    }
+                    runner.answer(&mut outbox, run, payload, cancel)?;
                     continue;
                 }
                 // Answers keep the order of the requests: ours go out before
@@ -401,19 +396,6 @@ pub fn serve(
             }
             worker_request::Body::Welcome(_) => return Err(WorkerError::Protocol("second Welcome".into())),
         }
-    }
-}
-
-fn is_out_of_memory(done: &WorkerReply) -> bool {
-    matches!(&done.body, Some(worker_reply::Body::Done(d)) if d.failure == FailureKind::OutOfMemory as i32)
-}
-
-/// After a task ran out of memory (its TaskDone sent): whatever failed to
-/// allocate may have left the heap fragmented or a library half-initialised,
-/// so this process is not reused.
-fn exit_if_out_of_memory(done: &WorkerReply) {
-    if is_out_of_memory(done) {
-        std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
     }
 }
 
@@ -444,10 +426,25 @@ struct Runner {
 }
 
 impl Runner {
+    /// Runs the oldest outstanding task and puts its answer in `outbox`.
+    /// After a task ran out of memory the answer goes out at once and the
+    /// process exits: whatever failed to allocate may have left the heap
+    /// fragmented or a library half-initialised.
+    fn answer(&self, outbox: &mut Outbox, run: RunTask, input: Bytes, cancel: CancelFlag) -> io::Result<()> {
+        let (done, output) = self.complete(run, input, cancel);
+        let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
+        outbox.push(&self.writer, &reply(worker_reply::Body::Done(done)), &output)?;
+        if out_of_memory {
+            outbox.flush(&self.writer)?;
+            std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
+        }
+        Ok(())
+    }
+
     /// Runs the oldest outstanding task to its end (a task cancelled or past
     /// its deadline while queued ends at once) and returns its TaskDone and
     /// output.
-    fn complete(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> (WorkerReply, Bytes) {
+    fn complete(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> (TaskDone, Bytes) {
         let id = run.id;
         let span = self.tracing.as_ref().map(|t| t.task_span(&run.task, &run.traceparent));
         let started = Instant::now();
@@ -457,14 +454,13 @@ impl Runner {
         if let Some(span) = span {
             Tracing::end(span, result.as_ref().err().map(ToString::to_string));
         }
-        let (done, output) = match result {
+        match result {
             Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
             Err(err) => {
                 let (kind, message) = failure(&err);
                 (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
             }
-        };
-        (reply(worker_reply::Body::Done(done)), output)
+        }
     }
 
     fn run_one(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> Result<Bytes, TaskError> {

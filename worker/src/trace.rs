@@ -22,6 +22,15 @@ use opentelemetry_sdk::{
 /// The worker's span service name when the front gives none.
 pub const DEFAULT_SERVICE_NAME: &str = "offload-worker";
 
+/// The OTLP traces endpoint the environment names, if any (the
+/// signal-specific variable wins, as the OpenTelemetry spec says). The front
+/// decides with it whether traces are on, and passes both on to workers.
+pub fn endpoint_from_env() -> Option<String> {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|e| !e.is_empty()))
+}
+
 /// The worker's tracer, if tracing is on.
 pub struct Tracing {
     provider: SdkTracerProvider,
@@ -32,10 +41,7 @@ pub struct Tracing {
 impl Tracing {
     /// Starts tracing if the environment names an OTLP endpoint.
     pub fn from_env() -> Option<Self> {
-        // The signal-specific variable wins, as the OpenTelemetry spec says.
-        let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-            .iter()
-            .find_map(|name| std::env::var(name).ok().filter(|e| !e.is_empty()))?;
+        let endpoint = endpoint_from_env()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("offload-otlp")

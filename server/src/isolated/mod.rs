@@ -62,10 +62,6 @@ pub struct WorkerJob {
     pub params: HashMap<String, String>,
     /// Input bytes.
     pub input: Bytes,
-    /// Whether the worker may run it on its frame-reading thread (tiny).
-    pub inline: bool,
-    /// Its expected run time.
-    pub cost: Duration,
     /// Absolute deadline.
     pub deadline: Option<Instant>,
     /// Cancelled when the caller goes away.
@@ -82,6 +78,28 @@ pub struct WorkerJob {
     pub queue_span: tracing::Span,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Result<WorkerRun, JobError>>,
+}
+
+/// Jobs expected to take less than this are tiny: the worker may run them on
+/// its frame-reading thread (the thread hop would cost more than the task,
+/// and pings wait at most this long), and they may be pipelined.
+const TINY_BELOW: Duration = Duration::from_micros(500);
+
+impl WorkerJob {
+    /// Whether the job is expected to take well under a millisecond (unknown
+    /// work is charged a millisecond by admission, so it is not).
+    fn tiny(&self) -> bool {
+        self.ticket.cost() < TINY_BELOW
+    }
+
+    /// Whether the job may share a worker round trip with others.
+    fn pipelinable(&self) -> bool {
+        self.tiny() && self.input.len() < PIPELINE_INPUT_BELOW
+    }
+
+    fn refuse(self) {
+        let _ = self.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
+    }
 }
 
 /// A task a worker finished.
@@ -142,94 +160,96 @@ const _: () = assert!(PIPELINE_DEPTH <= offload_proto::framing::MAX_OUTSTANDING)
 /// would outweigh the saved round trip.
 const PIPELINE_INPUT_BELOW: usize = 16 << 10;
 
-/// The jobs waiting for a worker.
-#[derive(Default)]
+/// The jobs waiting for a worker; `None` once closed.
 struct JobQueue {
-    jobs: Mutex<VecDeque<WorkerJob>>,
+    jobs: Mutex<Option<VecDeque<WorkerJob>>>,
     ready: Notify,
-    closed: AtomicBool,
+}
+
+impl Default for JobQueue {
+    fn default() -> Self {
+        Self { jobs: Mutex::new(Some(VecDeque::new())), ready: Notify::new() }
+    }
 }
 
 impl std::fmt::Debug for JobQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobQueue").field("len", &self.lock().len()).finish_non_exhaustive()
+        f.debug_struct("JobQueue").field("waiting", &self.lock().as_ref().map(VecDeque::len)).finish_non_exhaustive()
     }
 }
 
 impl JobQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<WorkerJob>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<VecDeque<WorkerJob>>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queues `job` last, or refuses it once the queue is closed.
     fn push(&self, job: WorkerJob) {
-        {
-            // Checked under the lock, so no job slips in after `close` drained.
-            let mut queue = self.lock();
-            if !self.closed.load(Ordering::Relaxed) {
+        let mut jobs = self.lock();
+        match jobs.as_mut() {
+            Some(queue) => {
                 queue.push_back(job);
-                drop(queue);
+                drop(jobs);
                 self.ready.notify_one();
-                return;
             }
+            None => job.refuse(),
         }
-        let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
     }
 
     /// Puts jobs a dead worker never started back at the front, in order.
     fn requeue(&self, jobs: Vec<WorkerJob>) {
         let count = jobs.len();
-        {
-            let mut queue = self.lock();
-            for job in jobs.into_iter().rev() {
-                queue.push_front(job);
-            }
+        let mut queued = self.lock();
+        let Some(queue) = queued.as_mut() else {
+            drop(queued);
+            jobs.into_iter().for_each(WorkerJob::refuse);
+            return;
+        };
+        for job in jobs.into_iter().rev() {
+            queue.push_front(job);
         }
+        drop(queued);
         for _ in 0..count {
             self.ready.notify_one();
         }
     }
 
-    /// The next job, waiting for one.
+    /// The next job, waiting for one (forever once closed: slots stop on
+    /// their own signal).
     async fn next(&self) -> WorkerJob {
         loop {
             let ready = self.ready.notified();
-            if let Some(job) = self.lock().pop_front() {
+            if let Some(job) = self.lock().as_mut().and_then(VecDeque::pop_front) {
                 return job;
             }
             ready.await;
         }
     }
 
-    /// Adds to `into` the pipelinable jobs at the front of the queue, without
-    /// waiting, while there are at most `max` and their expected run time
-    /// fits in [`PIPELINE_BUDGET`].
-    fn take_tiny(&self, max: usize, into: &mut Vec<WorkerJob>) {
-        let mut budget: Duration = into.iter().map(|job| job.cost).sum();
-        let mut queue = self.lock();
-        while into.len() < max
-            && let Some(next) = queue.front().filter(|job| pipelinable(job) && budget + job.cost <= PIPELINE_BUDGET)
+    /// Adds to `batch` (whose jobs a slot just took) the jobs at the front of
+    /// the queue, without waiting, while all are pipelinable, there are at
+    /// most `max`, and their expected run time fits in [`PIPELINE_BUDGET`].
+    fn fill_batch(&self, max: usize, batch: &mut Vec<WorkerJob>) {
+        if !batch.iter().all(WorkerJob::pipelinable) {
+            return;
+        }
+        let mut budget: Duration = batch.iter().map(|job| job.ticket.cost()).sum();
+        let mut queued = self.lock();
+        let Some(queue) = queued.as_mut() else { return };
+        while batch.len() < max
+            && let Some(next) =
+                queue.front().filter(|job| job.pipelinable() && budget + job.ticket.cost() <= PIPELINE_BUDGET)
         {
-            budget += next.cost;
-            into.extend(queue.pop_front());
+            budget += next.ticket.cost();
+            batch.extend(queue.pop_front());
         }
     }
 
     /// Refuses new jobs and answers the waiting ones.
     fn close(&self) {
-        let waiting: Vec<WorkerJob> = {
-            let mut queue = self.lock();
-            self.closed.store(true, Ordering::Relaxed);
-            queue.drain(..).collect()
-        };
-        for job in waiting {
-            let _ = job.reply.send(Err(JobError::Unavailable("the worker pool has stopped".into())));
-        }
+        let waiting = self.lock().take().unwrap_or_default();
+        waiting.into_iter().for_each(WorkerJob::refuse);
     }
-}
-
-/// Whether a job may share a worker round trip with others.
-fn pipelinable(job: &WorkerJob) -> bool {
-    job.inline && job.input.len() < PIPELINE_INPUT_BELOW
 }
 
 /// State shared by the slots and the dispatcher.
@@ -275,11 +295,6 @@ impl Supervisor {
     /// The executor's admission control.
     pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
-    }
-
-    /// Number of worker slots.
-    pub fn workers(&self) -> usize {
-        self.shared.options.workers
     }
 
     /// Worker processes alive now.
@@ -328,13 +343,11 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
-    fn job(admission: &Arc<Admission>, inline: bool, cost: Duration, input: usize) -> WorkerJob {
+    fn job(admission: &Arc<Admission>, cost: Duration, input: usize) -> WorkerJob {
         WorkerJob {
             task: "debug.echo",
             params: HashMap::new(),
             input: Bytes::from(vec![0u8; input]),
-            inline,
-            cost,
             deadline: None,
             cancel: CancellationToken::new(),
             progress: None,
@@ -351,28 +364,26 @@ mod tests {
         let queue = JobQueue::default();
         jobs.into_iter().for_each(|j| queue.push(j));
         let mut batch = vec![queue.next().await];
-        if pipelinable(&batch[0]) {
-            queue.take_tiny(PIPELINE_DEPTH, &mut batch);
-        }
-        batch.iter().map(|j| j.cost).collect()
+        queue.fill_batch(PIPELINE_DEPTH, &mut batch);
+        batch.iter().map(|j| j.ticket.cost()).collect()
     }
 
     #[tokio::test]
     async fn a_batch_takes_the_tiny_jobs_in_front_within_the_depth_and_the_time_budget() {
         let a = Admission::new(1, 1000);
         // Within the budget, up to the depth.
-        let echoes = (0..100).map(|_| job(&a, true, 2 * US, 64)).collect();
+        let echoes = (0..100).map(|_| job(&a, 2 * US, 64)).collect();
         assert_eq!(batch(echoes).await.len(), PIPELINE_DEPTH);
         // 300 us each: three fit in the budget.
-        let costly = (0..5).map(|_| job(&a, true, 300 * US, 64)).collect();
+        let costly = (0..5).map(|_| job(&a, 300 * US, 64)).collect();
         assert_eq!(batch(costly).await, [300 * US; 3]);
-        // A job that is not tiny, or whose input is large, ends the batch.
-        let mixed = vec![job(&a, true, 2 * US, 64), job(&a, false, 5000 * US, 64), job(&a, true, 2 * US, 64)];
+        // A job that is not tiny (5 ms), or whose input is large, ends the batch.
+        let mixed = vec![job(&a, 2 * US, 64), job(&a, 5000 * US, 64), job(&a, 2 * US, 64)];
         assert_eq!(batch(mixed).await, [2 * US]);
-        let large = vec![job(&a, true, 2 * US, 64), job(&a, true, 2 * US, PIPELINE_INPUT_BELOW)];
+        let large = vec![job(&a, 2 * US, 64), job(&a, 2 * US, PIPELINE_INPUT_BELOW)];
         assert_eq!(batch(large).await, [2 * US]);
         // A job that is not tiny goes alone.
-        let heavy = vec![job(&a, false, 5000 * US, 64), job(&a, true, 2 * US, 64)];
+        let heavy = vec![job(&a, 5000 * US, 64), job(&a, 2 * US, 64)];
         assert_eq!(batch(heavy).await, [5000 * US]);
     }
 
@@ -381,10 +392,10 @@ mod tests {
         let a = Admission::new(1, 10);
         let queue = JobQueue::default();
         let (waiting, mut waiting_answer) = oneshot::channel();
-        queue.push(WorkerJob { reply: waiting, ..job(&a, true, US, 1) });
+        queue.push(WorkerJob { reply: waiting, ..job(&a, US, 1) });
         queue.close();
         let (late, mut late_answer) = oneshot::channel();
-        queue.push(WorkerJob { reply: late, ..job(&a, true, US, 1) });
+        queue.push(WorkerJob { reply: late, ..job(&a, US, 1) });
         for answer in [waiting_answer.try_recv(), late_answer.try_recv()] {
             assert!(matches!(answer, Ok(Err(JobError::Unavailable(_)))), "{answer:?}");
         }

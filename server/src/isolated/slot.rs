@@ -71,9 +71,7 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
             return;
         };
         let mut batch = vec![job];
-        if super::pipelinable(&batch[0]) {
-            shared.queue.take_tiny(pipeline_room(&shared, current), &mut batch);
-        }
+        shared.queue.fill_batch(pipeline_room(&shared, current), &mut batch);
         let batch: Vec<WorkerJob> = batch
             .into_iter()
             .filter_map(|job| match expired(&job) {

@@ -177,14 +177,10 @@ struct Link {
 }
 
 impl Link {
-    /// Queues a frame; it is written by the next [`Link::next_frame`] or [`Link::flush`].
+    /// Queues a frame without payload; it is written by the next
+    /// [`Link::next_frame`] or [`Link::flush`].
     fn queue(&mut self, body: worker_request::Body) {
-        self.queue_request(&WorkerRequest { body: Some(body), payload: Bytes::new() }, &Bytes::new());
-    }
-
-    /// Queues a frame whose message may carry a payload.
-    fn queue_request(&mut self, request: &WorkerRequest, payload: &Bytes) {
-        self.out.push(request, payload);
+        self.out.push(&WorkerRequest { body: Some(body), payload: Bytes::new() }, &Bytes::new());
     }
 
     /// The next frame from the worker, writing queued frames meanwhile.
@@ -388,6 +384,38 @@ impl WorkerProcess {
         self.pid
     }
 
+    /// Why the worker ended, from its reaped status.
+    async fn exit_cause(&mut self, status: std::io::Result<ExitStatus>) -> DeathCause {
+        match status {
+            Ok(status) => self.describe_exit(status).await,
+            Err(_) => DeathCause::Exited(-1),
+        }
+    }
+
+    /// A heartbeat tick: kills a worker silent since `last_heard` for longer
+    /// than the timeout (returning why), else pings it; `task` is what it
+    /// runs, if anything. A broken socket shows up in the next read or wait.
+    async fn beat(
+        &mut self,
+        last_heard: Instant,
+        seq: u64,
+        task: Option<&str>,
+        options: &WorkerOptions,
+    ) -> Option<DeathCause> {
+        if last_heard.elapsed() > options.heartbeat_timeout {
+            match task {
+                Some(task) => {
+                    tracing::warn!(worker.pid = self.pid, task.name = task, "worker stopped answering; killing it")
+                }
+                None => tracing::warn!(worker.pid = self.pid, "idle worker stopped answering; killing it"),
+            }
+            self.kill().await;
+            return Some(DeathCause::Unresponsive);
+        }
+        self.link.queue(worker_request::Body::Ping(Ping { seq }));
+        None
+    }
+
     /// Describes how the worker ended, waiting briefly for its last stderr lines.
     async fn describe_exit(&mut self, status: ExitStatus) -> DeathCause {
         let mut done = self.stderr_done.clone();
@@ -477,10 +505,7 @@ impl WorkerProcess {
                     }
                 },
                 status = self.child.wait() => {
-                    let cause = match status {
-                        Ok(status) => self.describe_exit(status).await,
-                        Err(_) => DeathCause::Exited(-1),
-                    };
+                    let cause = self.exit_cause(status).await;
                     return self.died(cause, flight);
                 }
                 () = &mut deadline_reached, if head_deadline.is_some() => StopReason::Deadline,
@@ -490,12 +515,9 @@ impl WorkerProcess {
                     _ => StopReason::Cancelled,
                 },
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > options.heartbeat_timeout {
-                        tracing::warn!(worker.pid = self.pid, task.name = task, "worker stopped answering; killing it");
-                        self.kill().await;
-                        return self.died(DeathCause::Unresponsive, flight);
+                    if let Some(cause) = self.beat(last_heard, id, Some(task), options).await {
+                        return self.died(cause, flight);
                     }
-                    self.link.queue(worker_request::Body::Ping(Ping { seq: id }));
                     continue;
                 }
             };
@@ -531,10 +553,10 @@ impl WorkerProcess {
             params: std::mem::take(&mut job.params),
             deadline_unix_nanos: job.deadline.map_or(0, unix_nanos),
             traceparent: crate::telemetry::traceparent(&span),
-            inline: job.inline,
+            inline: job.tiny(),
         };
         let mut request = WorkerRequest { body: Some(worker_request::Body::Run(run)), payload: Bytes::new() };
-        self.link.queue_request(&request, &job.input);
+        self.link.out.push(&request, &job.input);
         // Kept with the job in case it must go to another worker.
         if let Some(worker_request::Body::Run(run)) = &mut request.body {
             job.params = std::mem::take(&mut run.params);
@@ -627,37 +649,23 @@ impl WorkerProcess {
                     Ok(None) => return Fate::Dead(self.death().await),
                     Err(detail) => return Fate::Dead(self.protocol_breach(detail).await),
                 },
-                status = self.child.wait() => {
-                    return Fate::Dead(match status {
-                        Ok(status) => self.describe_exit(status).await,
-                        Err(_) => DeathCause::Exited(-1),
-                    });
-                }
+                status = self.child.wait() => return Fate::Dead(self.exit_cause(status).await),
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > options.heartbeat_timeout {
-                        tracing::warn!(worker.pid = self.pid, "idle worker stopped answering; killing it");
-                        self.kill().await;
-                        return Fate::Dead(DeathCause::Unresponsive);
+                    if let Some(cause) = self.beat(last_heard, 0, None, options).await {
+                        return Fate::Dead(cause);
                     }
-                    // A broken socket shows up in the next read or wait.
-                    self.link.queue(worker_request::Body::Ping(Ping { seq: 0 }));
                 }
             }
         }
     }
 
-    /// Resident memory of the worker, read at most once per `interval`
-    /// (three syscalls: not on every task of a busy worker).
+    /// Resident memory of the worker from /proc, read at most once per
+    /// `interval` (three syscalls: not on every task of a busy worker).
     pub fn resident_bytes_every(&mut self, interval: Duration) -> Option<u64> {
         if self.rss_read.is_some_and(|at| at.elapsed() < interval) {
             return None;
         }
         self.rss_read = Some(Instant::now());
-        self.resident_bytes()
-    }
-
-    /// Resident memory of the worker, from /proc.
-    pub fn resident_bytes(&self) -> Option<u64> {
         let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
         let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
         Some(pages * rustix::param::page_size() as u64)
