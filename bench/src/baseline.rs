@@ -8,9 +8,12 @@
 use std::{
     io::{Read, Write},
     net::SocketAddr,
-    os::unix::net::{UnixListener, UnixStream},
-    path::Path,
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::net::UnixStream,
+    },
     pin::Pin,
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -92,10 +95,14 @@ pub async fn serve(addr: SocketAddr, style: Style) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The peer of the ping-pong: echoes `size`-byte messages on `path`.
-pub fn pingpong_peer(path: &Path, size: usize) -> anyhow::Result<()> {
-    let listener = UnixListener::bind(path)?;
-    let (mut stream, _) = listener.accept()?;
+/// The peer of the ping-pong: echoes `size`-byte messages on the inherited
+/// socket `fd` until it closes.
+pub fn pingpong_peer(fd: i32, size: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(fd > 2, "--fd {fd} is a standard stream");
+    // SAFETY: `pingpong` passes this process its end of a socketpair, open,
+    // under this number; nothing else here owns it.
+    #[allow(unsafe_code)]
+    let mut stream = unsafe { UnixStream::from_raw_fd(fd) };
     let mut buf = vec![0u8; size];
     loop {
         if stream.read_exact(&mut buf).is_err() {
@@ -105,25 +112,32 @@ pub fn pingpong_peer(path: &Path, size: usize) -> anyhow::Result<()> {
     }
 }
 
-/// Median round trip of `size`-byte messages to a peer process on `path`.
-pub fn pingpong(path: &Path, size: usize, duration: Duration) -> anyhow::Result<Duration> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match UnixStream::connect(path) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(e.into()),
+/// Median round trip of `size`-byte messages to a peer process (this
+/// program's `pingpong-peer`) over a socketpair, as the front reaches its
+/// workers, for `duration`.
+pub fn pingpong(size: usize, duration: Duration) -> anyhow::Result<Duration> {
+    let (mut stream, theirs) = UnixStream::pair()?;
+    // Inherited by the peer alone: nothing else is spawned meanwhile.
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())?;
+    let mut peer = Command::new(std::env::current_exe()?)
+        .args(["pingpong-peer", "--size", &size.to_string(), "--fd", &theirs.as_raw_fd().to_string()])
+        .spawn()?;
+    drop(theirs);
+    let mut measure = || -> anyhow::Result<Duration> {
+        let mut buf = vec![7u8; size];
+        let mut samples = Vec::new();
+        let end = Instant::now() + duration;
+        while Instant::now() < end {
+            let sent = Instant::now();
+            stream.write_all(&buf)?;
+            stream.read_exact(&mut buf)?;
+            samples.push(sent.elapsed());
         }
+        samples.sort_unstable();
+        Ok(samples[samples.len() / 2])
     };
-    let mut buf = vec![7u8; size];
-    let mut samples = Vec::new();
-    let end = Instant::now() + duration;
-    while Instant::now() < end {
-        let sent = Instant::now();
-        stream.write_all(&buf)?;
-        stream.read_exact(&mut buf)?;
-        samples.push(sent.elapsed());
-    }
-    samples.sort_unstable();
-    Ok(samples[samples.len() / 2])
+    let measured = measure();
+    let _ = peer.kill();
+    let _ = peer.wait();
+    measured
 }

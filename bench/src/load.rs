@@ -170,6 +170,11 @@ impl Tally {
         }
     }
 
+    /// A call the open loop did not send (too many outstanding).
+    fn not_sent(&mut self) {
+        *self.errors.entry("NotSent".into()).or_default() += 1;
+    }
+
     fn merge(&mut self, other: Tally) {
         let _ = self.latencies.add(other.latencies);
         for (code, n) in other.errors {
@@ -348,8 +353,9 @@ async fn closed_batch(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input
     Ok(total)
 }
 
-/// Calls outstanding beyond which the open loop counts a call as failed
-/// instead of starting it (the server is not keeping up at all).
+/// Calls outstanding beyond which the open loop counts a call as not sent
+/// (an error, "NotSent") instead of starting it: the server is not keeping
+/// up at all.
 const OPEN_LOOP_CAP: usize = 10_000;
 
 async fn open_unary(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input: &Bytes, rate: f64) -> Tally {
@@ -362,7 +368,7 @@ async fn open_unary(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input: 
         let intended = start + Duration::from_secs_f64(i as f64 / rate);
         tokio::time::sleep_until(intended.into()).await;
         if outstanding.load(std::sync::atomic::Ordering::Relaxed) >= OPEN_LOOP_CAP {
-            tally.record(Err(tonic::Code::ResourceExhausted), Duration::ZERO);
+            tally.not_sent();
             continue;
         }
         outstanding.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -90,8 +90,10 @@ enum Command {
     /// The peer process of the Unix-socket ping-pong baseline.
     #[command(hide = true)]
     PingpongPeer {
+        /// The inherited socket's descriptor.
         #[arg(long)]
-        path: PathBuf,
+        fd: i32,
+        /// Message size in bytes.
         #[arg(long)]
         size: usize,
     },
@@ -137,6 +139,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Baseline { listen, style } => baseline::serve(listen, style).await,
-        Command::PingpongPeer { path, size } => baseline::pingpong_peer(&path, size),
+        Command::PingpongPeer { fd, size } => baseline::pingpong_peer(fd, size),
     }
 }
