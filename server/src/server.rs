@@ -150,6 +150,14 @@ pub async fn serve(
     // Refuse first, then tell: once a health watcher sees NOT_SERVING, new
     // connections are already refused and new calls answered UNAVAILABLE.
     dispatcher.start_draining();
+    // Closing our descriptor is not enough: a worker being spawned holds a
+    // copy of every descriptor until its exec, and while any copy is open the
+    // kernel keeps accepting connections that nobody will serve (they are
+    // reset instead of refused). Shutting the socket down stops the listening
+    // for every holder.
+    if let Err(err) = socket2::SockRef::from(&listener).shutdown(std::net::Shutdown::Read) {
+        tracing::warn!(error = %err, "cannot shut the listener down; closing it");
+    }
     drop(listener);
     for name in ["", COMPUTE_SERVICE_NAME] {
         health.set_service_status(name, ServingStatus::NotServing).await;
