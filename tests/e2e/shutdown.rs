@@ -27,7 +27,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     // A new connection finds nobody listening.
     let fresh = Channel::from_shared(server.url()).unwrap().connect_lazy();
     let err = ComputeClient::new(fresh).execute(request("debug.echo", &[], vec![])).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}; server logs: {:?}", server.logs());
 
     // The call in flight still completes.
     let result = super::final_result(in_flight).await;
