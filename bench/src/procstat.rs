@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use procfs::process::Process;
+
 /// A reading of one process tree.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct TreeStat {
@@ -14,31 +16,17 @@ pub struct TreeStat {
     pub max_worker_rss: u64,
 }
 
-fn ticks_per_second() -> f64 {
-    rustix::param::clock_ticks_per_second() as f64
-}
-
 /// (cpu ticks, rss pages) of `pid`.
 fn read(pid: u32) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // After the command: state is field 3; utime 14, stime 15, rss 24 (1-based).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let rss: u64 = fields.get(21)?.parse().ok()?;
-    Some((utime + stime, rss))
+    let stat = Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok()?;
+    Some((stat.utime + stat.stime, stat.rss))
 }
 
-/// Live children of `pid`.
+/// Children of `pid` (of any of its threads).
 pub fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-                out.extend(list.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
-            }
-        }
-    }
+    let tasks = i32::try_from(pid).ok().and_then(|pid| Process::new(pid).ok()).and_then(|p| p.tasks().ok());
+    let mut out: Vec<u32> =
+        tasks.into_iter().flatten().flatten().filter_map(|task| task.children().ok()).flatten().collect();
     out.sort_unstable();
     out.dedup();
     out
@@ -47,7 +35,7 @@ pub fn children(pid: u32) -> Vec<u32> {
 /// Reads the tree rooted at `pid`. CPU of children that already exited is
 /// not counted (workers live for the whole run in these benchmarks).
 pub fn tree(pid: u32) -> TreeStat {
-    let page = rustix::param::page_size() as u64;
+    let page = procfs::page_size();
     let (front_ticks, front_pages) = read(pid).unwrap_or_default();
     let mut ticks = front_ticks;
     let mut max_worker = 0;
@@ -58,7 +46,7 @@ pub fn tree(pid: u32) -> TreeStat {
         }
     }
     TreeStat {
-        cpu: Duration::from_secs_f64(ticks as f64 / ticks_per_second()),
+        cpu: Duration::from_secs_f64(ticks as f64 / procfs::ticks_per_second() as f64),
         front_rss: front_pages * page,
         max_worker_rss: max_worker,
     }

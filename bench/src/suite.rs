@@ -547,14 +547,11 @@ impl Suite {
     }
 
     fn write(&self) -> anyhow::Result<()> {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown".into());
+        let cpu = {
+            use procfs::Current as _;
+            procfs::CpuInfo::current().ok().and_then(|info| info.model_name(0).map(str::to_string))
+        }
+        .unwrap_or_else(|| "unknown".into());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut md = String::new();
         writeln!(md, "# Offload benchmarks\n")?;

@@ -173,15 +173,18 @@ async fn the_memory_limit_fails_the_call_with_resource_exhausted_and_replaces_th
 async fn workers_run_niced_without_core_dumps_under_their_address_space_limit() {
     let server = Server::start(&["--workers", "1", "--worker-nice", "7", "--worker-memory-limit-bytes", "1073741824"]);
     let pid = server.wait_for_workers(1, Duration::from_secs(10)).await[0];
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    assert_eq!(fields[16], "7", "nice level (field 19 of stat)");
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let line = |name: &str| {
-        limits.lines().find(|l| l.starts_with(name)).unwrap().split_whitespace().collect::<Vec<_>>().join(" ")
+    let worker = offload_e2e::process(pid).expect("worker in /proc");
+    assert_eq!(worker.stat().unwrap().nice, 7, "nice level");
+    let limits = worker.limits().unwrap();
+    // (soft, hard), None for unlimited.
+    let values = |limit: procfs::process::Limit| {
+        [limit.soft_limit, limit.hard_limit].map(|value| match value {
+            procfs::process::LimitValue::Value(n) => Some(n),
+            procfs::process::LimitValue::Unlimited => None,
+        })
     };
-    assert!(line("Max core file size").contains("0 0"), "{limits}");
-    assert!(line("Max address space").contains("1073741824 1073741824"), "{limits}");
+    assert_eq!(values(limits.max_core_file_size), [Some(0), Some(0)], "core dumps off");
+    assert_eq!(values(limits.max_address_space), [Some(1 << 30), Some(1 << 30)], "address space limit");
 }
 
 #[tokio::test]

@@ -199,26 +199,23 @@ impl Server {
 
 /// Live (not zombie) children of `pid`, sorted.
 pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
-            }
-        }
-    }
+    let tasks = process(pid).and_then(|p| p.tasks().ok());
+    let mut out: Vec<u32> =
+        tasks.into_iter().flatten().flatten().filter_map(|task| task.children().ok()).flatten().collect();
     out.retain(|p| is_alive(*p));
     out.sort_unstable();
     out.dedup();
     out
 }
 
+/// `pid` in /proc, if it exists.
+pub fn process(pid: u32) -> Option<procfs::process::Process> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?).ok()
+}
+
 /// Whether `pid` is a running (not zombie) process.
 pub fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
+    process(pid).and_then(|p| p.stat().ok()).is_some_and(|stat| stat.state != 'Z')
 }
 
 impl Drop for Server {
