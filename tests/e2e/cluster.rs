@@ -28,14 +28,23 @@ fn descendants(pid: u32) -> Vec<u32> {
     all
 }
 
-/// (replica pid) of every "replica ... serving" line logged so far.
-fn serving(server: &Server) -> Vec<u32> {
+/// (replica name, pid) of every "replica NAME (pid N) serving" line logged
+/// so far, oldest first.
+fn serving_named(server: &Server) -> Vec<(String, u32)> {
     server
         .logs()
         .iter()
         .filter(|l| l.contains("\"message\":\"replica ") && l.contains(" serving"))
-        .filter_map(|l| l.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()))
+        .filter_map(|l| {
+            let (name, rest) = l.split("\"message\":\"replica ").nth(1)?.split_once(" (pid ")?;
+            Some((name.to_string(), rest.split(')').next()?.parse().ok()?))
+        })
         .collect()
+}
+
+/// Pid of every replica that came to serve so far, oldest first.
+fn serving(server: &Server) -> Vec<u32> {
+    serving_named(server).into_iter().map(|(_, pid)| pid).collect()
 }
 
 async fn replica_of_fresh_connection(server: &Server) -> String {
@@ -146,6 +155,51 @@ async fn sighup_rolls_the_replicas_without_failing_a_call() {
     let after = serving(&server);
     assert_eq!(after.len(), 4, "two new replicas: {after:?}");
     assert!(before.iter().all(|p| !is_alive(*p)), "old replicas drained and exited");
+}
+
+#[tokio::test]
+async fn a_replica_that_dies_during_a_rolling_restart_is_restarted() {
+    let server =
+        Server::start(&["--replicas", "2", "--workers", "1", "--shutdown-grace-secs", "20", "--replica-name", "r"]);
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 2).await, "{:?}", server.logs());
+    // A long call on replica r-1 keeps its drain going while r-0 is already
+    // replaced.
+    let mut long_call = None;
+    for _ in 0..100 {
+        let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+        let mut client = ComputeClient::new(channel);
+        let out = client.execute(request("debug.echo", &[], &b"x"[..])).await.unwrap().into_inner();
+        if out.stats.unwrap().replica == "r-1" {
+            long_call =
+                Some(super::start_running(&mut client, request("debug.sleep", &[("ms", "6000")], vec![])).await);
+            break;
+        }
+    }
+    let long_call = long_call.expect("a connection reached r-1");
+
+    server.signal(Signal::SIGHUP);
+    // The fourth "serving" line is the new r-1: the old one is draining now.
+    assert!(wait_for(Duration::from_secs(30), || serving(&server).len() == 4).await, "{:?}", server.logs());
+    assert!(!server.logged("rolling restart done"), "the drain of the old r-1 outlasted the long call");
+    let fresh_r0 = serving_named(&server)[2].clone();
+    assert_eq!(fresh_r0.0, "r-0", "{:?}", serving_named(&server));
+    nix::sys::signal::kill(Pid::from_raw(fresh_r0.1 as i32), Signal::SIGKILL).unwrap();
+
+    // The rolling restart finishes (the long call completes on the old r-1)
+    // and the killed r-0 is started again.
+    let result = super::final_result(long_call).await.expect("the long call finished while draining");
+    assert!(result.stats.unwrap().run_us >= 6_000_000);
+    assert!(wait_for(Duration::from_secs(30), || server.logged("rolling restart done")).await, "{:?}", server.logs());
+    assert!(
+        wait_for(Duration::from_secs(30), || serving_named(&server).len() == 5).await,
+        "the killed replica was not restarted: {:?}",
+        server.logs()
+    );
+    assert_eq!(serving_named(&server)[4].0, "r-0");
+    assert!(!is_alive(fresh_r0.1));
+    for _ in 0..6 {
+        replica_of_fresh_connection(&server).await;
+    }
 }
 
 #[tokio::test]
