@@ -3,7 +3,7 @@
 //! the dispatcher, in one place for every RPC; gauges are read from the
 //! executors when scraped.
 
-use std::{net::SocketAddr, sync::Mutex, time::Duration};
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
@@ -66,8 +66,6 @@ pub struct Metrics {
     live_workers: Gauge,
     worker_restarts: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
-    /// Worker deaths already exported, per reason (the supervisor keeps totals).
-    exported_deaths: Mutex<Vec<(&'static str, u64)>>,
 }
 
 impl Default for Metrics {
@@ -101,18 +99,7 @@ impl Default for Metrics {
             "Calls refused before running, by reason (queue_full, deadline, draining, no_worker, too_large)",
             rejected.clone(),
         );
-        Self {
-            registry,
-            calls,
-            duration,
-            queue_wait,
-            queue_depth,
-            busy,
-            live_workers,
-            worker_restarts,
-            rejected,
-            exported_deaths: Mutex::new(Vec::new()),
-        }
+        Self { registry, calls, duration, queue_wait, queue_depth, busy, live_workers, worker_restarts, rejected }
     }
 }
 
@@ -144,15 +131,9 @@ impl Metrics {
             self.busy.get_or_create(&labels).set(admission.running() as i64);
         }
         self.live_workers.set(dispatcher.isolated().live_workers() as i64);
-        {
-            let mut exported = self.exported_deaths.lock().unwrap_or_else(|e| e.into_inner());
-            for (reason, total) in dispatcher.isolated().deaths() {
-                let before = exported.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n);
-                let counter = self.worker_restarts.get_or_create(&ReasonLabels { reason });
-                counter.inc_by(total.saturating_sub(before));
-                exported.retain(|(r, _)| *r != reason);
-                exported.push((reason, total));
-            }
+        for (reason, total) in dispatcher.isolated().deaths() {
+            // The supervisor keeps the totals (they only grow); the counter mirrors them.
+            self.worker_restarts.get_or_create(&ReasonLabels { reason }).inner().store(total, Ordering::Relaxed);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
