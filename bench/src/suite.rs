@@ -129,6 +129,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// One connection with one call in flight: latency without queueing.
+fn one_by_one(spec: &mut LoadSpec) {
+    (spec.connections, spec.in_flight) = (1, 1);
+}
+
 /// One side of a comparison: its name, and the load put on it (its URL included).
 struct Contender<'a> {
     name: &'a str,
@@ -229,7 +234,7 @@ impl Suite {
         LoadSpec { duration: self.duration(), ..LoadSpec::closed(url, task, params, mode, size) }
     }
 
-    /// Measures `runs` times the calls/s of each contender, all of them in
+    /// Measures `runs` times each contender (a report per run), all of them in
     /// each run (each run starting with another one, so that none is always
     /// measured first or right after the same neighbour).
     async fn compare(&mut self, label: &str, contenders: &[Contender<'_>]) -> anyhow::Result<Measured> {
@@ -347,7 +352,6 @@ impl Suite {
         let rtt = baseline::pingpong(64, self.duration())?.as_secs_f64() * 1e6;
         writeln!(self.details, "- 3. bare Unix-socket ping-pong, 64 B: median round trip {rtt:.1} us").expect("string");
 
-        let one_by_one = |spec: &mut LoadSpec| (spec.connections, spec.in_flight) = (1, 1);
         let m = self.compare("3. debug.echo 64 B, 1x1", &self.modes(offload, one_by_one, "debug.echo", 64)).await?;
         let added = m.per_run(1, 0, p50_us, |isolated, pool| isolated - pool);
         let ratio = added / rtt;
@@ -374,7 +378,6 @@ impl Suite {
     }
 
     async fn large_payloads(&mut self, offload: &Proc) -> anyhow::Result<()> {
-        let one_by_one = |spec: &mut LoadSpec| (spec.connections, spec.in_flight) = (1, 1);
         let contenders = self.modes(offload, one_by_one, "hash.sha256", 16 << 20);
         let m = self.compare("4. hash.sha256 16 MiB, 1x1", &contenders).await?;
         let ratio = m.per_run(1, 0, p50_us, |isolated, pool| isolated / pool);
