@@ -151,10 +151,7 @@ impl Dispatcher {
         let mut labels = ("unknown", "unknown");
         let admitted = self.admit_labelled(call, &mut labels);
         if let Err(err) = &admitted {
-            self.metrics.call(labels.0, labels.1, err.code(), None);
-            if let Some(reason) = err.rejection() {
-                self.metrics.rejected(reason);
-            }
+            self.metrics.refused(labels.0, labels.1, err.code(), err.rejection());
         }
         admitted
     }

@@ -116,9 +116,14 @@ impl Metrics {
         }
     }
 
-    /// Counts a call refused before running.
-    pub fn rejected(&self, reason: &'static str) {
-        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    /// Counts a call that never ran: in calls_total, and in
+    /// rejected_calls_total when it was refused for a `rejection` reason
+    /// (queue_full, deadline, ...) rather than for a bad request.
+    pub fn refused(&self, task: &'static str, mode: &'static str, code: Code, rejection: Option<&'static str>) {
+        self.call(task, mode, code, None);
+        if let Some(reason) = rejection {
+            self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+        }
     }
 
     /// The text exposition, with gauges read from `dispatcher` now.

@@ -262,8 +262,7 @@ fn rewrite_oversized<B>(
     if headers.get("grpc-status") == Some(&HeaderValue::from_static("11"))
         && let Some(status) = Status::from_header_map(headers).filter(|s| s.code() == Code::OutOfRange)
     {
-        metrics.call("unknown", "unknown", Code::ResourceExhausted, None);
-        metrics.rejected("too_large");
+        metrics.refused("unknown", "unknown", Code::ResourceExhausted, Some("too_large"));
         headers.remove("grpc-message");
         let rewritten = request_status(status, max_message_bytes);
         if rewritten.add_header(headers).is_err() {
