@@ -73,10 +73,18 @@ pub struct Args {
     #[serde(skip)]
     pub replica: bool,
 
-    /// List and run the debug.* tasks (for tests and benchmarks).
-    #[arg(long, env = "OFFLOAD_DEBUG_TASKS")]
-    #[serde(default)]
-    pub debug_tasks: bool,
+    /// List and run the debug.* tasks (for tests and benchmarks). The
+    /// environment variable takes 1/0, true/false, yes/no or on/off.
+    #[arg(
+        long,
+        env = "OFFLOAD_DEBUG_TASKS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = boolish("OFFLOAD_DEBUG_TASKS"),
+    )]
+    pub debug_tasks: Option<bool>,
 
     /// Threads of the POOL executor. [default: the available cores]
     #[arg(long, env = "OFFLOAD_POOL_THREADS", value_name = "N")]
@@ -204,7 +212,7 @@ impl Args {
             listen: self.listen.or(file.listen),
             replicas: self.replicas.or(file.replicas),
             replica: self.replica,
-            debug_tasks: self.debug_tasks || file.debug_tasks,
+            debug_tasks: self.debug_tasks.or(file.debug_tasks),
             pool_threads: self.pool_threads.or(file.pool_threads),
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
             max_message_bytes: self.max_message_bytes.or(file.max_message_bytes),
@@ -378,7 +386,7 @@ impl Config {
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             replicas: if a.replica { 1 } else { replicas },
             replica: a.replica,
-            debug_tasks: a.debug_tasks,
+            debug_tasks: a.debug_tasks.unwrap_or(false),
             pool_threads: a.pool_threads.map_or(cores, NonZeroUsize::get),
             queue_capacity: a.queue_capacity.map_or(DEFAULT_QUEUE_CAPACITY, NonZeroUsize::get),
             max_message_bytes,
@@ -412,6 +420,26 @@ impl Config {
             worker_program: a.worker_program,
             exec: a.exec,
         })
+    }
+}
+
+/// The words a boolean setting accepts, in any case, as operators write
+/// them in environments and manifests.
+pub const BOOLEAN_WORDS: &str = "1/0, true/false, yes/no, on/off";
+
+/// A parser for a boolean setting whose environment variable is `variable`:
+/// accepts [`BOOLEAN_WORDS`] and names the variable and those words when it
+/// refuses a value (clap's own bool parser takes only true/false).
+fn boolish(variable: &'static str) -> impl Fn(&str) -> Result<bool, String> + Clone + Send + Sync + 'static {
+    move |value| parse_boolean(value).ok_or_else(|| format!("{variable} accepts {BOOLEAN_WORDS} (any case)"))
+}
+
+/// `value` as a boolean, if it is one of [`BOOLEAN_WORDS`] in any case.
+pub fn parse_boolean(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
     }
 }
 
@@ -467,6 +495,23 @@ mod tests {
         std::fs::write(&path, "[[exec]]\nname = \"exec.x\"\nprogram = \"/no/such/program\"\n").unwrap();
         let err = Config::load(parse(&["--config", path.to_str().unwrap()])).unwrap_err();
         assert!(err.to_string().contains("/no/such/program"), "{err}");
+    }
+
+    #[test]
+    fn boolean_words_in_any_case() {
+        for word in ["1", "true", "TRUE", "yes", "Yes", "on", "ON"] {
+            assert_eq!(parse_boolean(word), Some(true), "{word}");
+        }
+        for word in ["0", "false", "False", "no", "NO", "off", "Off"] {
+            assert_eq!(parse_boolean(word), Some(false), "{word}");
+        }
+        for word in ["", "2", "y", "t", "enabled", "truee"] {
+            assert_eq!(parse_boolean(word), None, "{word}");
+        }
+        // The flag alone, and with a value.
+        assert_eq!(parse(&["--debug-tasks"]).debug_tasks, Some(true));
+        assert_eq!(parse(&["--debug-tasks=off"]).debug_tasks, Some(false));
+        assert_eq!(parse(&[]).debug_tasks, None);
     }
 
     #[test]

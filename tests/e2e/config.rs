@@ -29,3 +29,25 @@ fn a_bad_setting_exits_64_with_a_message() {
     let (code, out) = start(&["--help"], &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// OFFLOAD_DEBUG_TASKS takes the boolean words operators write (1/0,
+/// true/false, yes/no, on/off, any case), as the README and the core
+/// contract say; anything else exits 64 naming the variable.
+#[tokio::test]
+async fn boolean_environment_values_are_accepted_in_every_usual_spelling() {
+    use offload_e2e::Server;
+    use offload_proto::offload::v1::ListTasksRequest;
+
+    for (word, listed) in [("1", true), ("yes", true), ("ON", true), ("True", true), ("0", false), ("off", false)] {
+        let server =
+            Server::start_with_env(&["--listen", "127.0.0.1:0", "--workers", "1"], &[("OFFLOAD_DEBUG_TASKS", word)]);
+        let tasks = server.client().await.list_tasks(ListTasksRequest {}).await.unwrap().into_inner().tasks;
+        let debug = tasks.iter().any(|t| t.name.starts_with("debug."));
+        assert_eq!(debug, listed, "OFFLOAD_DEBUG_TASKS={word}");
+    }
+    for word in ["maybe", "2", "y"] {
+        let (code, err) = start(&["--listen", "127.0.0.1:0"], &[("OFFLOAD_DEBUG_TASKS", word)]);
+        assert_eq!(code, 64, "OFFLOAD_DEBUG_TASKS={word}: {err}");
+        assert!(err.contains("OFFLOAD_DEBUG_TASKS") && err.contains("1/0, true/false, yes/no, on/off"), "{err}");
+    }
+}
