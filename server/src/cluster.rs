@@ -69,6 +69,9 @@ pub async fn supervise(
     let addr = reserved.local_addr()?;
     tracing::info!(addr = %addr, replicas = config.replicas, "listening on {addr}");
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    // Each replica's budget: the supervisor's default is already one share.
+    let mut args = args;
+    args.extend(["--max-inflight-bytes".into(), config.max_inflight_bytes.to_string().into()]);
     let spawner = Spawner { args, addr, base: config.replica_name.clone(), exits: exits_tx, stop: stop.clone() };
     let mut replicas: Vec<Option<Replica>> = Vec::new();
     let mut generation = 0;

@@ -8,7 +8,10 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use offload_worker::tasks::exec::ExecSpec;
 
-use crate::telemetry::{self, TraceSettings};
+use crate::{
+    inflight::{self, MemorySource},
+    telemetry::{self, TraceSettings},
+};
 use serde::Deserialize;
 
 /// Default address: loopback only, so a first run exposes nothing.
@@ -99,6 +102,13 @@ pub struct Args {
     /// with RESOURCE_EXHAUSTED. [default: 67108864 (64 MiB)]
     #[arg(long, env = "OFFLOAD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<NonZeroUsize>,
+
+    /// Request and response bytes the front holds at once; a call whose
+    /// request message does not fit is refused with RESOURCE_EXHAUSTED before
+    /// its body is read. [default: a quarter of the memory limit (cgroup,
+    /// else physical memory), at most 2 GiB, shared among --replicas]
+    #[arg(long, env = "OFFLOAD_MAX_INFLIGHT_BYTES", value_name = "BYTES")]
+    pub max_inflight_bytes: Option<NonZeroUsize>,
 
     /// Largest output decompress.zstd may produce, in bytes.
     /// [default: 268435456 (256 MiB)]
@@ -216,6 +226,7 @@ impl Args {
             pool_threads: self.pool_threads.or(file.pool_threads),
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
             max_message_bytes: self.max_message_bytes.or(file.max_message_bytes),
+            max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),
             max_decompressed_bytes: self.max_decompressed_bytes.or(file.max_decompressed_bytes),
             inline_threshold_us: self.inline_threshold_us.or(file.inline_threshold_us),
             batch_concurrency: self.batch_concurrency.or(file.batch_concurrency),
@@ -288,6 +299,11 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Largest request or response message.
     pub max_message_bytes: usize,
+    /// Request and response bytes held at once.
+    pub max_inflight_bytes: usize,
+    /// Where the default of `max_inflight_bytes` came from, for the log;
+    /// None when it was set.
+    pub inflight_default: Option<(u64, MemorySource)>,
     /// Largest output of decompress.zstd.
     pub max_decompressed_bytes: usize,
     /// Cost under which tasks run inline on the I/O thread.
@@ -382,6 +398,15 @@ impl Config {
                 .filter(|n| (1..=256).contains(n))
                 .ok_or_else(|| invalid("replicas", format!("{n:?} is not auto or a number in 1..=256")))?,
         };
+        // Each replica gets its share of the default; the supervisor itself
+        // holds no calls.
+        let (max_inflight_bytes, inflight_default) = match a.max_inflight_bytes {
+            Some(bytes) => (bytes.get(), None),
+            None => {
+                let (bytes, memory, source) = inflight::default_budget(replicas);
+                (bytes, Some((memory, source)))
+            }
+        };
         Ok(Self {
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             replicas: if a.replica { 1 } else { replicas },
@@ -390,6 +415,8 @@ impl Config {
             pool_threads: a.pool_threads.map_or(cores, NonZeroUsize::get),
             queue_capacity: a.queue_capacity.map_or(DEFAULT_QUEUE_CAPACITY, NonZeroUsize::get),
             max_message_bytes,
+            max_inflight_bytes,
+            inflight_default,
             max_decompressed_bytes: a.max_decompressed_bytes.map_or(DEFAULT_MAX_DECOMPRESSED_BYTES, NonZeroUsize::get),
             inline_threshold: Duration::from_micros(a.inline_threshold_us.unwrap_or(DEFAULT_INLINE_THRESHOLD_US)),
             batch_concurrency: a.batch_concurrency.map_or(DEFAULT_BATCH_CONCURRENCY, NonZeroUsize::get),

@@ -12,7 +12,12 @@ const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// The absolute deadline of a call received at `received`, if the client set one.
 pub fn from_metadata(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
-    let value = metadata.get(GRPC_TIMEOUT)?.to_str().ok()?;
+    from_headers(metadata.as_ref(), received)
+}
+
+/// The same, from the request's HTTP headers.
+pub fn from_headers(headers: &http::HeaderMap, received: Instant) -> Option<Instant> {
+    let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
     // An unreadable timeout is ignored rather than guessed at.
     parse_timeout(value).map(|t| received.checked_add(t).unwrap_or(received + Duration::from_secs(86_400 * 365)))
 }

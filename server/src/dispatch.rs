@@ -27,6 +27,7 @@ use crate::{
     admission::{Admission, Refusal, Ticket},
     cost::CostModel,
     error::CallError,
+    inflight::Budget,
     isolated::{DeathCause, JobError, Supervisor, WorkerJob, death::StopReason},
     metrics::Metrics,
     pool::Pool,
@@ -95,11 +96,19 @@ pub struct Dispatcher {
     options: DispatchOptions,
     draining: AtomicBool,
     metrics: Metrics,
+    /// Request and response bytes held at once (see [`crate::inflight`]).
+    budget: Arc<Budget>,
 }
 
 impl Dispatcher {
     /// A dispatcher serving `catalog` on `pool` and `isolated`.
-    pub fn new(catalog: Catalog, pool: Pool, isolated: Supervisor, options: DispatchOptions) -> Arc<Self> {
+    pub fn new(
+        catalog: Catalog,
+        pool: Pool,
+        isolated: Supervisor,
+        budget: Arc<Budget>,
+        options: DispatchOptions,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pool_costs: CostModel::new(&catalog),
             isolated_costs: CostModel::new(&catalog),
@@ -109,7 +118,13 @@ impl Dispatcher {
             options,
             draining: AtomicBool::new(false),
             metrics: Metrics::default(),
+            budget,
         })
+    }
+
+    /// The in-flight bytes budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The service's metrics.

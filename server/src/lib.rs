@@ -6,6 +6,7 @@
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
 //! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
+//! - [`inflight`]: the budget of request and response bytes held at once.
 //! - [`admission`] and [`cost`]: bounded queues and deadline-aware admission.
 //! - [`pool`]: the rayon executor (POOL mode).
 //! - [`isolated`]: the worker-process executor (ISOLATED mode).
@@ -21,6 +22,7 @@ pub mod cost;
 pub mod deadline;
 pub mod dispatch;
 pub mod error;
+pub mod inflight;
 pub mod isolated;
 pub mod metrics;
 pub mod pool;

@@ -66,6 +66,8 @@ pub struct Metrics {
     live_workers: Gauge,
     worker_restarts: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    inflight_bytes: Gauge,
+    inflight_budget: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,10 +98,34 @@ impl Default for Metrics {
         let rejected = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "rejected_calls",
-            "Calls refused before running, by reason (queue_full, deadline, draining, no_worker, too_large)",
+            "Calls refused before running, by reason (queue_full, deadline, draining, no_worker, too_large, memory)",
             rejected.clone(),
         );
-        Self { registry, calls, duration, queue_wait, queue_depth, busy, live_workers, worker_restarts, rejected }
+        let inflight_bytes = Gauge::default();
+        registry.register(
+            "inflight_bytes",
+            "Request and response bytes held now, counted against --max-inflight-bytes",
+            inflight_bytes.clone(),
+        );
+        let inflight_budget = Gauge::default();
+        registry.register(
+            "inflight_bytes_budget",
+            "The in-flight bytes budget (--max-inflight-bytes)",
+            inflight_budget.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            duration,
+            queue_wait,
+            queue_depth,
+            busy,
+            live_workers,
+            worker_restarts,
+            rejected,
+            inflight_bytes,
+            inflight_budget,
+        }
     }
 }
 
@@ -136,6 +162,9 @@ impl Metrics {
             self.busy.get_or_create(&labels).set(admission.running() as i64);
         }
         self.live_workers.set(dispatcher.isolated().live_workers() as i64);
+        let budget = dispatcher.budget();
+        self.inflight_bytes.set(budget.used() as i64);
+        self.inflight_budget.set(budget.limit() as i64);
         for (reason, total) in dispatcher.isolated().deaths() {
             // The supervisor keeps the totals (they only grow); the counter mirrors them.
             self.worker_restarts.get_or_create(&ReasonLabels { reason }).inner().store(total, Ordering::Relaxed);

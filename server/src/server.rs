@@ -27,6 +27,7 @@ use crate::{
     config::Config,
     dispatch::{DispatchOptions, Dispatcher},
     error::request_status,
+    inflight::{Budget, layer::InflightLayer},
     isolated::{IsolatedOptions, Supervisor, WorkerOptions},
     metrics,
     pool::Pool,
@@ -66,10 +67,33 @@ pub async fn serve(
     let catalog = Catalog::builtin(&catalog_options);
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
     let isolated = Supervisor::start(isolated_options(config, &catalog, catalog_options));
+    let budget = Budget::new(config.max_inflight_bytes);
+    match config.inflight_default {
+        Some((memory, source)) => tracing::info!(
+            max_inflight_bytes = config.max_inflight_bytes,
+            memory,
+            source = source.as_str(),
+            "in-flight bytes budget: {} MiB (default, from {} MiB of {})",
+            config.max_inflight_bytes >> 20,
+            memory >> 20,
+            source.as_str()
+        ),
+        None => tracing::info!(
+            max_inflight_bytes = config.max_inflight_bytes,
+            "in-flight bytes budget: {} MiB (set)",
+            config.max_inflight_bytes >> 20
+        ),
+    }
+    if config.max_inflight_bytes < config.max_message_bytes {
+        tracing::warn!(
+            "--max-inflight-bytes is below --max-message-bytes: requests larger than the budget are always refused"
+        );
+    }
     let dispatcher = Dispatcher::new(
         catalog,
         pool,
         isolated,
+        budget,
         DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
     );
     let metrics_stop = CancellationToken::new();
@@ -110,6 +134,9 @@ pub async fn serve(
     let service = ServiceBuilder::new()
         // Outermost: give oversized unary requests the API's status code.
         .map_response(move |response| rewrite_oversized(response, max_message_bytes, counted.metrics()))
+        // Every request and response byte held is counted against the budget;
+        // a call that does not fit is refused before its body is read.
+        .layer(InflightLayer::new(Arc::clone(&dispatcher), max_message_bytes))
         .service(routes);
 
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -21,6 +21,7 @@ use crate::{
     deadline,
     dispatch::{Call, Dispatcher, Outcome, ProgressState},
     error::{CallError, request_status},
+    inflight::Usage,
     telemetry,
 };
 
@@ -53,7 +54,10 @@ impl ComputeService {
         Self { dispatcher, replica: replica.into(), batch_concurrency, max_message_bytes, in_flight }
     }
 
-    fn response(&self, id: String, outcome: Outcome) -> ExecuteResponse {
+    /// The response carrying `outcome`; its output counts against the
+    /// in-flight budget until it is written to the connection.
+    fn response(&self, id: String, outcome: Outcome, usage: &Usage) -> ExecuteResponse {
+        usage.charge_output(outcome.output.len());
         ExecuteResponse {
             id,
             output: outcome.output,
@@ -98,10 +102,13 @@ impl Compute for ComputeService {
         let _in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("Execute", request.metadata());
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let usage = Usage::of(&request);
+        let input = usage.claim_input();
         let (id, call) = into_call(request.into_inner(), deadline);
         let result = async {
             let outcome = self.dispatcher.admit(call)?.run(None).await?;
-            Ok(Response::new(self.response(id, outcome)))
+            drop(input);
+            Ok(Response::new(self.response(id, outcome, &usage)))
         }
         .instrument(span.clone())
         .await;
@@ -118,6 +125,8 @@ impl Compute for ComputeService {
         let in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("ExecuteStream", request.metadata());
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let usage = Usage::of(&request);
+        let input = usage.claim_input();
         let (id, call) = into_call(request.into_inner(), deadline);
         let admitted = match span.in_scope(|| self.dispatcher.admit(call)) {
             Ok(admitted) => admitted,
@@ -144,12 +153,15 @@ impl Compute for ComputeService {
                 tokio::select! {
                     biased;
                     result = &mut run => {
+                        drop(input);
                         if !reported_running {
                             let state = progress.borrow().clone();
                             let _ = events.send(Ok(progress_event(Stage::Running, &state))).await;
                         }
                         let last = match result {
-                            Ok(outcome) => Ok(ExecuteEvent { event: Some(Event::Result(service.response(id, outcome))) }),
+                            Ok(outcome) => {
+                                Ok(ExecuteEvent { event: Some(Event::Result(service.response(id, outcome, &usage))) })
+                            }
                             Err(err) => Err(Status::from(err)),
                         };
                         telemetry::record_status(&stream_span, last.as_ref().err());
@@ -187,6 +199,7 @@ impl Compute for ComputeService {
         let span = telemetry::rpc_span("ExecuteBatch", request.metadata());
         let stream_span = span.clone();
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let usage = Usage::of(&request);
         let mut requests = request.into_inner();
         let (results, results_rx) = mpsc::channel(self.batch_concurrency);
         let service = self.clone();
@@ -200,10 +213,16 @@ impl Compute for ComputeService {
                         next = requests.message(), if input_open && running.len() < service.batch_concurrency => {
                             match next {
                                 Ok(Some(request)) => {
+                                    // Held while the item's input is in use.
+                                    let input = usage.claim_input();
                                     let (id, call) = into_call(request, deadline);
                                     match service.dispatcher.admit(call) {
                                         Ok(admitted) => {
-                                            running.push(async move { (id, admitted.run(None).await) });
+                                            running.push(async move {
+                                                let result = admitted.run(None).await;
+                                                drop(input);
+                                                (id, result)
+                                            });
                                             continue;
                                         }
                                         Err(err) => failed_item(id, err),
@@ -223,7 +242,7 @@ impl Compute for ComputeService {
                             }
                         }
                         Some((id, result)) = running.next(), if !running.is_empty() => match result {
-                            Ok(outcome) => service.response(id, outcome),
+                            Ok(outcome) => service.response(id, outcome, &usage),
                             Err(err) => failed_item(id, err),
                         },
                         // The client went away: dropping `running` cancels its tasks.
