@@ -9,6 +9,7 @@ mod deadlines;
 mod discovery;
 mod exec;
 mod isolated;
+mod memory;
 mod metrics;
 mod python;
 mod shutdown;

@@ -1,36 +1,11 @@
 //! The Prometheus endpoint: after a known mix of calls, the counters and
 //! histogram counts add up.
 
-use std::{
-    io::{Read, Write},
-    time::Duration,
-};
+use std::time::Duration;
 
-use offload_e2e::{Server, request, with_deadline};
+use offload_e2e::{Server, metric_value as value, request, with_deadline};
 use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode};
 use tonic::Code;
-
-fn scrape(server: &Server) -> String {
-    let logs = server.logs();
-    let line = logs.iter().find(|l| l.contains("metrics on http://")).expect("metrics address logged");
-    let addr: String = line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-/// The value of the sample whose name and labels are exactly `series`.
-fn value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} not found in:\n{metrics}"))
-        .parse()
-        .unwrap()
-}
 
 fn isolated(task: &str, params: &[(&str, &str)]) -> ExecuteRequest {
     ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request(task, params, &b"x"[..]) }
@@ -74,7 +49,7 @@ async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
     assert!(super::final_result(busy).await.is_some(), "the sleep finished");
     server.wait_for_workers(2, Duration::from_secs(10)).await;
 
-    let m = scrape(&server);
+    let m = server.scrape();
     let calls = |labels: &str| value(&m, &format!("offload_calls_total{{{labels}}}"));
     assert_eq!(calls(r#"task="hash.sha256",mode="POOL",code="OK""#), 3.0);
     assert_eq!(calls(r#"task="debug.echo",mode="ISOLATED",code="OK""#), 2.0);

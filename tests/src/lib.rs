@@ -133,6 +133,21 @@ impl Server {
             .max_encoding_message_size(usize::MAX)
     }
 
+    /// The text of its Prometheus endpoint (started with `--metrics-listen`).
+    pub fn scrape(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let logs = self.logs();
+        let line = logs.iter().find(|l| l.contains("metrics on http://")).expect("metrics address logged");
+        let addr: String =
+            line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -231,6 +246,17 @@ pub type WireTransport = tower::util::BoxCloneService<
     http::Response<hyper::body::Incoming>,
     hyper_util::client::legacy::Error,
 >;
+
+/// The value of the sample whose name and labels are exactly `series` in
+/// the Prometheus text `metrics`.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not found in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
 
 /// A request for `task` with `params`.
 pub fn request(task: &str, params: &[(&str, &str)], input: impl Into<bytes::Bytes>) -> ExecuteRequest {
