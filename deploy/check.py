@@ -51,6 +51,29 @@ for svc in (d for d in k8s if d["kind"] == "Service"):
     if svc["spec"]["selector"] != deployment["spec"]["selector"]["matchLabels"]:
         problems.append(f"service {svc['metadata']['name']} selects other pods")
 
+def memory_bytes(text):
+    """A compose or Kubernetes memory quantity (2g, 2Gi, 512Mi) in bytes."""
+    # Compose's k/m/g (with or without b) are binary units, like Kubernetes' Ki/Mi/Gi.
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    text = str(text).strip().lower().rstrip("b")
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+# The front's in-flight budget plus its workers' recycling thresholds must
+# leave room for the front itself inside the memory limit.
+for where, limit, settings in [
+    ("compose", services["offload"]["mem_limit"], offload_env),
+    ("k8s", container["resources"]["limits"]["memory"], env),
+]:
+    limit = memory_bytes(limit)
+    budget = int(settings["OFFLOAD_MAX_INFLIGHT_BYTES"])
+    workers = int(settings["OFFLOAD_WORKERS"]) * int(settings["OFFLOAD_WORKER_MAX_RSS_BYTES"])
+    if budget > limit // 4 or budget + workers + (128 << 20) > limit:
+        problems.append(f"{where}: budget {budget} + workers {workers} do not fit the memory limit {limit}")
+
 if problems:
     print("deploy files disagree:\n- " + "\n- ".join(problems))
     sys.exit(1)

@@ -125,6 +125,11 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_BATCH_CONCURRENCY", value_name = "N")]
     pub batch_concurrency: Option<NonZeroUsize>,
 
+    /// Seconds a connection may go without a call in flight before it is
+    /// closed (GOAWAY; clients reconnect); 0 for never. [default: 300]
+    #[arg(long, env = "OFFLOAD_CONNECTION_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub connection_idle_timeout_secs: Option<u64>,
+
     /// Seconds in-flight calls get to finish after SIGTERM/SIGINT. [default: 30]
     #[arg(long, env = "OFFLOAD_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     pub shutdown_grace_secs: Option<f64>,
@@ -230,6 +235,7 @@ impl Args {
             max_decompressed_bytes: self.max_decompressed_bytes.or(file.max_decompressed_bytes),
             inline_threshold_us: self.inline_threshold_us.or(file.inline_threshold_us),
             batch_concurrency: self.batch_concurrency.or(file.batch_concurrency),
+            connection_idle_timeout_secs: self.connection_idle_timeout_secs.or(file.connection_idle_timeout_secs),
             shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
@@ -310,6 +316,8 @@ pub struct Config {
     pub inline_threshold: Duration,
     /// Items of one batch stream run at once.
     pub batch_concurrency: usize,
+    /// Time a connection may go without a call; None for ever.
+    pub connection_idle_timeout: Option<Duration>,
     /// Time in-flight calls get on shutdown.
     pub shutdown_grace: Duration,
     /// Name reported in TaskStats.replica.
@@ -420,6 +428,10 @@ impl Config {
             max_decompressed_bytes: a.max_decompressed_bytes.map_or(DEFAULT_MAX_DECOMPRESSED_BYTES, NonZeroUsize::get),
             inline_threshold: Duration::from_micros(a.inline_threshold_us.unwrap_or(DEFAULT_INLINE_THRESHOLD_US)),
             batch_concurrency: a.batch_concurrency.map_or(DEFAULT_BATCH_CONCURRENCY, NonZeroUsize::get),
+            connection_idle_timeout: match a.connection_idle_timeout_secs.unwrap_or(300) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
             shutdown_grace: Duration::from_secs_f64(grace),
             replica_name: replica_name.clone(),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),

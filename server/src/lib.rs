@@ -3,6 +3,7 @@
 //! Layout, in the order a request flows:
 //! - [`cluster`]: the replica supervisor (`--replicas`).
 //! - [`server`]: assembles the services and layers, serves HTTP/2, drains.
+//! - [`connection`]: one connection's life: first-byte and idle timeouts.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
 //! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
@@ -18,6 +19,7 @@
 pub mod admission;
 pub mod cluster;
 pub mod config;
+pub mod connection;
 pub mod cost;
 pub mod deadline;
 pub mod dispatch;

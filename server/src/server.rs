@@ -10,11 +10,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-    service::TowerToHyperService,
-};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use offload_proto::offload::v1::compute_server::ComputeServer;
 use offload_worker::{Catalog, CatalogOptions, process::Settings};
 use tokio::net::TcpListener;
@@ -25,6 +21,7 @@ use tower::ServiceBuilder;
 
 use crate::{
     config::Config,
+    connection,
     dispatch::{DispatchOptions, Dispatcher},
     error::request_status,
     inflight::{Budget, layer::InflightLayer},
@@ -146,7 +143,9 @@ pub async fn serve(
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let connections = GracefulShutdown::new();
+    // Connections are told to finish when the drain is over (GOAWAY).
+    let connections = TaskTracker::new();
+    let close_connections = CancellationToken::new();
 
     on_serving();
     tracing::info!(pool_threads = dispatcher.pool().threads(), tasks = dispatcher.catalog().iter().count(), "serving");
@@ -155,10 +154,15 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
-                    let connection = connections.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(err) = connection.await {
+                    let served = connection::serve(
+                        http.clone(),
+                        stream,
+                        service.clone(),
+                        config.connection_idle_timeout,
+                        close_connections.clone(),
+                    );
+                    connections.spawn(async move {
+                        if let Err(err) = served.await {
                             tracing::debug!(%peer, error = %err, "connection ended with an error");
                         }
                     });
@@ -195,7 +199,9 @@ pub async fn serve(
         // responses (a health watch stream never ends on its own, so this
         // part does not wait for every connection).
         in_flight.wait().await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), connections.shutdown()).await;
+        close_connections.cancel();
+        connections.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     })
     .await;
     match drained {

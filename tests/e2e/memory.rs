@@ -112,3 +112,133 @@ async fn a_flood_of_large_requests_is_refused_beyond_the_budget_and_memory_stays
     assert_eq!(metric_value(&metrics, "offload_rejected_calls_total{reason=\"memory\"}"), refused as f64);
     server.client().await.execute(large).await.expect("a large call after the flood");
 }
+
+/// An HTTP/2 connection to `server` on which the test writes a call's body
+/// by hand, frame by frame.
+async fn raw_connection(server: &Server) -> hyper::client::conn::http2::SendRequest<RawBody> {
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+type RawBody = http_body_util::StreamBody<
+    tokio_stream::wrappers::ReceiverStream<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+>;
+
+/// Starts an Execute call whose body the test sends through the returned
+/// channel; `timeout` is its grpc-timeout.
+fn raw_execute(
+    sender: &mut hyper::client::conn::http2::SendRequest<RawBody>,
+    timeout: Option<&str>,
+) -> (
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    impl std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>> + use<>,
+) {
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel(4);
+    let mut builder = http::Request::post("http://offload/offload.v1.Compute/Execute")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(timeout) = timeout {
+        builder = builder.header("grpc-timeout", timeout);
+    }
+    let request =
+        builder.body(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body_rx))).unwrap();
+    (body_tx, sender.send_request(request))
+}
+
+/// The grpc-status of a finished response (trailers-only or in trailers).
+async fn grpc_status(response: http::Response<hyper::body::Incoming>) -> (String, String) {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = response.into_parts();
+    let header = |h: &http::HeaderMap, name: &str| h.get(name).map(|v| v.to_str().unwrap().to_string());
+    if let Some(code) = header(&parts.headers, "grpc-status") {
+        return (code, header(&parts.headers, "grpc-message").unwrap_or_default());
+    }
+    let trailers = body.collect().await.unwrap().trailers().cloned().unwrap_or_default();
+    (header(&trailers, "grpc-status").unwrap_or_default(), header(&trailers, "grpc-message").unwrap_or_default())
+}
+
+/// A client that announces a 32 MiB message and then stops sending holds
+/// 32 MiB of the budget (so a second large call that does not fit is
+/// refused), blocks no other call, and is cut off by its deadline with
+/// DEADLINE_EXCEEDED, after which its bytes are given back.
+#[tokio::test]
+async fn a_stalled_request_body_holds_its_reservation_until_its_deadline_and_blocks_nothing() {
+    let budget = (64 * MIB).to_string();
+    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
+    assert!(server.wait_logged("metrics on http://").await);
+    let mut sender = raw_connection(&server).await;
+    let (body, response) = raw_execute(&mut sender, Some("2S"));
+    let response = tokio::spawn(response);
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(32 * MIB as u32).to_be_bytes());
+    prefix.extend_from_slice(&[0u8; 1024]);
+    body.send(Ok(hyper::body::Frame::data(Bytes::from(prefix)))).await.unwrap();
+
+    let reserved = wait_for(Duration::from_secs(5), || {
+        metric_value(&server.scrape(), "offload_inflight_bytes") == (32 * MIB) as f64
+    })
+    .await;
+    assert!(reserved, "the stalled call's message is not reserved:\n{}", server.scrape());
+    let mut client = server.client().await;
+    client.execute(request("hash.sha256", &[], &b"abc"[..])).await.expect("a small call beside the stalled one");
+    let refused = client.execute(request("debug.echo", &[], vec![0u8; 40 * MIB])).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    let answered = tokio::time::timeout(Duration::from_secs(10), response).await.expect("answered by the deadline");
+    let (code, message) = grpc_status(answered.unwrap().unwrap()).await;
+    assert_eq!(code, (Code::DeadlineExceeded as i32).to_string(), "{message}");
+    let released =
+        wait_for(Duration::from_secs(5), || metric_value(&server.scrape(), "offload_inflight_bytes") == 0.0).await;
+    assert!(released, "the stalled call's bytes were not given back");
+    drop(body);
+}
+
+/// Connections that send nothing, or only HTTP/2's preface, are closed by
+/// the server (first-byte and idle timeouts) while a connection with a call
+/// in flight longer than the idle timeout keeps it; memory returns to where
+/// it was.
+#[tokio::test]
+async fn idle_connections_are_closed_and_a_busy_one_is_kept() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let server = Server::start(&["--connection-idle-timeout-secs", "1", "--workers", "1"]);
+    let mut client = server.client().await;
+    client.execute(request("hash.sha256", &[], &b"warm"[..])).await.unwrap();
+    let rss = || offload_e2e::process(server.pid()).unwrap().status().unwrap().vmrss.unwrap() as usize * 1024;
+    let before = rss();
+
+    let busy =
+        tokio::spawn(async move { client.execute(request("debug.sleep", &[("ms", "2500")], Bytes::new())).await });
+    let mut idle = Vec::new();
+    for i in 0..600 {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        if i % 2 == 0 {
+            // HTTP/2's client preface and an empty SETTINGS frame.
+            stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+        }
+        idle.push(stream);
+    }
+    let opened = rss();
+    // The server closes every one of them: reads end (EOF or reset) after
+    // at most the server's SETTINGS and GOAWAY frames.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        for mut stream in idle {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stream.read(&mut buf).await
+                && n > 0
+            {}
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connections were left open");
+    busy.await.unwrap().expect("the call on a busy connection outlives the idle timeout");
+    eprintln!("600 idle connections: {} -> {} KiB resident", before / 1024, opened / 1024);
+    server.client().await.execute(request("hash.sha256", &[], &b"abc"[..])).await.expect("serves new connections");
+}

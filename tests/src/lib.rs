@@ -138,8 +138,7 @@ impl Server {
         use std::io::{Read as _, Write as _};
         let logs = self.logs();
         let line = logs.iter().find(|l| l.contains("metrics on http://")).expect("metrics address logged");
-        let addr: String =
-            line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
+        let addr: String = line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n").unwrap();
         let mut response = String::new();

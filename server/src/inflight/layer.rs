@@ -9,7 +9,8 @@
 //!   (backpressure), then fails the call.
 //! - A message still arriving is bounded in time too: the call's deadline
 //!   (grpc-timeout) and an idle timeout between its frames, so a client that
-//!   stops sending mid-message cannot hold its reservation for ever.
+//!   stops sending mid-message (or never sends its first message) cannot
+//!   hold its reservation or its stream for ever.
 //! - The response body is read through [`ResponseBody`], which passes large
 //!   data frames on in slices and gives a frame's charged output back once
 //!   hyper has taken its last slice: hyper takes a slice only when the
@@ -36,7 +37,8 @@ use super::{Budget, Refusal, Usage};
 use crate::{deadline, dispatch::Dispatcher};
 
 /// How long a request message may go without a frame while part of it has
-/// arrived; then the call fails and its reservation is given back.
+/// arrived (or before the first message); then the call fails
+/// DEADLINE_EXCEEDED and its reservation is given back.
 pub const MESSAGE_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a later message of a streaming call waits for room in the
@@ -206,7 +208,10 @@ where
 
     /// Takes the next frame of `inner` to scan, or notes the end.
     fn poll_next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        let mid_message = !matches!(self.framing, Framing::Prefix(0));
+        // Silence is bounded while part of a message has arrived, or before
+        // the first one (a stream that never starts); a streaming call may
+        // rest between messages.
+        let waiting = !matches!(self.framing, Framing::Prefix(0)) || self.messages == 0;
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 match frame.into_data() {
@@ -234,9 +239,9 @@ where
                         "the deadline passed before the request was received",
                     )));
                 }
-                if mid_message && self.idle.as_mut().poll(cx).is_ready() {
+                if waiting && self.idle.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(Status::deadline_exceeded(format!(
-                        "the request stalled: no data for {} s in the middle of a message",
+                        "the request stalled: no data for {} s while a message was due",
                         MESSAGE_IDLE_TIMEOUT.as_secs()
                     ))));
                 }

@@ -1,0 +1,189 @@
+//! One client connection's life: what bounds a connection that does
+//! nothing, and its part in the drain.
+//!
+//! - A connection that sends no byte within [`FIRST_BYTE_TIMEOUT`] (or the
+//!   idle timeout, if shorter) is closed before HTTP/2 is even set up, so
+//!   silent sockets cost a file descriptor for seconds, not for ever.
+//! - A connection with no call in flight for `--connection-idle-timeout-secs`
+//!   is closed gracefully (GOAWAY; gRPC clients reconnect on their next call).
+//! - Dead peers are found by HTTP/2 keepalive pings (set in `server`).
+//! - On shutdown every connection is told to finish (GOAWAY) and given a
+//!   moment to flush its last responses.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpStream, sync::Notify};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+/// How long a new connection may stay silent before it is closed.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection being closed gracefully may take to finish.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one accepted connection with `service` until the peer closes it,
+/// it has been idle for `idle_timeout` (None: never), or `stop` fires.
+pub async fn serve<S, B>(
+    http: hyper::server::conn::http2::Builder<TokioExecutor>,
+    stream: TcpStream,
+    service: S,
+    idle_timeout: Option<Duration>,
+    stop: CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let first_byte = idle_timeout.map_or(FIRST_BYTE_TIMEOUT, |idle| idle.min(FIRST_BYTE_TIMEOUT));
+    tokio::select! {
+        readable = tokio::time::timeout(first_byte, stream.readable()) => match readable {
+            Ok(Ok(())) => {}
+            // Silent, or already broken: nothing was asked, nothing to answer.
+            Ok(Err(_)) | Err(_) => return Ok(()),
+        },
+        () = stop.cancelled() => return Ok(()),
+    }
+    let activity = Arc::new(Activity::default());
+    let tracked = Tracked { inner: service, activity: Arc::clone(&activity) };
+    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(tracked));
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => return served,
+        () = activity.idle_for(idle_timeout) => tracing::debug!("closing an idle connection"),
+        () = stop.cancelled() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    // A graceful close waits for the peer to acknowledge a PING; a peer that
+    // never answers is dropped.
+    tokio::time::timeout(CLOSE_TIMEOUT, connection).await.unwrap_or(Ok(()))
+}
+
+/// Calls in flight on one connection.
+#[derive(Debug, Default)]
+struct Activity {
+    calls: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    /// Resolves once no call has been in flight for `timeout`; never when
+    /// `timeout` is None.
+    async fn idle_for(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else { return std::future::pending().await };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before reading the count, so no change is missed.
+            changed.as_mut().enable();
+            if self.calls.load(Ordering::Acquire) == 0 {
+                if tokio::time::timeout(timeout, changed).await.is_err() {
+                    return;
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+
+    fn add(&self, delta: isize) {
+        if delta > 0 {
+            self.calls.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.calls.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// The connection's service: counts each call from its start until its
+/// response body is done with.
+#[derive(Debug, Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    B: 'static,
+{
+    type Response = Response<Counted<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let guard = CallGuard::new(Arc::clone(&self.activity));
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| Counted { inner: body, _guard: guard }))
+        })
+    }
+}
+
+/// Counts one call on its connection while it lives.
+#[derive(Debug)]
+struct CallGuard(Arc<Activity>);
+
+impl CallGuard {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.add(1);
+        Self(activity)
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+/// A response body that keeps its call counted until it is dropped.
+#[derive(Debug)]
+pub struct Counted<B> {
+    inner: B,
+    _guard: CallGuard,
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
