@@ -127,9 +127,8 @@ async fn raw_connection(server: &Server) -> hyper::client::conn::http2::SendRequ
     sender
 }
 
-type RawBody = http_body_util::StreamBody<
-    tokio_stream::wrappers::ReceiverStream<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
->;
+type RawFrame = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+type RawBody = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<RawFrame>>;
 
 /// Starts an Execute call whose body the test sends through the returned
 /// channel; `timeout` is its grpc-timeout.
@@ -137,7 +136,7 @@ fn raw_execute(
     sender: &mut hyper::client::conn::http2::SendRequest<RawBody>,
     timeout: Option<&str>,
 ) -> (
-    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    tokio::sync::mpsc::Sender<RawFrame>,
     impl std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>> + use<>,
 ) {
     let (body_tx, body_rx) = tokio::sync::mpsc::channel(4);
