@@ -10,8 +10,9 @@ use prost::{
 };
 
 /// The protocol version both ends must speak. Version 2: the front may
-/// pipeline RunTask frames (see [`MAX_OUTSTANDING`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// pipeline RunTask frames (see [`MAX_OUTSTANDING`]). Version 3: workers
+/// report their spans in TaskDone instead of exporting them.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Tasks a front may have sent to one worker and not yet seen answered; the
 /// worker runs them one at a time in arrival order and treats more as a

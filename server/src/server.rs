@@ -218,40 +218,6 @@ pub async fn serve(
 /// The flag with which this executable, re-executed, becomes a worker.
 pub const WORKER_PROCESS_FLAG: &str = "--worker-process";
 
-/// The OpenTelemetry environment of the workers: the front's OTEL_*
-/// settings, its endpoint, and a service name of their own.
-fn worker_trace_env(config: &Config) -> Vec<(String, String)> {
-    if !config.traces.enabled() {
-        return Vec::new();
-    }
-    // The front's settings win over its environment, as they do in the front.
-    let decided =
-        ["OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"];
-    let mut env: Vec<(String, String)> =
-        std::env::vars().filter(|(k, _)| k.starts_with("OTEL_") && !decided.contains(&k.as_str())).collect();
-    let (sampler, arg) = config.traces.sampler.env();
-    env.push(("OTEL_TRACES_SAMPLER".into(), sampler.into()));
-    env.extend(arg.map(|a| ("OTEL_TRACES_SAMPLER_ARG".to_string(), a)));
-    if !config.traces.resource_attributes.is_empty() {
-        let attributes: Vec<String> =
-            config.traces.resource_attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.retain(|(k, _)| k != "OTEL_RESOURCE_ATTRIBUTES");
-        env.push(("OTEL_RESOURCE_ATTRIBUTES".into(), attributes.join(",")));
-    }
-    if let Some(endpoint) = config.traces.endpoint.clone().or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
-    {
-        env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint));
-    }
-    let front = config
-        .traces
-        .service_name
-        .clone()
-        .or_else(|| std::env::var("OTEL_SERVICE_NAME").ok())
-        .unwrap_or_else(|| crate::telemetry::DEFAULT_SERVICE_NAME.to_string());
-    env.push(("OTEL_SERVICE_NAME".into(), format!("{front}-worker")));
-    env
-}
-
 fn isolated_options(config: &Config, catalog: &Catalog, catalog_options: CatalogOptions) -> IsolatedOptions {
     let (program, args) = match &config.worker_program {
         Some(program) => (program.clone(), Vec::new()),
@@ -271,7 +237,6 @@ fn isolated_options(config: &Config, catalog: &Catalog, catalog_options: Catalog
                 // Room for the protobuf fields around the largest message.
                 max_frame: config.max_message_bytes + (64 << 10),
             },
-            env: worker_trace_env(config),
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: config.worker_heartbeat,
             heartbeat_timeout: config.worker_heartbeat_timeout,

@@ -10,11 +10,20 @@
 
 use std::{
     io::IsTerminal,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
+use offload_proto::offload::worker::v1::{WorkerSpan, span_attribute};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{SdkTracer, SdkTracerProvider},
+};
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::LogFormat;
@@ -132,23 +141,42 @@ pub fn parse_attributes(raw: &str) -> Result<Vec<(String, String)>, String> {
 impl TraceSettings {
     /// Whether traces are exported at all.
     pub fn enabled(&self) -> bool {
-        self.endpoint.is_some() || offload_worker::trace::endpoint_from_env().is_some()
+        self.endpoint.is_some() || endpoint_from_env().is_some()
+    }
+
+    /// The front's service.name: the setting, else a `service.name`
+    /// resource attribute, else the default.
+    fn service_name(&self) -> String {
+        let attribute = self.resource_attributes.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone());
+        self.service_name.clone().or(attribute).unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string())
     }
 }
 
-/// Keeps the trace pipeline alive; `shutdown` flushes what is buffered.
+/// The OTLP traces endpoint the environment names, if any (the
+/// signal-specific variable wins, as the OpenTelemetry spec says).
+fn endpoint_from_env() -> Option<String> {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|e| !e.is_empty()))
+}
+
+/// The tracer of the spans workers report (service `<front>-worker`).
+static WORKER_TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// Keeps the trace pipelines (the front's and its workers') alive;
+/// `shutdown` flushes what is buffered.
 #[derive(Debug)]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    providers: Vec<SdkTracerProvider>,
 }
 
 impl Telemetry {
     /// Exports buffered spans (bounded by the exporter's timeout) and stops.
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider
-            && let Err(err) = provider.shutdown()
-        {
-            tracing::warn!(error = %err, "flushing traces at shutdown failed");
+        for provider in self.providers {
+            if let Err(err) = provider.shutdown() {
+                tracing::warn!(error = %err, "flushing traces at shutdown failed");
+            }
         }
     }
 }
@@ -174,25 +202,33 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Telemetry {
     } else {
         fmt.boxed()
     };
-    let (provider, error) = if traces.enabled() {
-        match provider(traces) {
-            Ok(p) => (Some(p), None),
-            Err(err) => (None, Some(err)),
+    let front = traces.service_name();
+    let (providers, error) = if traces.enabled() {
+        match provider(traces, &front).and_then(|p| Ok((p, provider(traces, &format!("{front}-worker"))?))) {
+            Ok((front, workers)) => (vec![front, workers], None),
+            Err(err) => (Vec::new(), Some(err)),
         }
     } else {
-        (None, None)
+        (Vec::new(), None)
     };
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("offload-server")));
+    if let Some(workers) = providers.get(1) {
+        let _ = WORKER_TRACER.set(workers.tracer("offload-worker"));
+    }
+    let otel = providers.first().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("offload-server")));
     EXPORTING.store(otel.is_some(), Ordering::Relaxed);
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     if let Some(err) = error {
         tracing::warn!(error = %err, "traces are off: the OTLP exporter could not be built");
     }
-    Telemetry { provider }
+    Telemetry { providers }
 }
 
-fn provider(traces: &TraceSettings) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+/// A pipeline exporting spans of the service `service`.
+fn provider(
+    traces: &TraceSettings,
+    service: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     use opentelemetry_otlp::WithExportConfig as _;
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     if let Some(endpoint) = &traces.endpoint {
@@ -201,14 +237,9 @@ fn provider(traces: &TraceSettings) -> Result<SdkTracerProvider, opentelemetry_o
     let resource = Resource::builder().with_attributes(
         traces.resource_attributes.iter().map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
     );
-    let mut resource =
-        resource.with_attribute(opentelemetry::KeyValue::new("service.instance.id", traces.instance.clone()));
-    let named = traces.resource_attributes.iter().any(|(k, _)| k == "service.name");
-    match &traces.service_name {
-        Some(name) => resource = resource.with_service_name(name.clone()),
-        None if !named => resource = resource.with_service_name(DEFAULT_SERVICE_NAME),
-        None => {}
-    }
+    let resource = resource
+        .with_attribute(opentelemetry::KeyValue::new("service.instance.id", traces.instance.clone()))
+        .with_service_name(service.to_string());
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter.build()?)
         .with_sampler(traces.sampler.sampler())
@@ -315,6 +346,44 @@ pub fn queue_span(mode: &'static str) -> tracing::Span {
         return tracing::Span::none();
     }
     tracing::info_span!("queue", otel.name = "queue", offload.mode = mode)
+}
+
+/// Exports the span a worker reported for a task, as a child of the task's
+/// `execution` span, under the workers' service name.
+pub fn export_worker_span(execution: &tracing::Span, reported: &WorkerSpan) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if let Some(tracer) = WORKER_TRACER.get() {
+        export_reported(tracer, &execution.context(), reported);
+    }
+}
+
+fn export_reported(tracer: &SdkTracer, parent: &opentelemetry::Context, reported: &WorkerSpan) {
+    use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _};
+    use span_attribute::Value;
+    let at = |nanos: u64| SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
+    let attributes = reported.attributes.iter().filter_map(|a| {
+        let value = match a.value.as_ref()? {
+            Value::Text(text) => opentelemetry::Value::from(text.clone()),
+            Value::Integer(n) => opentelemetry::Value::from(*n),
+            Value::Number(x) => opentelemetry::Value::from(*x),
+            Value::Flag(b) => opentelemetry::Value::from(*b),
+        };
+        Some(opentelemetry::KeyValue::new(a.key.clone(), value))
+    });
+    let mut span = tracer
+        .span_builder(reported.name.clone())
+        .with_kind(SpanKind::Internal)
+        .with_start_time(at(reported.start_unix_nanos))
+        .with_attributes(attributes)
+        .start_with_context(tracer, parent);
+    if !reported.error.is_empty() {
+        span.set_status(opentelemetry::trace::Status::error(reported.error.clone()));
+    }
+    let context = parent.with_span(span);
+    for child in &reported.children {
+        export_reported(tracer, &context, child);
+    }
+    context.span().end_with_timestamp(at(reported.end_unix_nanos));
 }
 
 /// Records a run's result on its execution span.

@@ -193,3 +193,43 @@ async fn batch_items_get_their_own_spans_and_logs_carry_the_trace_id() {
     let line = server.logs().into_iter().find(|l| l.contains("call failed with an internal error")).unwrap();
     assert!(line.contains(TRACE_ID), "{line}");
 }
+
+/// A worker's span reaches the collector whenever the front gets to flush:
+/// the server is stopped (SIGTERM as `docker stop` sends, SIGINT as Ctrl-C
+/// does) right after an ISOLATED call, with the batch exporters' default
+/// 5 s delay, so only the flush at shutdown can deliver the spans. (The
+/// in-test collector runs on other threads while this one waits for exit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_spans_survive_a_shutdown_right_after_the_call() {
+    use nix::sys::signal::Signal;
+    for (round, signal) in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGTERM, Signal::SIGINT].into_iter().enumerate() {
+        let (collector, received) = otlp::start().await;
+        let endpoint = format!("http://{collector}");
+        let mut server = Server::start_with_env(
+            &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1"],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+        );
+        let mut client = server.client().await;
+        let caller = format!("00f067aa0ba903{round:02x}");
+        let isolated =
+            ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request("hash.sha256", &[], &b"abc"[..]) };
+        client.execute(traced(isolated, &caller)).await.unwrap();
+        server.signal(signal);
+        let status = server.wait_exit(Duration::from_secs(20)).expect("the server stops");
+        assert!(status.success(), "{signal:?}: {status:?}");
+        let worker_span = || {
+            received.spans().into_iter().any(|(service, span)| {
+                service == "offload-worker"
+                    && span.name == "worker hash.sha256"
+                    && hex::encode(&span.trace_id) == TRACE_ID
+            })
+        };
+        // Exported before the process exited; the receiver may still be
+        // taking the request in.
+        assert!(
+            wait_for(Duration::from_secs(2), worker_span).await,
+            "round {round} ({signal:?}): no worker span; got {:?}",
+            received.spans().iter().map(|(service, span)| format!("{service}/{}", span.name)).collect::<Vec<_>>()
+        );
+    }
+}

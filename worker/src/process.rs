@@ -32,7 +32,7 @@ use prost::Message;
 
 use crate::{
     CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job, tasks::exec::ExecSpec,
-    trace::Tracing,
+    trace::TaskSpan,
 };
 
 /// Exit status: the socket closed or the front retired the worker.
@@ -148,11 +148,7 @@ pub fn main() -> ExitCode {
         Ok(stream) => stream,
         Err(err) => return setup_failed(&err),
     };
-    let tracing = Tracing::from_env().map(Arc::new);
-    let served = serve(stream, Catalog::builtin(&settings.catalog), settings.max_frame, tracing.clone());
-    if let Some(tracing) = tracing.and_then(|t| Arc::try_unwrap(t).ok()) {
-        tracing.shutdown();
-    }
+    let served = serve(stream, Catalog::builtin(&settings.catalog), settings.max_frame);
     match served {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -303,12 +299,7 @@ fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> R
 type Outstanding = Arc<Mutex<VecDeque<(u64, CancelFlag)>>>;
 
 /// Serves tasks on `stream` until it closes. Returns the exit status.
-pub fn serve(
-    stream: UnixStream,
-    catalog: Catalog,
-    max_frame: usize,
-    tracing: Option<Arc<Tracing>>,
-) -> Result<u8, WorkerError> {
+pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u8, WorkerError> {
     let writer: Writer = Arc::new(Mutex::new(stream.try_clone()?));
     let mut reader = io::BufReader::with_capacity(64 << 10, stream);
     let mut buf = BytesMut::new();
@@ -333,7 +324,7 @@ pub fn serve(
 
     let outstanding = Outstanding::default();
     let (jobs, job_rx) = mpsc::channel::<(RunTask, Bytes, CancelFlag)>();
-    let runner = Runner { catalog, writer: Arc::clone(&writer), outstanding: Arc::clone(&outstanding), tracing };
+    let runner = Runner { catalog, writer: Arc::clone(&writer), outstanding: Arc::clone(&outstanding) };
     {
         let runner = runner.clone();
         std::thread::Builder::new().name("offload-task".into()).spawn(move || {
@@ -422,7 +413,6 @@ struct Runner {
     catalog: Catalog,
     writer: Writer,
     outstanding: Outstanding,
-    tracing: Option<Arc<Tracing>>,
 }
 
 impl Runner {
@@ -446,19 +436,17 @@ impl Runner {
     /// output.
     fn complete(&self, run: RunTask, input: Bytes, cancel: CancelFlag) -> (TaskDone, Bytes) {
         let id = run.id;
-        let span = self.tracing.as_ref().map(|t| t.task_span(&run.task, &run.traceparent));
+        let span = TaskSpan::start(&run.task, &run.traceparent);
         let started = Instant::now();
         let result = self.run_one(run, input, cancel);
         let run_us = started.elapsed().as_micros() as u64;
         self.outstanding.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-        if let Some(span) = span {
-            Tracing::end(span, result.as_ref().err().map(ToString::to_string));
-        }
+        let span = span.map(|span| span.end(result.as_ref().err().map(ToString::to_string)));
         match result {
-            Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us }, output),
+            Ok(output) => (TaskDone { id, failure: 0, message: String::new(), run_us, span }, output),
             Err(err) => {
                 let (kind, message) = failure(&err);
-                (TaskDone { id, failure: kind as i32, message, run_us }, Bytes::new())
+                (TaskDone { id, failure: kind as i32, message, run_us, span }, Bytes::new())
             }
         }
     }
@@ -540,7 +528,7 @@ mod tests {
     fn start() -> (UnixStream, std::thread::JoinHandle<Result<u8, WorkerError>>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let catalog = Catalog::builtin(&CatalogOptions { debug_tasks: true, ..Default::default() });
-        let worker = std::thread::spawn(move || serve(theirs, catalog, 1 << 20, None));
+        let worker = std::thread::spawn(move || serve(theirs, catalog, 1 << 20));
         (ours, worker)
     }
 

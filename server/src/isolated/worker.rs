@@ -54,8 +54,6 @@ pub struct WorkerOptions {
     pub args: Vec<String>,
     /// What the worker is told at start.
     pub settings: Settings,
-    /// Extra environment (the OpenTelemetry settings when tracing is on).
-    pub env: Vec<(String, String)>,
     /// Time a new worker has to say Hello.
     pub handshake_timeout: Duration,
     /// Interval between pings.
@@ -289,7 +287,6 @@ impl WorkerProcess {
             .args(&options.args)
             .env_clear()
             .envs(options.settings.to_env())
-            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(worker_process::env::FD, theirs.as_raw_fd().to_string())
             .env(worker_process::env::PARENT_PID, std::process::id().to_string())
             // glibc reserves 64 MiB of address space per malloc arena and
@@ -470,7 +467,7 @@ impl WorkerProcess {
                 frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
                         self.tasks_done += 1;
-                        let fate = self.finished(&done).await;
+                        let fate = self.finished(&done, &flight[0].span).await;
                         let head = flight.pop_front().expect("the head");
                         head.answer(done_result(done, output), self.pid);
                         if let Fate::Dead(_) = fate {
@@ -521,7 +518,8 @@ impl WorkerProcess {
                     continue;
                 }
             };
-            let (rung, fate) = self.stop(id, stop_reason, options).await;
+            let execution = flight[0].span.clone();
+            let (rung, fate) = self.stop(id, stop_reason, options, &execution).await;
             match rung {
                 Rung::CancelFrame => {
                     tracing::info!(worker.pid = self.pid, task.name = task, reason = ?stop_reason, "{task} stopped by {rung}")
@@ -578,7 +576,13 @@ impl WorkerProcess {
 
     /// The stop ladder: a cancel frame, then SIGTERM, then SIGKILL, each
     /// given `kill_grace`. Returns the rung that worked.
-    async fn stop(&mut self, id: u64, reason: StopReason, options: &WorkerOptions) -> (Rung, Fate) {
+    async fn stop(
+        &mut self,
+        id: u64,
+        reason: StopReason,
+        options: &WorkerOptions,
+        execution: &tracing::Span,
+    ) -> (Rung, Fate) {
         self.link.queue(worker_request::Body::Cancel(Cancel { id }));
         // Tasks are answered in order: nothing but the head's progress and
         // pongs can come before its TaskDone.
@@ -594,7 +598,7 @@ impl WorkerProcess {
         .await;
         if let Ok(Some(done)) = answered {
             self.tasks_done += 1;
-            return (Rung::CancelFrame, self.finished(&done).await);
+            return (Rung::CancelFrame, self.finished(&done, execution).await);
         }
         self.signal_group(Signal::SIGTERM);
         if self.exited_within(options.kill_grace).await.is_some() {
@@ -605,8 +609,13 @@ impl WorkerProcess {
         (Rung::Kill, Fate::Dead(DeathCause::StopKilled(reason, Rung::Kill)))
     }
 
-    /// After a TaskDone: a worker that ran out of memory exits by itself.
-    async fn finished(&mut self, done: &TaskDone) -> Fate {
+    /// After a TaskDone: exports the span the worker reported under the
+    /// task's `execution` span; a worker that ran out of memory exits by
+    /// itself.
+    async fn finished(&mut self, done: &TaskDone, execution: &tracing::Span) -> Fate {
+        if let Some(reported) = &done.span {
+            crate::telemetry::export_worker_span(execution, reported);
+        }
         if done.failure == FailureKind::OutOfMemory as i32 {
             if self.exited_within(Duration::from_secs(2)).await.is_none() {
                 self.kill().await;
