@@ -4,10 +4,15 @@
 //! caller's buffer to the socket without an encoding copy. Readers decode a
 //! frame as an ordinary message.
 
+use std::io::Read;
+
+use bytes::{Bytes, BytesMut};
 use prost::{
     Message,
     encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len},
 };
+
+use crate::offload::worker::v1::{WorkerReply, WorkerRequest, worker_reply, worker_request};
 
 /// The protocol version both ends must speak. Version 2: the front may
 /// pipeline RunTask frames (see [`MAX_OUTSTANDING`]). Version 3: workers
@@ -53,11 +58,161 @@ pub fn append_head<M: Message>(message: &M, payload_len: usize, out: &mut Vec<u8
     }
 }
 
+/// Buffer room taken for a frame before any of it has arrived. Beyond
+/// this, a frame's buffer grows with the bytes received (at most doubling),
+/// so a length prefix announcing a large frame allocates nothing by itself.
+const FIRST_ROOM: usize = 64 << 10;
+
+/// A frame that breaks the protocol, or a failed read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces more than the peer may send.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The frame is not a message of the protocol.
+    #[error("undecodable frame: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    /// The message has no body.
+    #[error("frame without a body")]
+    NoBody,
+    /// Reading failed (or the stream ended inside a frame).
+    #[error("reading a frame: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one frame from a blocking `reader` (the worker's side) into `buf`
+/// (reused between frames); None at a clean end of stream.
+pub fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>, FrameError> {
+    let mut prefix = [0u8; LENGTH_PREFIX];
+    match reader.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max_frame {
+        return Err(FrameError::TooLong { len, max: max_frame });
+    }
+    // Reclaims the previous frame's memory once its reader let go of it.
+    buf.clear();
+    while buf.len() < len {
+        let have = buf.len();
+        let step = (len - have).min(have.max(FIRST_ROOM));
+        buf.resize(have + step, 0);
+        reader.read_exact(&mut buf[have..])?;
+    }
+    Ok(Some(buf.split().freeze()))
+}
+
+/// Decodes a frame the worker read: the front's request body and payload.
+pub fn decode_request(frame: Bytes) -> Result<(worker_request::Body, Bytes), FrameError> {
+    let request = WorkerRequest::decode(frame)?;
+    Ok((request.body.ok_or(FrameError::NoBody)?, request.payload))
+}
+
+/// Decodes a frame the front read: the worker's reply body and payload.
+pub fn decode_reply(frame: Bytes) -> Result<(worker_reply::Body, Bytes), FrameError> {
+    let reply = WorkerReply::decode(frame)?;
+    Ok((reply.body.ok_or(FrameError::NoBody)?, reply.payload))
+}
+
+/// The front's frame decoder for its async reads of a worker's socket: the
+/// same framing as [`read_frame`], with the same growth (tokio-util's
+/// `LengthDelimitedCodec` reserves a whole announced frame at once).
+#[cfg(feature = "codec")]
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame: usize,
+}
+
+#[cfg(feature = "codec")]
+impl FrameCodec {
+    /// A decoder refusing frames over `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        Self { max_frame }
+    }
+}
+
+#[cfg(feature = "codec")]
+impl tokio_util::codec::Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+        use bytes::Buf as _;
+        let Some(prefix) = src.get(..LENGTH_PREFIX) else { return Ok(None) };
+        let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+        if len > self.max_frame {
+            let err = FrameError::TooLong { len, max: self.max_frame };
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, err));
+        }
+        let whole = LENGTH_PREFIX + len;
+        if src.len() < whole {
+            // Room for as much again as has arrived, never past the frame.
+            src.reserve((whole - src.len()).min(src.len().max(FIRST_ROOM)));
+            return Ok(None);
+        }
+        src.advance(LENGTH_PREFIX);
+        Ok(Some(src.split_to(len)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offload::worker::v1::{RunTask, WorkerRequest, worker_request::Body};
-    use bytes::Bytes;
+    use crate::offload::worker::v1::{RunTask, worker_request::Body};
+
+    #[test]
+    fn a_large_announced_frame_allocates_only_what_arrives() {
+        let mut wire = (1u32 << 30).to_be_bytes().to_vec();
+        wire.extend_from_slice(&[1, 2, 3]);
+        let mut buf = BytesMut::new();
+        let err = read_frame(&mut wire.as_slice(), &mut buf, 2 << 30).unwrap_err();
+        assert!(matches!(err, FrameError::Io(_)), "{err}");
+        assert!(buf.capacity() <= FIRST_ROOM, "reserved {} bytes for 3", buf.capacity());
+        let err = read_frame(&mut wire.as_slice(), &mut buf, 1 << 20).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { len: 1_073_741_824, max: 1_048_576 }), "{err}");
+    }
+
+    #[test]
+    fn frames_of_every_size_read_back_whole() {
+        let sizes = [0, 1, FIRST_ROOM - 1, FIRST_ROOM, FIRST_ROOM + 1, 5 * FIRST_ROOM + 17];
+        let mut wire = Vec::new();
+        for size in sizes {
+            wire.extend_from_slice(&(size as u32).to_be_bytes());
+            wire.extend((0..size).map(|i| i as u8));
+        }
+        let (mut reader, mut buf) = (wire.as_slice(), BytesMut::new());
+        for size in sizes {
+            let frame = read_frame(&mut reader, &mut buf, 1 << 20).unwrap().unwrap();
+            assert_eq!(frame.len(), size);
+            assert!(frame.iter().enumerate().all(|(i, b)| *b == i as u8));
+        }
+        assert!(read_frame(&mut reader, &mut buf, 1 << 20).unwrap().is_none());
+    }
+
+    #[cfg(feature = "codec")]
+    #[test]
+    fn the_codec_grows_with_the_data_and_splits_frames() {
+        use tokio_util::codec::Decoder as _;
+        let mut codec = FrameCodec::new(1 << 30);
+        let mut src = BytesMut::from(&(1u32 << 30).to_be_bytes()[..]);
+        assert!(codec.decode(&mut src).unwrap().is_none());
+        assert!(src.capacity() <= 2 * FIRST_ROOM, "reserved {} bytes for 4", src.capacity());
+        let mut src = BytesMut::new();
+        for payload in [&b"abc"[..], b"", b"defg"] {
+            src.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            src.extend_from_slice(payload);
+        }
+        let frames: Vec<BytesMut> = std::iter::from_fn(|| codec.decode(&mut src).unwrap()).collect();
+        assert_eq!(frames, [&b"abc"[..], b"", b"defg"]);
+        assert!(FrameCodec::new(2).decode(&mut BytesMut::from(&[0, 0, 0, 3][..])).is_err());
+    }
 
     #[test]
     fn a_head_plus_payload_decodes_as_one_message() {

@@ -24,11 +24,9 @@ use bytes::{Bytes, BytesMut};
 use offload_proto::{
     framing::{self, PROTOCOL_VERSION},
     offload::worker::v1::{
-        FailureKind, Hello, Pong, RunTask, TaskDone, TaskProgress, WorkerReply, WorkerRequest, worker_reply,
-        worker_request,
+        FailureKind, Hello, Pong, RunTask, TaskDone, TaskProgress, WorkerReply, worker_reply, worker_request,
     },
 };
-use prost::Message;
 
 use crate::{
     CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job, tasks::exec::ExecSpec,
@@ -132,6 +130,15 @@ pub enum WorkerError {
     /// The socket failed.
     #[error("socket error: {0}")]
     Io(#[from] io::Error),
+}
+
+impl From<framing::FrameError> for WorkerError {
+    fn from(err: framing::FrameError) -> Self {
+        match err {
+            framing::FrameError::Io(err) => Self::Io(err),
+            other => Self::Protocol(other.to_string()),
+        }
+    }
 }
 
 /// The worker process's entry point: set up from the environment, serve,
@@ -274,26 +281,6 @@ impl Outbox {
     }
 }
 
-/// Reads one frame into `buf` (reused across frames); None at end of stream.
-fn read_frame(reader: &mut impl Read, buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>, WorkerError> {
-    let mut prefix = [0u8; framing::LENGTH_PREFIX];
-    match reader.read_exact(&mut prefix) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > max_frame {
-        return Err(WorkerError::Protocol(format!("frame of {len} bytes exceeds the limit of {max_frame}")));
-    }
-    // Reclaims the previous frame's memory once the task let go of it.
-    buf.clear();
-    buf.reserve(len);
-    buf.resize(len, 0);
-    reader.read_exact(&mut buf[..])?;
-    Ok(Some(buf.split().freeze()))
-}
-
 /// Tasks received and not yet answered, oldest (running) first, with their
 /// cancel flags.
 type Outstanding = Arc<Mutex<VecDeque<(u64, CancelFlag)>>>;
@@ -344,9 +331,9 @@ pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u
             // About to wait for the front: what it waits for goes out first.
             outbox.flush(&writer)?;
         }
-        let (request, payload) = match read_frame(&mut reader, &mut buf, max_frame)? {
+        let (request, payload) = match framing::read_frame(&mut reader, &mut buf, max_frame)? {
             None => return Ok(EXIT_CLEAN),
-            Some(frame) => decode(frame)?,
+            Some(frame) => framing::decode_request(frame)?,
         };
         match request {
             worker_request::Body::Run(run) => {
@@ -395,16 +382,10 @@ fn next_request(
     buf: &mut BytesMut,
     max_frame: usize,
 ) -> Result<Option<worker_request::Body>, WorkerError> {
-    match read_frame(reader, buf, max_frame)? {
+    match framing::read_frame(reader, buf, max_frame)? {
         None => Ok(None),
-        Some(frame) => Ok(Some(decode(frame)?.0)),
+        Some(frame) => Ok(Some(framing::decode_request(frame)?.0)),
     }
-}
-
-fn decode(frame: Bytes) -> Result<(worker_request::Body, Bytes), WorkerError> {
-    let request = WorkerRequest::decode(frame).map_err(|e| WorkerError::Protocol(format!("undecodable frame: {e}")))?;
-    let body = request.body.ok_or_else(|| WorkerError::Protocol("frame without a body".into()))?;
-    Ok((body, request.payload))
 }
 
 /// What runs tasks: shared by the task thread and, for tiny tasks, the reader.
@@ -523,7 +504,8 @@ pub fn task_error(kind: FailureKind, message: String, run: Duration) -> TaskErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use offload_proto::offload::worker::v1::{Cancel, Welcome};
+    use offload_proto::offload::worker::v1::{Cancel, Welcome, WorkerRequest};
+    use prost::Message as _;
 
     fn start() -> (UnixStream, std::thread::JoinHandle<Result<u8, WorkerError>>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
@@ -533,7 +515,7 @@ mod tests {
     }
 
     fn read_reply(stream: &mut UnixStream) -> WorkerReply {
-        let frame = read_frame(stream, &mut BytesMut::new(), 1 << 20).unwrap().expect("a frame");
+        let frame = framing::read_frame(stream, &mut BytesMut::new(), 1 << 20).unwrap().expect("a frame");
         WorkerReply::decode(frame).unwrap()
     }
 

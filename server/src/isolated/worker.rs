@@ -28,17 +28,16 @@ use nix::{
 use offload_proto::{
     framing::{self, PROTOCOL_VERSION},
     offload::worker::v1::{
-        Cancel, FailureKind, Ping, RunTask, TaskDone, Welcome, WorkerReply, WorkerRequest, worker_reply, worker_request,
+        Cancel, FailureKind, Ping, RunTask, TaskDone, Welcome, WorkerRequest, worker_reply, worker_request,
     },
 };
 use offload_worker::process::{self as worker_process, Settings};
-use prost::Message;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::unix::{OwnedReadHalf, OwnedWriteHalf},
     process::{Child, Command},
 };
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 
 use super::{
     JobError, WorkerJob, WorkerRun,
@@ -169,7 +168,7 @@ async fn write_some(writer: &mut OwnedWriteHalf, out: &Outgoing) -> std::io::Res
 /// The socket to one worker: framed reads, queued writes.
 #[derive(Debug)]
 struct Link {
-    reader: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    reader: FramedRead<OwnedReadHalf, framing::FrameCodec>,
     writer: OwnedWriteHalf,
     out: Outgoing,
 }
@@ -328,10 +327,7 @@ impl WorkerProcess {
         ours.set_nonblocking(true).map_err(spawn_error)?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(spawn_error)?;
         let (read, writer) = stream.into_split();
-        let codec = LengthDelimitedCodec::builder()
-            .length_field_length(framing::LENGTH_PREFIX)
-            .max_frame_length(options.settings.max_frame)
-            .new_codec();
+        let codec = framing::FrameCodec::new(options.settings.max_frame);
         let mut worker = Self {
             pid,
             child,
@@ -724,11 +720,7 @@ fn decode(
         None => Ok(None),
         Some(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => Err(format!("reading a frame: {err}")),
         Some(Err(_)) => Ok(None),
-        Some(Ok(frame)) => {
-            let reply = WorkerReply::decode(frame.freeze()).map_err(|e| format!("undecodable frame: {e}"))?;
-            let body = reply.body.ok_or("frame without a body")?;
-            Ok(Some((body, reply.payload)))
-        }
+        Some(Ok(frame)) => framing::decode_reply(frame.freeze()).map(Some).map_err(|e| e.to_string()),
     }
 }
 
