@@ -98,6 +98,16 @@ impl DecompressJob {
     }
 }
 
+impl DecompressJob {
+    /// The largest window (as a power of two) a frame may ask for: enough
+    /// for any output within the cap, at least 2^23 (what levels up to 19
+    /// use), at most zstd's own default limit of 2^27.
+    fn window_log(&self) -> u32 {
+        let cap_log = usize::BITS - self.max_output.saturating_sub(1).leading_zeros();
+        cap_log.clamp(23, 27)
+    }
+}
+
 impl Job for DecompressJob {
     fn estimate(&self, input_len: usize) -> Option<Duration> {
         Some(per_byte(input_len, 3.0))
@@ -115,6 +125,22 @@ impl Job for DecompressJob {
         }
         let mut out = Vec::with_capacity(declared.map_or(CHUNK, |size| size as usize).min(self.max_output));
         let mut decoder = zstd::stream::read::Decoder::with_buffer(&input[..]).map_err(invalid)?;
+        // The decoder allocates the window a frame asks for before it
+        // produces a byte: a 20-byte frame could ask for 128 MiB (found by
+        // fuzzing). Windows up to 8 MiB (every level up to 19) always work;
+        // larger ones only where the output cap could need them.
+        let window_log = self.window_log();
+        decoder.window_log_max(window_log).map_err(invalid)?;
+        let invalid = |e: std::io::Error| {
+            if e.to_string().contains("too much memory") {
+                TaskError::TooLarge(format!(
+                    "the frame asks for a window of more than {} bytes (the limit follows --max-decompressed-bytes, 8 MiB at least)",
+                    1u64 << window_log
+                ))
+            } else {
+                invalid(e)
+            }
+        };
         let mut buf = vec![0u8; 64 << 10];
         loop {
             ctx.check()?;
@@ -180,6 +206,21 @@ mod tests {
         zstd::stream::copy_encode(&vec![0u8; 8 << 20][..], &mut streamed, 3).unwrap();
         let err = job.run(&ctx(), Bytes::from(streamed)).unwrap_err();
         assert!(err.to_string().contains("cap of 1048576 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_huge_window_is_refused_before_it_is_allocated() {
+        // Found by fuzzing: magic, a header without content size, a window
+        // descriptor asking for 64 MiB, then a block.
+        let frame = b"\x28\xb5\x2f\xfd\x00\x80\x48\xc5\x00\x00\x90offloa";
+        let job = DecompressJob { max_output: 8 << 20 };
+        assert_eq!(job.window_log(), 23);
+        let err = job.run(&ctx(), Bytes::from_static(frame)).unwrap_err();
+        assert!(matches!(err, TaskError::TooLarge(_)), "{err}");
+        assert!(err.to_string().contains("window of more than 8388608 bytes"), "{err}");
+        // The default cap allows zstd's own default window limit.
+        assert_eq!(DecompressJob { max_output: 256 << 20 }.window_log(), 27);
+        assert_eq!(DecompressJob { max_output: 1 }.window_log(), 23);
     }
 
     #[test]
