@@ -2,12 +2,14 @@
 //! that measures the performance targets and writes `BENCHMARKS.md`.
 //!
 //! - [`load`]: closed- and open-loop load with HDR histograms.
+//! - [`flood`]: many concurrent large calls, counted by status, for the memory budget.
 //! - [`baseline`]: the inline and spawn_blocking servers, the socket ping-pong.
 //! - [`procstat`]: the server's CPU time and memory from /proc.
 //! - [`suite`]: the scenarios and the report; [`charts`]: its SVG charts.
 
 mod baseline;
 mod charts;
+mod flood;
 mod load;
 mod procstat;
 mod suite;

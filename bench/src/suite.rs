@@ -46,6 +46,8 @@ struct Proc {
     url: String,
     /// One message per worker the server logged as started (Offload only).
     workers_started: Option<mpsc::Receiver<()>>,
+    /// The in-flight bytes budget the server logged at start (Offload only).
+    budget: Option<mpsc::Receiver<u64>>,
 }
 
 impl Proc {
@@ -94,9 +96,13 @@ fn offload(args: &[&str]) -> anyhow::Result<Proc> {
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     let (worker_tx, workers_started) = mpsc::channel();
+    let (budget_tx, budget) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
+            if let Some(rest) = line.split("\"max_inflight_bytes\":").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let _ = budget_tx.send(digits.parse().unwrap_or(0));
+            } else if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr: String = rest.chars().take_while(|c| !matches!(c, '"' | ' ')).collect();
                 let _ = tx.send(addr);
             } else if line.contains("\"worker started\"") {
@@ -105,7 +111,7 @@ fn offload(args: &[&str]) -> anyhow::Result<Proc> {
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).context("the server did not start listening")?;
-    Ok(Proc { child, url: format!("http://{addr}"), workers_started: Some(workers_started) })
+    Ok(Proc { child, url: format!("http://{addr}"), workers_started: Some(workers_started), budget: Some(budget) })
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -121,7 +127,7 @@ fn baseline_server(style: Style) -> anyhow::Result<Proc> {
         .args(["baseline", "--listen", &format!("127.0.0.1:{port}"), "--style", style.get_name()])
         .stdout(Stdio::null())
         .spawn()?;
-    Ok(Proc { child, url: format!("http://127.0.0.1:{port}"), workers_started: None })
+    Ok(Proc { child, url: format!("http://127.0.0.1:{port}"), workers_started: None, budget: None })
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -549,6 +555,45 @@ impl Suite {
         Ok(())
     }
 
+    /// 400 concurrent 50 MiB `hash.sha256` calls (20 connections x 20
+    /// streams) against a server with the default in-flight budget: calls
+    /// end OK or RESOURCE_EXHAUSTED, and the front's peak RSS stays near the
+    /// budget (without one it grew to 16 GiB).
+    async fn flood(&mut self) -> anyhow::Result<()> {
+        const BASELINE: u64 = 128 << 20;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let server = offload(&[])?;
+        let budget = server.budget.as_ref().context("an Offload server")?.recv_timeout(Duration::from_secs(10))?;
+        let addr = server.url.trim_start_matches("http://").to_string();
+        let request = offload_proto::offload::v1::ExecuteRequest {
+            task: "hash.sha256".into(),
+            input: vec![0x5a; 50 << 20].into(),
+            ..Default::default()
+        };
+        let report = crate::flood::run(&addr, server.pid(), &request, 20, 20, self.duration() * 2).await?;
+        let (ok, refused) = (report.count(0), report.count(8));
+        let other: u64 = report.codes.iter().filter(|(c, _)| **c != 0 && **c != 8).map(|(_, n)| n).sum();
+        let line = format!(
+            "8. flood of 400 concurrent 50 MiB hash.sha256 calls (20 connections x 20 streams, {:.0} s) at the default budget of {:.0} MiB: {ok} OK, {refused} RESOURCE_EXHAUSTED, {other} other {:?}; front peak RSS {:.0} MiB",
+            report.seconds,
+            mib(budget),
+            report.codes,
+            mib(report.server_peak_rss)
+        );
+        println!("{line}");
+        writeln!(self.details, "- {line}").expect("string");
+        let bound = budget + BASELINE;
+        self.row(
+            "8. flood: front peak RSS under 400 x 50 MiB calls",
+            format!("{:.0} MiB ({ok} OK, {refused} refused)", mib(report.server_peak_rss)),
+            format!("budget {:.0} MiB + 128 MiB", mib(budget)),
+            report.server_peak_rss as f64 / bound as f64,
+            "<= 1.00x, every call OK or RESOURCE_EXHAUSTED",
+            report.server_peak_rss <= bound && other == 0 && ok > 0,
+        );
+        Ok(())
+    }
+
     fn write(&self) -> anyhow::Result<()> {
         let cpu = {
             use procfs::Current as _;
@@ -623,6 +668,7 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     }
     suite.latency_isolation(workers).await?;
     suite.memory(workers).await?;
+    suite.flood().await?;
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();
     if !missed.is_empty() {
