@@ -241,3 +241,62 @@ async fn idle_connections_are_closed_and_a_busy_one_is_kept() {
     eprintln!("600 idle connections: {} -> {} KiB resident", before / 1024, opened / 1024);
     server.client().await.execute(request("hash.sha256", &[], &b"abc"[..])).await.expect("serves new connections");
 }
+
+/// A batch whose items add up to far more than the budget goes through:
+/// each item's bytes are given back when it is done, and an item that does
+/// not fit waits for room (backpressure) instead of failing the stream.
+#[tokio::test]
+async fn a_batch_larger_than_the_budget_flows_through_it() {
+    use offload_proto::offload::v1::ExecuteRequest;
+
+    let budget = (16 * MIB).to_string();
+    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
+    assert!(server.wait_logged("metrics on http://").await);
+    let mut client = server.client().await;
+    // 24 items of 3 MiB: 72 MiB through a 16 MiB budget.
+    let items: Vec<ExecuteRequest> = (0..24)
+        .map(|i| ExecuteRequest { id: i.to_string(), ..request("hash.sha256", &[], vec![i as u8; 3 * MIB]) })
+        .collect();
+    let mut results = client.execute_batch(tokio_stream::iter(items)).await.unwrap().into_inner();
+    let mut answered = 0;
+    while let Some(item) = results.message().await.expect("the stream goes on") {
+        assert!(item.error.is_none(), "item {}: {:?}", item.id, item.error);
+        answered += 1;
+    }
+    assert_eq!(answered, 24);
+    let released =
+        wait_for(Duration::from_secs(5), || metric_value(&server.scrape(), "offload_inflight_bytes") == 0.0).await;
+    assert!(released, "bytes still held after the batch:\n{}", server.scrape());
+}
+
+/// An output counts until it is written to the connection: a client that
+/// does not read its 24 MiB answer holds those bytes of the budget (so a
+/// call that does not fit beside them is refused), and they are given back
+/// once it reads.
+#[tokio::test]
+async fn a_stalled_reader_holds_its_output_until_it_reads() {
+    use http_body_util::BodyExt as _;
+    use prost::Message as _;
+
+    let budget = (40 * MIB).to_string();
+    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
+    assert!(server.wait_logged("metrics on http://").await);
+    let mut sender = raw_connection(&server).await;
+    let (body, response) = raw_execute(&mut sender, None);
+    let echo = request("debug.echo", &[], vec![1u8; 24 * MIB]);
+    let mut message = vec![0u8];
+    message.extend_from_slice(&(echo.encoded_len() as u32).to_be_bytes());
+    echo.encode(&mut message).unwrap();
+    body.send(Ok(hyper::body::Frame::data(Bytes::from(message)))).await.unwrap();
+    drop(body);
+    // The answer's headers arrive; its body is not read.
+    let response = response.await.unwrap();
+    let held = || metric_value(&server.scrape(), "offload_inflight_bytes");
+    assert!(wait_for(Duration::from_secs(5), || held() >= (20 * MIB) as f64).await, "held {}", held());
+    let refused = server.client().await.execute(request("debug.echo", &[], vec![0u8; 20 * MIB])).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    let output = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(output.len() > 24 * MIB, "read {} bytes", output.len());
+    assert!(wait_for(Duration::from_secs(5), || held() == 0.0).await, "held {} after reading", held());
+}
