@@ -113,6 +113,21 @@ async fn a_flood_of_large_requests_is_refused_beyond_the_budget_and_memory_stays
     server.client().await.execute(large).await.expect("a large call after the flood");
 }
 
+/// A server with a budget of `budget` bytes and its metrics endpoint.
+async fn metered_server(budget: usize) -> Server {
+    let budget = budget.to_string();
+    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
+    assert!(server.wait_logged("metrics on http://").await);
+    server
+}
+
+/// gRPC's 5-byte message prefix: not compressed, then the length.
+fn grpc_prefix(len: usize) -> Vec<u8> {
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+    prefix
+}
+
 /// An HTTP/2 connection to `server` on which the test writes a call's body
 /// by hand, frame by frame.
 async fn raw_connection(server: &Server) -> hyper::client::conn::http2::SendRequest<RawBody> {
@@ -169,14 +184,11 @@ async fn grpc_status(response: http::Response<hyper::body::Incoming>) -> (String
 /// DEADLINE_EXCEEDED, after which its bytes are given back.
 #[tokio::test]
 async fn a_stalled_request_body_holds_its_reservation_until_its_deadline_and_blocks_nothing() {
-    let budget = (64 * MIB).to_string();
-    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
-    assert!(server.wait_logged("metrics on http://").await);
+    let server = metered_server(64 * MIB).await;
     let mut sender = raw_connection(&server).await;
     let (body, response) = raw_execute(&mut sender, Some("2S"));
     let response = tokio::spawn(response);
-    let mut prefix = vec![0u8];
-    prefix.extend_from_slice(&(32 * MIB as u32).to_be_bytes());
+    let mut prefix = grpc_prefix(32 * MIB);
     prefix.extend_from_slice(&[0u8; 1024]);
     body.send(Ok(hyper::body::Frame::data(Bytes::from(prefix)))).await.unwrap();
 
@@ -249,9 +261,7 @@ async fn idle_connections_are_closed_and_a_busy_one_is_kept() {
 async fn a_batch_larger_than_the_budget_flows_through_it() {
     use offload_proto::offload::v1::ExecuteRequest;
 
-    let budget = (16 * MIB).to_string();
-    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
-    assert!(server.wait_logged("metrics on http://").await);
+    let server = metered_server(16 * MIB).await;
     let mut client = server.client().await;
     // 24 items of 3 MiB: 72 MiB through a 16 MiB budget.
     let items: Vec<ExecuteRequest> = (0..24)
@@ -278,14 +288,11 @@ async fn a_stalled_reader_holds_its_output_until_it_reads() {
     use http_body_util::BodyExt as _;
     use prost::Message as _;
 
-    let budget = (40 * MIB).to_string();
-    let server = Server::start(&["--max-inflight-bytes", &budget, "--metrics-listen", "127.0.0.1:0"]);
-    assert!(server.wait_logged("metrics on http://").await);
+    let server = metered_server(40 * MIB).await;
     let mut sender = raw_connection(&server).await;
     let (body, response) = raw_execute(&mut sender, None);
     let echo = request("debug.echo", &[], vec![1u8; 24 * MIB]);
-    let mut message = vec![0u8];
-    message.extend_from_slice(&(echo.encoded_len() as u32).to_be_bytes());
+    let mut message = grpc_prefix(echo.encoded_len());
     echo.encode(&mut message).unwrap();
     body.send(Ok(hyper::body::Frame::data(Bytes::from(message)))).await.unwrap();
     drop(body);
