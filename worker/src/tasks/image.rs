@@ -6,7 +6,7 @@
 use std::{io::Cursor, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder as _, ImageError, ImageFormat, ImageReader, Limits};
 
 use super::{BOTH_MODES, per_byte};
 use crate::{Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec};
@@ -17,6 +17,12 @@ pub const MAX_BOX: u32 = 4096;
 const MAX_SOURCE_SIDE: u32 = 16384;
 /// Largest allocation the decoder may make.
 const MAX_DECODE_ALLOC: u64 = 512 << 20;
+/// Most pixels a source may have: at 8 bytes a pixel (16-bit RGBA, or a
+/// 4-byte output beside a decoder's own 4-byte working buffer, as WebP's
+/// lossless decoder keeps) they stay within [`MAX_DECODE_ALLOC`]. Checked
+/// from the header, before any pixel buffer exists: fuzzing found a 29-byte
+/// WebP whose decoder asked for 666 MB, past the allocation limit.
+const MAX_PIXELS: u64 = MAX_DECODE_ALLOC / 8;
 
 /// Adds `image.thumbnail` to `out`.
 pub fn register(out: &mut Vec<Arc<dyn Task>>) {
@@ -109,12 +115,20 @@ fn decode(input: &[u8]) -> Result<DynamicImage, TaskError> {
     limits.max_alloc = Some(MAX_DECODE_ALLOC);
     let mut reader = reader;
     reader.limits(limits);
-    reader.decode().map_err(|e| match e {
+    let refused = |e| match e {
         ImageError::Limits(l) => TaskError::TooLarge(format!(
-            "image exceeds the decoder's limits ({MAX_SOURCE_SIDE}x{MAX_SOURCE_SIDE} pixels, {MAX_DECODE_ALLOC} bytes): {l}"
+            "image exceeds the decoder's limits ({MAX_SOURCE_SIDE}x{MAX_SOURCE_SIDE} pixels, {MAX_PIXELS} pixels in all, {MAX_DECODE_ALLOC} bytes): {l}"
         )),
         other => TaskError::InvalidInput(format!("could not decode the image: {other}")),
-    })
+    };
+    let decoder = reader.into_decoder().map_err(refused)?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(TaskError::TooLarge(format!(
+            "a {width}x{height} image has more than the {MAX_PIXELS} pixels the decoder accepts"
+        )));
+    }
+    DynamicImage::from_decoder(decoder).map_err(refused)
 }
 
 #[cfg(test)]
@@ -153,6 +167,15 @@ mod tests {
         // A small image is not enlarged.
         let t = thumb(encode(&src, ImageFormat::Png), 1000, 1000, ImageFormat::Png).unwrap();
         assert_eq!((t.width(), t.height()), (400, 200));
+    }
+
+    #[test]
+    fn a_header_declaring_too_many_pixels_is_refused_before_decoding() {
+        // Found by fuzzing: a 29-byte lossless WebP declaring ~166M pixels.
+        let webp = b"RIFF\xc4\x00\x00\x00WEBPVP8L\xb7\x00\x00\x00\x2f\x08\x7a\xf2\x0a\x1a\x0a";
+        let err = thumb(Bytes::from_static(webp), 10, 10, ImageFormat::Png).unwrap_err();
+        assert!(matches!(err, TaskError::TooLarge(_)), "{err:?}");
+        assert!(err.to_string().contains("pixels the decoder accepts"), "{err}");
     }
 
     #[test]
