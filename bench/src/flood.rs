@@ -17,6 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use offload_proto::offload::v1::ExecuteRequest;
 use prost::Message as _;
 
+/// The "code" of a call that got no gRPC status (its connection failed).
+pub const NO_STATUS: u32 = u32::MAX;
+
 /// What a flood got back.
 #[derive(Debug, Default)]
 pub struct FloodReport {
@@ -28,7 +31,25 @@ pub struct FloodReport {
     pub server_peak_rss: u64,
 }
 
+/// The flood's call: `hash.sha256` of `size` bytes.
+pub fn request(size: usize) -> ExecuteRequest {
+    ExecuteRequest { task: "hash.sha256".into(), input: vec![0x5a; size].into(), ..Default::default() }
+}
+
 impl FloodReport {
+    /// One line: the answers by code, the time, the server's peak RSS.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} OK, {} RESOURCE_EXHAUSTED, answers by code {:?} (no status: {}), {:.1} s, server peak RSS {:.0} MiB",
+            self.count(0),
+            self.count(8),
+            self.codes,
+            self.count(NO_STATUS),
+            self.seconds,
+            self.server_peak_rss as f64 / f64::from(1 << 20)
+        )
+    }
+
     /// Answers with `code`.
     pub fn count(&self, code: u32) -> u64 {
         self.codes.get(&code).copied().unwrap_or(0)
@@ -57,6 +78,7 @@ pub async fn run(
     let mut callers = Vec::new();
     for _ in 0..connections {
         let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
         let (sender, connection) =
             hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
@@ -82,10 +104,9 @@ pub async fn run(
     })
 }
 
-/// One Execute call; its gRPC status code (u32::MAX when the connection
-/// failed before any status).
+/// One Execute call; its gRPC status code ([`NO_STATUS`] when the
+/// connection failed before any status).
 async fn call(sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, message: Bytes) -> u32 {
-    const NO_STATUS: u32 = u32::MAX;
     if sender.ready().await.is_err() {
         return NO_STATUS;
     }

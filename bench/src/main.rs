@@ -80,6 +80,29 @@ enum Command {
         #[arg(long)]
         pid: Option<u32>,
     },
+    /// Floods a running server with concurrent large `hash.sha256` calls
+    /// (scenario 8) and prints the answers by gRPC status code and the
+    /// server's peak RSS.
+    Flood {
+        /// Server address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Server pid, for its peak RSS.
+        #[arg(long)]
+        pid: u32,
+        /// Input size in MiB.
+        #[arg(long, default_value_t = 50)]
+        size_mib: usize,
+        /// HTTP/2 connections.
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        /// Calls in flight per connection.
+        #[arg(long, default_value_t = 20)]
+        streams: usize,
+        /// Seconds to keep sending.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Serves the baseline (same proto and task code, no dispatcher).
     Baseline {
         /// Address to listen on.
@@ -138,6 +161,13 @@ async fn main() -> anyhow::Result<()> {
             let report = load::run(&spec, pid).await?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "spec": spec, "report": report }))?);
             println!("summary: {}", report.summary());
+            Ok(())
+        }
+        Command::Flood { addr, pid, size_mib, connections, streams, seconds } => {
+            let request = flood::request(size_mib << 20);
+            let duration = Duration::from_secs_f64(seconds);
+            let report = flood::run(&addr, pid, &request, connections, streams, duration).await?;
+            println!("{}", report.summary());
             Ok(())
         }
         Command::Baseline { listen, style } => baseline::serve(listen, style).await,

@@ -558,19 +558,19 @@ impl Suite {
     /// 400 concurrent 50 MiB `hash.sha256` calls (20 connections x 20
     /// streams) against a server with the default in-flight budget: calls
     /// end OK or RESOURCE_EXHAUSTED, and the front's peak RSS stays near the
-    /// budget (without one it grew to 16 GiB).
+    /// budget (without one it grew to 16 GiB). Reproduce one run with
+    /// `offload-bench flood --pid PID` against a running server.
     async fn flood(&mut self) -> anyhow::Result<()> {
         const BASELINE: u64 = 128 << 20;
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let server = offload(&[])?;
         let budget = server.budget.as_ref().context("an Offload server")?.recv_timeout(Duration::from_secs(10))?;
         let addr = server.url.trim_start_matches("http://").to_string();
-        let request = offload_proto::offload::v1::ExecuteRequest {
-            task: "hash.sha256".into(),
-            input: vec![0x5a; 50 << 20].into(),
-            ..Default::default()
-        };
-        let report = crate::flood::run(&addr, server.pid(), &request, 20, 20, self.duration() * 2).await?;
+        let request = crate::flood::request(50 << 20);
+        // As long as the soak: past keepalive's 30 s interval + 20 s timeout,
+        // so a connection that stops answering pings under the flood shows.
+        let length = Duration::from_secs_f64(self.options.soak_seconds);
+        let report = crate::flood::run(&addr, server.pid(), &request, 20, 20, length).await?;
         let (ok, refused) = (report.count(0), report.count(8));
         let other: u64 = report.codes.iter().filter(|(c, _)| **c != 0 && **c != 8).map(|(_, n)| n).sum();
         let line = format!(

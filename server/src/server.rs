@@ -31,6 +31,11 @@ use crate::{
     service::ComputeService,
 };
 
+/// HTTP/2 flow-control window of each stream.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 flow-control window of each connection.
+const CONNECTION_WINDOW: u32 = 2 << 20;
+
 /// The name health checks use for the Compute service.
 pub const COMPUTE_SERVICE_NAME: &str = "offload.v1.Compute";
 
@@ -139,7 +144,12 @@ pub async fn serve(
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http.timer(TokioTimer::new())
         // Large inputs need windows larger than HTTP/2's 64 KiB default.
-        .adaptive_window(true)
+        // Fixed, not adaptive: they bound what a connection can have in
+        // flight unread (outside the in-flight budget), and under a flood of
+        // large calls the adaptive window's BDP pings went unanswered, so
+        // keepalive closed busy connections with every call on them.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));

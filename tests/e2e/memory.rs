@@ -132,6 +132,8 @@ fn grpc_prefix(len: usize) -> Vec<u8> {
 /// by hand, frame by frame.
 async fn raw_connection(server: &Server) -> hyper::client::conn::http2::SendRequest<RawBody> {
     let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Headers and data go out at once, without waiting for an ACK.
+    stream.set_nodelay(true).unwrap();
     let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
@@ -306,4 +308,31 @@ async fn a_stalled_reader_holds_its_output_until_it_reads() {
     let output = response.into_body().collect().await.unwrap().to_bytes();
     assert!(output.len() > 24 * MIB, "read {} bytes", output.len());
     assert!(wait_for(Duration::from_secs(5), || held() == 0.0).await, "held {} after reading", held());
+}
+
+/// Refusals do not cost a client its connection: two thousand calls refused
+/// for memory on one HTTP/2 connection (each answered while its body is
+/// still being sent, so the server resets the rest of the stream) are each
+/// answered RESOURCE_EXHAUSTED, and the connection then serves a call.
+#[tokio::test]
+async fn many_refusals_on_one_connection_keep_it_open() {
+    let server = metered_server(16 * MIB).await;
+    let mut sender = raw_connection(&server).await;
+    for i in 0..2000 {
+        let (body, response) = raw_execute(&mut sender, None);
+        let mut start = grpc_prefix(40 * MIB);
+        start.extend_from_slice(&[0u8; 16 << 10]);
+        body.send(Ok(hyper::body::Frame::data(Bytes::from(start)))).await.unwrap();
+        let response = response.await.unwrap_or_else(|e| panic!("call {i}: {e}"));
+        let (code, message) = grpc_status(response).await;
+        assert_eq!(code, (Code::ResourceExhausted as i32).to_string(), "call {i}: {message}");
+    }
+    let (body, response) = raw_execute(&mut sender, None);
+    let encoded = prost::Message::encode_to_vec(&request("hash.sha256", &[], &b"abc"[..]));
+    let mut message = grpc_prefix(encoded.len());
+    message.extend_from_slice(&encoded);
+    body.send(Ok(hyper::body::Frame::data(Bytes::from(message)))).await.unwrap();
+    drop(body);
+    let (code, message) = grpc_status(response.await.expect("the connection still serves")).await;
+    assert_eq!(code, "0", "{message}");
 }

@@ -112,8 +112,16 @@ where
             // Wait for the first message's prefix and reserve it before tonic
             // starts buffering the message.
             if let Err(status) = std::future::poll_fn(|cx| body.poll_first_message(cx)).await {
-                if status.code() == Code::ResourceExhausted {
-                    dispatcher.metrics().refused("unknown", "unknown", Code::ResourceExhausted, Some("memory"));
+                // Counted like the dispatcher's refusals (a reset stream is
+                // no call).
+                match status.code() {
+                    Code::ResourceExhausted => {
+                        dispatcher.metrics().refused("unknown", "unknown", Code::ResourceExhausted, Some("memory"));
+                    }
+                    Code::DeadlineExceeded => {
+                        dispatcher.metrics().refused("unknown", "unknown", Code::DeadlineExceeded, None);
+                    }
+                    _ => {}
                 }
                 let response: Response<tonic::body::Body> = status.into_http();
                 return Ok(response.map(|b| ResponseBody::new(b, usage)));
