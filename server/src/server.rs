@@ -32,9 +32,9 @@ use crate::{
 };
 
 /// HTTP/2 flow-control window of each stream.
-const STREAM_WINDOW: u32 = 1 << 20;
+const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 flow-control window of each connection.
-const CONNECTION_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// The name health checks use for the Compute service.
 pub const COMPUTE_SERVICE_NAME: &str = "offload.v1.Compute";
