@@ -51,3 +51,23 @@ async fn boolean_environment_values_are_accepted_in_every_usual_spelling() {
         assert!(err.contains("OFFLOAD_DEBUG_TASKS") && err.contains("1/0, true/false, yes/no, on/off"), "{err}");
     }
 }
+
+/// The budget's environment variable, as deployments set it, and its
+/// default, logged with where it came from.
+#[tokio::test]
+async fn the_inflight_budget_comes_from_the_environment_or_the_memory_limit() {
+    use offload_e2e::Server;
+
+    let set = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
+        &[("OFFLOAD_MAX_INFLIGHT_BYTES", "536870912")],
+    );
+    assert!(set.wait_logged("in-flight bytes budget: 512 MiB (set)").await, "{:?}", set.logs());
+    let default = Server::start_exact(&["--listen", "127.0.0.1:0", "--workers", "1"]);
+    assert!(default.wait_logged("in-flight bytes budget").await);
+    let line = default.logs().into_iter().find(|l| l.contains("in-flight bytes budget")).expect("budget logged");
+    assert!(line.contains("(default, from") && line.contains("memory"), "{line}");
+    let (code, err) = start(&["--listen", "127.0.0.1:0"], &[("OFFLOAD_MAX_INFLIGHT_BYTES", "0")]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("max-inflight-bytes"), "{err}");
+}
