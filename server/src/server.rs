@@ -70,27 +70,7 @@ pub async fn serve(
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
     let isolated = Supervisor::start(isolated_options(config, &catalog, catalog_options));
     let budget = Budget::new(config.max_inflight_bytes);
-    match config.inflight_default {
-        Some((memory, source)) => tracing::info!(
-            max_inflight_bytes = config.max_inflight_bytes,
-            memory,
-            source = source.as_str(),
-            "in-flight bytes budget: {} MiB (default, from {} MiB of {})",
-            config.max_inflight_bytes >> 20,
-            memory >> 20,
-            source.as_str()
-        ),
-        None => tracing::info!(
-            max_inflight_bytes = config.max_inflight_bytes,
-            "in-flight bytes budget: {} MiB (set)",
-            config.max_inflight_bytes >> 20
-        ),
-    }
-    if config.max_inflight_bytes < config.max_message_bytes {
-        tracing::warn!(
-            "--max-inflight-bytes is below --max-message-bytes: requests larger than the budget are always refused"
-        );
-    }
+    budget.log_start(config.inflight_default, config.max_message_bytes);
     let dispatcher = Dispatcher::new(
         catalog,
         pool,

@@ -61,6 +61,29 @@ impl Budget {
         Arc::new(Self { limit, used: AtomicUsize::new(0), freed: Notify::new() })
     }
 
+    /// Logs the budget at start: its size, and where a default came from
+    /// (`default`: the memory it was taken from and its source).
+    pub fn log_start(&self, default: Option<(u64, MemorySource)>, max_message_bytes: usize) {
+        let limit = self.limit;
+        match default {
+            Some((memory, source)) => tracing::info!(
+                max_inflight_bytes = limit,
+                memory,
+                source = source.as_str(),
+                "in-flight bytes budget: {} MiB (default, from {} MiB of {})",
+                limit >> 20,
+                memory >> 20,
+                source.as_str()
+            ),
+            None => tracing::info!(max_inflight_bytes = limit, "in-flight bytes budget: {} MiB (set)", limit >> 20),
+        }
+        if limit < max_message_bytes {
+            tracing::warn!(
+                "--max-inflight-bytes is below --max-message-bytes: requests larger than the budget are always refused"
+            );
+        }
+    }
+
     /// The budget in bytes.
     pub fn limit(&self) -> usize {
         self.limit
