@@ -10,7 +10,9 @@
 //! - [`catalog`]: the set of tasks a process serves, and request validation.
 //! - [`tasks`]: the built-in tasks, one module per family.
 //! - [`process`]: the worker process, serving the catalog over a Unix socket.
-//! - [`trace`]: the worker's own spans, exported over OTLP when configured.
+//! - [`trace`]: the spans of traced tasks, reported to the front in their answers.
+
+#![warn(missing_docs)]
 
 pub mod catalog;
 pub mod context;
