@@ -71,3 +71,55 @@ async fn the_inflight_budget_comes_from_the_environment_or_the_memory_limit() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("max-inflight-bytes"), "{err}");
 }
+
+/// The default budget is a quarter of the memory limit of the server's
+/// cgroup (v2 `memory.max` or v1 `memory.limit_in_bytes`), as in a container
+/// or a Kubernetes pod. The test makes a child memory cgroup of 1 GiB (it
+/// runs as root here) and starts the server inside it.
+#[test]
+fn the_default_budget_is_a_quarter_of_the_cgroup_memory_limit() {
+    use std::io::{BufRead as _, BufReader};
+
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let v1 = own.lines().find_map(|l| l.split(':').nth(2).filter(|_| l.split(':').nth(1) == Some("memory")));
+    let (dir, limit_file) = match (v1, own.lines().find_map(|l| l.strip_prefix("0::"))) {
+        (Some(path), _) => (format!("/sys/fs/cgroup/memory{path}"), "memory.limit_in_bytes"),
+        (None, Some(path)) => (format!("/sys/fs/cgroup{path}"), "memory.max"),
+        (None, None) => panic!("no memory cgroup in {own}"),
+    };
+    let dir = std::path::Path::new(&dir).join(format!("offload-e2e-{}", std::process::id()));
+    if let Err(err) = std::fs::create_dir(&dir).and_then(|()| std::fs::write(dir.join(limit_file), "1073741824")) {
+        // Not root, or no writable memory controller: nothing to measure.
+        eprintln!("skipped: cannot make a memory cgroup at {}: {err}", dir.display());
+        let _ = std::fs::remove_dir(&dir);
+        return;
+    }
+    let procs = dir.join("cgroup.procs");
+    let script = format!(
+        "echo $$ > {} && exec {} --listen 127.0.0.1:0 --workers 1 --log-format text",
+        procs.display(),
+        bin_dir().join("offload-server").display()
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("in-flight bytes budget") || l.contains("error"));
+    let _ = child.kill();
+    let _ = child.wait();
+    // Its workers leave the cgroup as they die (PR_SET_PDEATHSIG); a cgroup
+    // can be removed once empty.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&procs).is_ok_and(|p| !p.trim().is_empty()) && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::remove_dir(&dir).unwrap_or_else(|err| panic!("removing {}: {err}", dir.display()));
+    let line = line.expect("the server logs its budget");
+    assert!(line.contains("256 MiB (default, from 1024 MiB of cgroup"), "{line}");
+}
