@@ -105,12 +105,13 @@ impl Activity {
         }
     }
 
-    fn add(&self, delta: isize) {
-        if delta > 0 {
-            self.calls.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.calls.fetch_sub(1, Ordering::AcqRel);
-        }
+    fn started(&self) {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    fn ended(&self) {
+        self.calls.fetch_sub(1, Ordering::AcqRel);
         self.changed.notify_waiters();
     }
 }
@@ -153,14 +154,14 @@ struct CallGuard(Arc<Activity>);
 
 impl CallGuard {
     fn new(activity: Arc<Activity>) -> Self {
-        activity.add(1);
+        activity.started();
         Self(activity)
     }
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.0.add(-1);
+        self.0.ended();
     }
 }
 

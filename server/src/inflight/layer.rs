@@ -33,7 +33,7 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use super::{Budget, Refusal, Usage};
+use super::{Refusal, Usage};
 use crate::{deadline, dispatch::Dispatcher};
 
 /// How long a request message may go without a frame while part of it has
@@ -148,7 +148,6 @@ type Reserving = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>>;
 pub struct RequestBody<B> {
     inner: B,
     usage: Usage,
-    budget: Arc<Budget>,
     max_message_bytes: usize,
     framing: Framing,
     prefix: [u8; PREFIX],
@@ -162,7 +161,11 @@ pub struct RequestBody<B> {
     reserving: Option<(Reserving, usize)>,
     trailers: Option<http::HeaderMap>,
     deadline: Option<Pin<Box<Sleep>>>,
-    idle: Pin<Box<Sleep>>,
+    /// When the last data frame came. The idle timer below is made only
+    /// when the body is found waiting, so calls whose frames arrive promptly
+    /// never allocate or arm one.
+    last_data: Instant,
+    idle: Option<Pin<Box<Sleep>>>,
     /// No more frames will come from `inner`.
     ended: bool,
 }
@@ -173,11 +176,9 @@ where
     B::Error: Into<BoxError>,
 {
     fn new(inner: B, usage: Usage, max_message_bytes: usize, deadline: Option<Instant>) -> Self {
-        let budget = Arc::clone(usage.budget().expect("a metered call has a budget"));
         Self {
             inner,
             usage,
-            budget,
             max_message_bytes,
             framing: Framing::Prefix(0),
             prefix: [0; PREFIX],
@@ -187,7 +188,8 @@ where
             reserving: None,
             trailers: None,
             deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at.into()))),
-            idle: Box::pin(tokio::time::sleep(MESSAGE_IDLE_TIMEOUT)),
+            last_data: Instant::now(),
+            idle: None,
             ended: false,
         }
     }
@@ -224,7 +226,7 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 match frame.into_data() {
                     Ok(data) => {
-                        self.idle.as_mut().reset((Instant::now() + MESSAGE_IDLE_TIMEOUT).into());
+                        self.last_data = Instant::now();
                         self.scanning = Some((data, 0));
                     }
                     Err(frame) => {
@@ -247,7 +249,16 @@ where
                         "the deadline passed before the request was received",
                     )));
                 }
-                if waiting && self.idle.as_mut().poll(cx).is_ready() {
+                if !waiting {
+                    return Poll::Pending;
+                }
+                // Data may have come since the timer was set: move it on.
+                let due = self.last_data + MESSAGE_IDLE_TIMEOUT;
+                let idle = self.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+                if idle.deadline().into_std() != due {
+                    idle.as_mut().reset(due.into());
+                }
+                if idle.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(Status::deadline_exceeded(format!(
                         "the request stalled: no data for {} s while a message was due",
                         MESSAGE_IDLE_TIMEOUT.as_secs()
@@ -289,7 +300,8 @@ where
                     // Oversized messages are tonic's to refuse (from the
                     // prefix, with the API's status): nothing to reserve.
                     let wanted = if len > self.max_message_bytes { 0 } else { len };
-                    match self.budget.try_take(wanted) {
+                    let budget = Arc::clone(self.usage.budget().expect("a metered call has a budget"));
+                    match budget.try_take(wanted) {
                         Ok(()) => self.reserved(wanted),
                         // The call has not started: refuse it.
                         Err(refusal) if self.messages == 0 => {
@@ -302,7 +314,6 @@ where
                                 .as_ref()
                                 .map(|d| d.deadline().into_std().saturating_duration_since(Instant::now()));
                             let patience = left.map_or(STREAM_RESERVE_PATIENCE, |l| l.min(STREAM_RESERVE_PATIENCE));
-                            let budget = Arc::clone(&self.budget);
                             let reserving = Box::pin(async move { budget.take_within(wanted, patience).await });
                             self.reserving = Some((reserving, wanted));
                             self.scanning = Some((data, at));
