@@ -336,3 +336,25 @@ async fn many_refusals_on_one_connection_keep_it_open() {
     let (code, message) = grpc_status(response.await.expect("the connection still serves")).await;
     assert_eq!(code, "0", "{message}");
 }
+
+/// Without a deadline, a body that stops in the middle of a message is cut
+/// off after 30 s without data (DEADLINE_EXCEEDED saying it stalled), and
+/// its reservation is given back.
+#[tokio::test]
+async fn a_body_stalled_without_a_deadline_is_cut_off_after_30_s() {
+    let server = metered_server(64 * MIB).await;
+    let mut sender = raw_connection(&server).await;
+    let (body, response) = raw_execute(&mut sender, None);
+    let response = tokio::spawn(response);
+    let mut start = grpc_prefix(8 * MIB);
+    start.extend_from_slice(&[0u8; 1024]);
+    body.send(Ok(hyper::body::Frame::data(Bytes::from(start)))).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(45), response).await.expect("cut off within 45 s");
+    let (code, message) = grpc_status(answered.unwrap().unwrap()).await;
+    assert_eq!(code, (Code::DeadlineExceeded as i32).to_string(), "{message}");
+    assert!(message.contains("stalled"), "{message}");
+    let released =
+        wait_for(Duration::from_secs(5), || metric_value(&server.scrape(), "offload_inflight_bytes") == 0.0).await;
+    assert!(released, "the stalled call's bytes were not given back");
+    drop(body);
+}
