@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use offload_worker::tasks::exec::ExecSpec;
+use offload_worker::{CatalogOptions, tasks::exec::ExecSpec};
 
 use crate::{
     inflight::{self, MemorySource},
@@ -351,6 +351,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// What the configuration adds to a program's tasks: the debug tasks
+    /// and the exec programs, and the limits tasks obey.
+    pub fn catalog_options(&self) -> CatalogOptions {
+        CatalogOptions {
+            debug_tasks: self.debug_tasks,
+            max_decompressed_bytes: self.max_decompressed_bytes,
+            exec: self.exec.clone(),
+        }
+    }
+
     /// Reads the file named by `args` (if any) and validates the result.
     pub fn load(args: Args) -> Result<Self, ConfigError> {
         let file = match &args.config {

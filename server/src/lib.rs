@@ -1,6 +1,8 @@
 //! Offload's front service: the gRPC API, the dispatcher and its executors.
+//! A program embeds it with [`main`], passing the [`TaskSet`] it serves.
 //!
 //! Layout, in the order a request flows:
+//! - [`launch`]: the program: flags, config, tasks, runtime, signals.
 //! - [`cluster`]: the replica supervisor (`--replicas`).
 //! - [`server`]: assembles the services and layers, serves HTTP/2, drains.
 //! - [`connection`]: one connection's life: first-byte and idle timeouts.
@@ -26,9 +28,13 @@ pub mod dispatch;
 pub mod error;
 pub mod inflight;
 pub mod isolated;
+pub mod launch;
 pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+
+pub use launch::main;
+pub use offload_worker::TaskSet;

@@ -12,7 +12,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use offload_proto::offload::v1::compute_server::ComputeServer;
-use offload_worker::{Catalog, CatalogOptions, process::Settings};
+use offload_worker::{Catalog, process::Settings};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, service::Routes};
@@ -53,22 +53,17 @@ pub enum ServeError {
     Metrics(#[from] std::io::Error),
 }
 
-/// Serves `config` on `listener` until `shutdown` fires, then drains.
-/// `on_serving` runs once the server accepts calls.
+/// Serves `catalog` as `config` says on `listener` until `shutdown` fires,
+/// then drains. `on_serving` runs once the server accepts calls.
 pub async fn serve(
     config: &Config,
+    catalog: Catalog,
     listener: TcpListener,
     shutdown: CancellationToken,
     on_serving: impl FnOnce(),
 ) -> Result<(), ServeError> {
-    let catalog_options = CatalogOptions {
-        debug_tasks: config.debug_tasks,
-        max_decompressed_bytes: config.max_decompressed_bytes,
-        exec: config.exec.clone(),
-    };
-    let catalog = Catalog::builtin(&catalog_options);
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
-    let isolated = Supervisor::start(isolated_options(config, &catalog, catalog_options));
+    let isolated = Supervisor::start(isolated_options(config, &catalog));
     let budget = Budget::new(config.max_inflight_bytes);
     budget.log_start(config.inflight_default, config.max_message_bytes);
     let dispatcher = Dispatcher::new(
@@ -208,7 +203,7 @@ pub async fn serve(
 /// The flag with which this executable, re-executed, becomes a worker.
 pub const WORKER_PROCESS_FLAG: &str = "--worker-process";
 
-fn isolated_options(config: &Config, catalog: &Catalog, catalog_options: CatalogOptions) -> IsolatedOptions {
+fn isolated_options(config: &Config, catalog: &Catalog) -> IsolatedOptions {
     let (program, args) = match &config.worker_program {
         Some(program) => (program.clone(), Vec::new()),
         // /proc/self/exe still works when the file was replaced by a rebuild.
@@ -223,7 +218,7 @@ fn isolated_options(config: &Config, catalog: &Catalog, catalog_options: Catalog
             settings: Settings {
                 memory_limit: config.worker_memory_limit_bytes,
                 nice: config.worker_nice,
-                catalog: catalog_options,
+                catalog: config.catalog_options(),
                 // Room for the protobuf fields around the largest message.
                 max_frame: config.max_message_bytes + (64 << 10),
             },

@@ -48,8 +48,14 @@ async fn tasks_run_in_worker_processes_with_the_same_results() {
     let err = client.execute(isolated("debug.panic", &[], vec![])).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(err.message().contains("panicked"), "{}", err.message());
-    // A panic fails the call, not the worker.
-    assert_eq!(server.worker_pids(), workers);
+    // The worker that panicked answered, then exited: it is replaced.
+    assert!(
+        server.wait_logged("exited after its task panicked while running debug.panic; replacing it").await,
+        "{:?}",
+        server.logs()
+    );
+    let after = server.wait_for_workers(2, Duration::from_secs(10)).await;
+    assert_eq!(after.iter().filter(|pid| workers.contains(pid)).count(), 1, "{workers:?} then {after:?}");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ mod batch;
 mod cli;
 mod cluster;
 mod config;
+mod custom;
 mod deadlines;
 mod discovery;
 mod exec;

@@ -18,22 +18,46 @@ use tonic::transport::Channel;
 /// How long a server may take to start listening.
 const START_BOUND: Duration = Duration::from_secs(30);
 
+/// The workspace's root folder.
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
+}
+
+/// Runs cargo (the one running the tests) in the workspace with `args`.
+fn cargo(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo).current_dir(workspace()).args(args).status().expect("run cargo");
+    assert!(status.success(), "cargo {} failed", args.join(" "));
+}
+
 /// The directory holding the workspace's binaries, built once per test run
 /// (same profile as the tests) so the tests always run the current code.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&workspace)
-            .args(["build", "--quiet", "-p", "offload-server", "-p", "offload-cli"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the binaries failed");
+        cargo(&["build", "--quiet", "-p", "offload-server", "-p", "offload-cli"]);
         // Test executables live in target/<profile>/deps; binaries one level up.
         let exe = std::env::current_exe().expect("test executable path");
         exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+    })
+}
+
+/// The binary of `examples/custom-task` (Offload embedded in a crate of its
+/// own, outside this workspace), built once per test run in the same
+/// profile and target directory as the tests, so that the dependencies it
+/// shares with the workspace are not built twice.
+pub fn custom_task_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let profile_dir = bin_dir();
+        let target = profile_dir.parent().expect("target dir").to_str().expect("UTF-8 target path");
+        let mut args = vec!["build", "--quiet", "--locked", "--manifest-path", "examples/custom-task/Cargo.toml"];
+        args.extend(["--target-dir", target]);
+        if profile_dir.ends_with("release") {
+            args.push("--release");
+        }
+        cargo(&args);
+        profile_dir.join("custom-task")
     })
 }
 
@@ -61,7 +85,13 @@ impl Server {
 
     /// Starts a server with exactly `args` and the extra environment `env`.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(bin_dir().join("offload-server"))
+        Self::start_program(&bin_dir().join("offload-server"), args, env)
+    }
+
+    /// Starts `program`, a build of Offload, with exactly `args` and the
+    /// extra environment `env`.
+    pub fn start_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .env("OFFLOAD_LOG_FORMAT", "json")
@@ -70,7 +100,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn offload-server");
+            .unwrap_or_else(|err| panic!("spawn {}: {err}", program.display()));
         let stderr = child.stderr.take().expect("piped stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (found, addr_rx) = mpsc::channel();

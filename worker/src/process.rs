@@ -29,7 +29,7 @@ use offload_proto::{
 };
 
 use crate::{
-    CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, run_job, tasks::exec::ExecSpec,
+    CancelFlag, Catalog, CatalogOptions, Context, ProgressSink, TaskError, TaskSet, run_job, tasks::exec::ExecSpec,
     trace::TaskSpan,
 };
 
@@ -41,6 +41,9 @@ pub const EXIT_PROTOCOL: u8 = 2;
 pub const EXIT_OUT_OF_MEMORY: u8 = 3;
 /// Exit status: the settings or the set-up were unusable.
 pub const EXIT_SETUP: u8 = 4;
+/// Exit status: a task panicked; the worker answered its call and is not
+/// reused, as the task may have left shared state half-changed.
+pub const EXIT_PANICKED: u8 = 5;
 
 /// Environment variables through which the front configures a worker.
 pub mod env {
@@ -141,12 +144,20 @@ impl From<framing::FrameError> for WorkerError {
     }
 }
 
-/// The worker process's entry point: set up from the environment, serve,
-/// and map the end to an exit status.
+/// The entry point of a worker process serving Offload's built-in tasks
+/// (the `offload-worker` binary).
 pub fn main() -> ExitCode {
+    main_with(&TaskSet::builtin())
+}
+
+/// The entry point of a worker process serving `tasks` (with the debug and
+/// exec tasks its front's settings ask for): set up from the environment,
+/// serve, and map the end to an exit status. A program that embeds Offload
+/// calls it when re-executed as a worker, so its tasks run in ISOLATED.
+pub fn main_with(tasks: &TaskSet) -> ExitCode {
     // A task's panic is reported to the front in its TaskDone; one line on
     // stderr (which the front logs) is enough here.
-    std::panic::set_hook(Box::new(|info| eprintln!("task panicked: {info}")));
+    std::panic::set_hook(Box::new(|info| eprintln!("task panicked: {}", info.to_string().replace('\n', " "))));
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(err) => return setup_failed(&err),
@@ -155,7 +166,11 @@ pub fn main() -> ExitCode {
         Ok(stream) => stream,
         Err(err) => return setup_failed(&err),
     };
-    let served = serve(stream, Catalog::builtin(&settings.catalog), settings.max_frame);
+    let catalog = match Catalog::new(tasks, &settings.catalog) {
+        Ok(catalog) => catalog,
+        Err(err) => return setup_failed(&err.to_string()),
+    };
+    let served = serve(stream, catalog, settings.max_frame);
     match served {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -398,16 +413,21 @@ struct Runner {
 
 impl Runner {
     /// Runs the oldest outstanding task and puts its answer in `outbox`.
-    /// After a task ran out of memory the answer goes out at once and the
-    /// process exits: whatever failed to allocate may have left the heap
-    /// fragmented or a library half-initialised.
+    /// After a task ran out of memory or panicked the answer goes out at
+    /// once and the process exits: whatever failed to allocate may have left
+    /// the heap fragmented or a library half-initialised, and a panic may
+    /// have left the task's own state (a cache, a lock) half-changed.
     fn answer(&self, outbox: &mut Outbox, run: RunTask, input: Bytes, cancel: CancelFlag) -> io::Result<()> {
         let (done, output) = self.complete(run, input, cancel);
-        let out_of_memory = done.failure == FailureKind::OutOfMemory as i32;
+        let exit = match FailureKind::try_from(done.failure) {
+            Ok(FailureKind::OutOfMemory) => Some(EXIT_OUT_OF_MEMORY),
+            Ok(FailureKind::Panicked) => Some(EXIT_PANICKED),
+            _ => None,
+        };
         outbox.push(&self.writer, &reply(worker_reply::Body::Done(done)), &output)?;
-        if out_of_memory {
+        if let Some(code) = exit {
             outbox.flush(&self.writer)?;
-            std::process::exit(i32::from(EXIT_OUT_OF_MEMORY));
+            std::process::exit(i32::from(code));
         }
         Ok(())
     }

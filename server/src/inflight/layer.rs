@@ -1,4 +1,4 @@
-//! The tower layer that meters every call against the [`Budget`]:
+//! The tower layer that meters every call against the [`Budget`](super::Budget):
 //!
 //! - The request body is read through [`RequestBody`], which sees each gRPC
 //!   message's 5-byte prefix (its length) before the message's bytes are

@@ -9,7 +9,7 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
-use offload_worker::process::{EXIT_OUT_OF_MEMORY, EXIT_PROTOCOL, EXIT_SETUP};
+use offload_worker::process::{EXIT_OUT_OF_MEMORY, EXIT_PANICKED, EXIT_PROTOCOL, EXIT_SETUP};
 
 /// Which rung of the stop ladder ended a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,8 @@ pub enum DeathCause {
     Signaled(Signal),
     /// It ran out of its memory limit.
     MemoryLimit,
+    /// Its task panicked; it answered the call and exited, not to be reused.
+    Panicked,
     /// The front killed it to stop a task that did not stop.
     StopKilled(StopReason, Rung),
     /// It stopped answering heartbeats and was killed.
@@ -73,17 +75,19 @@ impl DeathCause {
         }
         match status.code() {
             Some(code) if code == i32::from(EXIT_OUT_OF_MEMORY) => DeathCause::MemoryLimit,
+            Some(code) if code == i32::from(EXIT_PANICKED) => DeathCause::Panicked,
             Some(code) => DeathCause::Exited(code),
             None => DeathCause::Exited(-1),
         }
     }
 
-    /// The counter label: crash, memory, deadline_kill, cancel_kill,
+    /// The counter label: crash, memory, panic, deadline_kill, cancel_kill,
     /// unresponsive, protocol or recycle.
     pub fn label(&self) -> &'static str {
         match self {
             DeathCause::Exited(_) | DeathCause::Signaled(_) => "crash",
             DeathCause::MemoryLimit => "memory",
+            DeathCause::Panicked => "panic",
             DeathCause::StopKilled(StopReason::Deadline, _) => "deadline_kill",
             DeathCause::StopKilled(StopReason::Cancelled, _) => "cancel_kill",
             DeathCause::Unresponsive => "unresponsive",
@@ -105,6 +109,7 @@ impl fmt::Display for DeathCause {
             DeathCause::Exited(code) => write!(f, "exited with status {code}"),
             DeathCause::Signaled(signal) => write!(f, "died with {}", signal.as_str()),
             DeathCause::MemoryLimit => f.write_str("exceeded its memory limit"),
+            DeathCause::Panicked => f.write_str("exited after its task panicked"),
             DeathCause::StopKilled(StopReason::Deadline, rung) => {
                 write!(f, "was killed with {rung} after its task ignored the deadline")
             }
@@ -121,10 +126,11 @@ impl fmt::Display for DeathCause {
 /// Worker deaths by counter label, since start.
 #[derive(Debug, Default)]
 pub struct DeathCounters {
-    counts: [AtomicU64; 7],
+    counts: [AtomicU64; LABELS.len()],
 }
 
-const LABELS: [&str; 7] = ["crash", "memory", "deadline_kill", "cancel_kill", "unresponsive", "protocol", "recycle"];
+const LABELS: [&str; 8] =
+    ["crash", "memory", "panic", "deadline_kill", "cancel_kill", "unresponsive", "protocol", "recycle"];
 
 impl DeathCounters {
     /// Counts one death.
@@ -155,6 +161,8 @@ mod tests {
         );
         let oom = ExitStatus::from_raw(i32::from(EXIT_OUT_OF_MEMORY) << 8);
         assert_eq!(DeathCause::from_status(oom, ""), DeathCause::MemoryLimit);
+        let panicked = ExitStatus::from_raw(i32::from(EXIT_PANICKED) << 8);
+        assert_eq!(DeathCause::from_status(panicked, "").label(), "panic");
         let code = ExitStatus::from_raw(9 << 8);
         assert_eq!(DeathCause::from_status(code, "").to_string(), "exited with status 9");
         let counters = DeathCounters::default();

@@ -2,7 +2,7 @@
 //! reached over its own Unix socket and running one task at a time.
 //!
 //! - [`worker`]: one worker process (spawn, handshake, run, stop ladder).
-//! - [`slot`]: the loop that keeps one worker alive and feeds it jobs.
+//! - `slot`: the loop that keeps one worker alive and feeds it jobs.
 //! - [`death`]: why workers end, for statuses, logs and counters.
 //!
 //! Jobs wait in one shared queue; each slot takes the next job only when its

@@ -606,19 +606,21 @@ impl WorkerProcess {
     }
 
     /// After a TaskDone: exports the span the worker reported under the
-    /// task's `execution` span; a worker that ran out of memory exits by
-    /// itself.
+    /// task's `execution` span; a worker whose task ran out of memory or
+    /// panicked exits by itself.
     async fn finished(&mut self, done: &TaskDone, execution: &tracing::Span) -> Fate {
         if let Some(reported) = &done.span {
             crate::telemetry::export_worker_span(execution, reported);
         }
-        if done.failure == FailureKind::OutOfMemory as i32 {
-            if self.exited_within(Duration::from_secs(2)).await.is_none() {
-                self.kill().await;
-            }
-            return Fate::Dead(DeathCause::MemoryLimit);
+        let cause = match FailureKind::try_from(done.failure) {
+            Ok(FailureKind::OutOfMemory) => DeathCause::MemoryLimit,
+            Ok(FailureKind::Panicked) => DeathCause::Panicked,
+            _ => return Fate::Alive,
+        };
+        if self.exited_within(Duration::from_secs(2)).await.is_none() {
+            self.kill().await;
         }
-        Fate::Alive
+        Fate::Dead(cause)
     }
 
     /// The worker's socket closed or it exited: reap it and say why.

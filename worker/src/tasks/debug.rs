@@ -61,7 +61,7 @@ const SPECS: [TaskSpec; 6] = [
     },
     TaskSpec {
         name: "debug.panic",
-        description: "panics; the call fails with INTERNAL",
+        description: "panics; the call fails with INTERNAL (in ISOLATED its worker then exits and is replaced)",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
         params: &[],

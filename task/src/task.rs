@@ -1,103 +1,8 @@
 //! The task abstraction: a [`Task`] is a named, described entry of the
 //! catalog; given a request's parameters it prepares a [`Job`], which runs on
 //! whichever executor the request was sent to.
-//!
-//! # Writing a task
-//!
-//! A task is a [`TaskSpec`] (name, description, modes, parameters, all shown
-//! by ListTasks), a [`Task::prepare`] that turns a request's parameters into
-//! a [`Job`], and the job's [`Job::run`]. The server has already refused
-//! unknown and missing parameters when `prepare` is called; `prepare` checks
-//! their values. `run` gets the input and a [`Context`]: it calls
-//! [`Context::check`] often enough to stop within 50 ms of a cancellation or
-//! of its deadline, and may report progress (streamed to ExecuteStream
-//! callers). An `Err` is the call's status: [`TaskError`] says which.
-//!
-//! ```
-//! use std::{collections::HashMap, time::Duration};
-//!
-//! use bytes::Bytes;
-//! use offload_worker::{
-//!     CancelFlag, Catalog, Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec, run_job,
-//! };
-//!
-//! /// `text.count`: how many times a byte occurs in the input.
-//! struct CountByte;
-//!
-//! const SPEC: TaskSpec = TaskSpec {
-//!     name: "text.count",
-//!     description: "counts the occurrences of `byte` in the input; output: ASCII decimal",
-//!     default_mode: Mode::Pool,
-//!     allowed_modes: &[Mode::Pool, Mode::Isolated],
-//!     params: &[ParamSpec::optional("byte", "the byte to count, 0..=255", "10")],
-//! };
-//!
-//! impl Task for CountByte {
-//!     fn spec(&self) -> &TaskSpec {
-//!         &SPEC
-//!     }
-//!
-//!     fn prepare(&self, params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
-//!         // A value out of range is INVALID_ARGUMENT naming the parameter.
-//!         Ok(Box::new(CountJob { byte: params.int("byte", 0..=255u8)? }))
-//!     }
-//! }
-//!
-//! struct CountJob {
-//!     byte: u8,
-//! }
-//!
-//! impl Job for CountJob {
-//!     // About a nanosecond a byte on one core.
-//!     fn estimate(&self, input_len: usize) -> Option<Duration> {
-//!         Some(Duration::from_nanos(input_len as u64))
-//!     }
-//!
-//!     fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
-//!         let chunks = input.len().div_ceil(1 << 20).max(1);
-//!         let mut count = 0;
-//!         for (i, chunk) in input.chunks(1 << 20).enumerate() {
-//!             // Cancelled, or past the deadline: the call ends here.
-//!             ctx.check()?;
-//!             count += chunk.iter().filter(|b| **b == self.byte).count();
-//!             ctx.progress((i + 1) as f64 / chunks as f64, "counting");
-//!         }
-//!         Ok(Bytes::from(count.to_string()))
-//!     }
-//! }
-//!
-//! // As an executor runs it:
-//! let params = HashMap::from([("byte".to_string(), "97".to_string())]);
-//! let job = Catalog::prepare(&CountByte, &params)?;
-//! let ctx = Context::new(None, CancelFlag::new(), None);
-//! assert_eq!(run_job(job.as_ref(), &ctx, Bytes::from_static(b"banana"))?, "3");
-//!
-//! // A cancelled call does not run at all.
-//! let cancel = CancelFlag::new();
-//! cancel.cancel();
-//! let ctx = Context::new(None, cancel, None);
-//! assert!(matches!(run_job(job.as_ref(), &ctx, Bytes::new()), Err(TaskError::Cancelled)));
-//! # Ok::<(), TaskError>(())
-//! ```
-//!
-//! # What `estimate` is for
-//!
-//! The server costs every call before it runs: to refuse at once a call
-//! that could not start before its deadline (RESOURCE_EXHAUSTED), to weigh
-//! the queue, and to run tasks expected to take under
-//! `--inline-threshold-us` (20 us) on the I/O thread instead of hopping to
-//! the pool. [`Job::estimate`] is the task's guess from its parameters and
-//! input size. The server scales it by a running average of measured time
-//! over estimated time, per task, so an estimate that is off by a constant
-//! factor is corrected after a few calls; one that grows in the wrong shape
-//! (linear where the work is quadratic) stays off for unusual sizes. A task
-//! without an estimate is costed at its average measured time (a millisecond
-//! until measured). A wrong estimate never fails a call by itself: at worst
-//! a call is refused that would have made its deadline, a tiny task hops to
-//! the pool, or a long task runs on the I/O thread (slowing other calls for
-//! as long as it runs), until the measurements correct it.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
 
@@ -183,6 +88,14 @@ pub trait Job: Send + 'static {
     /// Does the work. Long jobs call `ctx.check()` often enough to stop
     /// within 50 ms of a cancellation or their deadline.
     fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError>;
+}
+
+/// Checks a request's `params` against `task`'s spec (unknown and missing
+/// keys) and prepares its job: what the server does before admission, and
+/// what a task's own tests call to run it without a server.
+pub fn prepare(task: &dyn Task, params: &HashMap<String, String>) -> Result<Box<dyn Job>, TaskError> {
+    let params = Params::new(params, task.spec().params)?;
+    task.prepare(&params)
 }
 
 /// Runs `job` the way every executor must: not at all if the call was

@@ -1,0 +1,128 @@
+//! The whole `offload-server` program as one function, [`main`], for
+//! `offload-server` itself and for any program that embeds Offload with
+//! tasks of its own: it parses the flags, environment and config file,
+//! checks the tasks, and serves until SIGTERM or SIGINT (or supervises
+//! replicas of itself, or, re-executed, is one of its own worker processes).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use offload_worker::{Catalog, TaskSet};
+
+use crate::{
+    cluster,
+    config::{Args, Config},
+    server, shutdown, telemetry,
+};
+
+/// Exit status for a bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Runs Offload serving `tasks`, configured by this process's arguments and
+/// environment exactly as `offload-server` is, and returns its exit status:
+/// 0 after a clean shutdown, 64 for a bad configuration (a task spec the
+/// server cannot honour included), 1 for a failure while serving.
+///
+/// Call it from `main` and nowhere else: the process re-executes itself for
+/// its worker processes (and its replicas), which must find the same tasks.
+///
+/// ```ignore
+/// fn main() -> std::process::ExitCode {
+///     offload_server::main(offload_server::TaskSet::builtin().with(WordCount))
+/// }
+/// ```
+pub fn main(tasks: TaskSet) -> ExitCode {
+    // Re-executed by the front as one of its worker processes.
+    if std::env::args_os().nth(1).is_some_and(|a| a == server::WORKER_PROCESS_FLAG) {
+        return offload_worker::process::main_with(&tasks);
+    }
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help and --version print and succeed; a bad flag is a bad configuration.
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match Config::load(args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("offload-server: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Checked before anything starts, as the rest of the configuration is.
+    let catalog = match Catalog::new(&tasks, &config.catalog_options()) {
+        Ok(catalog) => catalog,
+        Err(err) => {
+            eprintln!("offload-server: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match run(config, catalog) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("offload-server: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config, catalog: Catalog) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("offload-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let telemetry = telemetry::init(config.log_format, &config.traces);
+        // A task's panic fails its call; log it as one line instead of stderr noise.
+        std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
+        let stop = shutdown::on_signals().context("cannot install signal handlers")?;
+        let served = if config.replicas > 1 {
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let hangups = shutdown::on_hangups().context("cannot install signal handlers")?;
+            cluster::supervise(&config, args, stop, hangups).await.context("replica supervisor")
+        } else {
+            serve_here(&config, catalog, stop).await
+        };
+        telemetry.shutdown();
+        served
+    })
+}
+
+/// Serves in this process (alone, or as one replica of a supervisor).
+async fn serve_here(
+    config: &Config,
+    catalog: Catalog,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = if config.replica {
+        // Die with the supervisor (whose runtime thread started us).
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .context("PR_SET_PDEATHSIG")?;
+        let std_listener = cluster::reuse_port_listener(config.listen, true)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        tokio::net::TcpListener::from_std(std_listener)?
+    } else {
+        tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?
+    };
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "listening on {local}");
+    let replica = config.replica;
+    server::serve(config, catalog, listener, stop, move || {
+        if replica {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", cluster::READY_LINE);
+            let _ = out.flush();
+        }
+    })
+    .await?;
+    Ok(())
+}
