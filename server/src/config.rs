@@ -3,13 +3,19 @@
 //! is validated once into [`Config`]; a bad value is a [`ConfigError`], which
 //! `main` reports with exit status 64.
 
-use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Parser, ValueEnum};
 use offload_worker::{CatalogOptions, tasks::exec::ExecSpec};
 
 use crate::{
     inflight::{self, MemorySource},
+    isolated::program::{ProgramConfig, ProgramDefaults, ProgramSpec},
     telemetry::{self, TraceSettings},
 };
 use serde::Deserialize;
@@ -28,6 +34,12 @@ pub const DEFAULT_INLINE_THRESHOLD_US: u64 = 20;
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 64;
 /// Default time in-flight calls get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 30.0;
+/// Default tasks a worker runs before it is recycled.
+pub const DEFAULT_WORKER_MAX_TASKS: u64 = 1_000_000;
+/// Default resident memory past which a worker is recycled.
+pub const DEFAULT_WORKER_MAX_RSS_BYTES: u64 = 512 << 20;
+/// Default wait between the rungs of the stop ladder, in ms.
+pub const DEFAULT_WORKER_KILL_GRACE_MS: u64 = 100;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -210,13 +222,41 @@ pub struct Args {
     /// Worker program to run instead of re-executing this server in worker
     /// mode (for example the offload-worker binary).
     #[arg(long, env = "OFFLOAD_WORKER_PROGRAM", value_name = "PATH")]
+    #[serde(skip)]
     pub worker_program: Option<PathBuf>,
+
+    /// The file's `worker_program` key: the path of --worker-program, or
+    /// `[[worker_program]]` tables declaring worker programs in any
+    /// language (see the README).
+    #[arg(skip)]
+    #[serde(rename = "worker_program", default, deserialize_with = "worker_program_key")]
+    pub worker_program_file: Option<WorkerProgramKey>,
 
     /// External programs served as `exec.*` tasks: `[[exec]]` tables of the
     /// config file only (see the README).
     #[arg(skip)]
     #[serde(default)]
     pub exec: Vec<ExecSpec>,
+}
+
+/// What the file's `worker_program` key holds.
+#[derive(Debug, Clone)]
+pub enum WorkerProgramKey {
+    /// `worker_program = "/path"`: the --worker-program setting.
+    Path(PathBuf),
+    /// `[[worker_program]]` tables.
+    Programs(Vec<ProgramSpec>),
+}
+
+fn worker_program_key<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<WorkerProgramKey>, D::Error> {
+    use serde::de::Error as _;
+    match toml::Value::deserialize(deserializer)? {
+        toml::Value::String(path) => Ok(Some(WorkerProgramKey::Path(path.into()))),
+        tables @ toml::Value::Array(_) => {
+            tables.try_into().map(|programs| Some(WorkerProgramKey::Programs(programs))).map_err(D::Error::custom)
+        }
+        _ => Err(D::Error::custom("worker_program is a path (as --worker-program) or [[worker_program]] tables")),
+    }
 }
 
 impl Args {
@@ -253,7 +293,11 @@ impl Args {
             worker_heartbeat_ms: self.worker_heartbeat_ms.or(file.worker_heartbeat_ms),
             worker_heartbeat_timeout_ms: self.worker_heartbeat_timeout_ms.or(file.worker_heartbeat_timeout_ms),
             worker_kill_grace_ms: self.worker_kill_grace_ms.or(file.worker_kill_grace_ms),
-            worker_program: self.worker_program.or(file.worker_program),
+            worker_program: self.worker_program.or(match &file.worker_program_file {
+                Some(WorkerProgramKey::Path(path)) => Some(path.clone()),
+                _ => None,
+            }),
+            worker_program_file: file.worker_program_file,
             exec: if self.exec.is_empty() { file.exec } else { self.exec },
         }
     }
@@ -348,6 +392,8 @@ pub struct Config {
     pub worker_program: Option<PathBuf>,
     /// External programs served as tasks.
     pub exec: Vec<ExecSpec>,
+    /// Worker programs in any language, with their own workers and tasks.
+    pub worker_programs: Vec<ProgramConfig>,
 }
 
 impl Config {
@@ -406,6 +452,33 @@ impl Config {
                 return Err(invalid("exec", format!("task {:?} is declared twice", spec.name)));
             }
         }
+        let worker_programs = match &a.worker_program_file {
+            Some(WorkerProgramKey::Programs(specs)) => {
+                // Relative paths are relative to the file that holds them.
+                let base = match args_config_dir(&a) {
+                    Some(dir) => dir,
+                    None => std::env::current_dir().map_err(|e| invalid("worker_program", e.to_string()))?,
+                };
+                let defaults = ProgramDefaults {
+                    nice: worker_nice,
+                    max_tasks: a.worker_max_tasks.unwrap_or(DEFAULT_WORKER_MAX_TASKS),
+                    max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(DEFAULT_WORKER_MAX_RSS_BYTES),
+                    heartbeat: worker_heartbeat,
+                    heartbeat_timeout: worker_heartbeat_timeout,
+                    kill_grace: millis(a.worker_kill_grace_ms, DEFAULT_WORKER_KILL_GRACE_MS),
+                };
+                let mut programs: Vec<ProgramConfig> = Vec::new();
+                for spec in specs {
+                    let program = spec.validate(&base, &defaults).map_err(|e| invalid("worker_program", e))?;
+                    if programs.iter().any(|p| p.name == program.name) {
+                        return Err(invalid("worker_program", format!("program {:?} is declared twice", program.name)));
+                    }
+                    programs.push(program);
+                }
+                programs
+            }
+            _ => Vec::new(),
+        };
         let replica_name = a.replica_name.clone().unwrap_or_else(host_name);
         let replicas = match a.replicas.as_deref().map(str::trim) {
             None | Some("") => 1,
@@ -461,13 +534,14 @@ impl Config {
             workers: a.workers.map_or(cores, NonZeroUsize::get),
             worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),
             worker_nice,
-            worker_max_tasks: a.worker_max_tasks.unwrap_or(1_000_000),
-            worker_max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(512 << 20),
+            worker_max_tasks: a.worker_max_tasks.unwrap_or(DEFAULT_WORKER_MAX_TASKS),
+            worker_max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(DEFAULT_WORKER_MAX_RSS_BYTES),
             worker_heartbeat,
             worker_heartbeat_timeout,
-            worker_kill_grace: millis(a.worker_kill_grace_ms, 100),
+            worker_kill_grace: millis(a.worker_kill_grace_ms, DEFAULT_WORKER_KILL_GRACE_MS),
             worker_program: a.worker_program,
             exec: a.exec,
+            worker_programs,
         })
     }
 }
@@ -490,6 +564,13 @@ pub fn parse_boolean(value: &str) -> Option<bool> {
         "0" | "false" | "no" | "off" => Some(false),
         _ => None,
     }
+}
+
+/// The folder of the config file, if there is one.
+fn args_config_dir(args: &Args) -> Option<PathBuf> {
+    let file = args.config.as_ref()?;
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Some(std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()))
 }
 
 fn invalid(name: &'static str, reason: String) -> ConfigError {

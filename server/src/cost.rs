@@ -42,7 +42,12 @@ fn update(cell: &AtomicU64, sample: f64) {
 impl CostModel {
     /// A model with no history for every task of `catalog`.
     pub fn new(catalog: &Catalog) -> Self {
-        Self { tasks: catalog.iter().map(|t| (t.spec().name, TaskCost::default())).collect() }
+        Self::for_tasks(catalog.iter().map(|t| t.spec().name))
+    }
+
+    /// A model with no history for each of `tasks`.
+    pub fn for_tasks(tasks: impl IntoIterator<Item = &'static str>) -> Self {
+        Self { tasks: tasks.into_iter().map(|name| (name, TaskCost::default())).collect() }
     }
 
     /// The expected cost of a run of `task`, if anything is known of it.

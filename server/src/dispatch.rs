@@ -18,7 +18,9 @@ use std::{
 
 use bytes::Bytes;
 use offload_proto::offload::v1::ExecutionMode;
-use offload_worker::{CancelFlag, Catalog, Context, Job, Mode, ProgressSink, Task, TaskError, run_job};
+use offload_worker::{
+    CancelFlag, Catalog, Context, Job, Mode, ProgressSink, Task, TaskError, catalog::LookupError, run_job,
+};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
@@ -28,7 +30,11 @@ use crate::{
     cost::CostModel,
     error::CallError,
     inflight::Budget,
-    isolated::{DeathCause, JobError, Supervisor, WorkerJob, death::StopReason},
+    isolated::{
+        DeathCause, JobError, Supervisor, WorkerJob,
+        death::StopReason,
+        program::{self, Program},
+    },
     metrics::Metrics,
     pool::Pool,
     telemetry,
@@ -93,6 +99,8 @@ pub struct Dispatcher {
     isolated_costs: CostModel,
     pool: Pool,
     isolated: Supervisor,
+    /// Worker programs, each with its own workers and tasks.
+    programs: Vec<Program>,
     options: DispatchOptions,
     draining: AtomicBool,
     metrics: Metrics,
@@ -101,11 +109,13 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher serving `catalog` on `pool` and `isolated`.
+    /// A dispatcher serving `catalog` on `pool` and `isolated`, and the
+    /// tasks of `programs` on their workers.
     pub fn new(
         catalog: Catalog,
         pool: Pool,
         isolated: Supervisor,
+        programs: Vec<Program>,
         budget: Arc<Budget>,
         options: DispatchOptions,
     ) -> Arc<Self> {
@@ -115,6 +125,7 @@ impl Dispatcher {
             catalog,
             pool,
             isolated,
+            programs,
             options,
             draining: AtomicBool::new(false),
             metrics: Metrics::default(),
@@ -142,16 +153,53 @@ impl Dispatcher {
         &self.catalog
     }
 
+    /// The worker programs.
+    pub fn programs(&self) -> &[Program] {
+        &self.programs
+    }
+
+    /// Every task served now: the catalog's, then those the worker programs
+    /// have declared so far.
+    pub fn tasks(&self) -> Vec<Arc<dyn Task>> {
+        let programs = self.programs.iter().filter_map(Program::tasks).flat_map(|known| known.tasks.values());
+        self.catalog.iter().chain(programs).cloned().collect()
+    }
+
+    /// The task called `name`, and the index of the worker program that
+    /// runs it, if one does.
+    fn lookup(&self, name: &str) -> Result<(&Arc<dyn Task>, Option<usize>), CallError> {
+        let Some((index, program)) = self.programs.iter().enumerate().find(|(_, p)| p.owns(name)) else {
+            return Ok((self.catalog.get(name)?, None));
+        };
+        let known = program.tasks().ok_or_else(|| CallError::Unavailable(program.not_ready()))?;
+        let task = known.tasks.get(name).ok_or_else(|| LookupError::Unknown {
+            name: name.to_string(),
+            available: known.tasks.keys().copied().collect(),
+        })?;
+        Ok((task, Some(index)))
+    }
+
+    /// The ISOLATED executor of a task and its cost model: the built-in
+    /// workers, or those of worker program `program`.
+    fn isolated_executor(&self, program: Option<usize>) -> (&Supervisor, &CostModel) {
+        match program.map(|i| &self.programs[i]) {
+            Some(program) => {
+                let known = program.tasks().expect("a program's tasks are known once one of them was admitted");
+                (&program.supervisor, &known.costs)
+            }
+            None => (&self.isolated, &self.isolated_costs),
+        }
+    }
+
+    /// Stops every worker process, the programs' included.
+    pub async fn stop_workers(&self, grace: Duration) {
+        let programs = self.programs.iter().map(|p| p.supervisor.shutdown(grace));
+        futures::future::join(self.isolated.shutdown(grace), futures::future::join_all(programs)).await;
+    }
+
     /// The POOL executor.
     pub fn pool(&self) -> &Pool {
         &self.pool
-    }
-
-    fn costs(&self, mode: Mode) -> &CostModel {
-        match mode {
-            Mode::Pool => &self.pool_costs,
-            Mode::Isolated => &self.isolated_costs,
-        }
     }
 
     /// Refuses new calls from now on; calls already admitted go on.
@@ -179,7 +227,7 @@ impl Dispatcher {
         if self.draining.load(Ordering::SeqCst) {
             return Err(CallError::Draining);
         }
-        let task = self.catalog.get(&call.task)?;
+        let (task, program) = self.lookup(&call.task)?;
         let spec = task.spec();
         labels.0 = spec.name;
         let mode = match ExecutionMode::try_from(call.mode) {
@@ -198,20 +246,20 @@ impl Dispatcher {
         }
         let job = Catalog::prepare(task.as_ref(), &call.params)
             .map_err(|source| CallError::Task { task: spec.name, source })?;
-        if mode == Mode::Isolated {
-            self.isolated.check_available().map_err(|e| CallError::Unavailable(e.to_string()))?;
-        }
+        let (costs, admission, executor): (&CostModel, &Arc<Admission>, &'static str) = match mode {
+            Mode::Pool => (&self.pool_costs, self.pool.admission(), "POOL thread"),
+            Mode::Isolated => {
+                let (supervisor, costs) = self.isolated_executor(program);
+                supervisor.check_available().map_err(|e| CallError::Unavailable(e.to_string()))?;
+                (costs, supervisor.admission(), "worker process")
+            }
+        };
 
         let estimate = job.estimate(call.input.len());
-        let costs = self.costs(mode);
         let expected = costs.expected(spec.name, estimate);
         let placement = match expected {
             Some(cost) if mode == Mode::Pool && cost < self.options.inline_threshold => Placement::Inline,
             _ => {
-                let (executor, admission): (&'static str, &Arc<Admission>) = match mode {
-                    Mode::Pool => ("POOL thread", self.pool.admission()),
-                    Mode::Isolated => ("worker process", self.isolated.admission()),
-                };
                 // Unknown work is charged a millisecond until measured.
                 let cost = expected.unwrap_or(Duration::from_millis(1));
                 let ticket = admission.admit(cost, call.deadline).map_err(|refusal| match refusal {
@@ -223,11 +271,17 @@ impl Dispatcher {
                 Placement::Queued(mode, ticket)
             }
         };
+        // A worker program gets every param, its declared defaults filled in.
+        let params = match program {
+            Some(_) => program::with_defaults(task.as_ref(), call.params),
+            None => call.params,
+        };
         Ok(Admitted {
             dispatcher: Arc::clone(self),
             task: Arc::clone(task),
+            program,
             job,
-            params: call.params,
+            params,
             input: call.input,
             deadline: call.deadline,
             estimate,
@@ -247,6 +301,8 @@ enum Placement {
 pub struct Admitted {
     dispatcher: Arc<Dispatcher>,
     task: Arc<dyn Task>,
+    /// The worker program that runs it, if one does.
+    program: Option<usize>,
     job: Box<dyn Job>,
     /// Raw params, for a worker process to prepare its own job from.
     params: HashMap<String, String>,
@@ -345,7 +401,8 @@ impl Admitted {
                 let _cancel_on_drop = cancel.clone().drop_guard();
                 let started = Arc::new(AtomicBool::new(false));
                 let (reply, done) = oneshot::channel();
-                dispatcher.isolated.submit(WorkerJob {
+                let (supervisor, costs) = dispatcher.isolated_executor(self.program);
+                supervisor.submit(WorkerJob {
                     task: name,
                     params: self.params,
                     input,
@@ -361,7 +418,7 @@ impl Admitted {
                 let run = answer(done, deadline, &started, name).await?.map_err(|err| job_error(name, err))?;
                 // The task's own time: the cost model decides placement, and the
                 // socket round trip is the same for every task.
-                dispatcher.isolated_costs.record(name, estimate, run.task_run);
+                costs.record(name, estimate, run.task_run);
                 Outcome {
                     output: run.output,
                     mode: Mode::Isolated,

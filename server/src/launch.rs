@@ -54,7 +54,10 @@ pub fn main(tasks: TaskSet) -> ExitCode {
         }
     };
     // Checked before anything starts, as the rest of the configuration is.
-    let catalog = match Catalog::new(&tasks, &config.catalog_options()) {
+    let catalog = match Catalog::new(&tasks, &config.catalog_options()).map_err(|e| e.to_string()).and_then(|catalog| {
+        check_program_names(&config, &catalog)?;
+        Ok(catalog)
+    }) {
         Ok(catalog) => catalog,
         Err(err) => {
             eprintln!("offload-server: {err}");
@@ -69,6 +72,28 @@ pub fn main(tasks: TaskSet) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Families of Offload's own tasks, which no worker program may take, even
+/// where this configuration does not serve them (debug, exec).
+const RESERVED_FAMILIES: &[&str] = &["hash", "primes", "compress", "decompress", "image", "exec", "debug"];
+
+/// A worker program's namespace must not hold a task served otherwise.
+fn check_program_names(config: &Config, catalog: &Catalog) -> Result<(), String> {
+    for program in &config.worker_programs {
+        let prefix = format!("{}.", program.name);
+        if RESERVED_FAMILIES.contains(&program.name.as_str()) {
+            return Err(format!("worker program {:?}: the name is Offload's own task family", program.name));
+        }
+        if let Some(task) = catalog.iter().find(|t| t.spec().name.starts_with(&prefix)) {
+            return Err(format!(
+                "worker program {:?}: its namespace holds task {:?}, served by this program already",
+                program.name,
+                task.spec().name
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn run(config: Config, catalog: Catalog) -> anyhow::Result<()> {

@@ -161,12 +161,21 @@ impl Metrics {
             self.queue_depth.get_or_create(&labels).set(admission.queued() as i64);
             self.busy.get_or_create(&labels).set(admission.running() as i64);
         }
-        self.live_workers.set(dispatcher.isolated().live_workers() as i64);
+        // Offload's own workers and the worker programs', together.
+        let supervisors: Vec<_> =
+            std::iter::once(dispatcher.isolated()).chain(dispatcher.programs().iter().map(|p| &p.supervisor)).collect();
+        self.live_workers.set(supervisors.iter().map(|s| s.live_workers() as i64).sum());
         let budget = dispatcher.budget();
         self.inflight_bytes.set(budget.used() as i64);
         self.inflight_budget.set(budget.limit() as i64);
-        for (reason, total) in dispatcher.isolated().deaths() {
-            // The supervisor keeps the totals (they only grow); the counter mirrors them.
+        let mut deaths: Vec<(&'static str, u64)> = dispatcher.isolated().deaths();
+        for program in dispatcher.programs() {
+            for (total, (_, more)) in deaths.iter_mut().zip(program.supervisor.deaths()) {
+                total.1 += more;
+            }
+        }
+        for (reason, total) in deaths {
+            // The supervisors keep the totals (they only grow); the counter mirrors them.
             self.worker_restarts.get_or_create(&ReasonLabels { reason }).inner().store(total, Ordering::Relaxed);
         }
         let mut out = String::new();

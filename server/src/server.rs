@@ -25,7 +25,7 @@ use crate::{
     dispatch::{DispatchOptions, Dispatcher},
     error::request_status,
     inflight::{Budget, layer::InflightLayer},
-    isolated::{IsolatedOptions, Supervisor, WorkerOptions},
+    isolated::{IsolatedOptions, Launch, Supervisor, WorkerOptions, program::Program},
     metrics,
     pool::Pool,
     service::ComputeService,
@@ -64,12 +64,18 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
     let isolated = Supervisor::start(isolated_options(config, &catalog));
+    let programs: Vec<Program> = config
+        .worker_programs
+        .iter()
+        .map(|program| Program::start(program, config.queue_capacity, max_frame(config)))
+        .collect();
     let budget = Budget::new(config.max_inflight_bytes);
     budget.log_start(config.inflight_default, config.max_message_bytes);
     let dispatcher = Dispatcher::new(
         catalog,
         pool,
         isolated,
+        programs,
         budget,
         DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
     );
@@ -132,6 +138,18 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let close_connections = CancellationToken::new();
 
+    // A worker program's tasks are known from its first worker's Hello:
+    // calls are accepted once every program has one (or has failed).
+    let ready = futures::future::join_all(dispatcher.programs().iter().map(Program::wait_ready)).await;
+    for (program, ready) in dispatcher.programs().iter().zip(ready) {
+        if !ready {
+            tracing::warn!(
+                worker.program = %program.name,
+                "worker program {} is not ready; its tasks answer UNAVAILABLE until a worker starts",
+                program.name
+            );
+        }
+    }
     on_serving();
     tracing::info!(pool_threads = dispatcher.pool().threads(), tasks = dispatcher.catalog().iter().count(), "serving");
     loop {
@@ -195,7 +213,7 @@ pub async fn serve(
             tracing::warn!(still_running = in_flight.len(), "shutdown grace ran out; stopping with calls in flight")
         }
     }
-    dispatcher.isolated().shutdown(config.worker_kill_grace * 5).await;
+    dispatcher.stop_workers(config.worker_kill_grace * 5).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -215,12 +233,14 @@ fn isolated_options(config: &Config, catalog: &Catalog) -> IsolatedOptions {
         worker: WorkerOptions {
             program,
             args,
-            settings: Settings {
-                memory_limit: config.worker_memory_limit_bytes,
-                nice: config.worker_nice,
-                catalog: config.catalog_options(),
-                // Room for the protobuf fields around the largest message.
-                max_frame: config.max_message_bytes + (64 << 10),
+            launch: Launch::Offload {
+                settings: Settings {
+                    memory_limit: config.worker_memory_limit_bytes,
+                    nice: config.worker_nice,
+                    catalog: config.catalog_options(),
+                    max_frame: max_frame(config),
+                },
+                tasks: catalog.iter().map(|t| t.spec().name).collect(),
             },
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: config.worker_heartbeat,
@@ -229,8 +249,13 @@ fn isolated_options(config: &Config, catalog: &Catalog) -> IsolatedOptions {
         },
         max_tasks_per_worker: config.worker_max_tasks,
         max_worker_rss_bytes: config.worker_max_rss_bytes,
-        tasks: catalog.iter().map(|t| t.spec().name).collect(),
     }
+}
+
+/// Largest worker protocol frame: room for the protobuf fields around the
+/// largest message.
+fn max_frame(config: &Config) -> usize {
+    config.max_message_bytes + (64 << 10)
 }
 
 /// Rewrites tonic's OUT_OF_RANGE answer to an oversized request (sent as a

@@ -262,7 +262,7 @@ impl Compute for ComputeService {
     async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
         let tasks = self
             .dispatcher
-            .catalog()
+            .tasks()
             .iter()
             .map(|task| {
                 let spec = task.spec();

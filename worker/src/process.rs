@@ -309,7 +309,12 @@ pub fn serve(stream: UnixStream, catalog: Catalog, max_frame: usize) -> Result<u
     let tasks = catalog.iter().map(|t| t.spec().name.to_string()).collect();
     send(
         &writer,
-        &reply(worker_reply::Body::Hello(Hello { protocol_version: PROTOCOL_VERSION, pid: std::process::id(), tasks })),
+        &reply(worker_reply::Body::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            tasks,
+            ..Hello::default()
+        })),
         &[],
     )?;
     match next_request(&mut reader, &mut buf, max_frame)? {

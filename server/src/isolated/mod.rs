@@ -4,6 +4,7 @@
 //! - [`worker`]: one worker process (spawn, handshake, run, stop ladder).
 //! - `slot`: the loop that keeps one worker alive and feeds it jobs.
 //! - [`death`]: why workers end, for statuses, logs and counters.
+//! - [`program`]: worker programs in any language, and what they declare.
 //!
 //! Jobs wait in one shared queue; each slot takes the next job only when its
 //! worker is ready, so a call waits for a process to start only when every
@@ -15,6 +16,7 @@
 //! back to the front of the queue.
 
 pub mod death;
+pub mod program;
 mod slot;
 pub mod worker;
 
@@ -35,7 +37,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::admission::{Admission, Ticket};
 pub use death::DeathCause;
 use death::{DeathCounters, Rung, StopReason};
-pub use worker::WorkerOptions;
+pub use worker::{Launch, WorkerOptions};
 
 /// Settings of the ISOLATED executor.
 #[derive(Debug, Clone)]
@@ -50,8 +52,6 @@ pub struct IsolatedOptions {
     pub max_tasks_per_worker: u64,
     /// Resident memory after which a worker is replaced (0: never).
     pub max_worker_rss_bytes: u64,
-    /// Tasks every worker must offer (checked at the handshake).
-    pub tasks: Vec<&'static str>,
 }
 
 /// One task for a worker.

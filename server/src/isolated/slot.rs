@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     JobError, Shared, WorkerJob,
     death::DeathCause,
-    worker::{Fate, WorkerProcess},
+    worker::{Fate, Launch, WorkerProcess},
 };
 
 /// First and longest waits between failed starts.
@@ -104,11 +104,15 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
 }
 
 async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
-    let worker =
-        WorkerProcess::spawn(&shared.options.worker, &shared.options.tasks).await.map_err(|e| e.to_string())?;
+    let worker = WorkerProcess::spawn(&shared.options.worker).await.map_err(|e| e.to_string())?;
     shared.live.fetch_add(1, Ordering::Relaxed);
     *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    tracing::info!(worker.pid = worker.pid(), "worker started");
+    match &shared.options.worker.launch {
+        Launch::Program { name, .. } => {
+            tracing::info!(worker.pid = worker.pid(), worker.program = %name, "worker started (program {name})")
+        }
+        Launch::Offload { .. } => tracing::info!(worker.pid = worker.pid(), "worker started"),
+    }
     Ok(worker)
 }
 

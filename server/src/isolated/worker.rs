@@ -42,6 +42,7 @@ use tokio_util::codec::FramedRead;
 use super::{
     JobError, WorkerJob, WorkerRun,
     death::{DeathCause, Rung, StopReason},
+    program::Declared,
 };
 
 /// How the front starts and watches its workers.
@@ -51,8 +52,8 @@ pub struct WorkerOptions {
     pub program: PathBuf,
     /// Its arguments (`--worker-process` when re-executing the server).
     pub args: Vec<String>,
-    /// What the worker is told at start.
-    pub settings: Settings,
+    /// What kind of worker it is, and what it is told at start.
+    pub launch: Launch,
     /// Time a new worker has to say Hello.
     pub handshake_timeout: Duration,
     /// Interval between pings.
@@ -61,6 +62,58 @@ pub struct WorkerOptions {
     pub heartbeat_timeout: Duration,
     /// Time each rung of the stop ladder waits before the next.
     pub kill_grace: Duration,
+}
+
+/// The two kinds of worker processes.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// Offload's own worker (this executable re-executed, or
+    /// `--worker-program`): it applies its settings itself and must offer
+    /// `tasks`.
+    Offload {
+        /// Its settings, passed in the environment.
+        settings: Settings,
+        /// Tasks it must offer (checked at the handshake).
+        tasks: Vec<&'static str>,
+    },
+    /// A worker program in any language: the front sets its limits up
+    /// before it runs, and it declares its tasks in its Hello.
+    Program {
+        /// The program's name, its tasks' prefix.
+        name: String,
+        /// Its working directory.
+        cwd: PathBuf,
+        /// Variables added to the front's environment (minus OFFLOAD_*).
+        env: std::collections::BTreeMap<String, String>,
+        /// Its nice level.
+        nice: i32,
+        /// Largest frame either side sends.
+        max_frame: usize,
+        /// The tasks its workers declared (the first one's, checked against
+        /// every later one's).
+        declared: Arc<Declared>,
+    },
+}
+
+impl Launch {
+    fn max_frame(&self) -> usize {
+        match self {
+            Launch::Offload { settings, .. } => settings.max_frame,
+            Launch::Program { max_frame, .. } => *max_frame,
+        }
+    }
+}
+
+/// Limits a worker program gets before it runs (between fork and exec):
+/// killed with its front, no core dumps, its nice level.
+fn limit_program(nice: i32) -> std::io::Result<()> {
+    use rustix::process::{Resource, Rlimit, Signal, set_parent_process_death_signal, setpriority_process, setrlimit};
+    set_parent_process_death_signal(Some(Signal::KILL))?;
+    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
+    if nice != 0 {
+        setpriority_process(None, nice)?;
+    }
+    Ok(())
 }
 
 /// Why a worker could not be started.
@@ -278,19 +331,41 @@ impl WorkerProcess {
     ///
     /// Must be called on a runtime thread (never `spawn_blocking`): the
     /// worker's parent-death signal fires when the spawning thread exits.
-    pub async fn spawn(options: &WorkerOptions, expected_tasks: &[&str]) -> Result<Self, StartError> {
+    pub async fn spawn(options: &WorkerOptions) -> Result<Self, StartError> {
         let spawn_error = |source| StartError::Spawn { program: options.program.display().to_string(), source };
         let (ours, theirs) = StdUnixStream::pair().map_err(spawn_error)?;
         let mut command = Command::new(&options.program);
+        command.args(&options.args);
+        match &options.launch {
+            Launch::Offload { settings, .. } => {
+                command
+                    .env_clear()
+                    .envs(settings.to_env())
+                    // glibc reserves 64 MiB of address space per malloc arena and
+                    // thread; two arenas keep RLIMIT_AS about real memory.
+                    .env("MALLOC_ARENA_MAX", "2");
+            }
+            Launch::Program { cwd, env, nice, max_frame, .. } => {
+                // The front's environment without its own settings.
+                for (key, _) in std::env::vars_os() {
+                    if key.to_str().is_some_and(|k| k.starts_with("OFFLOAD_")) {
+                        command.env_remove(key);
+                    }
+                }
+                let nice = *nice;
+                command.current_dir(cwd).envs(env).env(worker_process::env::MAX_FRAME, max_frame.to_string());
+                // SAFETY: between fork and exec the closure only makes three
+                // system calls (prctl, setrlimit, setpriority) through rustix,
+                // which neither allocates nor takes locks.
+                #[allow(unsafe_code)]
+                unsafe {
+                    command.pre_exec(move || limit_program(nice));
+                }
+            }
+        }
         command
-            .args(&options.args)
-            .env_clear()
-            .envs(options.settings.to_env())
             .env(worker_process::env::FD, theirs.as_raw_fd().to_string())
             .env(worker_process::env::PARENT_PID, std::process::id().to_string())
-            // glibc reserves 64 MiB of address space per malloc arena and
-            // thread; two arenas keep RLIMIT_AS about real memory.
-            .env("MALLOC_ARENA_MAX", "2")
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -327,7 +402,7 @@ impl WorkerProcess {
         ours.set_nonblocking(true).map_err(spawn_error)?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(spawn_error)?;
         let (read, writer) = stream.into_split();
-        let codec = framing::FrameCodec::new(options.settings.max_frame);
+        let codec = framing::FrameCodec::new(options.launch.max_frame());
         let mut worker = Self {
             pid,
             child,
@@ -338,7 +413,7 @@ impl WorkerProcess {
             tasks_done: 0,
             rss_read: None,
         };
-        match tokio::time::timeout(options.handshake_timeout, worker.handshake(expected_tasks)).await {
+        match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
             Ok(Ok(())) => Ok(worker),
             Ok(Err(reason)) => Err(StartError::Handshake { pid, reason }),
             Err(_) => {
@@ -347,7 +422,7 @@ impl WorkerProcess {
         }
     }
 
-    async fn handshake(&mut self, expected_tasks: &[&str]) -> Result<(), String> {
+    async fn handshake(&mut self, launch: &Launch) -> Result<(), String> {
         let hello = match decode(self.link.next_frame().await) {
             Ok(Some((worker_reply::Body::Hello(hello), _))) => hello,
             Ok(Some((other, _))) => return Err(format!("expected Hello, got {other:?}")),
@@ -363,10 +438,20 @@ impl WorkerProcess {
         if hello.pid != self.pid {
             return Err(format!("worker says its pid is {}, the front started {}", hello.pid, self.pid));
         }
-        let missing: Vec<&str> =
-            expected_tasks.iter().copied().filter(|t| !hello.tasks.iter().any(|h| h == t)).collect();
-        if !missing.is_empty() {
-            return Err(format!("worker lacks tasks {}", missing.join(", ")));
+        match launch {
+            Launch::Offload { tasks, .. } => {
+                let missing: Vec<&str> =
+                    tasks.iter().copied().filter(|t| !hello.tasks.iter().any(|h| h == t)).collect();
+                if !missing.is_empty() {
+                    return Err(format!("worker lacks tasks {}", missing.join(", ")));
+                }
+            }
+            Launch::Program { name, declared, .. } => {
+                declared.accept(name, &hello.declared)?;
+                if !hello.runtime.is_empty() {
+                    tracing::debug!(worker.pid = self.pid, "worker of program {name} runs on {}", hello.runtime);
+                }
+            }
         }
         self.link.queue(worker_request::Body::Welcome(Welcome { protocol_version: PROTOCOL_VERSION }));
         self.link.flush().await.map_err(|e| format!("sending Welcome: {e}"))

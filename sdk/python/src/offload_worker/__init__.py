@@ -1,0 +1,310 @@
+"""Offload worker programs in Python: warm processes that run your tasks for
+Offload's callers, supervised by Offload (deadlines, cancellation,
+heartbeats, crash isolation, recycling).
+
+    from offload_worker import task, serve
+
+    @task("py.reverse", description="reverses the input",
+          params={"upper": ("uppercase the result", "false")})
+    def reverse(ctx, data: bytes, params: dict) -> bytes:
+        out = data[::-1]
+        return out.upper() if params["upper"] == "true" else out
+
+    if __name__ == "__main__":
+        serve()
+
+Declare the program in Offload's config file:
+
+    [[worker_program]]
+    name = "py"
+    command = ["python3", "app.py"]
+    workers = 2
+
+A task gets a context, the input bytes and its params (every declared param,
+defaults filled in) and returns bytes. Raising ValueError (or InvalidArgument)
+fails the call with INVALID_ARGUMENT and its message; any other exception
+fails it with INTERNAL and the worker serves on. `ctx.cancelled` turns true
+when the caller went away or the deadline passed: a long task looks at it
+and returns (or calls `ctx.check()`, which raises). `ctx.progress(fraction,
+message)` is streamed to ExecuteStream callers.
+"""
+
+import os
+import platform
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from . import _protocol as wire
+
+__all__ = ["task", "serve", "Context", "InvalidArgument", "Cancelled"]
+__version__ = "0.1.0"
+
+# Exit statuses the front understands (docs/worker-protocol.md).
+EXIT_CLEAN = 0
+EXIT_PROTOCOL = 2
+EXIT_SETUP = 4
+
+
+class InvalidArgument(ValueError):
+    """The input or a param is not what the task accepts: INVALID_ARGUMENT."""
+
+
+class Cancelled(Exception):
+    """Raised by Context.check() once the call is cancelled or past its deadline."""
+
+
+_TASKS = {}
+
+
+class _Task:
+    def __init__(self, name, description, params, func):
+        self.name = name
+        self.description = description
+        self.params = params
+        self.func = func
+
+    def declaration(self):
+        params = []
+        for pname, spec in self.params.items():
+            if not (isinstance(spec, tuple) and len(spec) == 2):
+                raise TypeError("param %r of %s: give (description, default)" % (pname, self.name))
+            description, default = spec
+            params.append(
+                wire.ParamDecl(
+                    name=pname,
+                    description=description,
+                    default_value="" if default is None else str(default),
+                    required=default is None,
+                )
+            )
+        return wire.TaskDecl(name=self.name, description=self.description, params=params)
+
+
+def task(name, description="", params=None):
+    """Registers the decorated function as the task `name` ("<program>.<task>").
+
+    `params` maps each param's name to (description, default); a default of
+    None makes the param required. The front refuses calls with unknown or
+    missing params before the worker sees them.
+    """
+
+    def register(func):
+        if name in _TASKS:
+            raise ValueError("task %r is registered twice" % name)
+        _TASKS[name] = _Task(name, description, dict(params or {}), func)
+        return func
+
+    return register
+
+
+class Context:
+    """What a running task sees of its call."""
+
+    def __init__(self, worker, task_id, deadline):
+        self._worker = worker
+        self._id = task_id
+        self._cancel = threading.Event()
+        # Seconds on the monotonic clock, or None.
+        self.deadline = deadline
+        self._last_progress = 0.0
+
+    @property
+    def cancelled(self):
+        """True once the caller went away, the front stopped the call, or its
+        deadline passed: the task should stop and return."""
+        if self._cancel.is_set():
+            return True
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def check(self):
+        """Raises Cancelled when the task should stop."""
+        if self.cancelled:
+            raise Cancelled()
+
+    def progress(self, fraction, message=""):
+        """Reports progress, fraction in [0, 1] (at most one report per 20 ms
+        goes out, and always the last one)."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = time.monotonic()
+        if fraction < 1.0 and now - self._last_progress < 0.02:
+            return
+        self._last_progress = now
+        reply = wire.WorkerReply(progress=wire.TaskProgress(id=self._id, fraction=fraction, message=str(message)))
+        self._worker.send(reply)
+
+
+class _Worker:
+    def __init__(self, sock, max_frame):
+        self._sock = sock
+        self._max_frame = max_frame
+        self._write_lock = threading.Lock()
+        # Outstanding tasks in arrival order: id -> Context.
+        self._outstanding = {}
+        self._outstanding_lock = threading.Lock()
+        self._jobs = queue.Queue()
+
+    def send(self, reply):
+        frame = wire.encode(reply)
+        with self._write_lock:
+            self._sock.sendall(frame)
+
+    def serve(self):
+        declared = [t.declaration() for t in _TASKS.values()]
+        runtime = "%s %s" % (platform.python_implementation(), platform.python_version())
+        hello = wire.Hello(
+            protocol_version=wire.PROTOCOL_VERSION,
+            pid=os.getpid(),
+            tasks=[d.name for d in declared],
+            declared=declared,
+            runtime=runtime,
+        )
+        self.send(wire.WorkerReply(hello=hello))
+        reader = wire.FrameReader(self._sock, self._max_frame)
+        welcome = reader.next()
+        if welcome is None:
+            return EXIT_CLEAN
+        if welcome.WhichOneof("body") != "welcome":
+            raise wire.ProtocolError("expected Welcome, got %s" % welcome.WhichOneof("body"))
+        if welcome.welcome.protocol_version != wire.PROTOCOL_VERSION:
+            raise wire.ProtocolError(
+                "the front speaks protocol %d, this SDK %d" % (welcome.welcome.protocol_version, wire.PROTOCOL_VERSION)
+            )
+        threading.Thread(target=self._run_tasks, name="offload-task", daemon=True).start()
+        # This thread reads frames and answers pings at once, so a long task
+        # (which releases the interpreter lock every few milliseconds, pure
+        # Python loops included) is never mistaken for a hung worker.
+        while True:
+            request = reader.next()
+            if request is None:
+                return EXIT_CLEAN
+            kind = request.WhichOneof("body")
+            if kind == "run":
+                run = request.run
+                deadline = None
+                if run.deadline_unix_nanos:
+                    deadline = time.monotonic() + (run.deadline_unix_nanos / 1e9 - time.time())
+                ctx = Context(self, run.id, deadline)
+                with self._outstanding_lock:
+                    if len(self._outstanding) >= 64:
+                        raise wire.ProtocolError("task %d sent while 64 tasks are outstanding" % run.id)
+                    self._outstanding[run.id] = ctx
+                self._jobs.put((run, request.payload, ctx))
+            elif kind == "cancel":
+                with self._outstanding_lock:
+                    ctx = self._outstanding.get(request.cancel.id)
+                if ctx is not None:
+                    ctx._cancel.set()
+            elif kind == "ping":
+                self.send(wire.WorkerReply(pong=wire.Pong(seq=request.ping.seq)))
+            else:
+                raise wire.ProtocolError("unexpected %s" % kind)
+
+    def _run_tasks(self):
+        while True:
+            run, payload, ctx = self._jobs.get()
+            try:
+                reply = self._run_one(run, payload, ctx)
+            finally:
+                with self._outstanding_lock:
+                    self._outstanding.pop(run.id, None)
+            try:
+                self.send(reply)
+            except OSError:
+                # The front is gone.
+                os._exit(EXIT_CLEAN)
+
+    def _run_one(self, run, payload, ctx):
+        started_wall = time.time_ns()
+        started = time.monotonic()
+        output = b""
+        failure, message = 0, ""
+        spec = _TASKS.get(run.task)
+        if spec is None:
+            failure, message = wire.FAILURE["FAILURE_KIND_UNKNOWN_TASK"], "this worker has no task %r" % run.task
+        elif ctx.cancelled:
+            failure, message = _stopped(ctx)
+        else:
+            try:
+                result = spec.func(ctx, payload, dict(run.params))
+                if ctx.cancelled:
+                    failure, message = _stopped(ctx)
+                elif not isinstance(result, bytes):
+                    failure = wire.FAILURE["FAILURE_KIND_FAILED"]
+                    message = "%s returned %s, not bytes" % (run.task, type(result).__name__)
+                else:
+                    output = result
+            except Cancelled:
+                failure, message = _stopped(ctx)
+            except ValueError as err:
+                failure, message = wire.FAILURE["FAILURE_KIND_INVALID_INPUT"], str(err) or type(err).__name__
+            except Exception as err:  # the worker serves on
+                failure, message = wire.FAILURE["FAILURE_KIND_FAILED"], "%s: %s" % (type(err).__name__, err)
+                traceback.print_exc(file=sys.stderr)
+        run_us = int((time.monotonic() - started) * 1e6)
+        done = wire.TaskDone(id=run.id, failure=failure, message=message, run_us=run_us)
+        if run.traceparent:
+            done.span.CopyFrom(_span(run.task, started_wall, message if failure else ""))
+        return wire.WorkerReply(done=done, payload=output)
+
+
+def _stopped(ctx):
+    if ctx._cancel.is_set() or ctx.deadline is None or time.monotonic() < ctx.deadline:
+        return wire.FAILURE["FAILURE_KIND_CANCELLED"], "cancelled"
+    return wire.FAILURE["FAILURE_KIND_DEADLINE_EXCEEDED"], "deadline exceeded"
+
+
+def _span(task_name, start_ns, error):
+    attributes = [
+        wire.SpanAttribute(key="task.name", text=task_name),
+        wire.SpanAttribute(key="worker.pid", integer=os.getpid()),
+        wire.SpanAttribute(key="process.runtime.name", text=platform.python_implementation()),
+    ]
+    return wire.WorkerSpan(
+        name="worker " + task_name,
+        start_unix_nanos=start_ns,
+        end_unix_nanos=time.time_ns(),
+        attributes=attributes,
+        error=error,
+    )
+
+
+def _setup():
+    """The socket the front passed, after checking we are its child."""
+    fd = os.environ.get("OFFLOAD_WORKER_FD")
+    if fd is None:
+        raise RuntimeError(
+            "OFFLOAD_WORKER_FD is not set: a worker program is started by offload-server "
+            "(declare it as a [[worker_program]] in the config file)"
+        )
+    parent = os.environ.get("OFFLOAD_WORKER_PARENT_PID")
+    if parent is not None and int(parent) != os.getppid():
+        raise RuntimeError("the front exited before the worker started")
+    max_frame = int(os.environ.get("OFFLOAD_WORKER_MAX_FRAME", str(64 << 20)))
+    fd = int(fd)
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd), max_frame
+
+
+def serve():
+    """Serves the registered tasks to the front over the socket it passed,
+    until it closes; then exits the process."""
+    try:
+        sock, max_frame = _setup()
+    except Exception as err:
+        print("offload-worker (python) %d: cannot start: %s" % (os.getpid(), err), file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_SETUP)
+    try:
+        code = _Worker(sock, max_frame).serve()
+    except wire.ProtocolError as err:
+        print("offload-worker (python) %d: protocol error: %s" % (os.getpid(), err), file=sys.stderr)
+        code = EXIT_PROTOCOL
+    except OSError:
+        code = EXIT_CLEAN
+    sys.stderr.flush()
+    # Not sys.exit: the task thread may still be running a task.
+    os._exit(code)

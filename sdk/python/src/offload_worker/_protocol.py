@@ -1,0 +1,107 @@
+"""The worker protocol (offload.worker.v1) on the wire: message classes built
+at run time from the descriptor shipped with the package (no protoc, no
+generated code), and frames: a 4-byte big-endian length, then one message.
+See docs/worker-protocol.md in the Offload repository."""
+
+import os
+import struct
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+
+try:  # protobuf >= 4.22
+    from google.protobuf.message_factory import GetMessageClass as _message_class
+except ImportError:  # pragma: no cover - older runtimes
+    from google.protobuf import message_factory as _factory
+
+    def _message_class(descriptor):
+        return _factory.MessageFactory(descriptor.file.pool).GetPrototype(descriptor)
+
+
+PROTOCOL_VERSION = 3
+
+_PACKAGE = "offload.worker.v1."
+
+
+def _load():
+    path = os.path.join(os.path.dirname(__file__), "worker.desc")
+    with open(path, "rb") as f:
+        file_proto = descriptor_pb2.FileDescriptorProto.FromString(f.read())
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file_proto)
+    names = [
+        "WorkerRequest",
+        "WorkerReply",
+        "Hello",
+        "TaskDecl",
+        "ParamDecl",
+        "TaskProgress",
+        "TaskDone",
+        "Pong",
+        "WorkerSpan",
+        "SpanAttribute",
+    ]
+    classes = {name: _message_class(pool.FindMessageTypeByName(_PACKAGE + name)) for name in names}
+    kinds = pool.FindEnumTypeByName(_PACKAGE + "FailureKind").values_by_name
+    return classes, {name: value.number for name, value in kinds.items()}
+
+
+_CLASSES, FAILURE = _load()
+WorkerRequest = _CLASSES["WorkerRequest"]
+WorkerReply = _CLASSES["WorkerReply"]
+Hello = _CLASSES["Hello"]
+TaskDecl = _CLASSES["TaskDecl"]
+ParamDecl = _CLASSES["ParamDecl"]
+TaskProgress = _CLASSES["TaskProgress"]
+TaskDone = _CLASSES["TaskDone"]
+Pong = _CLASSES["Pong"]
+WorkerSpan = _CLASSES["WorkerSpan"]
+SpanAttribute = _CLASSES["SpanAttribute"]
+
+_LENGTH = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The front sent something that is not the protocol."""
+
+
+def encode(message):
+    """One frame: the length prefix, then the message."""
+    body = message.SerializeToString()
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameReader:
+    """Reads WorkerRequest frames from a socket, refusing any larger than
+    `max_frame` before reading its body."""
+
+    def __init__(self, sock, max_frame):
+        self._sock = sock
+        self._max_frame = max_frame
+
+    def _exactly(self, n):
+        chunks = []
+        while n:
+            chunk = self._sock.recv(min(n, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def next(self):
+        """The next request, or None when the front closed the socket."""
+        head = self._exactly(_LENGTH.size)
+        if head is None:
+            return None
+        (length,) = _LENGTH.unpack(head)
+        if length > self._max_frame:
+            raise ProtocolError("a frame of %d bytes exceeds the limit of %d" % (length, self._max_frame))
+        body = self._exactly(length)
+        if body is None:
+            return None
+        request = WorkerRequest()
+        try:
+            request.ParseFromString(body)
+        except Exception as err:  # DecodeError
+            raise ProtocolError("undecodable frame: %s" % err) from None
+        return request

@@ -1,0 +1,79 @@
+"""A worker program for the end-to-end tests, written with the Python SDK
+(sdk/python): tasks that succeed, fail in each documented way, exit
+mid-task, spin with and without looking at cancellation, and report
+progress."""
+
+import hashlib
+import os
+import time
+
+from offload_worker import InvalidArgument, task, serve
+
+
+@task("py.reverse", description="reverses the input", params={"upper": ("uppercase the result", "false")})
+def reverse(ctx, data: bytes, params: dict) -> bytes:
+    out = data[::-1]
+    return out.upper() if params["upper"] == "true" else out
+
+
+@task("py.repeat", description="the input, `times` times", params={"times": ("how many times, 0..=100", None)})
+def repeat(ctx, data, params):
+    try:
+        times = int(params["times"])
+    except ValueError:
+        raise InvalidArgument("param times: %r is not an integer" % params["times"]) from None
+    if not 0 <= times <= 100:
+        raise ValueError("param times: %d is not in 0..=100" % times)
+    return data * times
+
+
+@task("py.sha256", description="SHA-256 of the input")
+def sha256(ctx, data, params):
+    return hashlib.sha256(data).digest()
+
+
+@task("py.pid", description="the worker's pid, in ASCII decimal")
+def pid(ctx, data, params):
+    return str(os.getpid()).encode()
+
+
+@task("py.broken", description="raises an uncaught exception")
+def broken(ctx, data, params):
+    return {}["missing"]
+
+
+@task("py.text", description="returns text instead of bytes")
+def text(ctx, data, params):
+    return "not bytes"
+
+
+@task("py.exit", description="exits the process mid-task with status 7")
+def exit_(ctx, data, params):
+    os._exit(7)
+
+
+@task(
+    "py.spin",
+    description="a pure-Python loop for `ms` ms; stops when cancelled if `obey` is true",
+    params={"ms": ("how long", "1000"), "obey": ("look at ctx.cancelled", "true")},
+)
+def spin(ctx, data, params):
+    end = time.monotonic() + int(params["ms"]) / 1000
+    obey = params["obey"] == "true"
+    start = time.monotonic()
+    rounds = 0
+    while time.monotonic() < end:
+        if obey and ctx.cancelled:
+            return b"stopped"
+        x = 0
+        for i in range(2000):
+            x += i * i
+        rounds += 1
+        if rounds % 50 == 0:
+            ctx.progress((time.monotonic() - start) / (end - start), "spinning")
+    ctx.progress(1.0, "done")
+    return str(rounds).encode()
+
+
+if __name__ == "__main__":
+    serve()
