@@ -12,6 +12,7 @@ mod exec;
 mod isolated;
 mod memory;
 mod metrics;
+mod programs;
 mod python;
 mod shutdown;
 mod statuses;

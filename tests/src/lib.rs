@@ -61,6 +61,41 @@ pub fn custom_task_binary() -> &'static Path {
     })
 }
 
+/// A Python with the SDK of `sdk/python` installed from source (a venv
+/// made once per requirements file under target/, the SDK reinstalled once
+/// per test run), for worker programs written with it.
+pub fn python_with_sdk() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let root = workspace();
+        let venv = root.join("target/py-sdk-venv");
+        let made = Command::new("bash")
+            .arg(root.join("scripts/venv.sh"))
+            .arg(&venv)
+            .arg(root.join("tests/programs/requirements.txt"))
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run bash for scripts/venv.sh: {err}"));
+        assert!(
+            made.status.success(),
+            "making the Python venv failed (python3 with venv and pip, and PyPI, are needed):\n{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let python = venv.join("bin/python");
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--force-reinstall"])
+            .args(["--disable-pip-version-check"])
+            .arg(root.join("sdk/python"))
+            .output()
+            .expect("run pip");
+        assert!(
+            installed.status.success(),
+            "pip install sdk/python failed:\n{}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        python
+    })
+}
+
 /// A running server process.
 #[derive(Debug)]
 pub struct Server {
