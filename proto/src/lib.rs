@@ -60,8 +60,12 @@ mod tests {
     #[test]
     fn the_sdks_copies_of_the_worker_protocol_are_current() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let copies: [(&str, Vec<u8>); 1] =
-            [("sdk/python/src/offload_worker/worker.desc", super::worker_protocol_descriptor())];
+        let proto =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("offload/worker/v1/worker.proto")).unwrap();
+        let copies: [(&str, Vec<u8>); 2] = [
+            ("sdk/python/src/offload_worker/worker.desc", super::worker_protocol_descriptor()),
+            ("sdk/node/worker.proto", proto),
+        ];
         for (path, current) in copies {
             let path = root.join(path);
             if std::env::var_os("OFFLOAD_BLESS").is_some() {

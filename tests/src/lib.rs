@@ -96,6 +96,30 @@ pub fn python_with_sdk() -> &'static Path {
     })
 }
 
+/// The `node_modules` folder holding the Node SDK of `sdk/node`, installed
+/// from source once per test run under target/ (npm reaches its registry
+/// for the SDK's one dependency), for worker programs written with it.
+pub fn node_sdk_modules() -> &'static Path {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    MODULES.get_or_init(|| {
+        let root = workspace();
+        let dir = root.join("target/node-sdk");
+        std::fs::create_dir_all(&dir).expect("create target/node-sdk");
+        let installed = Command::new("npm")
+            .current_dir(&dir)
+            .args(["install", "--install-links", "--no-audit", "--no-fund", "--no-save", "--loglevel=error"])
+            .arg(root.join("sdk/node"))
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run npm (Node 18+ with npm is needed for the Node SDK tests): {err}"));
+        assert!(
+            installed.status.success(),
+            "npm install sdk/node failed:\n{}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        dir.join("node_modules")
+    })
+}
+
 /// A running server process.
 #[derive(Debug)]
 pub struct Server {

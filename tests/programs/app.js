@@ -1,0 +1,51 @@
+// A worker program for the end-to-end tests, written with the Node SDK
+// (sdk/node): the same tasks as app.py, named js.*.
+const crypto = require("crypto");
+const { task, serve, InvalidArgument } = require("offload-worker");
+
+task("js.reverse", { description: "reverses the input", params: { upper: ["uppercase the result", "false"] } },
+  async (ctx, data, params) => {
+    const out = Buffer.from(data).reverse();
+    return params.upper === "true" ? Buffer.from(out.toString("latin1").toUpperCase(), "latin1") : out;
+  });
+
+task("js.repeat", { description: "the input, `times` times", params: { times: ["how many times, 0..=100", null] } },
+  (ctx, data, params) => {
+    const times = Number(params.times);
+    if (!Number.isInteger(times)) throw new InvalidArgument(`param times: '${params.times}' is not an integer`);
+    if (times < 0 || times > 100) throw new InvalidArgument(`param times: ${times} is not in 0..=100`);
+    return Buffer.concat(Array(times).fill(data));
+  });
+
+task("js.sha256", { description: "SHA-256 of the input" }, (ctx, data) => crypto.createHash("sha256").update(data).digest());
+
+task("js.pid", { description: "the worker's pid, in ASCII decimal" }, () => Buffer.from(String(process.pid)));
+
+task("js.broken", { description: "throws an uncaught error" }, () => {
+  throw new TypeError("missing is not a function");
+});
+
+task("js.text", { description: "returns text instead of a Buffer" }, () => "not bytes");
+
+task("js.exit", { description: "exits the process mid-task with status 7" }, () => process.exit(7));
+
+task("js.spin", {
+  description: "a busy loop for `ms` ms; stops when cancelled if `obey` is true",
+  params: { ms: ["how long", "1000"], obey: ["look at ctx.cancelled", "true"] },
+}, (ctx, data, params) => {
+  const start = Date.now();
+  const end = start + Number(params.ms);
+  const obey = params.obey === "true";
+  let rounds = 0;
+  while (Date.now() < end) {
+    if (obey && ctx.cancelled) return Buffer.from("stopped");
+    let x = 0;
+    for (let i = 0; i < 20000; i++) x += i * i;
+    rounds += 1;
+    if (rounds % 50 === 0) ctx.progress((Date.now() - start) / (end - start), "spinning");
+  }
+  ctx.progress(1, "done");
+  return Buffer.from(String(rounds));
+});
+
+serve();
