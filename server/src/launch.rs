@@ -103,7 +103,8 @@ fn run(config: Config, catalog: Catalog) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let telemetry = telemetry::init(config.log_format, &config.traces);
+        let programs = config.worker_programs.iter().map(|p| p.name.as_str());
+        let telemetry = telemetry::init(config.log_format, &config.traces, programs);
         // A task's panic fails its call; log it as one line instead of stderr noise.
         std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
         let stop = shutdown::on_signals().context("cannot install signal handlers")?;

@@ -9,6 +9,7 @@
 //! is installed either way.
 
 use std::{
+    collections::HashMap,
     io::IsTerminal,
     sync::{
         OnceLock,
@@ -160,8 +161,15 @@ fn endpoint_from_env() -> Option<String> {
         .find_map(|name| std::env::var(name).ok().filter(|e| !e.is_empty()))
 }
 
-/// The tracer of the spans workers report (service `<front>-worker`).
-static WORKER_TRACER: OnceLock<SdkTracer> = OnceLock::new();
+/// The tracers of the spans workers report: Offload's own workers' (service
+/// `<front>-worker`), and each worker program's (`<front>-<program>`).
+static WORKER_TRACERS: OnceLock<WorkerTracers> = OnceLock::new();
+
+#[derive(Debug)]
+struct WorkerTracers {
+    offload: SdkTracer,
+    programs: HashMap<String, SdkTracer>,
+}
 
 /// Keeps the trace pipelines (the front's and its workers') alive;
 /// `shutdown` flushes what is buffered.
@@ -181,9 +189,10 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber and, if configured, the trace exporter.
-/// Must run inside the tokio runtime (the exporter's channel lives there).
-pub fn init(format: LogFormat, traces: &TraceSettings) -> Telemetry {
+/// Installs the global subscriber and, if configured, the trace exporters:
+/// the front's, its workers', and one per worker program of `programs`.
+/// Must run inside the tokio runtime (the exporters' channels live there).
+pub fn init<'a>(format: LogFormat, traces: &TraceSettings, programs: impl IntoIterator<Item = &'a str>) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
@@ -203,16 +212,29 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Telemetry {
         fmt.boxed()
     };
     let front = traces.service_name();
+    // The front's service, Offload's workers', then each program's.
+    let services: Vec<String> = [front.clone(), format!("{front}-worker")]
+        .into_iter()
+        .chain(programs.into_iter().map(|program| format!("{front}-{program}")))
+        .collect();
     let (providers, error) = if traces.enabled() {
-        match provider(traces, &front).and_then(|p| Ok((p, provider(traces, &format!("{front}-worker"))?))) {
-            Ok((front, workers)) => (vec![front, workers], None),
+        match services.iter().map(|service| provider(traces, service)).collect::<Result<Vec<_>, _>>() {
+            Ok(providers) => (providers, None),
             Err(err) => (Vec::new(), Some(err)),
         }
     } else {
         (Vec::new(), None)
     };
-    if let Some(workers) = providers.get(1) {
-        let _ = WORKER_TRACER.set(workers.tracer("offload-worker"));
+    if let [_, offload, programs @ ..] = providers.as_slice() {
+        let programs = services[2..]
+            .iter()
+            .zip(programs)
+            .map(|(service, provider)| {
+                let program = service[front.len() + 1..].to_string();
+                (program, provider.tracer("offload-worker-program"))
+            })
+            .collect();
+        let _ = WORKER_TRACERS.set(WorkerTracers { offload: offload.tracer("offload-worker"), programs });
     }
     let otel = providers.first().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("offload-server")));
     EXPORTING.store(otel.is_some(), Ordering::Relaxed);
@@ -316,7 +338,7 @@ pub fn traceparent(span: &tracing::Span) -> String {
     if !exporting() {
         return String::new();
     }
-    let mut carrier = std::collections::HashMap::new();
+    let mut carrier = HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&span.context(), &mut carrier));
     carrier.remove("traceparent").unwrap_or_default()
 }
@@ -349,10 +371,16 @@ pub fn queue_span(mode: &'static str) -> tracing::Span {
 }
 
 /// Exports the span a worker reported for a task, as a child of the task's
-/// `execution` span, under the workers' service name.
-pub fn export_worker_span(execution: &tracing::Span, reported: &WorkerSpan) {
+/// `execution` span, under the service of Offload's workers or, for a
+/// worker of `program`, that program's.
+pub fn export_worker_span(execution: &tracing::Span, reported: &WorkerSpan, program: Option<&str>) {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    if let Some(tracer) = WORKER_TRACER.get() {
+    let Some(tracers) = WORKER_TRACERS.get() else { return };
+    let tracer = match program {
+        Some(program) => tracers.programs.get(program),
+        None => Some(&tracers.offload),
+    };
+    if let Some(tracer) = tracer {
         export_reported(tracer, &execution.context(), reported);
     }
 }

@@ -14,7 +14,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use offload_e2e::{
-    Server, is_alive, metric_value, node_sdk_modules, python_with_sdk, request, wait_for, with_deadline,
+    Server, is_alive, metric_value, node_sdk_modules, otlp, python_with_sdk, request, wait_for, with_deadline,
 };
 use offload_proto::offload::v1::{
     ExecuteRequest, ExecuteResponse, ExecutionMode, ListTasksRequest, Stage, compute_client::ComputeClient,
@@ -330,4 +330,41 @@ async fn killed_front(lang: Lang) {
     assert!(server.wait_exit(Duration::from_secs(5)).is_some());
     let gone = wait_for(Duration::from_secs(5), || workers.iter().all(|pid| !is_alive(*pid))).await;
     assert!(gone, "program workers left behind: {:?}", workers.iter().filter(|p| is_alive(**p)).collect::<Vec<_>>());
+}
+
+for_both!(traced: a_python_programs_span_joins_the_callers_trace, a_node_programs_span_joins_the_callers_trace);
+
+async fn traced(lang: Lang) {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let (collector, received) = otlp::start().await;
+    let endpoint = format!("http://{collector}");
+    let file = config(&lang.app("workers = 1"));
+    let server = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--config", file.path.to_str().unwrap(), "--workers", "1"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let mut client = server.client().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut call = tonic::Request::new(request(&lang.task("reverse"), &[], &b"abc"[..]));
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902d1-01");
+    call.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    let pid = pid_of(&client.execute(call).await.unwrap().into_inner());
+
+    let name = format!("worker {}", lang.task("reverse"));
+    assert!(
+        wait_for(Duration::from_secs(10), || received.spans().iter().any(|(_, s)| s.name == name)).await,
+        "no span {name:?}: {:#?}",
+        received.spans()
+    );
+    let spans = received.spans();
+    let (service, inside) = spans.iter().find(|(_, s)| s.name == name).unwrap();
+    assert_eq!(service, &format!("offload-{}", lang.name()), "the program's span has its own service");
+    assert_eq!(hex::encode(&inside.trace_id), trace_id, "in the caller's trace");
+    let execute = format!("execute {}", lang.task("reverse"));
+    let parent = spans.iter().find(|(_, s)| s.span_id == inside.parent_span_id).expect("a parent span");
+    assert_eq!(parent.1.name, execute, "under the call's execution span");
+    let attribute = |key: &str| inside.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.clone()?.value);
+    assert_eq!(attribute("worker.pid"), Some(Value::IntValue(i64::from(pid))));
+    assert_eq!(attribute("task.name"), Some(Value::StringValue(lang.task("reverse"))));
+    assert!(inside.end_time_unix_nano >= inside.start_time_unix_nano && inside.start_time_unix_nano > 0);
 }

@@ -280,6 +280,8 @@ pub struct WorkerProcess {
     pub tasks_done: u64,
     /// When its resident memory was last read.
     rss_read: Option<Instant>,
+    /// The worker program it runs, if it is one (its spans' service).
+    program: Option<String>,
 }
 
 /// A job sent to the worker and not answered yet.
@@ -411,6 +413,10 @@ impl WorkerProcess {
             stderr_done,
             next_id: 0,
             tasks_done: 0,
+            program: match &options.launch {
+                Launch::Program { name, .. } => Some(name.clone()),
+                Launch::Offload { .. } => None,
+            },
             rss_read: None,
         };
         match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
@@ -695,7 +701,7 @@ impl WorkerProcess {
     /// panicked exits by itself.
     async fn finished(&mut self, done: &TaskDone, execution: &tracing::Span) -> Fate {
         if let Some(reported) = &done.span {
-            crate::telemetry::export_worker_span(execution, reported);
+            crate::telemetry::export_worker_span(execution, reported, self.program.as_deref());
         }
         let cause = match FailureKind::try_from(done.failure) {
             Ok(FailureKind::OutOfMemory) => DeathCause::MemoryLimit,
