@@ -34,6 +34,8 @@ pub const DEFAULT_INLINE_THRESHOLD_US: u64 = 20;
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 64;
 /// Default time in-flight calls get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 30.0;
+/// Default memory limit of a worker (RLIMIT_AS; an RSS watch for programs).
+pub const DEFAULT_WORKER_MEMORY_LIMIT_BYTES: u64 = 2 << 30;
 /// Default tasks a worker runs before it is recycled.
 pub const DEFAULT_WORKER_MAX_TASKS: u64 = 1_000_000;
 /// Default resident memory past which a worker is recycled.
@@ -461,6 +463,7 @@ impl Config {
                 };
                 let defaults = ProgramDefaults {
                     nice: worker_nice,
+                    memory_limit: a.worker_memory_limit_bytes.unwrap_or(DEFAULT_WORKER_MEMORY_LIMIT_BYTES),
                     max_tasks: a.worker_max_tasks.unwrap_or(DEFAULT_WORKER_MAX_TASKS),
                     max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(DEFAULT_WORKER_MAX_RSS_BYTES),
                     heartbeat: worker_heartbeat,
@@ -532,7 +535,7 @@ impl Config {
                 instance: replica_name.clone(),
             },
             workers: a.workers.map_or(cores, NonZeroUsize::get),
-            worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(2 << 30),
+            worker_memory_limit_bytes: a.worker_memory_limit_bytes.unwrap_or(DEFAULT_WORKER_MEMORY_LIMIT_BYTES),
             worker_nice,
             worker_max_tasks: a.worker_max_tasks.unwrap_or(DEFAULT_WORKER_MAX_TASKS),
             worker_max_rss_bytes: a.worker_max_rss_bytes.unwrap_or(DEFAULT_WORKER_MAX_RSS_BYTES),

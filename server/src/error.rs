@@ -42,7 +42,8 @@ pub enum CallError {
     },
     /// The worker process running the task ran out of its memory limit.
     #[error(
-        "worker {pid} exceeded its memory limit while running {task} (--worker-memory-limit-bytes); it was replaced"
+        "worker {pid} exceeded its memory limit while running {task} (--worker-memory-limit-bytes, or a worker \
+         program's memory_limit_bytes); it was replaced"
     )]
     WorkerOutOfMemory {
         /// The worker's pid.

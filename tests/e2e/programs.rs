@@ -368,3 +368,28 @@ async fn traced(lang: Lang) {
     assert_eq!(attribute("task.name"), Some(Value::StringValue(lang.task("reverse"))));
     assert!(inside.end_time_unix_nano >= inside.start_time_unix_nano && inside.start_time_unix_nano > 0);
 }
+
+for_both!(memory: python_memory_is_watched_and_a_worker_over_its_limit_is_replaced,
+    node_memory_is_watched_and_a_worker_over_its_limit_is_replaced);
+
+async fn memory(lang: Lang) {
+    // An RSS watch: V8 reserves gigabytes of address space at start, which
+    // an RLIMIT_AS of 300 MiB would not let Node survive.
+    let file = config(&lang.app("workers = 1\nmemory_limit_bytes = 314572800"));
+    let server = start(&file, &[]);
+    let mut client = server.client().await;
+    let t = |task: &str| lang.task(task);
+    let out = call(&mut client, &t("alloc"), &[("mb", "50")], b"").await.unwrap();
+    assert_eq!(out.output.as_ref(), (50u64 << 20).to_string().as_bytes());
+    let first = pid_of(&out);
+
+    let err = call(&mut client, &t("alloc"), &[("mb", "600")], b"").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().starts_with(&format!("worker {first} exceeded its memory limit while running {}", t("alloc"))),
+        "{err:?}"
+    );
+    assert_eq!(restarts(&server, "memory"), 1.0);
+    let next = call(&mut client, &t("alloc"), &[("mb", "10")], b"").await.unwrap();
+    assert_ne!(pid_of(&next), first, "replaced");
+}

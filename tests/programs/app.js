@@ -48,4 +48,11 @@ task("js.spin", {
   return Buffer.from(String(rounds));
 });
 
+task("js.alloc", { description: "holds `mb` MB for a moment; output: the size", params: { mb: ["megabytes", null] } },
+  async (ctx, data, params) => {
+    const block = Buffer.alloc(Number(params.mb) << 20, 1);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    return Buffer.from(String(block.length));
+  });
+
 serve();

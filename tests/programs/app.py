@@ -75,5 +75,12 @@ def spin(ctx, data, params):
     return str(rounds).encode()
 
 
+@task("py.alloc", description="holds `mb` MB for a moment; output: the size", params={"mb": ("megabytes", None)})
+def alloc(ctx, data, params):
+    block = b"\x01" * (int(params["mb"]) << 20)
+    time.sleep(0.3)
+    return str(len(block)).encode()
+
+
 if __name__ == "__main__":
     serve()

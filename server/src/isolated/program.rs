@@ -36,6 +36,12 @@ pub struct ProgramSpec {
     pub env: BTreeMap<String, String>,
     /// Working directory. Default: the config file's folder.
     pub cwd: Option<PathBuf>,
+    /// Resident memory a worker may reach while it runs a task: past it,
+    /// the worker is killed and the call fails with RESOURCE_EXHAUSTED (0:
+    /// no limit). An RSS watch, not RLIMIT_AS, which kills runtimes that
+    /// reserve address space (V8 reserves gigabytes at start). Default: the
+    /// server's --worker-memory-limit-bytes.
+    pub memory_limit_bytes: Option<u64>,
     /// Tasks after which a worker is replaced (0: never). Default: the
     /// server's --worker-max-tasks.
     pub max_tasks: Option<u64>,
@@ -118,6 +124,7 @@ impl ProgramSpec {
             env: self.env.clone(),
             workers,
             nice,
+            memory_limit: self.memory_limit_bytes.unwrap_or(defaults.memory_limit),
             max_tasks: self.max_tasks.unwrap_or(defaults.max_tasks),
             max_rss_bytes: self.max_rss_bytes.unwrap_or(defaults.max_rss_bytes),
             handshake_timeout,
@@ -133,6 +140,8 @@ impl ProgramSpec {
 pub struct ProgramDefaults {
     /// --worker-nice.
     pub nice: i32,
+    /// --worker-memory-limit-bytes.
+    pub memory_limit: u64,
     /// --worker-max-tasks.
     pub max_tasks: u64,
     /// --worker-max-rss-bytes.
@@ -162,6 +171,8 @@ pub struct ProgramConfig {
     pub workers: usize,
     /// Nice level.
     pub nice: i32,
+    /// Resident memory at which a busy worker is killed; 0 for none.
+    pub memory_limit: u64,
     /// Tasks before recycling; 0 for never.
     pub max_tasks: u64,
     /// Resident memory before recycling; 0 for never.
@@ -205,6 +216,7 @@ impl Program {
                     cwd: config.cwd.clone(),
                     env: config.env.clone(),
                     nice: config.nice,
+                    memory_limit: config.memory_limit,
                     max_frame,
                     declared: Arc::clone(&declared),
                 },
@@ -490,6 +502,7 @@ mod tests {
         let base = std::env::temp_dir();
         let defaults = ProgramDefaults {
             nice: 10,
+            memory_limit: 2 << 30,
             max_tasks: 100,
             max_rss_bytes: 1 << 30,
             heartbeat: Duration::from_secs(1),

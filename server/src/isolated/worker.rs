@@ -87,6 +87,8 @@ pub enum Launch {
         env: std::collections::BTreeMap<String, String>,
         /// Its nice level.
         nice: i32,
+        /// Resident memory at which it is killed while it runs a task (0: none).
+        memory_limit: u64,
         /// Largest frame either side sends.
         max_frame: usize,
         /// The tasks its workers declared (the first one's, checked against
@@ -102,7 +104,20 @@ impl Launch {
             Launch::Program { max_frame, .. } => *max_frame,
         }
     }
+
+    /// The resident memory the front watches for (Offload's own workers
+    /// limit themselves with RLIMIT_AS).
+    fn watched_memory(&self) -> u64 {
+        match self {
+            Launch::Offload { .. } => 0,
+            Launch::Program { memory_limit, .. } => *memory_limit,
+        }
+    }
 }
+
+/// How often the resident memory of a busy worker program is read against
+/// its limit: a task allocating 1 GB/s overshoots by at most 50 MB.
+const MEMORY_WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Limits a worker program gets before it runs (between fork and exec):
 /// killed with its front, no core dumps, its nice level.
@@ -532,6 +547,9 @@ impl WorkerProcess {
     pub async fn run(&mut self, jobs: Vec<WorkerJob>, options: &WorkerOptions) -> RunEnd {
         let mut flight: VecDeque<Sent> = jobs.into_iter().map(|job| self.send(job)).collect();
         let mut heartbeat = heartbeat(options);
+        let memory_limit = options.launch.watched_memory();
+        let mut memory_watch = tokio::time::interval(MEMORY_WATCH_INTERVAL);
+        memory_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let deadline_reached = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(deadline_reached);
@@ -601,6 +619,19 @@ impl WorkerProcess {
                 _ = heartbeat.tick() => {
                     if let Some(cause) = self.beat(last_heard, id, Some(task), options).await {
                         return self.died(cause, flight);
+                    }
+                    continue;
+                }
+                _ = memory_watch.tick(), if memory_limit > 0 => {
+                    if let Some(rss) = self.resident_bytes().filter(|rss| *rss > memory_limit) {
+                        tracing::warn!(
+                            worker.pid = self.pid,
+                            task.name = task,
+                            "worker {} holds {rss} bytes, over its memory limit of {memory_limit}; killing it",
+                            self.pid
+                        );
+                        self.kill().await;
+                        return self.died(DeathCause::MemoryLimit, flight);
                     }
                     continue;
                 }
@@ -764,6 +795,11 @@ impl WorkerProcess {
             return None;
         }
         self.rss_read = Some(Instant::now());
+        self.resident_bytes()
+    }
+
+    /// Resident memory of the worker now, from /proc.
+    fn resident_bytes(&self) -> Option<u64> {
         let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
         let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
         Some(pages * rustix::param::page_size() as u64)
