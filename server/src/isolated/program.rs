@@ -23,7 +23,7 @@ use crate::cost::CostModel;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProgramSpec {
-    /// The program's name; every task it declares is named "<name>.<task>".
+    /// The program's name; every task it declares is named `<name>.<task>`.
     pub name: String,
     /// The argv to start one worker; no shell. A relative path (in the
     /// program or an argument) is relative to the config file's folder.
@@ -193,7 +193,7 @@ pub struct ProgramConfig {
 pub struct Program {
     /// Its name.
     pub name: String,
-    /// "<name>.", the prefix of its tasks.
+    /// `<name>.`, the prefix of its tasks.
     prefix: String,
     /// Its worker processes.
     pub supervisor: Supervisor,
