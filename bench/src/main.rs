@@ -12,6 +12,7 @@ mod charts;
 mod flood;
 mod load;
 mod procstat;
+mod programs;
 mod suite;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};

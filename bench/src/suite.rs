@@ -19,7 +19,7 @@ use crate::{
     baseline::{self, Style},
     charts::{self, Series},
     load::{self, Api, LoadSpec, Report, Shape},
-    procstat,
+    procstat, programs,
 };
 
 /// Settings of a suite run.
@@ -48,6 +48,9 @@ struct Proc {
     workers_started: Option<mpsc::Receiver<()>>,
     /// The in-flight bytes budget the server logged at start (Offload only).
     budget: Option<mpsc::Receiver<u64>>,
+    /// Whether it leads a process group to kill with it (baselines with
+    /// process pools of their own).
+    group: bool,
 }
 
 impl Proc {
@@ -65,8 +68,20 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// A baseline server listening on `port` of loopback.
+    fn listening(child: Child, port: u16) -> Self {
+        Self { child, url: format!("http://127.0.0.1:{port}"), workers_started: None, budget: None, group: true }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.group
+            && let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32)
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -111,7 +126,13 @@ fn offload(args: &[&str]) -> anyhow::Result<Proc> {
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).context("the server did not start listening")?;
-    Ok(Proc { child, url: format!("http://{addr}"), workers_started: Some(workers_started), budget: Some(budget) })
+    Ok(Proc {
+        child,
+        url: format!("http://{addr}"),
+        workers_started: Some(workers_started),
+        budget: Some(budget),
+        group: false,
+    })
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -127,7 +148,7 @@ fn baseline_server(style: Style) -> anyhow::Result<Proc> {
         .args(["baseline", "--listen", &format!("127.0.0.1:{port}"), "--style", style.get_name()])
         .stdout(Stdio::null())
         .spawn()?;
-    Ok(Proc { child, url: format!("http://127.0.0.1:{port}"), workers_started: None, budget: None })
+    Ok(Proc { child, url: format!("http://127.0.0.1:{port}"), workers_started: None, budget: None, group: false })
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -166,6 +187,10 @@ fn calls_per_sec(r: &Report) -> f64 {
 
 fn p50_us(r: &Report) -> f64 {
     r.p50_us as f64
+}
+
+fn p99_us(r: &Report) -> f64 {
+    r.p99_us as f64
 }
 
 impl Measured {
@@ -594,6 +619,78 @@ impl Suite {
         Ok(())
     }
 
+    /// Scenario 9, worker programs in Python and Node against what their
+    /// teams would otherwise run: throughput and p99 on a 1 KiB hash and on
+    /// about 5 ms of CPU work at 4 connections x 64, the latency a program
+    /// adds at concurrency 1 against a bare round trip in its language, and
+    /// idle RSS.
+    async fn worker_programs(&mut self, workers: usize) -> anyhow::Result<()> {
+        let tools = programs::prepare()?;
+        let config = tools.config(workers)?;
+        let offload = offload(&["--config", config.to_str().context("UTF-8 path")?, "--workers", "1"])?;
+        let (py_port, js_port) = (free_port()?, free_port()?);
+        let python = Proc::listening(tools.grpcio_pool(py_port, workers)?, py_port);
+        let node = Proc::listening(tools.piscina(js_port, workers)?, js_port);
+        for (language, baseline, server) in
+            [("py", "grpcio + ProcessPoolExecutor", &python), ("js", "grpc-js + piscina", &node)]
+        {
+            wait_until_up(&server.url).await?;
+            let idle: Vec<String> = programs::program_rss(offload.pid(), &format!("offload_{language}."))
+                .iter()
+                .map(|rss| format!("{:.1} MiB", *rss as f64 / (1 << 20) as f64))
+                .collect();
+            writeln!(self.details, "- 9. idle RSS of each `{language}` worker program process: {}", idle.join(", "))
+                .expect("string");
+            for (work, size, floor) in [("sha256", 1 << 10, 2.0), ("burn", 0, 1.0)] {
+                let task = format!("{language}.{work}");
+                let what = if size > 0 { format!("{task} 1 KiB") } else { format!("{task} (~5 ms CPU)") };
+                let spec = self.spec("", &task, &[], ExecutionMode::Isolated, size);
+                let contenders = contenders(&spec, &[("offload", &offload), (baseline, server)]);
+                let m = self.compare(&format!("9. {what}, 4x64"), &contenders).await?;
+                let ratio = m.ratio(0, 1);
+                self.row(
+                    &format!("9. worker programs: {what}, 4 conns x 64, throughput vs {baseline}"),
+                    format!("{:.0} calls/s", m.median(0, calls_per_sec)),
+                    format!("{:.0} calls/s", m.median(1, calls_per_sec)),
+                    ratio,
+                    &format!(">= {floor:.1}x"),
+                    ratio >= floor,
+                );
+                let lower = m.per_run(1, 0, p99_us, |theirs, ours| theirs / ours);
+                self.row(
+                    &format!("9. worker programs: {what}, 4 conns x 64, p99 vs {baseline} (theirs / ours)"),
+                    format!("{:.1} ms", m.median(0, p99_us) / 1e3),
+                    format!("{:.1} ms", m.median(1, p99_us) / 1e3),
+                    lower,
+                    "> 1.0 (lower p99)",
+                    lower > 1.0,
+                );
+            }
+            // The hop to the program: its task against a built-in one, both 1 KiB hashes.
+            let rtt = tools.pingpong(language, self.options.seconds)?.as_secs_f64() * 1e6;
+            let mut program =
+                self.spec(&offload.url, &format!("{language}.sha256"), &[], ExecutionMode::Isolated, 1 << 10);
+            one_by_one(&mut program);
+            let builtin = LoadSpec { task: "hash.sha256".into(), mode: ExecutionMode::Pool as i32, ..program.clone() };
+            let contenders = [
+                Contender { name: "program", spec: program, server: &offload },
+                Contender { name: "POOL", spec: builtin, server: &offload },
+            ];
+            let m = self.compare(&format!("9. {language}.sha256 vs hash.sha256 1 KiB, 1x1"), &contenders).await?;
+            let added = m.per_run(0, 1, p50_us, |program, pool| program - pool);
+            let ratio = added / rtt;
+            self.row(
+                &format!("9. worker programs: {language}.sha256 1 KiB, concurrency 1, added median latency"),
+                format!("+{added:.0} us"),
+                format!("{rtt:.0} us round trip between two {language} processes"),
+                ratio,
+                "<= 1.5x round trip",
+                ratio <= 1.5,
+            );
+        }
+        Ok(())
+    }
+
     fn write(&self) -> anyhow::Result<()> {
         let cpu = {
             use procfs::Current as _;
@@ -669,6 +766,7 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     suite.latency_isolation(workers).await?;
     suite.memory(workers).await?;
     suite.flood().await?;
+    suite.worker_programs(workers).await?;
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();
     if !missed.is_empty() {
