@@ -90,7 +90,8 @@ async fn wordcount_is_listed_and_counts_words_in_both_modes_with_and_without_min
         }
     }
     assert_eq!(output.as_deref(), Some(&b"1500000"[..]));
-    assert!(running.last().is_some_and(|f| *f == 1.0), "{running:?}");
+    // A latest-value stream: the last report may be overtaken by the result.
+    assert!(!running.is_empty() && running.windows(2).all(|w| w[0] <= w[1]), "{running:?}");
 
     // Metrics carry the task's name.
     let metrics = server.scrape();

@@ -276,7 +276,12 @@ async fn progress_and_recycling(lang: Lang) {
     }
     assert!(result.is_some_and(|r| r.error.is_none()));
     assert!(fractions.len() >= 3, "{fractions:?}");
-    assert!(fractions.windows(2).all(|w| w[0] <= w[1]) && fractions.last() == Some(&1.0), "{fractions:?}");
+    // Progress is a latest-value stream: a report just before the result
+    // may be overtaken by it, so the last one seen need not be 1.0.
+    assert!(
+        fractions.windows(2).all(|w| w[0] <= w[1]) && fractions.iter().all(|f| (0.0..=1.0).contains(f)),
+        "{fractions:?}"
+    );
 
     // That was task 1 of the first worker; two more, then a new worker.
     let mut pids = Vec::new();
