@@ -74,15 +74,13 @@ pub fn main(tasks: TaskSet) -> ExitCode {
     }
 }
 
-/// Families of Offload's own tasks, which no worker program may take, even
-/// where this configuration does not serve them (debug, exec).
-const RESERVED_FAMILIES: &[&str] = &["hash", "primes", "compress", "decompress", "image", "exec", "debug"];
-
 /// A worker program's namespace must not hold a task served otherwise.
 fn check_program_names(config: &Config, catalog: &Catalog) -> Result<(), String> {
     for program in &config.worker_programs {
         let prefix = format!("{}.", program.name);
-        if RESERVED_FAMILIES.contains(&program.name.as_str()) {
+        // Offload's own families are taken even where this configuration
+        // does not serve them (debug, exec).
+        if offload_worker::tasks::FAMILIES.contains(&program.name.as_str()) {
             return Err(format!("worker program {:?}: the name is Offload's own task family", program.name));
         }
         if let Some(task) = catalog.iter().find(|t| t.spec().name.starts_with(&prefix)) {

@@ -212,27 +212,24 @@ pub fn init<'a>(format: LogFormat, traces: &TraceSettings, programs: impl IntoIt
         fmt.boxed()
     };
     let front = traces.service_name();
-    // The front's service, Offload's workers', then each program's.
-    let services: Vec<String> = [front.clone(), format!("{front}-worker")]
+    // The front's pipeline, its workers', then one per worker program.
+    let programs: Vec<&str> = programs.into_iter().collect();
+    let services = [front.clone(), format!("{front}-worker")]
         .into_iter()
-        .chain(programs.into_iter().map(|program| format!("{front}-{program}")))
-        .collect();
+        .chain(programs.iter().map(|program| format!("{front}-{program}")));
     let (providers, error) = if traces.enabled() {
-        match services.iter().map(|service| provider(traces, service)).collect::<Result<Vec<_>, _>>() {
+        match services.map(|service| provider(traces, &service)).collect::<Result<Vec<_>, _>>() {
             Ok(providers) => (providers, None),
             Err(err) => (Vec::new(), Some(err)),
         }
     } else {
         (Vec::new(), None)
     };
-    if let [_, offload, programs @ ..] = providers.as_slice() {
-        let programs = services[2..]
+    if let [_, offload, for_programs @ ..] = providers.as_slice() {
+        let programs = programs
             .iter()
-            .zip(programs)
-            .map(|(service, provider)| {
-                let program = service[front.len() + 1..].to_string();
-                (program, provider.tracer("offload-worker-program"))
-            })
+            .zip(for_programs)
+            .map(|(program, provider)| (program.to_string(), provider.tracer("offload-worker-program")))
             .collect();
         let _ = WORKER_TRACERS.set(WorkerTracers { offload: offload.tracer("offload-worker"), programs });
     }

@@ -169,6 +169,11 @@ async fn listed_and_called(lang: Lang) {
     assert!(program_workers(&server, lang).contains(&pid_of(&out)), "run by a worker of the program");
     let out = call(&mut client, &t("reverse"), &[("upper", "true")], b"hello").await.unwrap();
     assert_eq!(out.output.as_ref(), b"OLLEH");
+    if lang == Node {
+        // The Node SDK's example task, written in app.js as the issue writes it.
+        let out = call(&mut client, "js.upper", &[], "h\u{e9}llo".as_bytes()).await.unwrap();
+        assert_eq!(out.output.as_ref(), "H\u{c9}LLO".as_bytes());
+    }
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let out = call(&mut client, &t("sha256"), &[], &data).await.unwrap();
     assert_eq!(out.output.as_ref(), sha2::Sha256::digest(&data).as_slice(), "3 MB through the program");
@@ -397,4 +402,37 @@ async fn memory(lang: Lang) {
     assert_eq!(restarts(&server, "memory"), 1.0);
     let next = call(&mut client, &t("alloc"), &[("mb", "10")], b"").await.unwrap();
     assert_ne!(pid_of(&next), first, "replaced");
+}
+
+/// Why worker programs get an RSS watch and not RLIMIT_AS: Node maps far
+/// more address space than it holds resident (the README quotes this), and
+/// does not even start under a limit Python starts under.
+#[test]
+fn node_maps_far_more_than_it_holds_so_an_address_space_limit_cannot_bound_it() {
+    let script = "const { Worker } = require('worker_threads');\
+                  new Worker('setTimeout(() => {}, 100)', { eval: true });\
+                  setTimeout(() => { const s = require('fs').readFileSync('/proc/self/status', 'utf8');\
+                  const kb = (k) => Number(s.match(new RegExp(k + ':\\\\s+(\\\\d+)'))[1]);\
+                  console.log(kb('VmSize'), kb('VmRSS')); }, 300);";
+    let out = std::process::Command::new("node").args(["-e", script]).output().expect("node (Node 18+) is needed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let [size_kb, rss_kb]: [u64; 2] =
+        text.split_whitespace().map(|n| n.parse().unwrap()).collect::<Vec<_>>().try_into().expect("two numbers");
+    assert!(size_kb > 8 * rss_kb && size_kb > 500 << 10, "VmSize {size_kb} kB, VmRSS {rss_kb} kB");
+
+    // Each runs an empty program, with and without the limit.
+    let starts = |limit: &str, program: &str, flag: &str| {
+        let command = format!("ulimit -v {limit}; exec {program} {flag} 0");
+        std::process::Command::new("bash")
+            .args(["-c", &command])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let python = python_with_sdk().to_str().unwrap();
+    assert!(starts("unlimited", "node", "-e") && starts("unlimited", python, "-c"));
+    assert!(!starts("307200", "node", "-e"), "Node started under RLIMIT_AS = 300 MiB");
+    assert!(starts("307200", python, "-c"), "Python did not start under RLIMIT_AS = 300 MiB");
 }

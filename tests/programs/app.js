@@ -9,6 +9,10 @@ task("js.reverse", { description: "reverses the input", params: { upper: ["upper
     return params.upper === "true" ? Buffer.from(out.toString("latin1").toUpperCase(), "latin1") : out;
   });
 
+// The issue's example, as written.
+task("js.upper", { description: "uppercases UTF-8 text", params: { trim: ["trim first", "false"] } },
+  async (ctx, data, params) => Buffer.from(data.toString("utf8").toUpperCase()));
+
 task("js.repeat", { description: "the input, `times` times", params: { times: ["how many times, 0..=100", null] } },
   (ctx, data, params) => {
     const times = Number(params.times);

@@ -136,27 +136,34 @@ pub enum CatalogError {
 /// Longest task name: names are metric labels and log fields.
 const MAX_NAME_LEN: usize = 64;
 
+/// Checks a task's name and its params' names, wherever the task comes
+/// from (a Rust spec, a worker program's declaration): the problem, if any.
+pub fn check_names<'a>(name: &str, params: impl IntoIterator<Item = &'a str>) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !name_ok {
+        return Err(format!("a name is 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '.', '_', '-'"));
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for param in params {
+        if param.is_empty() || param.chars().any(char::is_whitespace) {
+            return Err(format!("param {param:?}: a param name is non-empty, without spaces"));
+        }
+        if seen.contains(&param) {
+            return Err(format!("param {param:?} is declared twice"));
+        }
+        seen.push(param);
+    }
+    Ok(())
+}
+
 /// Checks what the server relies on in a spec.
 fn check_spec(spec: &TaskSpec) -> Result<(), CatalogError> {
-    let bad = |problem: String| Err(CatalogError::BadSpec { name: spec.name, problem });
-    let name_ok = |name: &str| {
-        !name.is_empty()
-            && name.len() <= MAX_NAME_LEN
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    };
-    if !name_ok(spec.name) {
-        return bad(format!("a name is 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '.', '_', '-'"));
-    }
+    let bad = |problem: String| CatalogError::BadSpec { name: spec.name, problem };
+    check_names(spec.name, spec.params.iter().map(|p| p.name)).map_err(bad)?;
     if !spec.allowed_modes.contains(&spec.default_mode) {
-        return bad(format!("its default mode {} is not one of its allowed modes", spec.default_mode.as_str()));
-    }
-    for (i, param) in spec.params.iter().enumerate() {
-        if param.name.is_empty() || param.name.chars().any(char::is_whitespace) {
-            return bad(format!("param {:?}: a param name is non-empty, without spaces", param.name));
-        }
-        if spec.params[..i].iter().any(|p| p.name == param.name) {
-            return bad(format!("param {:?} is declared twice", param.name));
-        }
+        return Err(bad(format!("its default mode {} is not one of its allowed modes", spec.default_mode.as_str())));
     }
     Ok(())
 }
@@ -297,6 +304,24 @@ mod tests {
         let debug = Catalog::builtin(&CatalogOptions { debug_tasks: true, ..Default::default() });
         assert!(debug.get("debug.echo").is_ok());
         assert!(matches!(debug.get(""), Err(LookupError::EmptyName)));
+    }
+
+    #[test]
+    fn every_builtin_family_is_listed_as_reserved() {
+        let exec = vec![ExecSpec {
+            name: "exec.x".into(),
+            description: String::new(),
+            program: "/bin/true".into(),
+            args: Vec::new(),
+            timeout_secs: None,
+            params: Vec::new(),
+            max_output_bytes: None,
+        }];
+        let all = Catalog::builtin(&CatalogOptions { debug_tasks: true, exec, ..Default::default() });
+        for task in all.iter() {
+            let family = task.spec().name.split('.').next().unwrap();
+            assert!(tasks::FAMILIES.contains(&family), "{family} is not in tasks::FAMILIES");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use offload_proto::offload::worker::v1::TaskDecl;
-use offload_worker::{Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec};
+use offload_worker::{Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec, catalog::check_names};
 use serde::Deserialize;
 
 use super::{IsolatedOptions, Launch, Supervisor, WorkerOptions};
@@ -317,11 +317,19 @@ impl Declared {
                 ))
             };
         }
-        let tasks = check(program, declared)?;
-        // Two first handshakes may race; the loser's set must match the winner's.
+        check(program, declared)?;
+        // Two first handshakes may race; the loser's set must match the
+        // winner's. Only the winner's text is made to last (leaked, once).
         let mut first = false;
         let winner = self.tasks.get_or_init(|| {
             first = true;
+            let tasks: BTreeMap<&'static str, Arc<dyn Task>> = declared
+                .iter()
+                .map(|decl| {
+                    let task = ProgramTask::new(decl);
+                    (task.spec.name, Arc::new(task) as Arc<dyn Task>)
+                })
+                .collect();
             ProgramTasks { declared: declared.to_vec(), costs: CostModel::for_tasks(tasks.keys().copied()), tasks }
         });
         if first {
@@ -335,48 +343,28 @@ fn names(declared: &[TaskDecl]) -> String {
     declared.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Longest task name, as for Rust tasks (names are metric labels).
-const MAX_TASK_NAME: usize = 64;
-
-/// Checks a declaration and builds its tasks.
-fn check(program: &str, declared: &[TaskDecl]) -> Result<BTreeMap<&'static str, Arc<dyn Task>>, String> {
+/// Checks a declaration without keeping anything of it: a program that
+/// keeps failing its handshake costs no memory.
+fn check(program: &str, declared: &[TaskDecl]) -> Result<(), String> {
     if declared.is_empty() {
         return Err("it declares no task".into());
     }
     let prefix = format!("{program}.");
-    let mut tasks: BTreeMap<&'static str, Arc<dyn Task>> = BTreeMap::new();
-    for decl in declared {
+    for (i, decl) in declared.iter().enumerate() {
         let name = decl.name.as_str();
-        let rest = name.strip_prefix(&prefix).ok_or_else(|| {
-            format!(
-                "task {name:?} is outside its namespace: every task of program {program:?} is named \"{prefix}...\""
-            )
-        })?;
-        let name_ok = !rest.is_empty()
-            && name.len() <= MAX_TASK_NAME
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !name_ok {
+        let Some(rest) = name.strip_prefix(&prefix) else {
             return Err(format!(
-                "task {name:?}: a name is 1 to {MAX_TASK_NAME} characters of A-Z, a-z, 0-9, '.', '_', '-'"
+                "task {name:?} is outside its namespace: every task of program {program:?} is named \"{prefix}...\""
             ));
-        }
-        for (i, param) in decl.params.iter().enumerate() {
-            if param.name.is_empty() || param.name.chars().any(char::is_whitespace) {
-                return Err(format!(
-                    "task {name:?}: param {:?}: a param name is non-empty, without spaces",
-                    param.name
-                ));
-            }
-            if decl.params[..i].iter().any(|p| p.name == param.name) {
-                return Err(format!("task {name:?}: param {:?} is declared twice", param.name));
-            }
-        }
-        let task = ProgramTask::new(decl);
-        if tasks.insert(task.spec.name, Arc::new(task)).is_some() {
+        };
+        // "<program>." alone names no task: checked as an empty name.
+        let checked = if rest.is_empty() { rest } else { name };
+        check_names(checked, decl.params.iter().map(|p| p.name.as_str())).map_err(|e| format!("task {name:?}: {e}"))?;
+        if declared[..i].iter().any(|d| d.name == decl.name) {
             return Err(format!("task {name:?} is declared twice"));
         }
     }
-    Ok(tasks)
+    Ok(())
 }
 
 /// A task of a worker program, as the front sees it: a spec to list and

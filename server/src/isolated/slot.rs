@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     JobError, Shared, WorkerJob,
     death::DeathCause,
-    worker::{Fate, Launch, WorkerProcess},
+    worker::{Fate, WorkerProcess},
 };
 
 /// First and longest waits between failed starts.
@@ -107,11 +107,11 @@ async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
     let worker = WorkerProcess::spawn(&shared.options.worker).await.map_err(|e| e.to_string())?;
     shared.live.fetch_add(1, Ordering::Relaxed);
     *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    match &shared.options.worker.launch {
-        Launch::Program { name, .. } => {
-            tracing::info!(worker.pid = worker.pid(), worker.program = %name, "worker started (program {name})")
+    match shared.options.worker.launch.program() {
+        Some(name) => {
+            tracing::info!(worker.pid = worker.pid(), worker.program = name, "worker started (program {name})")
         }
-        Launch::Offload { .. } => tracing::info!(worker.pid = worker.pid(), "worker started"),
+        None => tracing::info!(worker.pid = worker.pid(), "worker started"),
     }
     Ok(worker)
 }

@@ -105,6 +105,14 @@ impl Launch {
         }
     }
 
+    /// The worker program's name, for one of its workers.
+    pub fn program(&self) -> Option<&str> {
+        match self {
+            Launch::Offload { .. } => None,
+            Launch::Program { name, .. } => Some(name),
+        }
+    }
+
     /// The resident memory the front watches for (Offload's own workers
     /// limit themselves with RLIMIT_AS).
     fn watched_memory(&self) -> u64 {
@@ -295,8 +303,6 @@ pub struct WorkerProcess {
     pub tasks_done: u64,
     /// When its resident memory was last read.
     rss_read: Option<Instant>,
-    /// The worker program it runs, if it is one (its spans' service).
-    program: Option<String>,
 }
 
 /// A job sent to the worker and not answered yet.
@@ -428,10 +434,6 @@ impl WorkerProcess {
             stderr_done,
             next_id: 0,
             tasks_done: 0,
-            program: match &options.launch {
-                Launch::Program { name, .. } => Some(name.clone()),
-                Launch::Offload { .. } => None,
-            },
             rss_read: None,
         };
         match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
@@ -572,7 +574,7 @@ impl WorkerProcess {
                 frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
                         self.tasks_done += 1;
-                        let fate = self.finished(&done, &flight[0].span).await;
+                        let fate = self.finished(&done, &flight[0].span, &options.launch).await;
                         let head = flight.pop_front().expect("the head");
                         head.answer(done_result(done, output), self.pid);
                         if let Fate::Dead(_) = fate {
@@ -716,7 +718,7 @@ impl WorkerProcess {
         .await;
         if let Ok(Some(done)) = answered {
             self.tasks_done += 1;
-            return (Rung::CancelFrame, self.finished(&done, execution).await);
+            return (Rung::CancelFrame, self.finished(&done, execution, &options.launch).await);
         }
         self.signal_group(Signal::SIGTERM);
         if self.exited_within(options.kill_grace).await.is_some() {
@@ -730,9 +732,9 @@ impl WorkerProcess {
     /// After a TaskDone: exports the span the worker reported under the
     /// task's `execution` span; a worker whose task ran out of memory or
     /// panicked exits by itself.
-    async fn finished(&mut self, done: &TaskDone, execution: &tracing::Span) -> Fate {
+    async fn finished(&mut self, done: &TaskDone, execution: &tracing::Span, launch: &Launch) -> Fate {
         if let Some(reported) = &done.span {
-            crate::telemetry::export_worker_span(execution, reported, self.program.as_deref());
+            crate::telemetry::export_worker_span(execution, reported, launch.program());
         }
         let cause = match FailureKind::try_from(done.failure) {
             Ok(FailureKind::OutOfMemory) => DeathCause::MemoryLimit,

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use crate::Mode;
 
+/// The families of Offload's own tasks (the part of a name before its
+/// dot), debug and exec included: names no one else may use.
+pub const FAMILIES: &[&str] = &["hash", "primes", "compress", "decompress", "image", "exec", "debug"];
+
 /// Modes of tasks safe to run in the front's own process.
 pub(crate) const BOTH_MODES: &[Mode] = &[Mode::Pool, Mode::Isolated];
 
