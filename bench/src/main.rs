@@ -44,6 +44,10 @@ enum Command {
         /// Where to write the report.
         #[arg(long, default_value = "BENCHMARKS.md")]
         out: PathBuf,
+        /// Runs only these scenarios (by number, e.g. `--only 3,9`); the
+        /// report then holds only their rows.
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=9))]
+        only: Vec<u8>,
     },
     /// Puts load on a running server and prints a JSON report and a summary.
     Load {
@@ -134,11 +138,11 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Suite { quick, out } => {
+        Command::Suite { quick, out, only } => {
             let options = if quick {
-                suite::SuiteOptions { seconds: 1.0, runs: 1, soak_seconds: 2.0, out, quick }
+                suite::SuiteOptions { seconds: 1.0, runs: 1, soak_seconds: 2.0, out, quick, only }
             } else {
-                suite::SuiteOptions { seconds: 5.0, runs: 3, soak_seconds: 60.0, out, quick }
+                suite::SuiteOptions { seconds: 5.0, runs: 3, soak_seconds: 60.0, out, quick, only }
             };
             suite::run(options).await
         }

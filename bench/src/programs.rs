@@ -73,6 +73,9 @@ pub fn prepare() -> anyhow::Result<Toolchains> {
     let node = root.join("target/bench-node");
     std::fs::create_dir_all(&node)?;
     std::fs::copy(root.join("bench/programs/package.json"), node.join("package.json"))?;
+    // npm keeps an installed package of the same version: the SDK goes first,
+    // so the bench runs the current source.
+    let _ = std::fs::remove_dir_all(node.join("node_modules/offload-worker"));
     run(
         Command::new("npm")
             .current_dir(&node)

@@ -35,6 +35,8 @@ pub struct SuiteOptions {
     pub out: PathBuf,
     /// Whether this is the quick mode (for the report's header).
     pub quick: bool,
+    /// The scenarios to run, by number; empty: all.
+    pub only: Vec<u8>,
 }
 
 /// Where charts go, next to the report.
@@ -702,8 +704,13 @@ impl Suite {
         writeln!(md, "# Offload benchmarks\n")?;
         writeln!(
             md,
-            "Written by `bench/run{}`; every ratio is measured against its baseline in the same run, the median of {} run(s) of {:.1} s each.\n",
+            "Written by `bench/run{}{}`; every ratio is measured against its baseline in the same run, the median of {} run(s) of {:.1} s each.\n",
             if self.options.quick { " --quick" } else { "" },
+            if self.options.only.is_empty() {
+                String::new()
+            } else {
+                format!(" --only {}", self.options.only.iter().map(u8::to_string).collect::<Vec<_>>().join(","))
+            },
             self.options.runs,
             self.options.seconds
         )?;
@@ -750,23 +757,43 @@ impl Suite {
 pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut suite = Suite { options, rows: Vec::new(), details: String::new(), charts: Vec::new() };
-    {
+    let only = suite.options.only.clone();
+    let runs = |number| only.is_empty() || only.contains(&number);
+    if (1..=6).any(runs) {
         let offload = offload(&[])?;
         let inline = baseline_server(Style::Inline)?;
         let blocking = baseline_server(Style::Blocking)?;
         // The baselines need a moment to bind; a failed connect is retried by `connect`.
         wait_until_up(&inline.url).await?;
         wait_until_up(&blocking.url).await?;
-        suite.dispatch_overhead(&offload, &inline).await?;
-        suite.cpu_bound(&offload, &inline, &blocking).await?;
-        suite.isolation_overhead(&offload).await?;
-        suite.large_payloads(&offload).await?;
-        suite.batching(&offload).await?;
+        if runs(1) {
+            suite.dispatch_overhead(&offload, &inline).await?;
+        }
+        if runs(2) {
+            suite.cpu_bound(&offload, &inline, &blocking).await?;
+        }
+        if runs(3) {
+            suite.isolation_overhead(&offload).await?;
+        }
+        if runs(4) {
+            suite.large_payloads(&offload).await?;
+        }
+        if runs(6) {
+            suite.batching(&offload).await?;
+        }
     }
-    suite.latency_isolation(workers).await?;
-    suite.memory(workers).await?;
-    suite.flood().await?;
-    suite.worker_programs(workers).await?;
+    if runs(5) {
+        suite.latency_isolation(workers).await?;
+    }
+    if runs(7) {
+        suite.memory(workers).await?;
+    }
+    if runs(8) {
+        suite.flood().await?;
+    }
+    if runs(9) {
+        suite.worker_programs(workers).await?;
+    }
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();
     if !missed.is_empty() {

@@ -7,7 +7,10 @@
 // tasks, one at a time, to a worker thread that runs them, so a CPU-bound
 // task never makes the worker look hung. The worker thread runs the same
 // script (its `task` calls register the same tasks); `serve()` there waits
-// for tasks from the main thread.
+// for tasks from the main thread. A task the front marks tiny (`inline`: it
+// measured well under a millisecond) runs on the main thread when nothing is
+// ahead of it: the hop to the thread and back would cost more than the task,
+// and a heartbeat waits no longer than the task.
 
 const net = require("net");
 const path = require("path");
@@ -110,49 +113,56 @@ class Context {
   }
 }
 
+/**
+ * Runs `job` ({ id, task, params, deadlineMs, input }) on this thread and
+ * calls `finish({ id, kind, message, runUs, started, output })` when it ends:
+ * before returning when the task is synchronous, so that the answers of a
+ * batch of tiny tasks go out together.
+ */
+function execute(job, flag, report, finish) {
+  const started = Date.now();
+  const startedNs = process.hrtime.bigint();
+  const ctx = new Context(flag, job.deadlineMs, report);
+  const end = (kind, message, output) =>
+    finish({ id: job.id, kind, message, runUs: Number((process.hrtime.bigint() - startedNs) / 1000n), started, output });
+  const failed = (err) => {
+    if (err instanceof Cancelled) return end(...stopped(ctx), null);
+    if (err instanceof InvalidArgument) return end("INVALID_INPUT", err.message, null);
+    if (err instanceof Error && err.stack) process.stderr.write(err.stack + "\n");
+    return end("FAILED", err instanceof Error ? `${err.name}: ${err.message}` : `thrown: ${String(err)}`, null);
+  };
+  const settle = (result) => {
+    if (ctx.cancelled) return end(...stopped(ctx), null);
+    if (result instanceof Uint8Array) return end("UNSPECIFIED", "", result);
+    return end("FAILED", `${job.task} returned ${result === null ? "null" : typeof result}, not a Buffer`, null);
+  };
+  const t = tasks.get(job.task);
+  if (!t) return end("UNKNOWN_TASK", `this worker has no task ${JSON.stringify(job.task)}`, null);
+  let result;
+  try {
+    ctx.check();
+    const input = Buffer.from(job.input.buffer, job.input.byteOffset, job.input.byteLength);
+    result = t.fn(ctx, input, job.params);
+  } catch (err) {
+    return failed(err);
+  }
+  if (result && typeof result.then === "function") {
+    Promise.resolve(result).then(settle, failed);
+  } else {
+    settle(result);
+  }
+}
+
 function runTasks() {
   const flag = new Int32Array(workerData.flag);
-  parentPort.on("message", async (job) => {
-    const started = Date.now();
-    const startedNs = process.hrtime.bigint();
-    const ctx = new Context(flag, job.deadlineMs, (fraction, message) =>
-      parentPort.postMessage({ type: "progress", id: job.id, fraction, message }),
-    );
-    const t = tasks.get(job.task);
-    let output = null;
-    let kind = "UNSPECIFIED";
-    let message = "";
-    if (!t) {
-      kind = "UNKNOWN_TASK";
-      message = `this worker has no task ${JSON.stringify(job.task)}`;
-    } else {
-      try {
-        ctx.check();
-        const input = Buffer.from(job.input.buffer, job.input.byteOffset, job.input.byteLength);
-        const result = await t.fn(ctx, input, job.params);
-        ctx.check();
-        if (result instanceof Uint8Array) {
-          output = result;
-        } else {
-          kind = "FAILED";
-          message = `${job.task} returned ${result === null ? "null" : typeof result}, not a Buffer`;
-        }
-      } catch (err) {
-        if (err instanceof Cancelled) {
-          [kind, message] = stopped(ctx);
-        } else if (err instanceof InvalidArgument) {
-          kind = "INVALID_INPUT";
-          message = err.message;
-        } else {
-          kind = "FAILED";
-          message = err instanceof Error ? `${err.name}: ${err.message}` : `thrown: ${String(err)}`;
-          if (err instanceof Error && err.stack) process.stderr.write(err.stack + "\n");
-        }
-      }
-    }
-    const runUs = Number((process.hrtime.bigint() - startedNs) / 1000n);
-    parentPort.postMessage({ type: "done", id: job.id, kind, message, runUs, started, output });
-  });
+  parentPort.on("message", (job) =>
+    execute(
+      job,
+      flag,
+      (fraction, message) => parentPort.postMessage({ type: "progress", id: job.id, fraction, message }),
+      (result) => parentPort.postMessage({ type: "done", ...result }),
+    ),
+  );
 }
 
 function stopped(ctx) {
@@ -203,9 +213,17 @@ function serveMain() {
   // Outstanding tasks in arrival order: { run, payload, cancelled }.
   const queue = [];
   let running = null;
+  let pumping = false;
   let welcomed = false;
 
+  const progress = (id, fraction, message) => {
+    if (running && id === String(running.run.id)) send({ progress: { id: running.run.id, fraction, message } });
+  };
+
+  // Starts the oldest outstanding task when none runs.
   const next = () => {
+    if (pumping) return; // a tiny task finished inside the loop below: it goes on
+    pumping = true;
     while (!running && queue.length) {
       const job = queue[0];
       if (job.cancelled) {
@@ -221,16 +239,27 @@ function serveMain() {
       for (const [k, v] of Object.entries(job.run.params || {})) params[k] = v;
       // An absent payload decodes as protobufjs's default, not a Buffer.
       const input = job.payload instanceof Uint8Array ? job.payload : new Uint8Array(0);
-      thread.postMessage({ id: String(job.run.id), task: job.run.task, params, deadlineMs, input });
+      const message = { id: String(job.run.id), task: job.run.task, params, deadlineMs, input };
+      if (job.run.inline) {
+        execute(message, flag, (fraction, note) => progress(message.id, fraction, note), finished);
+      } else {
+        thread.postMessage(message);
+      }
     }
+    pumping = false;
   };
 
   thread.on("message", (msg) => {
-    if (!running || msg.id !== String(running.run.id)) return;
     if (msg.type === "progress") {
-      send({ progress: { id: running.run.id, fraction: msg.fraction, message: msg.message } });
-      return;
+      progress(msg.id, msg.fraction, msg.message);
+    } else {
+      finished(msg);
     }
+  });
+
+  // Answers the running task with `msg` (what `execute` reports).
+  function finished(msg) {
+    if (!running || msg.id !== String(running.run.id)) return;
     const run = running.run;
     const done = { id: run.id, failure: failure(msg.kind), message: msg.message, runUs: msg.runUs };
     if (run.traceparent) {
@@ -246,11 +275,11 @@ function serveMain() {
         error: msg.kind === "UNSPECIFIED" ? "" : msg.message,
       };
     }
-    send({ done, payload: msg.output ? Buffer.from(msg.output) : Buffer.alloc(0) });
+    send({ done, payload: msg.output ? Buffer.from(msg.output.buffer, msg.output.byteOffset, msg.output.byteLength) : Buffer.alloc(0) });
     queue.shift();
     running = null;
     next();
-  });
+  }
 
   const handle = (request) => {
     if (!welcomed) {
@@ -287,6 +316,9 @@ function serveMain() {
   let buffered = Buffer.alloc(0);
   socket.on("data", (chunk) => {
     buffered = buffered.length ? Buffer.concat([buffered, chunk]) : chunk;
+    // The answers of the tiny tasks this chunk carries go out in one write.
+    socket.cork();
+    process.nextTick(() => socket.uncork());
     try {
       while (buffered.length >= 4) {
         const length = buffered.readUInt32BE(0);

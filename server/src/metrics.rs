@@ -47,6 +47,18 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// A worker program (`[[worker_program]]`): a bounded set, from the config.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramReasonLabels {
+    program: String,
+    reason: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -65,6 +77,10 @@ pub struct Metrics {
     busy: Family<ModeLabels, Gauge>,
     live_workers: Gauge,
     worker_restarts: Family<ReasonLabels, Counter>,
+    program_queue_depth: Family<ProgramLabels, Gauge>,
+    program_busy: Family<ProgramLabels, Gauge>,
+    program_live_workers: Family<ProgramLabels, Gauge>,
+    program_restarts: Family<ProgramReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
     inflight_bytes: Gauge,
     inflight_budget: Gauge,
@@ -95,6 +111,30 @@ impl Default for Metrics {
             "Worker processes replaced, by reason (crash, memory, deadline_kill, cancel_kill, unresponsive, protocol, recycle)",
             worker_restarts.clone(),
         );
+        let program_queue_depth = Family::<ProgramLabels, Gauge>::default();
+        registry.register(
+            "program_queue_depth",
+            "Calls waiting for a worker of a worker program now (also counted in queue_depth{mode=\"ISOLATED\"})",
+            program_queue_depth.clone(),
+        );
+        let program_busy = Family::<ProgramLabels, Gauge>::default();
+        registry.register(
+            "program_busy_workers",
+            "Workers of a worker program running a task now (also counted in busy_executors{mode=\"ISOLATED\"})",
+            program_busy.clone(),
+        );
+        let program_live_workers = Family::<ProgramLabels, Gauge>::default();
+        registry.register(
+            "program_live_workers",
+            "Worker processes of a worker program alive now (also counted in live_workers)",
+            program_live_workers.clone(),
+        );
+        let program_restarts = Family::<ProgramReasonLabels, Counter>::default();
+        registry.register(
+            "program_worker_restarts",
+            "Worker processes of a worker program replaced, by reason (also counted in worker_restarts)",
+            program_restarts.clone(),
+        );
         let rejected = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "rejected_calls",
@@ -122,6 +162,10 @@ impl Default for Metrics {
             busy,
             live_workers,
             worker_restarts,
+            program_queue_depth,
+            program_busy,
+            program_live_workers,
+            program_restarts,
             rejected,
             inflight_bytes,
             inflight_budget,
@@ -154,24 +198,39 @@ impl Metrics {
 
     /// The text exposition, with gauges read from `dispatcher` now.
     pub fn render(&self, dispatcher: &Dispatcher) -> String {
-        for (mode, admission) in
-            [("POOL", dispatcher.pool().admission()), ("ISOLATED", dispatcher.isolated().admission())]
-        {
+        // ISOLATED covers Offload's own workers and the worker programs'
+        // together; the program_* families break the programs out.
+        let programs = dispatcher.programs();
+        let isolated: Vec<_> =
+            std::iter::once(dispatcher.isolated()).chain(programs.iter().map(|p| &p.supervisor)).collect();
+        let pool = dispatcher.pool().admission();
+        for (mode, queued, running) in [
+            ("POOL", pool.queued(), pool.running()),
+            (
+                "ISOLATED",
+                isolated.iter().map(|s| s.admission().queued()).sum(),
+                isolated.iter().map(|s| s.admission().running()).sum(),
+            ),
+        ] {
             let labels = ModeLabels { mode };
-            self.queue_depth.get_or_create(&labels).set(admission.queued() as i64);
-            self.busy.get_or_create(&labels).set(admission.running() as i64);
+            self.queue_depth.get_or_create(&labels).set(queued as i64);
+            self.busy.get_or_create(&labels).set(running as i64);
         }
-        // Offload's own workers and the worker programs', together.
-        let supervisors: Vec<_> =
-            std::iter::once(dispatcher.isolated()).chain(dispatcher.programs().iter().map(|p| &p.supervisor)).collect();
-        self.live_workers.set(supervisors.iter().map(|s| s.live_workers() as i64).sum());
+        self.live_workers.set(isolated.iter().map(|s| s.live_workers() as i64).sum());
         let budget = dispatcher.budget();
         self.inflight_bytes.set(budget.used() as i64);
         self.inflight_budget.set(budget.limit() as i64);
         let mut deaths: Vec<(&'static str, u64)> = dispatcher.isolated().deaths();
-        for program in dispatcher.programs() {
-            for (total, (_, more)) in deaths.iter_mut().zip(program.supervisor.deaths()) {
+        for program in programs {
+            let supervisor = &program.supervisor;
+            let labels = ProgramLabels { program: program.name.clone() };
+            self.program_queue_depth.get_or_create(&labels).set(supervisor.admission().queued() as i64);
+            self.program_busy.get_or_create(&labels).set(supervisor.admission().running() as i64);
+            self.program_live_workers.get_or_create(&labels).set(supervisor.live_workers() as i64);
+            for (total, (reason, more)) in deaths.iter_mut().zip(supervisor.deaths()) {
                 total.1 += more;
+                let labels = ProgramReasonLabels { program: program.name.clone(), reason };
+                self.program_restarts.get_or_create(&labels).inner().store(more, Ordering::Relaxed);
             }
         }
         for (reason, total) in deaths {

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::future::join_all;
 use nix::sys::signal::Signal;
 use offload_e2e::{
     Server, is_alive, metric_value, node_sdk_modules, otlp, python_with_sdk, request, wait_for, with_deadline,
@@ -195,6 +196,55 @@ async fn listed_and_called(lang: Lang) {
     assert!(err.message().contains(&t("reverse")), "lists what the program has: {err:?}");
 }
 
+for_both!(tiny: python_tiny_tasks_run_on_the_reading_thread_and_pipelined_calls_keep_their_answers,
+    node_tiny_tasks_run_on_the_reading_thread_and_pipelined_calls_keep_their_answers);
+
+/// Tasks the front measured as tiny carry the `inline` hint: the SDKs run them
+/// on the thread that reads the socket. Under concurrency the front pipelines
+/// them, and every call must still get its own answer and status.
+async fn tiny(lang: Lang) {
+    let file = config(&lang.app("workers = 1"));
+    let server = start(&file, &[]);
+    let mut client = server.client().await;
+    let t = |task: &str| lang.task(task);
+
+    // Unmeasured, a task is charged a millisecond: it goes to the task thread.
+    let first = call(&mut client, &t("thread"), &[], b"").await.unwrap();
+    assert_eq!(first.output.as_ref(), b"task");
+    let pid = pid_of(&first);
+    // Measured tiny, it runs where it is read (once the average has come down).
+    let mut threads = Vec::new();
+    for _ in 0..20 {
+        threads.push(call(&mut client, &t("thread"), &[], b"").await.unwrap().output);
+    }
+    assert_eq!(threads.last().map(|b| b.as_ref()), Some(&b"main"[..]), "{threads:?}");
+
+    // Many at once, valid and invalid mixed, with a longer task ahead of some.
+    let (mut spinner, spin_task) = (client.clone(), t("spin"));
+    let spin = call(&mut spinner, &spin_task, &[("ms", "200")], b"");
+    let calls = (0..300).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let input = format!("call {i}");
+            if i % 7 == 0 {
+                let err = call(&mut client, &t("repeat"), &[("times", "x")], input.as_bytes()).await.unwrap_err();
+                assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            } else if i % 11 == 0 {
+                let err = call(&mut client, &t("broken"), &[], input.as_bytes()).await.unwrap_err();
+                assert_eq!(err.code(), Code::Internal, "{err:?}");
+            } else {
+                let out = call(&mut client, &t("reverse"), &[], input.as_bytes()).await.unwrap();
+                let expected: Vec<u8> = input.bytes().rev().collect();
+                assert_eq!(out.output.as_ref(), expected.as_slice(), "call {i}");
+                assert_eq!(pid_of(&out), pid);
+            }
+        }
+    });
+    let (spun, _) = tokio::join!(spin, join_all(calls));
+    assert!(spun.is_ok(), "{spun:?}");
+    assert_eq!(restarts(&server, "crash") + restarts(&server, "unresponsive") + restarts(&server, "protocol"), 0.0);
+}
+
 for_both!(failures: python_failures_have_their_status_and_an_exit_mid_task_replaces_the_worker,
     node_failures_have_their_status_and_an_exit_mid_task_replaces_the_worker);
 
@@ -226,6 +276,14 @@ async fn failures(lang: Lang) {
     let replaced = pid_of(&call(&mut client, &t("pid"), &[], b"").await.unwrap());
     assert_ne!(replaced, first);
     assert_eq!(restarts(&server, "crash"), 1.0);
+    // The program's own series, beside the totals.
+    let metrics = server.scrape();
+    let program = lang.name();
+    let series = |name: &str, extra: &str| metric_value(&metrics, &format!("{name}{{program=\"{program}\"{extra}}}"));
+    assert_eq!(series("offload_program_worker_restarts_total", ",reason=\"crash\""), 1.0);
+    assert_eq!(series("offload_program_live_workers", ""), 1.0);
+    assert_eq!(series("offload_program_busy_workers", ""), 0.0);
+    assert_eq!(series("offload_program_queue_depth", ""), 0.0);
 }
 
 for_both!(deadlines: python_deadlines_stop_a_task_that_looks_at_cancelled_and_kill_one_that_does_not,

@@ -1,6 +1,7 @@
 // A worker program for the end-to-end tests, written with the Node SDK
 // (sdk/node): the same tasks as app.py, named js.*.
 const crypto = require("crypto");
+const { isMainThread } = require("worker_threads");
 const { task, serve, InvalidArgument } = require("offload-worker");
 
 task("js.reverse", { description: "reverses the input", params: { upper: ["uppercase the result", "false"] } },
@@ -24,6 +25,9 @@ task("js.repeat", { description: "the input, `times` times", params: { times: ["
 task("js.sha256", { description: "SHA-256 of the input" }, (ctx, data) => crypto.createHash("sha256").update(data).digest());
 
 task("js.pid", { description: "the worker's pid, in ASCII decimal" }, () => Buffer.from(String(process.pid)));
+
+task("js.thread", { description: "`main` or `task`: the thread the task ran on" }, () =>
+  Buffer.from(isMainThread ? "main" : "task"));
 
 task("js.broken", { description: "throws an uncaught error" }, () => {
   throw new TypeError("missing is not a function");

@@ -5,6 +5,7 @@ progress."""
 
 import hashlib
 import os
+import threading
 import time
 
 from offload_worker import InvalidArgument, task, serve
@@ -35,6 +36,11 @@ def sha256(ctx, data, params):
 @task("py.pid", description="the worker's pid, in ASCII decimal")
 def pid(ctx, data, params):
     return str(os.getpid()).encode()
+
+
+@task("py.thread", description="`main` or `task`: the thread the task ran on")
+def thread(ctx, data, params):
+    return b"main" if threading.current_thread() is threading.main_thread() else b"task"
 
 
 @task("py.broken", description="raises an uncaught exception")

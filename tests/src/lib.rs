@@ -105,6 +105,9 @@ pub fn node_sdk_modules() -> &'static Path {
         let root = workspace();
         let dir = root.join("target/node-sdk");
         std::fs::create_dir_all(&dir).expect("create target/node-sdk");
+        // npm keeps an installed package of the same version, so the SDK
+        // goes first: the tests run the current source.
+        let _ = std::fs::remove_dir_all(dir.join("node_modules/offload-worker"));
         let installed = Command::new("npm")
             .current_dir(&dir)
             .args(["install", "--install-links", "--no-audit", "--no-fund", "--no-save", "--loglevel=error"])

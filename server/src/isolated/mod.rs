@@ -190,7 +190,10 @@ impl JobQueue {
             Some(queue) => {
                 queue.push_back(job);
                 drop(jobs);
-                self.ready.notify_one();
+                // The slot that went idle last: its worker process is the
+                // one most likely still on a CPU and in its caches (a
+                // worker idle for a while pays tens of microseconds to wake).
+                self.ready.notify_last();
             }
             None => job.refuse(),
         }
@@ -210,7 +213,7 @@ impl JobQueue {
         }
         drop(queued);
         for _ in 0..count {
-            self.ready.notify_one();
+            self.ready.notify_last();
         }
     }
 

@@ -107,7 +107,9 @@ class Context:
     def __init__(self, worker, task_id, deadline):
         self._worker = worker
         self._id = task_id
-        self._cancel = threading.Event()
+        # Set by the reading thread on Cancel (a plain attribute: the
+        # interpreter lock makes the store visible to the task).
+        self._cancel = False
         # Seconds on the monotonic clock, or None.
         self.deadline = deadline
         self._last_progress = 0.0
@@ -116,7 +118,7 @@ class Context:
     def cancelled(self):
         """True once the caller went away, the front stopped the call, or its
         deadline passed: the task should stop and return."""
-        if self._cancel.is_set():
+        if self._cancel:
             return True
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -142,7 +144,7 @@ class _Worker:
         self._sock = sock
         self._max_frame = max_frame
         self._write_lock = threading.Lock()
-        # Outstanding tasks in arrival order: id -> Context.
+        # Tasks handed to the task thread and not yet answered: id -> Context.
         self._outstanding = {}
         self._outstanding_lock = threading.Lock()
         self._jobs = queue.Queue()
@@ -175,8 +177,12 @@ class _Worker:
             )
         threading.Thread(target=self._run_tasks, name="offload-task", daemon=True).start()
         # This thread reads frames and answers pings at once, so a long task
-        # (which releases the interpreter lock every few milliseconds, pure
-        # Python loops included) is never mistaken for a hung worker.
+        # on the task thread (which releases the interpreter lock every few
+        # milliseconds, pure Python loops included) is never mistaken for a
+        # hung worker. A task the front marks tiny (`inline`: it measured
+        # well under a millisecond) runs here when nothing is ahead of it:
+        # handing it over would cost more than running it, and a ping waits
+        # no longer than the task.
         while True:
             request = reader.next()
             if request is None:
@@ -191,13 +197,19 @@ class _Worker:
                 with self._outstanding_lock:
                     if len(self._outstanding) >= 64:
                         raise wire.ProtocolError("task %d sent while 64 tasks are outstanding" % run.id)
-                    self._outstanding[run.id] = ctx
-                self._jobs.put((run, request.payload, ctx))
+                    # No Cancel can reach a task running here before it ends.
+                    inline = run.inline and not self._outstanding
+                    if not inline:
+                        self._outstanding[run.id] = ctx
+                if inline:
+                    self._answer(self._run_one(run, request.payload, ctx))
+                else:
+                    self._jobs.put((run, request.payload, ctx))
             elif kind == "cancel":
                 with self._outstanding_lock:
                     ctx = self._outstanding.get(request.cancel.id)
                 if ctx is not None:
-                    ctx._cancel.set()
+                    ctx._cancel = True
             elif kind == "ping":
                 self.send(wire.WorkerReply(pong=wire.Pong(seq=request.ping.seq)))
             else:
@@ -206,20 +218,24 @@ class _Worker:
     def _run_tasks(self):
         while True:
             run, payload, ctx = self._jobs.get()
-            try:
-                reply = self._run_one(run, payload, ctx)
-            finally:
-                with self._outstanding_lock:
-                    self._outstanding.pop(run.id, None)
-            try:
-                self.send(reply)
-            except OSError:
-                # The front is gone.
-                os._exit(EXIT_CLEAN)
+            reply = self._run_one(run, payload, ctx)
+            # The answer goes out before the task stops counting as
+            # outstanding, so a tiny task read meanwhile cannot overtake it.
+            self._answer(reply)
+            with self._outstanding_lock:
+                del self._outstanding[run.id]
+
+    def _answer(self, reply):
+        try:
+            self.send(reply)
+        except OSError:
+            # The front is gone.
+            os._exit(EXIT_CLEAN)
 
     def _run_one(self, run, payload, ctx):
-        started_wall = time.time_ns()
-        started = time.monotonic()
+        traced = bool(run.traceparent)
+        started_wall = time.time_ns() if traced else 0
+        started = time.perf_counter()
         output = b""
         failure, message = 0, ""
         spec = _TASKS.get(run.task)
@@ -244,15 +260,22 @@ class _Worker:
             except Exception as err:  # the worker serves on
                 failure, message = wire.FAILURE["FAILURE_KIND_FAILED"], "%s: %s" % (type(err).__name__, err)
                 traceback.print_exc(file=sys.stderr)
-        run_us = int((time.monotonic() - started) * 1e6)
-        done = wire.TaskDone(id=run.id, failure=failure, message=message, run_us=run_us)
-        if run.traceparent:
+        # Filled in place: building a TaskDone and passing it to the reply
+        # would copy it.
+        reply = wire.WorkerReply(payload=output)
+        done = reply.done
+        done.id = run.id
+        done.run_us = int((time.perf_counter() - started) * 1e6)
+        if failure:
+            done.failure = failure
+            done.message = message
+        if traced:
             done.span.CopyFrom(_span(run.task, started_wall, message if failure else ""))
-        return wire.WorkerReply(done=done, payload=output)
+        return reply
 
 
 def _stopped(ctx):
-    if ctx._cancel.is_set() or ctx.deadline is None or time.monotonic() < ctx.deadline:
+    if ctx._cancel or ctx.deadline is None or time.monotonic() < ctx.deadline:
         return wire.FAILURE["FAILURE_KIND_CANCELLED"], "cancelled"
     return wire.FAILURE["FAILURE_KIND_DEADLINE_EXCEEDED"], "deadline exceeded"
 

@@ -72,21 +72,17 @@ def encode(message):
 
 class FrameReader:
     """Reads WorkerRequest frames from a socket, refusing any larger than
-    `max_frame` before reading its body."""
+    `max_frame` before reading its body. Reads are buffered: a frame's
+    length and body (and the frames pipelined behind it) usually come in
+    one system call."""
 
     def __init__(self, sock, max_frame):
-        self._sock = sock
+        self._file = sock.makefile("rb", buffering=1 << 16)
         self._max_frame = max_frame
 
     def _exactly(self, n):
-        chunks = []
-        while n:
-            chunk = self._sock.recv(min(n, 1 << 20))
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
+        data = self._file.read(n)
+        return data if len(data) == n else None
 
     def next(self):
         """The next request, or None when the front closed the socket."""
