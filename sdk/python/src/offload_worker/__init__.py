@@ -218,16 +218,21 @@ class _Worker:
     def _run_tasks(self):
         while True:
             run, payload, ctx = self._jobs.get()
-            reply = self._run_one(run, payload, ctx)
-            # The answer goes out before the task stops counting as
-            # outstanding, so a tiny task read meanwhile cannot overtake it.
-            self._answer(reply)
-            with self._outstanding_lock:
-                del self._outstanding[run.id]
+            self._answer(self._run_one(run, payload, ctx), handed=run.id)
 
-    def _answer(self, reply):
+    def _answer(self, reply, handed=None):
+        """Sends `reply`; `handed` is the id of the task-thread task it
+        answers, which stops counting as outstanding under the write lock:
+        before the front can see the answer (and send a task in its place),
+        and before a tiny task read meanwhile (run once nothing is
+        outstanding) can send its own answer ahead of this one."""
+        frame = wire.encode(reply)
         try:
-            self.send(reply)
+            with self._write_lock:
+                if handed is not None:
+                    with self._outstanding_lock:
+                        del self._outstanding[handed]
+                self._sock.sendall(frame)
         except OSError:
             # The front is gone.
             os._exit(EXIT_CLEAN)
