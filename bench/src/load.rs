@@ -65,6 +65,8 @@ pub struct LoadSpec {
     pub shape: Shape,
     /// Unary or batch.
     pub api: Api,
+    /// Metadata every call carries (`offload-client`, `offload-priority`, ...).
+    pub metadata: Vec<(String, String)>,
 }
 
 impl LoadSpec {
@@ -81,7 +83,18 @@ impl LoadSpec {
             duration: Duration::from_secs(5),
             shape: Shape::Closed,
             api: Api::Unary,
+            metadata: Vec::new(),
         }
+    }
+
+    /// `message` with the spec's metadata.
+    fn with_metadata<T>(metadata: &[(String, String)], message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        for (key, value) in metadata {
+            let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes()).expect("checked by the CLI");
+            request.metadata_mut().insert(key, value.parse().expect("checked by the CLI"));
+        }
+        request
     }
 
     fn request(&self, input: &Bytes) -> ExecuteRequest {
@@ -269,11 +282,13 @@ async fn closed_unary(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input
         for _ in 0..spec.in_flight {
             let mut client = client.clone();
             let request = spec.request(input);
+            let metadata = spec.metadata.clone();
             loops.push(tokio::spawn(async move {
                 let mut tally = Tally::new();
                 while Instant::now() < end {
                     let sent = Instant::now();
-                    let result = client.execute(request.clone()).await.map(|_| ()).map_err(|s| s.code());
+                    let call = LoadSpec::with_metadata(&metadata, request.clone());
+                    let result = client.execute(call).await.map(|_| ()).map_err(|s| s.code());
                     tally.record(result, sent.elapsed());
                 }
                 tally
@@ -293,6 +308,7 @@ async fn closed_batch(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input
     for client in clients {
         let mut client = client.clone();
         let template = spec.request(input);
+        let metadata = spec.metadata.clone();
         let window = spec.in_flight;
         streams.push(tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(window));
@@ -316,7 +332,8 @@ async fn closed_batch(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input
                 })
             };
             let mut tally = Tally::new();
-            let mut results = match client.execute_batch(tokio_stream::wrappers::ReceiverStream::new(items_rx)).await {
+            let items = LoadSpec::with_metadata(&metadata, tokio_stream::wrappers::ReceiverStream::new(items_rx));
+            let mut results = match client.execute_batch(items).await {
                 Ok(r) => r.into_inner(),
                 Err(status) => {
                     tally.record(Err(status.code()), Duration::ZERO);
@@ -373,11 +390,11 @@ async fn open_unary(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input: 
         }
         outstanding.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut client = clients[i as usize % clients.len()].clone();
-        let request = spec.request(input);
+        let call = LoadSpec::with_metadata(&spec.metadata, spec.request(input));
         let done = done.clone();
         let outstanding = Arc::clone(&outstanding);
         tokio::spawn(async move {
-            let result = client.execute(request).await.map(|_| ()).map_err(|s| s.code());
+            let result = client.execute(call).await.map(|_| ()).map_err(|s| s.code());
             // From the intended send time: a late start is the server's delay too.
             let _ = done.send((result, intended.elapsed()));
             outstanding.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

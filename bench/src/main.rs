@@ -46,7 +46,7 @@ enum Command {
         out: PathBuf,
         /// Runs only these scenarios (by number, e.g. `--only 3,9`); the
         /// report then holds only their rows.
-        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=9))]
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=11))]
         only: Vec<u8>,
     },
     /// Puts load on a running server and prints a JSON report and a summary.
@@ -84,6 +84,10 @@ enum Command {
         /// Server pid, to report its CPU time and memory (front and workers).
         #[arg(long)]
         pid: Option<u32>,
+        /// Metadata on every call as KEY=VALUE (repeatable), e.g.
+        /// `offload-client=billing` or `offload-priority=batch`.
+        #[arg(long = "metadata", value_parser = parse_metadata)]
+        metadata: Vec<(String, String)>,
     },
     /// Floods a running server with concurrent large `hash.sha256` calls
     /// (scenario 8) and prints the answers by gRPC status code and the
@@ -135,6 +139,17 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
 }
 
+/// A metadata pair whose key and value gRPC can carry.
+fn parse_metadata(s: &str) -> Result<(String, String), String> {
+    let (key, value) = parse_param(s)?;
+    tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(key.as_bytes())
+        .map_err(|_| format!("{key:?} is not a metadata key"))?;
+    value
+        .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+        .map_err(|_| format!("{value:?} is not ASCII"))?;
+    Ok((key, value))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -146,7 +161,20 @@ async fn main() -> anyhow::Result<()> {
             };
             suite::run(options).await
         }
-        Command::Load { server, task, params, mode, size, connections, in_flight, seconds, rate, batch, pid } => {
+        Command::Load {
+            server,
+            task,
+            params,
+            mode,
+            size,
+            connections,
+            in_flight,
+            seconds,
+            rate,
+            batch,
+            pid,
+            metadata,
+        } => {
             let spec = load::LoadSpec {
                 url: server,
                 task,
@@ -162,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs_f64(seconds),
                 shape: rate.map_or(load::Shape::Closed, |rate| load::Shape::Open { rate }),
                 api: if batch { load::Api::Batch } else { load::Api::Unary },
+                metadata,
             };
             let report = load::run(&spec, pid).await?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "spec": spec, "report": report }))?);

@@ -484,6 +484,68 @@ impl Suite {
         Ok(())
     }
 
+    /// Scenarios 10 and 11: a probe at 50 calls/s of ~5 ms POOL calls while
+    /// a flood (4 x 64 in flight of the same calls) saturates the pool, the
+    /// probe's p99 against its p99 alone. `separate` marks the probe as the
+    /// scheduler should tell it apart (its own client, or interactive);
+    /// `together` as it would be without that (the flood's client, or
+    /// batch): one FIFO queue shared with the flood, as before scheduling.
+    async fn scheduled_probe(
+        &mut self,
+        scenario: &str,
+        flood_metadata: &[(&str, &str)],
+        separate: &[(&str, &str)],
+        together: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let offload = offload(&[])?;
+        let metadata = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let work = LoadSpec::closed(&offload.url, "debug.spin", &[("ms", "5")], ExecutionMode::Pool, 0);
+        let duration = self.duration().max(Duration::from_secs(2));
+        let probe = |pairs: &[(&str, &str)]| LoadSpec {
+            shape: Shape::Open { rate: 50.0 },
+            connections: 1,
+            duration,
+            metadata: metadata(pairs),
+            ..work.clone()
+        };
+        let flood = LoadSpec {
+            duration: duration + Duration::from_secs(2),
+            metadata: metadata(flood_metadata),
+            ..work.clone()
+        };
+        let (mut idle, mut apart, mut shared) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..self.options.runs {
+            let report = self.measure(&format!("{scenario} probe alone [run {run}]"), &probe(separate), None).await?;
+            idle.push(report.p99_us as f64);
+            for (pairs, into, what) in
+                [(separate, &mut apart, "told apart"), (together, &mut shared, "in the flood's queue")]
+            {
+                let flooding = tokio::spawn({
+                    let flood = flood.clone();
+                    async move { load::run(&flood, None).await }
+                });
+                // Let the flood fill the queue before the probe starts.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let label = format!("{scenario} probe {what}, under the flood [run {run}]");
+                let report = self.measure(&label, &probe(pairs), None).await?;
+                into.push(report.p99_us as f64);
+                let flooded = flooding.await.context("the flood's task")??;
+                writeln!(self.details, "- {scenario} the flood [run {run}]: {}", flooded.summary()).expect("string");
+            }
+        }
+        let (idle, apart, shared) = (median(idle), median(apart), median(shared));
+        let ratio = apart / idle;
+        self.row(
+            &format!("{scenario}: probe 50/s of debug.spin 5 ms POOL under a 4x64 flood, p99 vs alone"),
+            format!("p99 {:.1} ms (in the flood's queue: {:.1} ms)", apart / 1e3, shared / 1e3),
+            format!("p99 {:.1} ms alone", idle / 1e3),
+            ratio,
+            "<= 2x alone",
+            ratio <= 2.0,
+        );
+        Ok(())
+    }
+
     async fn batching(&mut self, offload: &Proc) -> anyhow::Result<()> {
         let unary = self.spec(&offload.url, "debug.echo", &[], ExecutionMode::Pool, 64);
         let batch = LoadSpec { api: Api::Batch, ..unary.clone() };
@@ -793,6 +855,15 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     }
     if runs(9) {
         suite.worker_programs(workers).await?;
+    }
+    if runs(10) {
+        let client = |name| [("offload-client", name)];
+        suite.scheduled_probe("10. fair share", &client("flood"), &client("probe"), &client("flood")).await?;
+    }
+    if runs(11) {
+        let batch = [("offload-client", "one"), ("offload-priority", "batch")];
+        let interactive = [("offload-client", "one"), ("offload-priority", "interactive")];
+        suite.scheduled_probe("11. priorities", &batch, &interactive, &batch).await?;
     }
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();

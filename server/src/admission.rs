@@ -1,8 +1,9 @@
 //! Admission control for one executor: a bounded queue, and a deadline-aware
 //! check that refuses a call which could not even start before its deadline.
-//! The expected wait is the work already admitted ahead of the call (queued
-//! costs plus what remains of running ones, which never outlive their own
-//! deadline by more than [`STOP_GRACE`]) spread over the executor's slots.
+//! The expected wait is the work that goes before the call (what remains of
+//! running calls, which never outlive their own deadline by more than
+//! [`STOP_GRACE`], and the queued calls ahead of it in the
+//! [`schedule`](crate::schedule) order) spread over the executor's slots.
 //!
 //! A [`Ticket`] follows each admitted call; dropping it, wherever the call
 //! ends, gives its place back, so no path can strand the counters.
@@ -11,6 +12,8 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use crate::schedule::{BATCH_EVERY, Priority};
 
 /// How long a task past its deadline is expected to take to stop.
 pub const STOP_GRACE: Duration = Duration::from_millis(100);
@@ -60,19 +63,35 @@ impl Running {
 #[derive(Debug, Default)]
 struct Load {
     queued: usize,
-    queued_cost: Duration,
+    /// Expected cost of the queued calls, by priority.
+    queued_cost: [Duration; 2],
     /// Each running call, by slab key.
     running: Vec<Option<Running>>,
     running_count: usize,
 }
 
 impl Load {
-    fn expected_wait(&self, slots: usize, now: Instant) -> Duration {
+    fn unqueue(&mut self, priority: Priority, cost: Duration) {
+        self.queued -= 1;
+        let queued = &mut self.queued_cost[priority as usize];
+        *queued = queued.saturating_sub(cost);
+    }
+
+    /// What a call of `priority` joining now waits for: running work, the
+    /// queued calls of its priority, and its share of the other's. An
+    /// interactive call lets through one batch call per [`BATCH_EVERY`]; a
+    /// batch call waits for every interactive call queued (at worst).
+    fn expected_wait(&self, slots: usize, priority: Priority, now: Instant) -> Duration {
         if self.running_count + self.queued < slots {
             return Duration::ZERO;
         }
         let remaining: Duration = self.running.iter().flatten().map(|r| r.remaining(now)).sum();
-        (self.queued_cost + remaining) / slots as u32
+        let [interactive, batch] = self.queued_cost;
+        let ahead = match priority {
+            Priority::Interactive => interactive + batch.min(interactive / (BATCH_EVERY - 1)),
+            Priority::Batch => interactive + batch,
+        };
+        (remaining + ahead) / slots as u32
     }
 }
 
@@ -82,8 +101,13 @@ impl Admission {
         Arc::new(Self { slots: slots.max(1), capacity, state: Mutex::new(Load::default()) })
     }
 
-    /// Admits a call of expected `cost` that must start before `deadline`.
-    pub fn admit(self: &Arc<Self>, cost: Duration, deadline: Option<Instant>) -> Result<Ticket, Refusal> {
+    /// Admits a call of expected `cost` and `priority` that must start before `deadline`.
+    pub fn admit(
+        self: &Arc<Self>,
+        cost: Duration,
+        deadline: Option<Instant>,
+        priority: Priority,
+    ) -> Result<Ticket, Refusal> {
         let now = Instant::now();
         let remaining = deadline.map(|d| d.saturating_duration_since(now));
         let mut load = self.lock();
@@ -91,14 +115,14 @@ impl Admission {
             return Err(Refusal::QueueFull { capacity: self.capacity });
         }
         if let Some(remaining) = remaining {
-            let wait = load.expected_wait(self.slots, now);
+            let wait = load.expected_wait(self.slots, priority, now);
             if wait >= remaining {
                 return Err(Refusal::WouldMissDeadline { wait, remaining });
             }
         }
         load.queued += 1;
-        load.queued_cost += cost;
-        Ok(Ticket { admission: Arc::clone(self), cost, deadline, admitted: now, running: None })
+        load.queued_cost[priority as usize] += cost;
+        Ok(Ticket { admission: Arc::clone(self), cost, priority, deadline, admitted: now, running: None })
     }
 
     /// Calls admitted and not started yet.
@@ -122,6 +146,7 @@ impl Admission {
 pub struct Ticket {
     admission: Arc<Admission>,
     cost: Duration,
+    priority: Priority,
     deadline: Option<Instant>,
     admitted: Instant,
     /// Slab key once started.
@@ -138,8 +163,7 @@ impl Ticket {
     pub fn start(&mut self) -> Duration {
         let now = Instant::now();
         let mut load = self.admission.lock();
-        load.queued -= 1;
-        load.queued_cost = load.queued_cost.saturating_sub(self.cost);
+        load.unqueue(self.priority, self.cost);
         let entry = Some(Running { started: now, cost: self.cost, deadline: self.deadline });
         let key = match load.running.iter().position(Option::is_none) {
             Some(free) => {
@@ -165,10 +189,7 @@ impl Drop for Ticket {
                 load.running[key] = None;
                 load.running_count -= 1;
             }
-            None => {
-                load.queued -= 1;
-                load.queued_cost = load.queued_cost.saturating_sub(self.cost);
-            }
+            None => load.unqueue(self.priority, self.cost),
         }
     }
 }
@@ -178,15 +199,16 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    const I: Priority = Priority::Interactive;
 
     #[test]
     fn the_queue_is_bounded_and_tickets_give_their_place_back() {
         let a = Admission::new(1, 2);
-        let t1 = a.admit(MS, None).unwrap();
-        let _t2 = a.admit(MS, None).unwrap();
-        assert_eq!(a.admit(MS, None).unwrap_err(), Refusal::QueueFull { capacity: 2 });
+        let t1 = a.admit(MS, None, I).unwrap();
+        let _t2 = a.admit(MS, None, I).unwrap();
+        assert_eq!(a.admit(MS, None, I).unwrap_err(), Refusal::QueueFull { capacity: 2 });
         drop(t1);
-        let mut t3 = a.admit(MS, None).unwrap();
+        let mut t3 = a.admit(MS, None, I).unwrap();
         t3.start();
         assert_eq!((a.queued(), a.running()), (1, 1));
         drop(t3);
@@ -198,28 +220,45 @@ mod tests {
         let a = Admission::new(2, 100);
         // Two free slots: no wait whatever the deadline.
         let soon = Some(Instant::now() + MS);
-        let mut busy1 = a.admit(1000 * MS, soon).unwrap();
-        let mut busy2 = a.admit(1000 * MS, soon).unwrap();
+        let mut busy1 = a.admit(1000 * MS, soon, I).unwrap();
+        let mut busy2 = a.admit(1000 * MS, soon, I).unwrap();
         busy1.start();
         busy2.start();
         // Both slots busy, but both tasks are past their deadline: they stop
         // within the grace, so a call with a little time left gets in.
-        assert!(a.admit(MS, Some(Instant::now() + 300 * MS)).is_ok());
+        assert!(a.admit(MS, Some(Instant::now() + 300 * MS), I).is_ok());
         drop((busy1, busy2));
 
-        let mut long1 = a.admit(1000 * MS, None).unwrap();
-        let mut long2 = a.admit(1000 * MS, None).unwrap();
+        let mut long1 = a.admit(1000 * MS, None, I).unwrap();
+        let mut long2 = a.admit(1000 * MS, None, I).unwrap();
         long1.start();
         long2.start();
         // Both slots busy for about a second.
-        match a.admit(MS, Some(Instant::now() + 100 * MS)) {
+        match a.admit(MS, Some(Instant::now() + 100 * MS), I) {
             Err(Refusal::WouldMissDeadline { wait, remaining }) => {
                 assert!(wait > 900 * MS && wait <= 1001 * MS, "{wait:?}");
                 assert!(remaining <= 100 * MS, "{remaining:?}");
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
-        assert!(a.admit(MS, Some(Instant::now() + 5000 * MS)).is_ok());
-        assert!(a.admit(MS, None).is_ok());
+        assert!(a.admit(MS, Some(Instant::now() + 5000 * MS), I).is_ok());
+        assert!(a.admit(MS, None, I).is_ok());
+    }
+
+    #[test]
+    fn an_interactive_call_waits_for_running_work_and_interactive_calls_not_the_batch_queue() {
+        let a = Admission::new(1, 1000);
+        let mut running = a.admit(10 * MS, None, I).unwrap();
+        running.start();
+        let _batch: Vec<_> = (0..100).map(|_| a.admit(10 * MS, None, Priority::Batch).unwrap()).collect();
+        let _interactive: Vec<_> = (0..7).map(|_| a.admit(10 * MS, None, I).unwrap()).collect();
+        // Interactive: the running 10 ms, 7 x 10 ms, and one batch call let through.
+        match a.admit(MS, Some(Instant::now() + 50 * MS), I) {
+            Err(Refusal::WouldMissDeadline { wait, .. }) => assert!(wait > 85 * MS && wait <= 90 * MS, "{wait:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(a.admit(MS, Some(Instant::now() + 100 * MS), I).is_ok());
+        // Batch: all of it, about a second.
+        assert!(a.admit(MS, Some(Instant::now() + 500 * MS), Priority::Batch).is_err());
     }
 }

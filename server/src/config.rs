@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 use offload_worker::{CatalogOptions, tasks::exec::ExecSpec};
 
 use crate::{
+    clients::{ClientSpec, Clients},
     inflight::{self, MemorySource},
     isolated::program::{ProgramConfig, ProgramDefaults, ProgramSpec},
     telemetry::{self, TraceSettings},
@@ -239,6 +240,12 @@ pub struct Args {
     #[arg(skip)]
     #[serde(default)]
     pub exec: Vec<ExecSpec>,
+
+    /// Clients with a weight in the fair share or an in-flight limit:
+    /// `[[client]]` tables of the config file only (see the README).
+    #[arg(skip)]
+    #[serde(default)]
+    pub client: Vec<ClientSpec>,
 }
 
 /// What the file's `worker_program` key holds.
@@ -301,6 +308,7 @@ impl Args {
             }),
             worker_program_file: file.worker_program_file,
             exec: if self.exec.is_empty() { file.exec } else { self.exec },
+            client: if self.client.is_empty() { file.client } else { self.client },
         }
     }
 }
@@ -394,6 +402,8 @@ pub struct Config {
     pub worker_program: Option<PathBuf>,
     /// External programs served as tasks.
     pub exec: Vec<ExecSpec>,
+    /// Declared clients (checked).
+    pub clients: Vec<ClientSpec>,
     /// Worker programs in any language, with their own workers and tasks.
     pub worker_programs: Vec<ProgramConfig>,
 }
@@ -454,6 +464,7 @@ impl Config {
                 return Err(invalid("exec", format!("task {:?} is declared twice", spec.name)));
             }
         }
+        Clients::new(&a.client).map_err(|e| invalid("client", e.to_string()))?;
         let worker_programs = match &a.worker_program_file {
             Some(WorkerProgramKey::Programs(specs)) => {
                 // Relative paths are relative to the file that holds them.
@@ -544,6 +555,7 @@ impl Config {
             worker_kill_grace: millis(a.worker_kill_grace_ms, DEFAULT_WORKER_KILL_GRACE_MS),
             worker_program: a.worker_program,
             exec: a.exec,
+            clients: a.client,
             worker_programs,
         })
     }

@@ -29,6 +29,7 @@ use hyper_util::{
 };
 use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpConnectInfo;
 use tower::Service;
 
 /// How long a new connection may stay silent before it is closed.
@@ -64,7 +65,11 @@ where
         () = stop.cancelled() => return Ok(()),
     }
     let activity = Arc::new(Activity::default());
-    let tracked = Tracked { inner: service, activity: Arc::clone(&activity) };
+    // Each request carries its connection's addresses (tonic's
+    // `Request::remote_addr` reads them): the peer is a client's identity
+    // when it names none.
+    let addresses = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
+    let tracked = Tracked { inner: service, activity: Arc::clone(&activity), addresses };
     let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(tracked));
     tokio::pin!(connection);
     tokio::select! {
@@ -122,6 +127,7 @@ impl Activity {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    addresses: TcpConnectInfo,
 }
 
 impl<S, B> Service<Request<Incoming>> for Tracked<S>
@@ -138,7 +144,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.addresses.clone());
         let guard = CallGuard::new(Arc::clone(&self.activity));
         let response = self.inner.call(request);
         Box::pin(async move {

@@ -27,6 +27,7 @@ use tracing::Span;
 
 use crate::{
     admission::{Admission, Refusal, Ticket},
+    clients::{Client, Clients, InFlight},
     cost::CostModel,
     error::CallError,
     inflight::Budget,
@@ -37,6 +38,7 @@ use crate::{
     },
     metrics::Metrics,
     pool::Pool,
+    schedule::{Class, Priority},
     telemetry,
 };
 
@@ -53,6 +55,10 @@ pub struct Call {
     pub mode: i32,
     /// Absolute deadline, from grpc-timeout.
     pub deadline: Option<Instant>,
+    /// Who it is from (None: no one in particular, as in tests).
+    pub client: Option<Arc<Client>>,
+    /// Its priority.
+    pub priority: Priority,
 }
 
 /// A finished run.
@@ -101,6 +107,8 @@ pub struct Dispatcher {
     isolated: Supervisor,
     /// Worker programs, each with its own workers and tasks.
     programs: Vec<Program>,
+    /// The declared clients, and how calls are told apart.
+    clients: Clients,
     options: DispatchOptions,
     draining: AtomicBool,
     metrics: Metrics,
@@ -116,6 +124,7 @@ impl Dispatcher {
         pool: Pool,
         isolated: Supervisor,
         programs: Vec<Program>,
+        clients: Clients,
         budget: Arc<Budget>,
         options: DispatchOptions,
     ) -> Arc<Self> {
@@ -126,6 +135,7 @@ impl Dispatcher {
             pool,
             isolated,
             programs,
+            clients,
             options,
             draining: AtomicBool::new(false),
             metrics: Metrics::default(),
@@ -136,6 +146,11 @@ impl Dispatcher {
     /// The in-flight bytes budget.
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
+    }
+
+    /// The declared clients.
+    pub fn clients(&self) -> &Clients {
+        &self.clients
     }
 
     /// The service's metrics.
@@ -255,6 +270,13 @@ impl Dispatcher {
             }
         };
 
+        // Counted against its client's limit from here until the call ends.
+        let in_flight = call.client.as_ref().map(Client::enter).transpose()?;
+        let class = match &call.client {
+            Some(client) => client.class(call.priority),
+            None => Class::anonymous(call.priority),
+        };
+        let client_label = call.client.as_ref().map_or("", |c| c.label()).to_string();
         let estimate = job.estimate(call.input.len());
         let expected = costs.expected(spec.name, estimate);
         let placement = match expected {
@@ -262,7 +284,7 @@ impl Dispatcher {
             _ => {
                 // Unknown work is charged a millisecond until measured.
                 let cost = expected.unwrap_or(Duration::from_millis(1));
-                let ticket = admission.admit(cost, call.deadline).map_err(|refusal| match refusal {
+                let ticket = admission.admit(cost, call.deadline, class.priority).map_err(|refusal| match refusal {
                     Refusal::QueueFull { capacity } => CallError::QueueFull { mode: mode.as_str(), capacity },
                     Refusal::WouldMissDeadline { wait, remaining } => {
                         CallError::WouldMissDeadline { task: spec.name, executor, wait, remaining }
@@ -286,6 +308,9 @@ impl Dispatcher {
             deadline: call.deadline,
             estimate,
             placement,
+            class,
+            client_label,
+            _in_flight: in_flight,
         })
     }
 }
@@ -310,6 +335,11 @@ pub struct Admitted {
     deadline: Option<Instant>,
     estimate: Option<Duration>,
     placement: Placement,
+    /// When its turn comes.
+    class: Class,
+    /// Its client's metrics label ("" for none).
+    client_label: String,
+    _in_flight: Option<InFlight>,
 }
 
 impl std::fmt::Debug for Admitted {
@@ -352,6 +382,8 @@ impl Admitted {
         let dispatcher = Arc::clone(&self.dispatcher);
         let max_output = dispatcher.options.max_output_bytes;
         let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
+        let (class, client_label) = (self.class, self.client_label);
+        let queued_call = matches!(self.placement, Placement::Queued(..));
         let outcome = match self.placement {
             Placement::Inline => {
                 let span = telemetry::execution_span(&Span::current(), name, "POOL", input.len());
@@ -373,7 +405,7 @@ impl Admitted {
                 let work_started = Arc::clone(&started);
                 let work_dispatcher = Arc::clone(&dispatcher);
                 let (parent, queue) = (Span::current(), telemetry::queue_span("POOL"));
-                let done = dispatcher.pool.submit(ticket, move |queued| {
+                let done = dispatcher.pool.submit(ticket, &class, move |queued| {
                     drop(queue);
                     let span = telemetry::execution_span(&parent, name, "POOL", input.len());
                     let _entered = span.enter();
@@ -410,6 +442,7 @@ impl Admitted {
                     cancel,
                     progress: progress.map(progress_sink),
                     ticket,
+                    class: class.clone(),
                     started: Arc::clone(&started),
                     span: Span::current(),
                     queue_span: telemetry::queue_span("ISOLATED"),
@@ -428,6 +461,9 @@ impl Admitted {
                 }
             }
         };
+        if queued_call {
+            dispatcher.metrics.waited(class.priority, &client_label, outcome.queued);
+        }
         if outcome.output.len() > max_output {
             return Err(CallError::OutputTooLarge { task: name, size: outcome.output.len(), limit: max_output });
         }

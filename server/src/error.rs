@@ -104,6 +104,22 @@ pub enum CallError {
     /// The server is shutting down.
     #[error("server is draining and takes no new calls; retry on another replica")]
     Draining,
+    /// The client already has its `max_in_flight` calls in flight.
+    #[error("client {client:?} already has {limit} calls in flight, its max_in_flight; retry when one ends")]
+    ClientLimit {
+        /// The client's name.
+        client: String,
+        /// Its configured limit.
+        limit: usize,
+    },
+    /// A scheduling metadata value is malformed.
+    #[error("metadata {key}: {detail}")]
+    BadMetadata {
+        /// The metadata key.
+        key: &'static str,
+        /// What is wrong with its value.
+        detail: String,
+    },
     /// A bug or lost executor; details are in the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -115,7 +131,9 @@ impl CallError {
         match self {
             CallError::Lookup(LookupError::EmptyName) => Code::InvalidArgument,
             CallError::Lookup(LookupError::Unknown { .. }) => Code::NotFound,
-            CallError::UndefinedMode(_) | CallError::ModeNotAllowed { .. } => Code::InvalidArgument,
+            CallError::UndefinedMode(_) | CallError::ModeNotAllowed { .. } | CallError::BadMetadata { .. } => {
+                Code::InvalidArgument
+            }
             CallError::Unavailable(_) => Code::Unavailable,
             CallError::WorkerDied { .. } => Code::Internal,
             CallError::WorkerOutOfMemory { .. } => Code::ResourceExhausted,
@@ -127,9 +145,10 @@ impl CallError {
                 TaskError::ProgramFailed(_) => Code::FailedPrecondition,
                 TaskError::Panicked(_) | TaskError::Failed(_) => Code::Internal,
             },
-            CallError::QueueFull { .. } | CallError::WouldMissDeadline { .. } | CallError::OutputTooLarge { .. } => {
-                Code::ResourceExhausted
-            }
+            CallError::QueueFull { .. }
+            | CallError::WouldMissDeadline { .. }
+            | CallError::OutputTooLarge { .. }
+            | CallError::ClientLimit { .. } => Code::ResourceExhausted,
             CallError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             CallError::Draining => Code::Unavailable,
             CallError::Internal(_) => Code::Internal,
@@ -140,6 +159,7 @@ impl CallError {
     pub fn rejection(&self) -> Option<&'static str> {
         match self {
             CallError::QueueFull { .. } => Some("queue_full"),
+            CallError::ClientLimit { .. } => Some("client_limit"),
             CallError::WouldMissDeadline { .. } => Some("deadline"),
             CallError::Draining => Some("draining"),
             CallError::Unavailable(_) => Some("no_worker"),

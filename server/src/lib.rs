@@ -8,9 +8,11 @@
 //! - [`connection`]: one connection's life: first-byte and idle timeouts.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
+//! - [`clients`]: who a call is from, its priority, declared clients' limits.
 //! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
 //! - [`inflight`]: the budget of request and response bytes held at once.
 //! - [`admission`] and [`cost`]: bounded queues and deadline-aware admission.
+//! - [`schedule`]: the order waiting calls are served in (priorities, clients in turn).
 //! - [`pool`]: the rayon executor (POOL mode).
 //! - [`isolated`]: the worker-process executor (ISOLATED mode).
 //! - [`error`]: call errors and their one mapping to gRPC statuses.
@@ -19,6 +21,7 @@
 //! - [`config`], [`shutdown`]: process set-up around it all.
 
 pub mod admission;
+pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod connection;
@@ -31,6 +34,7 @@ pub mod isolated;
 pub mod launch;
 pub mod metrics;
 pub mod pool;
+pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::dispatch::Dispatcher;
+use crate::{dispatch::Dispatcher, schedule::Priority};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -45,6 +45,19 @@ struct ModeLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+/// A call's scheduling class: its priority, and its client's name if the
+/// config declares it (else "other"; "" for calls with no client).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    priority: &'static str,
+    client: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
 }
 
 /// A worker program (`[[worker_program]]`): a bounded set, from the config.
@@ -73,6 +86,8 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     duration: Histograms<TaskModeLabels>,
     queue_wait: Histograms<ModeLabels>,
+    class_wait: Histograms<ClassLabels>,
+    client_in_flight: Family<ClientLabels, Gauge>,
     queue_depth: Family<ModeLabels, Gauge>,
     busy: Family<ModeLabels, Gauge>,
     live_workers: Gauge,
@@ -95,6 +110,18 @@ impl Default for Metrics {
         registry.register("task_duration_seconds", "Time tasks ran, by task and mode", duration.clone());
         let queue_wait: Histograms<ModeLabels> = Family::new_with_constructor(seconds_histogram);
         registry.register("queue_wait_seconds", "Time calls waited for an executor, by mode", queue_wait.clone());
+        let class_wait: Histograms<ClassLabels> = Family::new_with_constructor(seconds_histogram);
+        registry.register(
+            "class_queue_wait_seconds",
+            "Time calls waited for an executor, by priority and declared client (\"other\" for the rest)",
+            class_wait.clone(),
+        );
+        let client_in_flight = Family::<ClientLabels, Gauge>::default();
+        registry.register(
+            "client_in_flight",
+            "Calls admitted and unfinished now, by declared client",
+            client_in_flight.clone(),
+        );
         let queue_depth = Family::<ModeLabels, Gauge>::default();
         registry.register("queue_depth", "Calls waiting for an executor now, by mode", queue_depth.clone());
         let busy = Family::<ModeLabels, Gauge>::default();
@@ -158,6 +185,8 @@ impl Default for Metrics {
             calls,
             duration,
             queue_wait,
+            class_wait,
+            client_in_flight,
             queue_depth,
             busy,
             live_workers,
@@ -184,6 +213,13 @@ impl Metrics {
             let labels = TaskModeLabels { task, mode };
             self.duration.get_or_create(&labels).observe(ran.as_secs_f64());
         }
+    }
+
+    /// Records how long a call of `priority` from the client labelled
+    /// `client` waited for its executor.
+    pub fn waited(&self, priority: Priority, client: &str, queued: Duration) {
+        let labels = ClassLabels { priority: priority.as_str(), client: client.to_string() };
+        self.class_wait.get_or_create(&labels).observe(queued.as_secs_f64());
     }
 
     /// Counts a call that never ran: in calls_total, and in
@@ -217,6 +253,10 @@ impl Metrics {
             self.busy.get_or_create(&labels).set(running as i64);
         }
         self.live_workers.set(isolated.iter().map(|s| s.live_workers() as i64).sum());
+        for client in dispatcher.clients().declared() {
+            let labels = ClientLabels { client: client.name().to_string() };
+            self.client_in_flight.get_or_create(&labels).set(client.in_flight() as i64);
+        }
         let budget = dispatcher.budget();
         self.inflight_bytes.set(budget.used() as i64);
         self.inflight_budget.set(budget.limit() as i64);

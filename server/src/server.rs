@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::{
+    clients::Clients,
     config::Config,
     connection,
     dispatch::{DispatchOptions, Dispatcher},
@@ -32,9 +33,15 @@ use crate::{
 };
 
 /// HTTP/2 flow-control window of each stream.
-const STREAM_WINDOW: u32 = 4 << 20;
-/// HTTP/2 flow-control window of each connection.
-const CONNECTION_WINDOW: u32 = 8 << 20;
+const STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 flow-control window of each connection. As large as a stream's:
+/// a connection then uploads about one large body at a time, in the order
+/// its calls were sent, instead of interleaving all of them so that they
+/// all arrive late together. Measured with 1 MiB hashes at 4 x 4 in flight
+/// (the call's work done inline, to see the transport alone): p99 28-30 ms
+/// with 4 MiB / 8 MiB windows, 23-26 ms with 1 MiB / 1 MiB, the plain tonic
+/// server's 23 ms.
+const CONNECTION_WINDOW: u32 = 1 << 20;
 
 /// The name health checks use for the Compute service.
 pub const COMPUTE_SERVICE_NAME: &str = "offload.v1.Compute";
@@ -42,6 +49,9 @@ pub const COMPUTE_SERVICE_NAME: &str = "offload.v1.Compute";
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// A `[[client]]` table is invalid.
+    #[error(transparent)]
+    Clients(#[from] crate::clients::ClientSpecError),
     /// The rayon pool could not be built.
     #[error("cannot start the pool: {0}")]
     Pool(#[from] rayon::ThreadPoolBuildError),
@@ -71,11 +81,13 @@ pub async fn serve(
         .collect();
     let budget = Budget::new(config.max_inflight_bytes);
     budget.log_start(config.inflight_default, config.max_message_bytes);
+    let clients = Clients::new(&config.clients)?;
     let dispatcher = Dispatcher::new(
         catalog,
         pool,
         isolated,
         programs,
+        clients,
         budget,
         DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
     );

@@ -18,10 +18,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
+    clients::{self, Client},
     deadline,
     dispatch::{Call, Dispatcher, Outcome, ProgressState},
     error::{CallError, request_status},
     inflight::Usage,
+    schedule::Priority,
     telemetry,
 };
 
@@ -73,10 +75,31 @@ impl ComputeService {
     }
 }
 
-/// Splits a request into its id and the dispatcher's call.
-fn into_call(request: ExecuteRequest, deadline: Option<Instant>) -> (String, Call) {
-    let ExecuteRequest { task, input, params, mode, id } = request;
-    (id, Call { task, input, params, mode, deadline })
+/// What a call's metadata says of it: its deadline, client and priority.
+#[derive(Debug, Clone)]
+struct Origin {
+    deadline: Option<Instant>,
+    client: Arc<Client>,
+    priority: Priority,
+}
+
+impl Origin {
+    /// Reads `request`'s metadata; `priority` unless it asks for another.
+    fn of<T>(dispatcher: &Dispatcher, request: &Request<T>, priority: Priority) -> Result<Self, Status> {
+        let metadata = request.metadata();
+        Ok(Self {
+            deadline: deadline::from_metadata(metadata, Instant::now()),
+            client: dispatcher.clients().identify(metadata, request.remote_addr())?,
+            priority: clients::priority(metadata, priority)?,
+        })
+    }
+
+    /// Splits a request into its id and the dispatcher's call.
+    fn call(&self, request: ExecuteRequest) -> (String, Call) {
+        let ExecuteRequest { task, input, params, mode, id } = request;
+        let (deadline, priority) = (self.deadline, self.priority);
+        (id, Call { task, input, params, mode, deadline, client: Some(Arc::clone(&self.client)), priority })
+    }
 }
 
 fn wire_mode(mode: Mode) -> ExecutionMode {
@@ -101,10 +124,10 @@ impl Compute for ComputeService {
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
         let _in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("Execute", request.metadata());
-        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive)?;
         let usage = Usage::of(&request);
         let input = usage.claim_input();
-        let (id, call) = into_call(request.into_inner(), deadline);
+        let (id, call) = origin.call(request.into_inner());
         let result = async {
             let outcome = self.dispatcher.admit(call)?.run(None).await?;
             drop(input);
@@ -124,10 +147,10 @@ impl Compute for ComputeService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("ExecuteStream", request.metadata());
-        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive)?;
         let usage = Usage::of(&request);
         let input = usage.claim_input();
-        let (id, call) = into_call(request.into_inner(), deadline);
+        let (id, call) = origin.call(request.into_inner());
         let admitted = match span.in_scope(|| self.dispatcher.admit(call)) {
             Ok(admitted) => admitted,
             Err(err) => {
@@ -198,7 +221,8 @@ impl Compute for ComputeService {
         let in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("ExecuteBatch", request.metadata());
         let stream_span = span.clone();
-        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        // A batch's items are throughput work unless the caller says otherwise.
+        let origin = Origin::of(&self.dispatcher, &request, Priority::Batch)?;
         let usage = Usage::of(&request);
         let mut requests = request.into_inner();
         let (results, results_rx) = mpsc::channel(self.batch_concurrency);
@@ -215,7 +239,7 @@ impl Compute for ComputeService {
                                 Ok(Some(request)) => {
                                     // Held while the item's input is in use.
                                     let input = usage.claim_input();
-                                    let (id, call) = into_call(request, deadline);
+                                    let (id, call) = origin.call(request);
                                     match service.dispatcher.admit(call) {
                                         Ok(admitted) => {
                                             running.push(async move {

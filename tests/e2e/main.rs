@@ -14,6 +14,7 @@ mod memory;
 mod metrics;
 mod programs;
 mod python;
+mod scheduling;
 mod shutdown;
 mod statuses;
 mod stream;

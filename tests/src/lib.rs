@@ -228,8 +228,19 @@ impl Server {
     /// The text of its Prometheus endpoint (started with `--metrics-listen`).
     pub fn scrape(&self) -> String {
         use std::io::{Read as _, Write as _};
-        let logs = self.logs();
-        let line = logs.iter().find(|l| l.contains("metrics on http://")).expect("metrics address logged");
+        // The endpoint logs its address from its own task, which may come
+        // after the server said it was serving: wait for it, bounded.
+        let started = Instant::now();
+        let line = loop {
+            if let Some(line) = self.logs().into_iter().find(|l| l.contains("metrics on http://")) {
+                break line;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "metrics address logged (start with --metrics-listen)"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
         let addr: String = line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n").unwrap();

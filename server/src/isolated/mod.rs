@@ -6,8 +6,8 @@
 //! - [`death`]: why workers end, for statuses, logs and counters.
 //! - [`program`]: worker programs in any language, and what they declare.
 //!
-//! Jobs wait in one shared queue; each slot takes the next job only when its
-//! worker is ready, so a call waits for a process to start only when every
+//! Jobs wait in one shared queue (a [`FairQueue`]: priorities, then clients
+//! in turn); each slot takes the next job only when its worker is ready, so a call waits for a process to start only when every
 //! worker is busy or being replaced. A slot that takes a tiny job also takes
 //! the tiny jobs queued right behind it, up to [`PIPELINE_DEPTH`], and sends
 //! them together: the worker runs them in order and answers them together,
@@ -21,7 +21,7 @@ mod slot;
 pub mod worker;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -34,7 +34,10 @@ use offload_worker::{ProgressSink, TaskError};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::admission::{Admission, Ticket};
+use crate::{
+    admission::{Admission, Ticket},
+    schedule::{Class, FairQueue},
+};
 pub use death::DeathCause;
 use death::{DeathCounters, Rung, StopReason};
 pub use worker::{Launch, WorkerOptions};
@@ -70,6 +73,8 @@ pub struct WorkerJob {
     pub progress: Option<ProgressSink>,
     /// The job's place in the executor's load.
     pub ticket: Ticket,
+    /// Its client and priority: when its turn comes.
+    pub class: Class,
     /// Set when a worker takes the job.
     pub started: Arc<AtomicBool>,
     /// The caller's span: the execution span goes under it.
@@ -162,33 +167,33 @@ const PIPELINE_INPUT_BELOW: usize = 16 << 10;
 
 /// The jobs waiting for a worker; `None` once closed.
 struct JobQueue {
-    jobs: Mutex<Option<VecDeque<WorkerJob>>>,
+    jobs: Mutex<Option<FairQueue<WorkerJob>>>,
     ready: Notify,
 }
 
 impl Default for JobQueue {
     fn default() -> Self {
-        Self { jobs: Mutex::new(Some(VecDeque::new())), ready: Notify::new() }
+        Self { jobs: Mutex::new(Some(FairQueue::default())), ready: Notify::new() }
     }
 }
 
 impl std::fmt::Debug for JobQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobQueue").field("waiting", &self.lock().as_ref().map(VecDeque::len)).finish_non_exhaustive()
+        f.debug_struct("JobQueue").field("waiting", &self.lock().as_ref().map(FairQueue::len)).finish_non_exhaustive()
     }
 }
 
 impl JobQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<VecDeque<WorkerJob>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<FairQueue<WorkerJob>>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `job` last, or refuses it once the queue is closed.
+    /// Queues `job` in its turn, or refuses it once the queue is closed.
     fn push(&self, job: WorkerJob) {
         let mut jobs = self.lock();
         match jobs.as_mut() {
             Some(queue) => {
-                queue.push_back(job);
+                queue.push(&job.class.clone(), job);
                 drop(jobs);
                 // The slot that went idle last: its worker process is the
                 // one most likely still on a CPU and in its caches (a
@@ -199,7 +204,7 @@ impl JobQueue {
         }
     }
 
-    /// Puts jobs a dead worker never started back at the front, in order.
+    /// Puts jobs a dead worker never started back first, in order.
     fn requeue(&self, jobs: Vec<WorkerJob>) {
         let count = jobs.len();
         let mut queued = self.lock();
@@ -209,7 +214,7 @@ impl JobQueue {
             return;
         };
         for job in jobs.into_iter().rev() {
-            queue.push_front(job);
+            queue.push_front(&job.class.clone(), job);
         }
         drop(queued);
         for _ in 0..count {
@@ -222,16 +227,16 @@ impl JobQueue {
     async fn next(&self) -> WorkerJob {
         loop {
             let ready = self.ready.notified();
-            if let Some(job) = self.lock().as_mut().and_then(VecDeque::pop_front) {
+            if let Some(job) = self.lock().as_mut().and_then(FairQueue::pop) {
                 return job;
             }
             ready.await;
         }
     }
 
-    /// Adds to `batch` (whose jobs a slot just took) the jobs at the front of
-    /// the queue, without waiting, while all are pipelinable, there are at
-    /// most `max`, and their expected run time fits in [`PIPELINE_BUDGET`].
+    /// Adds to `batch` (whose jobs a slot just took) the jobs that go next,
+    /// without waiting, while all are pipelinable, there are at most `max`,
+    /// and their expected run time fits in [`PIPELINE_BUDGET`].
     fn fill_batch(&self, max: usize, batch: &mut Vec<WorkerJob>) {
         if !batch.iter().all(WorkerJob::pipelinable) {
             return;
@@ -240,17 +245,16 @@ impl JobQueue {
         let mut queued = self.lock();
         let Some(queue) = queued.as_mut() else { return };
         while batch.len() < max
-            && let Some(next) =
-                queue.front().filter(|job| job.pipelinable() && budget + job.ticket.cost() <= PIPELINE_BUDGET)
+            && let Some(next) = queue.pop_if(|job| job.pipelinable() && budget + job.ticket.cost() <= PIPELINE_BUDGET)
         {
             budget += next.ticket.cost();
-            batch.extend(queue.pop_front());
+            batch.push(next);
         }
     }
 
     /// Refuses new jobs and answers the waiting ones.
     fn close(&self) {
-        let waiting = self.lock().take().unwrap_or_default();
+        let waiting = self.lock().take().map(|mut queue| queue.drain()).unwrap_or_default();
         waiting.into_iter().for_each(WorkerJob::refuse);
     }
 }
@@ -343,6 +347,7 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::Priority;
 
     const US: Duration = Duration::from_micros(1);
 
@@ -354,7 +359,8 @@ mod tests {
             deadline: None,
             cancel: CancellationToken::new(),
             progress: None,
-            ticket: admission.admit(cost, None).expect("room"),
+            ticket: admission.admit(cost, None, Priority::Interactive).expect("room"),
+            class: Class::anonymous(Priority::Interactive),
             started: Arc::default(),
             span: tracing::Span::none(),
             queue_span: tracing::Span::none(),

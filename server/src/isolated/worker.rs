@@ -571,6 +571,10 @@ impl WorkerProcess {
             let (id, task) = (head.id, head.job.task);
             let cancel = head.job.cancel.clone();
             let stop_reason = tokio::select! {
+                // Frames first: a worker that answers and then exits (after a
+                // panic, or out of memory) has its answer read before its
+                // exit is seen, whichever the runtime noticed first.
+                biased;
                 frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
                         self.tasks_done += 1;

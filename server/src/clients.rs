@@ -1,0 +1,276 @@
+//! Who a call comes from, for the fair share between clients and their
+//! in-flight limits: the `offload-client` metadata value, else the peer's IP
+//! address. Clients declared in the config file (`[[client]]`) have their
+//! weight and limit; any other client has weight 1 and no limit.
+//!
+//! The identity is the caller's claim, not a proof: it decides whose turn a
+//! call waits for, not what it may do (authentication comes with the
+//! security layer, whose identity then takes the place of the claim).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use serde::Deserialize;
+use tonic::metadata::MetadataMap;
+
+use crate::{
+    error::CallError,
+    schedule::{Class, Priority},
+};
+
+/// Metadata naming the calling client.
+pub const CLIENT_HEADER: &str = "offload-client";
+/// Metadata asking for a priority (`interactive` or `batch`).
+pub const PRIORITY_HEADER: &str = "offload-priority";
+/// The metrics label of every client not declared in the config (labels
+/// stay bounded whatever callers claim).
+pub const OTHER_CLIENTS: &str = "other";
+
+/// A `[[client]]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSpec {
+    /// The identity: the `offload-client` value its calls carry.
+    pub name: String,
+    /// Calls served per turn while it has calls waiting. Default 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Calls it may have admitted and unfinished at once; more are refused
+    /// with RESOURCE_EXHAUSTED. Default: no limit.
+    pub max_in_flight: Option<usize>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Why a `[[client]]` table is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientSpecError {
+    /// The name is not a valid identity.
+    #[error("client name {0:?}: {1}")]
+    Name(String, &'static str),
+    /// Weight 0 or too large.
+    #[error("client {0:?}: weight {1} is not in 1..=1000")]
+    Weight(String, u32),
+    /// max_in_flight = 0.
+    #[error("client {0:?}: max_in_flight must be at least 1")]
+    Limit(String),
+    /// The same name twice.
+    #[error("client {0:?} is declared twice")]
+    Twice(String),
+}
+
+/// Checks an identity: 1 to 64 characters of `[A-Za-z0-9._:-]` (an IP
+/// address or a service name).
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("must be 1 to 64 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
+        return Err("may hold only letters, digits, '.', '_', ':' and '-'");
+    }
+    if name == OTHER_CLIENTS {
+        return Err("is the label of undeclared clients");
+    }
+    Ok(())
+}
+
+/// A client's standing: declared or not, with what is in flight.
+#[derive(Debug)]
+pub struct Client {
+    name: Arc<str>,
+    weight: u32,
+    max_in_flight: Option<usize>,
+    in_flight: AtomicUsize,
+    declared: bool,
+}
+
+impl Client {
+    /// Its identity.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Its metrics label: its name if declared, else [`OTHER_CLIENTS`].
+    pub fn label(&self) -> &str {
+        if self.declared { &self.name } else { OTHER_CLIENTS }
+    }
+
+    /// The scheduling class of its calls of `priority`.
+    pub fn class(&self, priority: Priority) -> Class {
+        Class { client: Arc::clone(&self.name), weight: self.weight, priority }
+    }
+
+    /// Counts one more call in flight, or refuses it over the limit.
+    pub fn enter(self: &Arc<Self>) -> Result<InFlight, CallError> {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        let guard = InFlight(Arc::clone(self));
+        match self.max_in_flight {
+            Some(limit) if now > limit => {
+                Err(CallError::ClientLimit { client: self.name.to_string(), limit })
+                // `guard` drops here and gives the place back.
+            }
+            _ => Ok(guard),
+        }
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// One call counted in its client's in-flight total while it lives.
+#[derive(Debug)]
+pub struct InFlight(Arc<Client>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The clients the config declares, and how to recognise a call's.
+#[derive(Debug, Default)]
+pub struct Clients {
+    declared: HashMap<String, Arc<Client>>,
+}
+
+impl Clients {
+    /// The clients of the `[[client]]` tables, checked.
+    pub fn new(specs: &[ClientSpec]) -> Result<Self, ClientSpecError> {
+        let mut declared = HashMap::new();
+        for spec in specs {
+            check_name(&spec.name).map_err(|why| ClientSpecError::Name(spec.name.clone(), why))?;
+            if !(1..=1000).contains(&spec.weight) {
+                return Err(ClientSpecError::Weight(spec.name.clone(), spec.weight));
+            }
+            if spec.max_in_flight == Some(0) {
+                return Err(ClientSpecError::Limit(spec.name.clone()));
+            }
+            let client = Client {
+                name: Arc::from(spec.name.as_str()),
+                weight: spec.weight,
+                max_in_flight: spec.max_in_flight,
+                in_flight: AtomicUsize::new(0),
+                declared: true,
+            };
+            if declared.insert(spec.name.clone(), Arc::new(client)).is_some() {
+                return Err(ClientSpecError::Twice(spec.name.clone()));
+            }
+        }
+        Ok(Self { declared })
+    }
+
+    /// The declared clients.
+    pub fn declared(&self) -> impl Iterator<Item = &Arc<Client>> {
+        self.declared.values()
+    }
+
+    /// The client a call comes from: its `offload-client` value, else its
+    /// peer's IP address, else one anonymous client.
+    pub fn identify(&self, metadata: &MetadataMap, peer: Option<SocketAddr>) -> Result<Arc<Client>, CallError> {
+        let name = match metadata.get(CLIENT_HEADER) {
+            Some(value) => {
+                let text = value
+                    .to_str()
+                    .map_err(|_| CallError::BadMetadata { key: CLIENT_HEADER, detail: "is not ASCII".into() })?;
+                check_name(text)
+                    .map_err(|why| CallError::BadMetadata { key: CLIENT_HEADER, detail: format!("{text:?} {why}") })?;
+                text.to_string()
+            }
+            None => peer.map_or_else(String::new, |peer| peer.ip().to_string()),
+        };
+        if let Some(client) = self.declared.get(&name) {
+            return Ok(Arc::clone(client));
+        }
+        Ok(Arc::new(Client {
+            name: Arc::from(name),
+            weight: 1,
+            max_in_flight: None,
+            in_flight: AtomicUsize::new(0),
+            declared: false,
+        }))
+    }
+}
+
+/// The priority a call asks for in its metadata, else `default`.
+pub fn priority(metadata: &MetadataMap, default: Priority) -> Result<Priority, CallError> {
+    let Some(value) = metadata.get(PRIORITY_HEADER) else { return Ok(default) };
+    value.to_str().ok().and_then(Priority::parse).ok_or_else(|| CallError::BadMetadata {
+        key: PRIORITY_HEADER,
+        detail: format!("{value:?} is not interactive or batch"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, weight: u32, max_in_flight: Option<usize>) -> ClientSpec {
+        ClientSpec { name: name.into(), weight, max_in_flight }
+    }
+
+    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        for (key, value) in pairs {
+            map.insert(*key, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn a_call_is_its_declared_client_else_its_claim_else_its_peer() {
+        let clients = Clients::new(&[spec("billing", 3, Some(2))]).unwrap();
+        let peer: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let billing = clients.identify(&metadata(&[(CLIENT_HEADER, "billing")]), Some(peer)).unwrap();
+        assert_eq!(
+            (billing.name().as_ref(), billing.label(), billing.class(Priority::Batch).weight),
+            ("billing", "billing", 3)
+        );
+        let claimed = clients.identify(&metadata(&[(CLIENT_HEADER, "search")]), Some(peer)).unwrap();
+        assert_eq!((claimed.name().as_ref(), claimed.label()), ("search", OTHER_CLIENTS));
+        let by_peer = clients.identify(&MetadataMap::new(), Some(peer)).unwrap();
+        assert_eq!(by_peer.name().as_ref(), "10.1.2.3");
+        let bad = clients.identify(&metadata(&[(CLIENT_HEADER, "a b")]), None).unwrap_err();
+        assert!(bad.to_string().contains("offload-client"), "{bad}");
+    }
+
+    #[test]
+    fn a_declared_limit_refuses_the_call_over_it_and_gives_places_back() {
+        let clients = Clients::new(&[spec("billing", 1, Some(2))]).unwrap();
+        let billing = clients.identify(&metadata(&[(CLIENT_HEADER, "billing")]), None).unwrap();
+        let first = billing.enter().unwrap();
+        let _second = billing.enter().unwrap();
+        let refused = billing.enter().unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "client \"billing\" already has 2 calls in flight, its max_in_flight; retry when one ends"
+        );
+        assert_eq!(billing.in_flight(), 2);
+        drop(first);
+        assert!(billing.enter().is_ok());
+    }
+
+    #[test]
+    fn bad_tables_and_priorities_are_refused() {
+        assert!(matches!(Clients::new(&[spec("a", 0, None)]), Err(ClientSpecError::Weight(..))));
+        assert!(matches!(Clients::new(&[spec("a", 1, Some(0))]), Err(ClientSpecError::Limit(_))));
+        assert!(matches!(Clients::new(&[spec("a", 1, None), spec("a", 2, None)]), Err(ClientSpecError::Twice(_))));
+        assert!(matches!(Clients::new(&[spec("other", 1, None)]), Err(ClientSpecError::Name(..))));
+        assert_eq!(priority(&MetadataMap::new(), Priority::Batch).unwrap(), Priority::Batch);
+        assert_eq!(
+            priority(&metadata(&[(PRIORITY_HEADER, "interactive")]), Priority::Batch).unwrap(),
+            Priority::Interactive
+        );
+        let err = priority(&metadata(&[(PRIORITY_HEADER, "urgent")]), Priority::Batch).unwrap_err();
+        assert!(err.to_string().contains("is not interactive or batch"), "{err}");
+    }
+}
