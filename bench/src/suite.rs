@@ -208,6 +208,20 @@ impl Measured {
         median(self.runs[i].iter().zip(&self.runs[j]).map(|(a, b)| combine(figure(a), figure(b))).collect())
     }
 
+    /// Median over the runs of contender 0's `figure` over the best (by
+    /// `pick`: min or max) of the others' in the same run.
+    fn versus_best(&self, figure: fn(&Report) -> f64, pick: fn(f64, f64) -> f64) -> f64 {
+        let runs = self.runs[0].len();
+        median(
+            (0..runs)
+                .map(|r| {
+                    let others = self.runs[1..].iter().map(|reports| figure(&reports[r]));
+                    figure(&self.runs[0][r]) / others.reduce(pick).expect("a baseline")
+                })
+                .collect(),
+        )
+    }
+
     /// Median over the runs of contender `i`'s calls/s over contender `j`'s.
     fn ratio(&self, i: usize, j: usize) -> f64 {
         self.per_run(i, j, calls_per_sec, |a, b| a / b)
@@ -297,26 +311,55 @@ impl Suite {
         })
     }
 
-    /// Throughput at 1, 4, 16 and 64 calls in flight per connection against
-    /// each server, charted.
+    /// Each server at 1 call in flight on one connection, then 4
+    /// connections with 1, 4, 16 and 64 in flight each (every shape measured
+    /// `runs` times, as [`Suite::compare`] does); throughput charted.
+    /// Returns each shape's total calls in flight and measurements.
     async fn sweep(
         &mut self,
         file: &str,
         title: &str,
         spec: &LoadSpec,
         servers: &[(&str, &Proc)],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<(usize, Measured)>> {
         let mut series: Vec<Series> = servers.iter().map(|(n, _)| (n.to_string(), Vec::new())).collect();
-        for in_flight in [1, 4, 16, 64] {
-            for (i, (name, server)) in servers.iter().enumerate() {
-                let spec = LoadSpec { url: server.url.clone(), in_flight, ..spec.clone() };
-                let total = in_flight * spec.connections;
-                let report =
-                    self.measure(&format!("{title} [{name}, {total} in flight]"), &spec, Some(server.pid())).await?;
-                series[i].1.push((total as f64, report.calls_per_sec));
+        let mut shapes = Vec::new();
+        for (connections, in_flight) in [(1, 1), (4, 1), (4, 4), (4, 16), (4, 64)] {
+            let total = connections * in_flight;
+            let shape = LoadSpec { connections, in_flight, ..spec.clone() };
+            let contenders = contenders(&shape, servers);
+            let m = self.compare(&format!("{title} [{total} in flight]"), &contenders).await?;
+            for (i, line) in series.iter_mut().enumerate() {
+                line.1.push((total as f64, m.median(i, calls_per_sec)));
             }
+            shapes.push((total, m));
         }
-        self.chart(file, title, |path| charts::throughput(path, title, &series))
+        self.chart(file, title, |path| charts::throughput(path, title, &series))?;
+        Ok(shapes)
+    }
+
+    /// A row per load shape: Offload's p99 against the better baseline's
+    /// (each run's ratio, the median of them), its throughput likewise.
+    fn tail_rows(&mut self, what: &str, shapes: &[(String, &Measured)]) {
+        for (shape, m) in shapes {
+            let p99 = m.versus_best(p99_us, f64::min);
+            let throughput = m.versus_best(calls_per_sec, f64::max);
+            let best = |figure: fn(&Report) -> f64, pick: fn(f64, f64) -> f64| {
+                (1..m.runs.len()).map(|i| m.median(i, figure)).fold(m.median(1, figure), pick)
+            };
+            self.row(
+                &format!("2. tail: {what}, {shape}, p99 and calls/s vs the better baseline"),
+                format!("p99 {:.1} ms, {:.0} calls/s", m.median(0, p99_us) / 1e3, m.median(0, calls_per_sec)),
+                format!(
+                    "p99 {:.1} ms, {:.0} calls/s (best of inline and spawn_blocking)",
+                    best(p99_us, f64::min) / 1e3,
+                    best(calls_per_sec, f64::max)
+                ),
+                p99,
+                &format!("p99 <= 1.1x, calls/s >= 1.0x (measured {throughput:.2}x)"),
+                p99 <= 1.1 && throughput >= 1.0,
+            );
+        }
     }
 
     /// Draws a chart next to the report and lists it there.
@@ -334,9 +377,10 @@ impl Suite {
         let servers = [("offload", offload), ("inline", inline)];
         let contenders = contenders(&spec, &servers);
         let m = self.compare("1. debug.echo 64 B POOL, 4x64", &contenders).await?;
-        let title = "1. debug.echo 64 B POOL, 4 conns x 64: latency";
+        let title = "1. Latency of debug.echo 64 B POOL at 4 conns x 64: Offload vs plain tonic (inline)";
         self.chart("1-latency.svg", title, |path| charts::latency(path, title, &m.latency(&contenders)))?;
-        self.sweep("1-throughput.svg", "1. debug.echo 64 B POOL: throughput", &spec, &servers).await?;
+        let title = "1. Throughput of debug.echo 64 B POOL by calls in flight: Offload vs plain tonic (inline)";
+        let _ = self.sweep("1-throughput.svg", title, &spec, &servers).await?;
         let ratio = m.ratio(0, 1);
         self.row(
             "1. dispatch overhead: debug.echo 64 B POOL, 4 conns x 64",
@@ -358,12 +402,17 @@ impl Suite {
             let servers = [("offload", offload), ("inline", inline), ("spawn_blocking", blocking)];
             let contenders = contenders(&spec, &servers);
             let m = self.compare(&label, &contenders).await?;
-            let title = format!("2. {task} POOL, 4 conns x 8: latency");
+            let title = format!("2. Latency of {task} POOL at 4 conns x 8: Offload vs tonic inline vs spawn_blocking");
             let latency = m.latency(&contenders);
             self.chart(&format!("2-{task}-latency.svg"), &title, |path| charts::latency(path, &title, &latency))?;
             if size > 0 {
-                let title = format!("2. {task} 1 MiB POOL: throughput");
-                self.sweep(&format!("2-{task}-throughput.svg"), &title, &spec, &servers).await?;
+                let title = format!(
+                    "2. Throughput of {task} 1 MiB POOL by calls in flight: Offload vs tonic inline vs spawn_blocking"
+                );
+                let sweep = self.sweep(&format!("2-{task}-throughput.svg"), &title, &spec, &servers).await?;
+                let mut shapes = vec![("4 conns x 8".to_string(), &m)];
+                shapes.extend(sweep.iter().map(|(total, m)| (format!("{total} in flight"), m)));
+                self.tail_rows(&format!("{task} 1 MiB POOL"), &shapes);
             }
             let what = if size > 0 { format!("{task} 1 MiB") } else { format!("{task} limit=2000000") };
             for (i, floor) in [(1, 0.9), (2, 1.0)] {
@@ -469,7 +518,7 @@ impl Suite {
             distributions.push(("every worker spinning".into(), report.distribution));
             drop(spinning);
         }
-        let title = "5. POOL hash.sha256 1 KiB at 200 calls/s: latency";
+        let title = "5. Latency of POOL hash.sha256 1 KiB at 200 calls/s: idle vs every worker spinning";
         self.chart("5-latency.svg", title, |path| charts::latency(path, title, &distributions))?;
         let (idle, busy) = (median(idle), median(busy));
         let ratio = busy / idle;
@@ -809,6 +858,9 @@ impl Suite {
             }
         }
         writeln!(md, "## Measurements\n\n{}", self.details)?;
+        if let Some(dir) = self.options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
         std::fs::write(&self.options.out, md).with_context(|| format!("writing {}", self.options.out.display()))?;
         println!("wrote {}", self.options.out.display());
         Ok(())
