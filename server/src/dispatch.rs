@@ -276,7 +276,6 @@ impl Dispatcher {
             Some(client) => client.class(call.priority),
             None => Class::anonymous(call.priority),
         };
-        let client_label = call.client.as_ref().map_or("", |c| c.label()).to_string();
         let estimate = job.estimate(call.input.len());
         let expected = costs.expected(spec.name, estimate);
         let placement = match expected {
@@ -309,7 +308,7 @@ impl Dispatcher {
             estimate,
             placement,
             class,
-            client_label,
+            client: call.client,
             _in_flight: in_flight,
         })
     }
@@ -337,8 +336,8 @@ pub struct Admitted {
     placement: Placement,
     /// When its turn comes.
     class: Class,
-    /// Its client's metrics label ("" for none).
-    client_label: String,
+    /// Its client (None: no one in particular).
+    client: Option<Arc<Client>>,
     _in_flight: Option<InFlight>,
 }
 
@@ -382,7 +381,7 @@ impl Admitted {
         let dispatcher = Arc::clone(&self.dispatcher);
         let max_output = dispatcher.options.max_output_bytes;
         let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
-        let (class, client_label) = (self.class, self.client_label);
+        let (class, client) = (self.class, self.client);
         let queued_call = matches!(self.placement, Placement::Queued(..));
         let outcome = match self.placement {
             Placement::Inline => {
@@ -462,7 +461,8 @@ impl Admitted {
             }
         };
         if queued_call {
-            dispatcher.metrics.waited(class.priority, &client_label, outcome.queued);
+            let label = client.as_deref().map_or("", Client::label);
+            dispatcher.metrics.waited(class.priority, label, outcome.queued);
         }
         if outcome.output.len() > max_output {
             return Err(CallError::OutputTooLarge { task: name, size: outcome.output.len(), limit: max_output });

@@ -165,7 +165,7 @@ impl Default for Metrics {
         let rejected = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "rejected_calls",
-            "Calls refused before running, by reason (queue_full, deadline, draining, no_worker, too_large, memory)",
+            "Calls refused before running, by reason (queue_full, deadline, draining, no_worker, client_limit, too_large, memory)",
             rejected.clone(),
         );
         let inflight_bytes = Gauge::default();

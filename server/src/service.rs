@@ -85,12 +85,19 @@ struct Origin {
 
 impl Origin {
     /// Reads `request`'s metadata; `priority` unless it asks for another.
+    /// A malformed value refuses the call (counted like any refused call).
     fn of<T>(dispatcher: &Dispatcher, request: &Request<T>, priority: Priority) -> Result<Self, Status> {
         let metadata = request.metadata();
-        Ok(Self {
-            deadline: deadline::from_metadata(metadata, Instant::now()),
-            client: dispatcher.clients().identify(metadata, request.remote_addr())?,
-            priority: clients::priority(metadata, priority)?,
+        let read = || -> Result<Self, CallError> {
+            Ok(Self {
+                deadline: deadline::from_metadata(metadata, Instant::now()),
+                client: dispatcher.clients().identify(metadata, request.remote_addr())?,
+                priority: clients::priority(metadata, priority)?,
+            })
+        };
+        read().map_err(|err| {
+            dispatcher.metrics().refused("unknown", "unknown", err.code(), err.rejection());
+            Status::from(err)
         })
     }
 
