@@ -194,17 +194,18 @@ class _Worker:
                 if run.deadline_unix_nanos:
                     deadline = time.monotonic() + (run.deadline_unix_nanos / 1e9 - time.time())
                 ctx = Context(self, run.id, deadline)
+                # Read without the lock: only this thread adds entries, so an
+                # empty dict stays empty until it adds one (the task thread's
+                # removals can only make a stale read say "busy").
+                if run.inline and not self._outstanding:
+                    # No Cancel can reach a task running here before it ends.
+                    self._answer(self._run_one(run, request.payload, ctx))
+                    continue
                 with self._outstanding_lock:
                     if len(self._outstanding) >= 64:
                         raise wire.ProtocolError("task %d sent while 64 tasks are outstanding" % run.id)
-                    # No Cancel can reach a task running here before it ends.
-                    inline = run.inline and not self._outstanding
-                    if not inline:
-                        self._outstanding[run.id] = ctx
-                if inline:
-                    self._answer(self._run_one(run, request.payload, ctx))
-                else:
-                    self._jobs.put((run, request.payload, ctx))
+                    self._outstanding[run.id] = ctx
+                self._jobs.put((run, request.payload, ctx))
             elif kind == "cancel":
                 with self._outstanding_lock:
                     ctx = self._outstanding.get(request.cancel.id)
@@ -250,7 +251,7 @@ class _Worker:
             failure, message = _stopped(ctx)
         else:
             try:
-                result = spec.func(ctx, payload, dict(run.params))
+                result = spec.func(ctx, payload, dict(run.params) if run.params else {})
                 if ctx.cancelled:
                     failure, message = _stopped(ctx)
                 elif not isinstance(result, bytes):
