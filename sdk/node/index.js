@@ -203,21 +203,28 @@ function serveMain() {
   thread.on("error", (err) => fail(1, `the task thread failed: ${err && err.stack ? err.stack : err}`));
 
   const socket = new net.Socket({ fd: Number(fd), readable: true, writable: true });
+  // Frames written while a data chunk is handled wait here and go out in
+  // one write at its end: the answers of a batch of tiny tasks together.
+  let held = null;
   const send = (reply) => {
-    const body = WorkerReply.encode(WorkerReply.create(reply)).finish();
-    const head = Buffer.alloc(4);
-    head.writeUInt32BE(body.length);
-    socket.write(Buffer.concat([head, body]));
+    const body = WorkerReply.encode(reply).finish();
+    const frame = Buffer.allocUnsafe(4 + body.length);
+    frame.writeUInt32BE(body.length, 0);
+    frame.set(body, 4);
+    if (held) held.push(frame);
+    else socket.write(frame);
   };
 
   // Outstanding tasks in arrival order: { run, payload, cancelled }.
   const queue = [];
   let running = null;
+  // Names the running task to the task thread (a uint64 id is a Long here).
+  let tokens = 0;
   let pumping = false;
   let welcomed = false;
 
   const progress = (id, fraction, message) => {
-    if (running && id === String(running.run.id)) send({ progress: { id: running.run.id, fraction, message } });
+    if (running && id === running.token) send({ progress: { id: running.run.id, fraction, message } });
   };
 
   // Starts the oldest outstanding task when none runs.
@@ -234,12 +241,14 @@ function serveMain() {
       running = job;
       Atomics.store(flag, 0, 0);
       const deadline = job.run.deadlineUnixNanos;
-      const deadlineMs = deadline ? Number(BigInt(String(deadline)) / 1000000n) : 0;
+      // A uint64 decodes as a Long (or a number): zero is no deadline.
+      const deadlineMs = deadline && String(deadline) !== "0" ? Number(BigInt(String(deadline)) / 1000000n) : 0;
       const params = {};
       for (const [k, v] of Object.entries(job.run.params || {})) params[k] = v;
       // An absent payload decodes as protobufjs's default, not a Buffer.
       const input = job.payload instanceof Uint8Array ? job.payload : new Uint8Array(0);
-      const message = { id: String(job.run.id), task: job.run.task, params, deadlineMs, input };
+      job.token = ++tokens;
+      const message = { id: job.token, task: job.run.task, params, deadlineMs, input };
       if (job.run.inline) {
         execute(message, flag, (fraction, note) => progress(message.id, fraction, note), finished);
       } else {
@@ -259,7 +268,7 @@ function serveMain() {
 
   // Answers the running task with `msg` (what `execute` reports).
   function finished(msg) {
-    if (!running || msg.id !== String(running.run.id)) return;
+    if (!running || msg.id !== running.token) return;
     const run = running.run;
     const done = { id: run.id, failure: failure(msg.kind), message: msg.message, runUs: msg.runUs };
     if (run.traceparent) {
@@ -316,9 +325,7 @@ function serveMain() {
   let buffered = Buffer.alloc(0);
   socket.on("data", (chunk) => {
     buffered = buffered.length ? Buffer.concat([buffered, chunk]) : chunk;
-    // The answers of the tiny tasks this chunk carries go out in one write.
-    socket.cork();
-    process.nextTick(() => socket.uncork());
+    held = [];
     try {
       while (buffered.length >= 4) {
         const length = buffered.readUInt32BE(0);
@@ -331,6 +338,9 @@ function serveMain() {
     } catch (err) {
       fail(EXIT_PROTOCOL, `protocol error: ${err.message}`);
     }
+    const frames = held;
+    held = null;
+    if (frames.length) socket.write(frames.length === 1 ? frames[0] : Buffer.concat(frames));
   });
   // The front closed the socket (it retired us, or it is gone).
   socket.on("end", () => process.exit(EXIT_CLEAN));
