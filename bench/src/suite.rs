@@ -345,7 +345,7 @@ impl Suite {
             let p99 = m.versus_best(p99_us, f64::min);
             let throughput = m.versus_best(calls_per_sec, f64::max);
             let best = |figure: fn(&Report) -> f64, pick: fn(f64, f64) -> f64| {
-                (1..m.runs.len()).map(|i| m.median(i, figure)).fold(m.median(1, figure), pick)
+                (1..m.runs.len()).map(|i| m.median(i, figure)).reduce(pick).expect("a baseline")
             };
             self.row(
                 &format!("2. tail: {what}, {shape}, p99 and calls/s vs the better baseline"),

@@ -108,8 +108,13 @@ impl Client {
         Class { client: Arc::clone(&self.name), weight: self.weight, priority }
     }
 
-    /// Counts one more call in flight, or refuses it over the limit.
-    pub fn enter(self: &Arc<Self>) -> Result<InFlight, CallError> {
+    /// Counts one more call in flight, or refuses it over the limit. Only
+    /// declared clients are counted (their gauge and limit); for any other
+    /// the count would be thrown away with the call.
+    pub fn enter(self: &Arc<Self>) -> Result<Option<InFlight>, CallError> {
+        if !self.declared {
+            return Ok(None);
+        }
         let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         let guard = InFlight(Arc::clone(self));
         match self.max_in_flight {
@@ -117,7 +122,7 @@ impl Client {
                 Err(CallError::ClientLimit { client: self.name.to_string(), limit })
                 // `guard` drops here and gives the place back.
             }
-            _ => Ok(guard),
+            _ => Ok(Some(guard)),
         }
     }
 

@@ -271,7 +271,7 @@ impl Dispatcher {
         };
 
         // Counted against its client's limit from here until the call ends.
-        let in_flight = call.client.as_ref().map(Client::enter).transpose()?;
+        let in_flight = call.client.as_ref().map(Client::enter).transpose()?.flatten();
         let class = match &call.client {
             Some(client) => client.class(call.priority),
             None => Class::anonymous(call.priority),

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tonic::Code;
 
 /// `body` with scheduling metadata.
-fn with(metadata: &[(&'static str, &str)], body: ExecuteRequest) -> tonic::Request<ExecuteRequest> {
+fn with<T>(metadata: &[(&'static str, &str)], body: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(body);
     for (key, value) in metadata {
         request.metadata_mut().insert(*key, value.parse().unwrap());
@@ -101,6 +101,25 @@ async fn interactive_calls_go_before_a_batch_flood_of_the_same_client() {
         )
     };
     assert!(waits("batch") >= 29.0 && waits("interactive") >= 1.0, "{metrics}");
+
+    // ExecuteBatch items are batch calls unless the stream's metadata says
+    // otherwise; Execute calls are interactive.
+    let mut client = server.client().await;
+    let items = tokio_stream::iter(vec![spin(1), spin(1)]);
+    let mut answers = client.execute_batch(with(&[], items)).await.unwrap().into_inner();
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert!(answer.error.is_none(), "{answer:?}");
+    }
+    client.execute(with(&[], spin(1))).await.unwrap();
+    let metrics = server.scrape();
+    let (batch, interactive) = (waits("batch"), waits("interactive"));
+    let now = |priority: &str| {
+        metric_value(
+            &metrics,
+            &format!(r#"offload_class_queue_wait_seconds_count{{priority="{priority}",client="other"}}"#),
+        )
+    };
+    assert_eq!((now("batch"), now("interactive")), (batch + 2.0, interactive + 1.0), "{metrics}");
 }
 
 #[tokio::test]

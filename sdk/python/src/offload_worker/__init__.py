@@ -149,9 +149,17 @@ class _Worker:
         self._outstanding_lock = threading.Lock()
         self._jobs = queue.Queue()
 
-    def send(self, reply):
+    def send(self, reply, handed=None):
+        """Sends `reply`; `handed` is the id of the task-thread task it
+        answers, which stops counting as outstanding under the write lock:
+        before the front can see the answer (and send a task in its place),
+        and before a tiny task read meanwhile (run once nothing is
+        outstanding) can send its own answer ahead of this one."""
         frame = wire.encode(reply)
         with self._write_lock:
+            if handed is not None:
+                with self._outstanding_lock:
+                    del self._outstanding[handed]
             self._sock.sendall(frame)
 
     def serve(self):
@@ -222,18 +230,9 @@ class _Worker:
             self._answer(self._run_one(run, payload, ctx), handed=run.id)
 
     def _answer(self, reply, handed=None):
-        """Sends `reply`; `handed` is the id of the task-thread task it
-        answers, which stops counting as outstanding under the write lock:
-        before the front can see the answer (and send a task in its place),
-        and before a tiny task read meanwhile (run once nothing is
-        outstanding) can send its own answer ahead of this one."""
-        frame = wire.encode(reply)
+        """Answers a task (see `send`); a front that is gone ends the worker."""
         try:
-            with self._write_lock:
-                if handed is not None:
-                    with self._outstanding_lock:
-                        del self._outstanding[handed]
-                self._sock.sendall(frame)
+            self.send(reply, handed)
         except OSError:
             # The front is gone.
             os._exit(EXIT_CLEAN)
