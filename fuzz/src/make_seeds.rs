@@ -58,7 +58,7 @@ fn main() {
         error: String::new(),
         children: vec![WorkerSpan { name: "step".into(), ..Default::default() }],
     };
-    let hello = Hello { protocol_version: 3, pid: 7, tasks: vec!["hash.sha256".into()] };
+    let hello = Hello { protocol_version: 3, pid: 7, tasks: vec!["hash.sha256".into()], ..Default::default() };
     let progress = TaskProgress { id: 1, fraction: 0.5, message: "half".into() };
     let done = TaskDone { id: 1, failure: 0, message: String::new(), run_us: 5, span: Some(span) };
     let failed =
@@ -80,6 +80,10 @@ fn main() {
         let text = b"offload offload offload 0123456789".repeat(if level == 1 { 1 } else { 300 });
         write("zstd", name, &zstd::encode_all(&text[..], level).expect("zstd"));
     }
+    // What fuzzing found before, kept as regressions: a frame asking for a
+    // 64 MiB window, and a legacy (v0.6) frame whose decoder ignored the limit.
+    write("zstd", "huge-window", b"\x28\xb5\x2f\xfd\x00\x80\x48\xc5\x00\x00\x90offloa");
+    write("zstd", "legacy-v06", b"\x26\xb5\x2f\xfd\x0f\x00");
 
     let mut picture = RgbaImage::new(9, 7);
     for (x, y, pixel) in picture.enumerate_pixels_mut() {

@@ -108,6 +108,20 @@ impl DecompressJob {
     }
 }
 
+/// The format version of a frame written by zstd before 1.0 (its magic
+/// number says which), if `input` starts with one. libzstd's decoders for
+/// them are left out of the build: they allocate whatever window a frame
+/// names, ignoring the limit set below (a 6-byte v0.6 frame asked for
+/// hundreds of MiB, found by fuzzing).
+fn legacy_format(input: &[u8]) -> Option<u32> {
+    let magic = u32::from_le_bytes(input.get(..4)?.try_into().ok()?);
+    match magic {
+        0x1EB5_2FFD => Some(1),
+        0xFD2F_B522..=0xFD2F_B527 => Some(magic - 0xFD2F_B520),
+        _ => None,
+    }
+}
+
 impl Job for DecompressJob {
     fn estimate(&self, input_len: usize) -> Option<Duration> {
         Some(per_byte(input_len, 3.0))
@@ -116,6 +130,11 @@ impl Job for DecompressJob {
     fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError> {
         if input.is_empty() {
             return Err(TaskError::InvalidInput("input is empty; expected a zstd frame".into()));
+        }
+        if let Some(version) = legacy_format(&input) {
+            return Err(TaskError::InvalidInput(format!(
+                "input is a legacy zstd frame (format v0.{version}, from before zstd 1.0), which is not supported"
+            )));
         }
         let invalid = |e: std::io::Error| TaskError::InvalidInput(format!("input is not valid zstd data: {e}"));
         // The first frame's declared size, when present, sizes the output once.
@@ -221,6 +240,25 @@ mod tests {
         // The default cap allows zstd's own default window limit.
         assert_eq!(DecompressJob { max_output: 256 << 20 }.window_log(), 27);
         assert_eq!(DecompressJob { max_output: 1 }.window_log(), 23);
+    }
+
+    #[test]
+    fn a_legacy_frame_is_refused_by_name() {
+        // Found by fuzzing: a v0.6 frame header whose decoder allocated a
+        // window far past the limit before failing.
+        let job = DecompressJob { max_output: 1 << 20 };
+        let err = job.run(&ctx(), Bytes::from_static(b"\x26\xb5\x2f\xfd\x0f\x00")).unwrap_err();
+        assert!(matches!(err, TaskError::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains("legacy zstd frame (format v0.6"), "{err}");
+        assert_eq!(legacy_format(b"\xfd\x2f\xb5\x1e"), Some(1));
+        assert_eq!(legacy_format(b"\x27\xb5\x2f\xfd"), Some(7));
+        assert_eq!(legacy_format(b"\x28\xb5\x2f\xfd"), None);
+        assert_eq!(legacy_format(b"\x28\xb5"), None);
+        // A later frame in legacy format is not decoded either.
+        let mut mixed = zstd::encode_all(&b"first"[..], 1).unwrap();
+        mixed.extend_from_slice(b"\x26\xb5\x2f\xfd\x0f\x00");
+        let err = job.run(&ctx(), Bytes::from(mixed)).unwrap_err();
+        assert!(matches!(err, TaskError::InvalidInput(_)), "{err}");
     }
 
     #[test]
