@@ -19,7 +19,7 @@ use offload_proto::offload::v1::{
     ExecuteRequest, ExecuteResponse, ExecutionMode, ListTasksRequest, Stage, compute_client::ComputeClient,
     execute_event::Event,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Client of an Offload server.
 #[derive(Debug, Parser)]
@@ -29,8 +29,67 @@ struct Cli {
     #[arg(long, short, env = "OFFLOAD_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
     server: String,
 
+    #[command(flatten)]
+    tls: TlsArgs,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS towards the server: used when the address is https:// or any of
+/// these is given.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// Trust the server certificates this PEM CA file signed (instead of
+    /// the system's roots).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Present this PEM certificate to a server that requires one (mutual
+    /// TLS; with --tls-key).
+    #[arg(long, value_name = "FILE", global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the
+    /// address's host (for example when connecting by IP address).
+    #[arg(long, value_name = "NAME", global = true)]
+    tls_domain: Option<String>,
+}
+
+impl TlsArgs {
+    fn wanted(&self, server: &str) -> bool {
+        server.starts_with("https://") || self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some()
+    }
+
+    fn config(&self) -> anyhow::Result<ClientTlsConfig> {
+        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+        let mut config = ClientTlsConfig::new();
+        config = match &self.tls_ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(domain) = &self.tls_domain {
+            config = config.domain_name(domain);
+        }
+        Ok(config)
+    }
+}
+
+/// A channel to `server`, over TLS as `tls` says.
+async fn connect(server: &str, tls: &TlsArgs) -> anyhow::Result<Channel> {
+    let mut endpoint =
+        Channel::from_shared(server.to_string()).with_context(|| format!("bad server address {server:?}"))?;
+    if tls.wanted(server) {
+        if let Some(rest) = server.strip_prefix("http://") {
+            endpoint = Channel::from_shared(format!("https://{rest}")).context("server address")?;
+        }
+        endpoint = endpoint.tls_config(tls.config()?).context("TLS settings")?;
+    }
+    endpoint.connect().await.with_context(|| format!("cannot connect to {server}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,11 +168,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(cli.server.clone())
-        .with_context(|| format!("bad server address {:?}", cli.server))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {}", cli.server))?;
+    let channel = connect(&cli.server, &cli.tls).await?;
     let mut client = ComputeClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
     match cli.command {
         Command::Tasks => list(&mut client).await,

@@ -18,6 +18,7 @@ use crate::{
     inflight::{self, MemorySource},
     isolated::program::{ProgramConfig, ProgramDefaults, ProgramSpec},
     telemetry::{self, TraceSettings},
+    tls::TlsFiles,
 };
 use serde::Deserialize;
 
@@ -152,6 +153,21 @@ pub struct Args {
     /// Name reported in TaskStats.replica. [default: the host name]
     #[arg(long, env = "OFFLOAD_REPLICA_NAME", value_name = "NAME")]
     pub replica_name: Option<String>,
+
+    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key).
+    /// The files are reloaded when they change. A relative path in the
+    /// config file is relative to the file's folder.
+    #[arg(long, env = "OFFLOAD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "OFFLOAD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by a CA in this PEM file (mutual
+    /// TLS; needs --tls-cert).
+    #[arg(long, env = "OFFLOAD_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Address of the Prometheus endpoint (GET /metrics); off when unset.
     #[arg(long, env = "OFFLOAD_METRICS_LISTEN", value_name = "ADDR")]
@@ -289,6 +305,9 @@ impl Args {
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
             otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
             otel_service_name: self.otel_service_name.or(file.otel_service_name),
             otel_traces_sampler: self.otel_traces_sampler.or(file.otel_traces_sampler),
@@ -311,6 +330,24 @@ impl Args {
             client: if self.client.is_empty() { file.client } else { self.client },
         }
     }
+}
+
+/// The TLS files the settings name, checked by loading them once (a server
+/// that cannot serve TLS as asked does not start in plaintext).
+fn tls_files(a: &Args) -> Result<Option<TlsFiles>, ConfigError> {
+    let files = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: a.tls_client_ca.clone() }
+        }
+        (None, None) if a.tls_client_ca.is_some() => {
+            return Err(invalid("tls-client-ca", "needs --tls-cert and --tls-key (mutual TLS is TLS first)".into()));
+        }
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(invalid("tls-cert", "needs --tls-key too".into())),
+        (None, Some(_)) => return Err(invalid("tls-key", "needs --tls-cert too".into())),
+    };
+    crate::tls::server_config(&files).map_err(|e| invalid("tls-cert", e.to_string()))?;
+    Ok(Some(files))
 }
 
 /// A configuration that cannot be used.
@@ -378,6 +415,8 @@ pub struct Config {
     pub replica_name: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// TLS on the gRPC port, if configured.
+    pub tls: Option<TlsFiles>,
     /// Address of the metrics endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
     /// Where traces go.
@@ -426,8 +465,14 @@ impl Config {
             Some(path) => {
                 let text =
                     std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
+                let mut file: Args = toml::from_str(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?;
+                // The file's paths are relative to its folder.
+                let dir = path.parent().unwrap_or(Path::new(""));
+                for tls_path in [&mut file.tls_cert, &mut file.tls_key, &mut file.tls_client_ca].into_iter().flatten() {
+                    *tls_path = dir.join(&*tls_path);
+                }
+                file
             }
         };
         let a = args.or(file);
@@ -493,6 +538,7 @@ impl Config {
             }
             _ => Vec::new(),
         };
+        let tls = tls_files(&a)?;
         let replica_name = a.replica_name.clone().unwrap_or_else(host_name);
         let replicas = match a.replicas.as_deref().map(str::trim) {
             None | Some("") => 1,
@@ -532,6 +578,7 @@ impl Config {
             shutdown_grace: Duration::from_secs_f64(grace),
             replica_name: replica_name.clone(),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
+            tls,
             metrics_listen: a.metrics_listen,
             traces: TraceSettings {
                 endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),

@@ -7,6 +7,8 @@
 //! - A connection with no call in flight for `--connection-idle-timeout-secs`
 //!   is closed gracefully (GOAWAY; gRPC clients reconnect on their next call).
 //! - Dead peers are found by HTTP/2 keepalive pings (set in `server`).
+//! - Over TLS, the handshake must end within [`HANDSHAKE_TIMEOUT`]; a
+//!   failed one closes the connection (the client gets the TLS alert).
 //! - On shutdown every connection is told to finish (GOAWAY) and given a
 //!   moment to flush its last responses.
 
@@ -27,7 +29,12 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Notify,
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpConnectInfo;
 use tower::Service;
@@ -38,11 +45,16 @@ pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection being closed gracefully may take to finish.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves one accepted connection with `service` until the peer closes it,
-/// it has been idle for `idle_timeout` (None: never), or `stop` fires.
+/// How long a TLS handshake may take once the client's first byte came.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted connection with `service` (over TLS when `tls` is
+/// given) until the peer closes it, it has been idle for `idle_timeout`
+/// (None: never), or `stop` fires.
 pub async fn serve<S, B>(
     http: hyper::server::conn::http2::Builder<TokioExecutor>,
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     service: S,
     idle_timeout: Option<Duration>,
     stop: CancellationToken,
@@ -64,13 +76,54 @@ where
         },
         () = stop.cancelled() => return Ok(()),
     }
-    let activity = Arc::new(Activity::default());
     // Each request carries its connection's addresses (tonic's
     // `Request::remote_addr` reads them): the peer is a client's identity
     // when it names none.
     let addresses = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
+    let Some(tls) = tls else {
+        return serve_io(http, stream, addresses, service, idle_timeout, stop).await;
+    };
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)) => handshake,
+        () = stop.cancelled() => return Ok(()),
+    };
+    match handshake {
+        Ok(Ok(stream)) => serve_io(http, stream, addresses, service, idle_timeout, stop).await,
+        // A client that does not speak TLS, distrusts our certificate, or
+        // has no acceptable certificate of its own: rustls has already
+        // told it with an alert; the log says who.
+        Ok(Err(err)) => {
+            tracing::info!(peer = ?addresses.remote_addr, error = %err, "TLS handshake failed");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::info!(peer = ?addresses.remote_addr, "TLS handshake timed out");
+            Ok(())
+        }
+    }
+}
+
+/// Serves HTTP/2 on an established (plain or TLS) connection.
+async fn serve_io<I, S, B>(
+    http: hyper::server::conn::http2::Builder<TokioExecutor>,
+    io: I,
+    addresses: TcpConnectInfo,
+    service: S,
+    idle_timeout: Option<Duration>,
+    stop: CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = Arc::new(Activity::default());
     let tracked = Tracked { inner: service, activity: Arc::clone(&activity), addresses };
-    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(tracked));
+    let connection = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(tracked));
     tokio::pin!(connection);
     tokio::select! {
         served = connection.as_mut() => return served,

@@ -5,7 +5,8 @@
 //! - [`launch`]: the program: flags, config, tasks, runtime, signals.
 //! - [`cluster`]: the replica supervisor (`--replicas`).
 //! - [`server`]: assembles the services and layers, serves HTTP/2, drains.
-//! - [`connection`]: one connection's life: first-byte and idle timeouts.
+//! - [`connection`]: one connection's life: first-byte and idle timeouts, TLS.
+//! - [`tls`]: TLS and mutual TLS, certificates reloaded when their files change.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
 //! - [`clients`]: who a call is from, its priority, declared clients' limits.
@@ -39,6 +40,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use launch::main;
 pub use offload_worker::TaskSet;

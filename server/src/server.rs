@@ -30,6 +30,7 @@ use crate::{
     metrics,
     pool::Pool,
     service::ComputeService,
+    tls::{self, Tls},
 };
 
 /// HTTP/2 flow-control window of each stream.
@@ -58,6 +59,9 @@ pub enum ServeError {
     /// The reflection service could not load the descriptors.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS files could not be loaded.
+    #[error("cannot serve TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     /// The metrics address could not be bound.
     #[error("cannot listen for metrics: {0}")]
     Metrics(#[from] std::io::Error),
@@ -149,6 +153,20 @@ pub async fn serve(
     // Connections are told to finish when the drain is over (GOAWAY).
     let connections = TaskTracker::new();
     let close_connections = CancellationToken::new();
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            let tls = Tls::load(files.clone())?;
+            tokio::spawn(tls.clone().watch(tls::RELOAD_CHECK, close_connections.clone()));
+            tracing::info!(
+                cert = %files.cert.display(),
+                mutual = tls.mutual(),
+                "serving TLS{}",
+                if tls.mutual() { " with client certificates required" } else { "" }
+            );
+            Some(tls)
+        }
+    };
 
     // A worker program's tasks are known from its first worker's Hello:
     // calls are accepted once every program has one (or has failed).
@@ -172,6 +190,7 @@ pub async fn serve(
                     let served = connection::serve(
                         http.clone(),
                         stream,
+                        tls.as_ref().map(Tls::acceptor),
                         service.clone(),
                         config.connection_idle_timeout,
                         close_connections.clone(),

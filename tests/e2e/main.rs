@@ -19,6 +19,7 @@ mod shutdown;
 mod statuses;
 mod stream;
 mod tasks;
+mod tls;
 mod traces;
 
 use std::time::Duration;

@@ -1,4 +1,8 @@
-"""Calls Offload's Execute hash.sha256 from grpcio and checks it against hashlib."""
+"""Calls Offload's Execute hash.sha256 from grpcio and checks it against hashlib.
+
+Usage: check_sha256.py HOST:PORT [CA.pem [CERT.pem KEY.pem [DOMAIN]]]
+With a CA the channel is TLS (with a client certificate when CERT and KEY
+are given); DOMAIN overrides the name the server certificate must carry."""
 import hashlib
 import os
 import sys
@@ -9,8 +13,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offload.v1 import compute_pb2, compute_pb2_grpc
 
 
-def main(addr: str) -> None:
-    with grpc.insecure_channel(addr) as channel:
+def channel_to(addr, ca=None, cert=None, key=None, domain=None):
+    if ca is None:
+        return grpc.insecure_channel(addr)
+    read = lambda path: open(path, "rb").read() if path else None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
+    options = [("grpc.ssl_target_name_override", domain)] if domain else []
+    return grpc.secure_channel(addr, credentials, options=options)
+
+
+def main(addr, *tls) -> None:
+    with channel_to(addr, *tls) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
         health = health_pb2_grpc.HealthStub(channel)
         reply = health.Check(health_pb2.HealthCheckRequest(service="offload.v1.Compute"), timeout=10)
@@ -35,4 +50,4 @@ def main(addr: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -462,3 +462,75 @@ pub mod otlp {
         (addr, received)
     }
 }
+
+/// Certificates made at test time (rcgen): a CA and the leaves it signs.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+
+    /// A certificate authority.
+    pub struct Ca {
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    /// A certificate and its key, PEM.
+    #[derive(Debug, Clone)]
+    pub struct Leaf {
+        /// The certificate.
+        pub cert: String,
+        /// Its private key.
+        pub key: String,
+    }
+
+    impl Ca {
+        /// A new CA named `name`.
+        pub fn new(name: &str) -> Self {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().expect("CA key");
+            Self { issuer: CertifiedIssuer::self_signed(params, key).expect("CA certificate") }
+        }
+
+        /// The CA's certificate, PEM.
+        pub fn pem(&self) -> String {
+            self.issuer.pem()
+        }
+
+        /// A certificate for `names` (DNS names or IP addresses), usable by
+        /// a server and a client.
+        pub fn leaf(&self, names: &[&str]) -> Leaf {
+            let mut params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &self.issuer).expect("leaf certificate");
+            Leaf { cert: cert.pem(), key: key.serialize_pem() }
+        }
+
+        /// Writes the CA's certificate to `dir/name` and returns its path.
+        pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+            let path = dir.join(name);
+            std::fs::write(&path, self.pem()).expect("write CA");
+            path
+        }
+    }
+
+    impl Leaf {
+        /// Writes the pair to `dir/<name>.crt` and `dir/<name>.key`, each
+        /// replaced at once (written aside, then renamed), as rotation
+        /// tools do; returns the two paths.
+        pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+            let put = |file: String, text: &str| {
+                let path = dir.join(file);
+                let aside = path.with_extension("tmp");
+                std::fs::write(&aside, text).expect("write PEM");
+                std::fs::rename(&aside, &path).expect("rename PEM");
+                path
+            };
+            (put(format!("{name}.crt"), &self.cert), put(format!("{name}.key"), &self.key))
+        }
+    }
+}
