@@ -19,7 +19,11 @@ use offload_proto::offload::v1::{
     ExecuteRequest, ExecuteResponse, ExecutionMode, ListTasksRequest, Stage, compute_client::ComputeClient,
     execute_event::Event,
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
 /// Client of an Offload server.
 #[derive(Debug, Parser)]
@@ -31,6 +35,11 @@ struct Cli {
 
     #[command(flatten)]
     tls: TlsArgs,
+
+    /// Bearer token sent as `authorization: Bearer <TOKEN>`, for a server
+    /// that declares clients with token_sha256.
+    #[arg(long, env = "OFFLOAD_TOKEN", value_name = "TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -167,9 +176,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Adds the bearer token, if any, to every call.
+#[derive(Debug, Clone)]
+struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = ComputeClient<InterceptedService<Channel, Credentials>>;
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let channel = connect(&cli.server, &cli.tls).await?;
-    let mut client = ComputeClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+    let token = match &cli.token {
+        Some(token) => Some(format!("Bearer {token}").parse().context("--token must be printable ASCII")?),
+        None => None,
+    };
+    let mut client =
+        ComputeClient::with_interceptor(channel.clone(), Credentials(token)).max_decoding_message_size(usize::MAX);
     match cli.command {
         Command::Tasks => list(&mut client).await,
         Command::Run(args) => execute(&mut client, args).await,
@@ -190,7 +219,7 @@ async fn health(channel: Channel, service: &str, timeout: f64) -> anyhow::Result
     Ok(())
 }
 
-async fn list(client: &mut ComputeClient<Channel>) -> anyhow::Result<()> {
+async fn list(client: &mut Client) -> anyhow::Result<()> {
     let tasks = client.list_tasks(ListTasksRequest {}).await.map_err(status_error)?.into_inner().tasks;
     let mode_name =
         |m: i32| ExecutionMode::try_from(m).map_or("?", |m| m.as_str_name().trim_start_matches("EXECUTION_MODE_"));
@@ -206,7 +235,7 @@ async fn list(client: &mut ComputeClient<Channel>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn execute(client: &mut ComputeClient<Channel>, args: RunArgs) -> anyhow::Result<()> {
+async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
     let input = match (&args.input, &args.data) {
         (Some(path), _) if path.as_os_str() == "-" => {
             let mut buf = Vec::new();
@@ -262,7 +291,7 @@ async fn execute(client: &mut ComputeClient<Channel>, args: RunArgs) -> anyhow::
 
 /// Runs the call through ExecuteStream, drawing its progress on stderr.
 async fn with_progress(
-    client: &mut ComputeClient<Channel>,
+    client: &mut Client,
     request: tonic::Request<ExecuteRequest>,
 ) -> anyhow::Result<ExecuteResponse> {
     let bar = ProgressBar::new(1000);

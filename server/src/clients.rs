@@ -1,11 +1,18 @@
-//! Who a call comes from, for the fair share between clients and their
-//! in-flight limits: the `offload-client` metadata value, else the peer's IP
-//! address. Clients declared in the config file (`[[client]]`) have their
-//! weight and limit; any other client has weight 1 and no limit.
+//! Who a call comes from, for the fair share between clients, their
+//! in-flight limits and (once they authenticate) what they may run.
 //!
-//! The identity is the caller's claim, not a proof: it decides whose turn a
-//! call waits for, not what it may do (authentication comes with the
-//! security layer, whose identity then takes the place of the claim).
+//! Two regimes, set by the config file's `[[client]]` tables:
+//! - **Authenticated**: the tables carry credentials (`token_sha256` or
+//!   `cert_san`). Every call must present one (see [`crate::auth`]), its
+//!   client is the one the credential names, and it may run only the tasks
+//!   its `tasks` patterns match.
+//! - **Claimed**: no table has credentials (or there is none). A call's
+//!   client is its `offload-client` metadata value, else its peer's IP
+//!   address. That is the caller's claim, not a proof: it decides whose turn
+//!   a call waits for, not what it may run.
+//!
+//! Declared clients have their weight and limit; any other client has
+//! weight 1 and no limit.
 
 use std::{
     collections::HashMap,
@@ -16,6 +23,7 @@ use std::{
     },
 };
 
+use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 use tonic::metadata::MetadataMap;
 
@@ -44,6 +52,16 @@ pub struct ClientSpec {
     /// Calls it may have admitted and unfinished at once; more are refused
     /// with RESOURCE_EXHAUSTED. Default: no limit.
     pub max_in_flight: Option<usize>,
+    /// Hex SHA-256 of the bearer token it authenticates with.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// A DNS or URI subject alternative name of the client certificate it
+    /// authenticates with (mutual TLS).
+    #[serde(default)]
+    pub cert_san: Option<String>,
+    /// Glob patterns of the tasks it may run (an authenticated client only).
+    #[serde(default)]
+    pub tasks: Option<Vec<String>>,
 }
 
 fn one() -> u32 {
@@ -65,6 +83,9 @@ pub enum ClientSpecError {
     /// The same name twice.
     #[error("client {0:?} is declared twice")]
     Twice(String),
+    /// A credential or permission setting is wrong.
+    #[error("client {0:?}: {1}")]
+    Auth(String, String),
 }
 
 /// Checks an identity: 1 to 64 characters of `[A-Za-z0-9._:-]` (an IP
@@ -90,6 +111,19 @@ pub struct Client {
     max_in_flight: Option<usize>,
     in_flight: AtomicUsize,
     declared: bool,
+    /// SHA-256 of its bearer token.
+    token: Option<[u8; 32]>,
+    /// The certificate name it authenticates with.
+    cert_san: Option<String>,
+    /// What it may run (authenticated clients).
+    tasks: Option<Permissions>,
+}
+
+/// The tasks an authenticated client may run: glob patterns.
+#[derive(Debug)]
+struct Permissions {
+    patterns: Vec<String>,
+    set: GlobSet,
 }
 
 impl Client {
@@ -126,6 +160,24 @@ impl Client {
         }
     }
 
+    /// Whether it may run `task`: any task, unless it authenticated with
+    /// a `tasks` list that matches no pattern of it.
+    pub fn may_run(&self, task: &str) -> bool {
+        self.tasks.as_ref().is_none_or(|p| p.set.is_match(task))
+    }
+
+    /// Refuses `task` with PERMISSION_DENIED unless [`Client::may_run`].
+    pub fn check_task(&self, task: &str) -> Result<(), CallError> {
+        match &self.tasks {
+            Some(permissions) if !permissions.set.is_match(task) => Err(CallError::PermissionDenied {
+                client: self.name.to_string(),
+                task: task.to_string(),
+                allowed: permissions.patterns.join(", "),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Calls in flight now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -146,32 +198,101 @@ impl Drop for InFlight {
 #[derive(Debug, Default)]
 pub struct Clients {
     declared: HashMap<String, Arc<Client>>,
+    /// Calls must authenticate (the tables carry credentials).
+    authenticating: bool,
 }
 
 impl Clients {
     /// The clients of the `[[client]]` tables, checked.
     pub fn new(specs: &[ClientSpec]) -> Result<Self, ClientSpecError> {
+        let authenticating = specs.iter().any(|s| s.token_sha256.is_some() || s.cert_san.is_some());
         let mut declared = HashMap::new();
         for spec in specs {
-            check_name(&spec.name).map_err(|why| ClientSpecError::Name(spec.name.clone(), why))?;
+            let name = &spec.name;
+            check_name(name).map_err(|why| ClientSpecError::Name(name.clone(), why))?;
             if !(1..=1000).contains(&spec.weight) {
-                return Err(ClientSpecError::Weight(spec.name.clone(), spec.weight));
+                return Err(ClientSpecError::Weight(name.clone(), spec.weight));
             }
             if spec.max_in_flight == Some(0) {
-                return Err(ClientSpecError::Limit(spec.name.clone()));
+                return Err(ClientSpecError::Limit(name.clone()));
             }
+            let auth = |why: String| ClientSpecError::Auth(name.clone(), why);
+            let token = spec.token_sha256.as_deref().map(parse_token_hash).transpose().map_err(auth)?;
+            if spec.cert_san.as_deref().is_some_and(str::is_empty) {
+                return Err(auth("cert_san is empty".into()));
+            }
+            let has_credential = token.is_some() || spec.cert_san.is_some();
+            if authenticating && !has_credential {
+                return Err(auth(
+                    "has neither token_sha256 nor cert_san; once one client authenticates, every [[client]] must \
+                     (calls are matched to their client by their credentials)"
+                        .into(),
+                ));
+            }
+            let tasks = match (&spec.tasks, has_credential) {
+                (Some(patterns), true) => Some(permissions(patterns).map_err(auth)?),
+                (None, true) => {
+                    return Err(auth("tasks is missing: list the task patterns it may run (\"*\" for all)".into()));
+                }
+                (Some(_), false) => {
+                    return Err(auth(
+                        "tasks limits what an authenticated client may run; give it a token_sha256 or cert_san".into(),
+                    ));
+                }
+                (None, false) => None,
+            };
             let client = Client {
-                name: Arc::from(spec.name.as_str()),
+                name: Arc::from(name.as_str()),
                 weight: spec.weight,
                 max_in_flight: spec.max_in_flight,
                 in_flight: AtomicUsize::new(0),
                 declared: true,
+                token,
+                cert_san: spec.cert_san.clone(),
+                tasks,
             };
-            if declared.insert(spec.name.clone(), Arc::new(client)).is_some() {
-                return Err(ClientSpecError::Twice(spec.name.clone()));
+            let same_credential = |other: &Arc<Client>| {
+                (client.token.is_some() && other.token == client.token)
+                    || (client.cert_san.is_some() && other.cert_san == client.cert_san)
+            };
+            if let Some(other) = declared.values().find(|other| same_credential(other)) {
+                return Err(auth(format!("has the same credential as client {:?}", other.name)));
+            }
+            if declared.insert(name.clone(), Arc::new(client)).is_some() {
+                return Err(ClientSpecError::Twice(name.clone()));
             }
         }
-        Ok(Self { declared })
+        Ok(Self { declared, authenticating })
+    }
+
+    /// Whether calls must authenticate.
+    pub fn authenticating(&self) -> bool {
+        self.authenticating
+    }
+
+    /// Whether some client authenticates with a certificate name.
+    pub fn by_certificate(&self) -> bool {
+        self.declared.values().any(|c| c.cert_san.is_some())
+    }
+
+    /// The client whose token hashes to `hash` (compared in constant time
+    /// with every client's, so the time taken says nothing of the tokens).
+    pub fn by_token_hash(&self, hash: &[u8; 32]) -> Option<&Arc<Client>> {
+        use subtle::ConstantTimeEq as _;
+        let mut found = None;
+        for client in self.declared.values() {
+            if let Some(token) = &client.token
+                && bool::from(token.ct_eq(hash))
+            {
+                found = Some(client);
+            }
+        }
+        found
+    }
+
+    /// The client whose `cert_san` is one of `names`.
+    pub fn by_certificate_name(&self, names: &[String]) -> Option<&Arc<Client>> {
+        self.declared.values().find(|c| c.cert_san.as_ref().is_some_and(|san| names.contains(san)))
     }
 
     /// The declared clients.
@@ -179,8 +300,9 @@ impl Clients {
         self.declared.values()
     }
 
-    /// The client a call comes from: its `offload-client` value, else its
-    /// peer's IP address, else one anonymous client.
+    /// The client a call claims to come from (when clients do not
+    /// authenticate): its `offload-client` value, else its peer's IP
+    /// address, else one anonymous client.
     pub fn identify(&self, metadata: &MetadataMap, peer: Option<SocketAddr>) -> Result<Arc<Client>, CallError> {
         let name = match metadata.get(CLIENT_HEADER) {
             Some(value) => {
@@ -202,8 +324,33 @@ impl Clients {
             max_in_flight: None,
             in_flight: AtomicUsize::new(0),
             declared: false,
+            token: None,
+            cert_san: None,
+            tasks: None,
         }))
     }
+}
+
+/// A `token_sha256` value: 64 hex digits.
+fn parse_token_hash(hex_digest: &str) -> Result<[u8; 32], String> {
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex_digest.trim(), &mut hash).map_err(|_| {
+        "token_sha256 must be 64 hex digits (the SHA-256 of the token, e.g. `printf %s TOKEN | sha256sum`)".to_string()
+    })?;
+    Ok(hash)
+}
+
+/// Compiles `tasks` patterns (`*` any run of characters, `?` one, `[...]` a class).
+fn permissions(patterns: &[String]) -> Result<Permissions, String> {
+    if patterns.is_empty() {
+        return Err("tasks is empty: the client could run nothing".into());
+    }
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        set.add(Glob::new(pattern).map_err(|e| format!("task pattern {pattern:?}: {e}"))?);
+    }
+    let set = set.build().map_err(|e| format!("task patterns: {e}"))?;
+    Ok(Permissions { patterns: patterns.to_vec(), set })
 }
 
 /// The priority a call asks for in its metadata, else `default`.
@@ -220,7 +367,7 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, weight: u32, max_in_flight: Option<usize>) -> ClientSpec {
-        ClientSpec { name: name.into(), weight, max_in_flight }
+        ClientSpec { name: name.into(), weight, max_in_flight, token_sha256: None, cert_san: None, tasks: None }
     }
 
     fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {

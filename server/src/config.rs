@@ -539,6 +539,17 @@ impl Config {
             _ => Vec::new(),
         };
         let tls = tls_files(&a)?;
+        if let Some(spec) = a.client.iter().find(|c| c.cert_san.is_some())
+            && tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            return Err(invalid(
+                "client",
+                format!(
+                    "client {:?} authenticates with cert_san, which needs client certificates (--tls-client-ca)",
+                    spec.name
+                ),
+            ));
+        }
         let replica_name = a.replica_name.clone().unwrap_or_else(host_name);
         let replicas = match a.replicas.as_deref().map(str::trim) {
             None | Some("") => 1,

@@ -35,6 +35,8 @@ use tokio::{
     sync::Notify,
 };
 use tokio_rustls::TlsAcceptor;
+
+use crate::auth::PeerNames;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpConnectInfo;
 use tower::Service;
@@ -81,14 +83,19 @@ where
     // when it names none.
     let addresses = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
     let Some(tls) = tls else {
-        return serve_io(http, stream, addresses, service, idle_timeout, stop).await;
+        return serve_io(http, stream, Peer { addresses, names: None }, service, idle_timeout, stop).await;
     };
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)) => handshake,
         () = stop.cancelled() => return Ok(()),
     };
     match handshake {
-        Ok(Ok(stream)) => serve_io(http, stream, addresses, service, idle_timeout, stop).await,
+        Ok(Ok(stream)) => {
+            // A client certificate, verified by the handshake, names the
+            // client to the authentication layer.
+            let names = stream.get_ref().1.peer_certificates().and_then(<[_]>::first).map(PeerNames::of);
+            serve_io(http, stream, Peer { addresses, names }, service, idle_timeout, stop).await
+        }
         // A client that does not speak TLS, distrusts our certificate, or
         // has no acceptable certificate of its own: rustls has already
         // told it with an alert; the log says who.
@@ -107,7 +114,7 @@ where
 async fn serve_io<I, S, B>(
     http: hyper::server::conn::http2::Builder<TokioExecutor>,
     io: I,
-    addresses: TcpConnectInfo,
+    peer: Peer,
     service: S,
     idle_timeout: Option<Duration>,
     stop: CancellationToken,
@@ -122,7 +129,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Arc::new(Activity::default());
-    let tracked = Tracked { inner: service, activity: Arc::clone(&activity), addresses };
+    let tracked = Tracked { inner: service, activity: Arc::clone(&activity), peer };
     let connection = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(tracked));
     tokio::pin!(connection);
     tokio::select! {
@@ -174,13 +181,21 @@ impl Activity {
     }
 }
 
+/// What a connection's requests carry of their peer.
+#[derive(Debug, Clone)]
+struct Peer {
+    addresses: TcpConnectInfo,
+    /// The names of its client certificate, over mutual TLS.
+    names: Option<PeerNames>,
+}
+
 /// The connection's service: counts each call from its start until its
 /// response body is done with.
 #[derive(Debug, Clone)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
-    addresses: TcpConnectInfo,
+    peer: Peer,
 }
 
 impl<S, B> Service<Request<Incoming>> for Tracked<S>
@@ -198,7 +213,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(self.addresses.clone());
+        request.extensions_mut().insert(self.peer.addresses.clone());
+        if let Some(names) = &self.peer.names {
+            request.extensions_mut().insert(names.clone());
+        }
         let guard = CallGuard::new(Arc::clone(&self.activity));
         let response = self.inner.call(request);
         Box::pin(async move {

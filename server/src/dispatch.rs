@@ -230,6 +230,9 @@ impl Dispatcher {
         let admitted = self.admit_labelled(call, &mut labels);
         if let Err(err) = &admitted {
             self.metrics.refused(labels.0, labels.1, err.code(), err.rejection());
+            if let CallError::PermissionDenied { client, task, .. } = err {
+                tracing::info!(client = %client, task.name = %task, "call refused: {err}");
+            }
         }
         admitted
     }
@@ -242,7 +245,18 @@ impl Dispatcher {
         if self.draining.load(Ordering::SeqCst) {
             return Err(CallError::Draining);
         }
-        let (task, program) = self.lookup(&call.task)?;
+        // A task outside an authenticated client's patterns is refused
+        // whether it exists or not (which tasks exist is not its business).
+        if let Some(client) = &call.client {
+            client.check_task(&call.task)?;
+        }
+        let (task, program) = self.lookup(&call.task).map_err(|err| match (err, &call.client) {
+            (CallError::Lookup(LookupError::Unknown { name, available }), Some(client)) => {
+                let available = available.into_iter().filter(|task| client.may_run(task)).collect();
+                CallError::Lookup(LookupError::Unknown { name, available })
+            }
+            (err, _) => err,
+        })?;
         let spec = task.spec();
         labels.0 = spec.name;
         let mode = match ExecutionMode::try_from(call.mode) {

@@ -112,6 +112,19 @@ pub enum CallError {
         /// Its configured limit.
         limit: usize,
     },
+    /// The call presented no credential, or one that names no client.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The authenticated client may not run this task.
+    #[error("client {client:?} may not run task {task:?} (its tasks: {allowed})")]
+    PermissionDenied {
+        /// The client's name.
+        client: String,
+        /// The task asked for.
+        task: String,
+        /// Its `tasks` patterns.
+        allowed: String,
+    },
     /// A scheduling metadata value is malformed.
     #[error("metadata {key}: {detail}")]
     BadMetadata {
@@ -151,6 +164,8 @@ impl CallError {
             | CallError::ClientLimit { .. } => Code::ResourceExhausted,
             CallError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             CallError::Draining => Code::Unavailable,
+            CallError::Unauthenticated(_) => Code::Unauthenticated,
+            CallError::PermissionDenied { .. } => Code::PermissionDenied,
             CallError::Internal(_) => Code::Internal,
         }
     }
@@ -163,6 +178,8 @@ impl CallError {
             CallError::WouldMissDeadline { .. } => Some("deadline"),
             CallError::Draining => Some("draining"),
             CallError::Unavailable(_) => Some("no_worker"),
+            CallError::Unauthenticated(_) => Some("unauthenticated"),
+            CallError::PermissionDenied { .. } => Some("permission_denied"),
             _ => None,
         }
     }

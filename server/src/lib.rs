@@ -9,7 +9,8 @@
 //! - [`tls`]: TLS and mutual TLS, certificates reloaded when their files change.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
-//! - [`clients`]: who a call is from, its priority, declared clients' limits.
+//! - [`auth`]: bearer tokens and client certificates of declared clients.
+//! - [`clients`]: who a call is from, its priority, declared clients' limits and permissions.
 //! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
 //! - [`inflight`]: the budget of request and response bytes held at once.
 //! - [`admission`] and [`cost`]: bounded queues and deadline-aware admission.
@@ -22,6 +23,7 @@
 //! - [`config`], [`shutdown`]: process set-up around it all.
 
 pub mod admission;
+pub mod auth;
 pub mod clients;
 pub mod cluster;
 pub mod config;

@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::{
+    auth::AuthLayer,
     clients::Clients,
     config::Config,
     connection,
@@ -136,6 +137,9 @@ pub async fn serve(
         // Every request and response byte held is counted against the budget;
         // a call that does not fit is refused before its body is read.
         .layer(InflightLayer::new(Arc::clone(&dispatcher), max_message_bytes))
+        // Innermost: a call without credentials is refused before its body
+        // is read (health checks pass).
+        .layer(AuthLayer::new(Arc::clone(&dispatcher)))
         .service(routes);
 
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -180,6 +184,7 @@ pub async fn serve(
             );
         }
     }
+    warn_if_open(config, dispatcher.clients());
     on_serving();
     tracing::info!(pool_threads = dispatcher.pool().threads(), tasks = dispatcher.catalog().iter().count(), "serving");
     loop {
@@ -247,6 +252,29 @@ pub async fn serve(
     dispatcher.stop_workers(config.worker_kill_grace * 5).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says so when anyone who reaches a non-loopback port can run every task.
+fn warn_if_open(config: &Config, clients: &Clients) {
+    let mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
+    if config.listen.ip().is_loopback() {
+        return;
+    }
+    if clients.authenticating() && config.tls.is_none() {
+        tracing::warn!(
+            listen = %config.listen,
+            "bearer tokens reach {} in plaintext, readable on the network; serve TLS (--tls-cert, --tls-key)",
+            config.listen
+        );
+    }
+    if !clients.authenticating() && !mutual_tls {
+        tracing::warn!(
+            listen = %config.listen,
+            "serving {} without authentication: anyone who reaches it can run every task; declare [[client]] \
+             tables with token_sha256 or cert_san, or require client certificates (--tls-client-ca)",
+            config.listen
+        );
+    }
 }
 
 /// The flag with which this executable, re-executed, becomes a worker.

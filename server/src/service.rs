@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
+    auth::Authenticated,
     clients::{self, Client},
     deadline,
     dispatch::{Call, Dispatcher, Outcome, ProgressState},
@@ -86,19 +87,30 @@ struct Origin {
 impl Origin {
     /// Reads `request`'s metadata; `priority` unless it asks for another.
     /// A malformed value refuses the call (counted like any refused call).
-    fn of<T>(dispatcher: &Dispatcher, request: &Request<T>, priority: Priority) -> Result<Self, Status> {
+    /// The client is recorded on the call's `span`.
+    fn of<T>(
+        dispatcher: &Dispatcher,
+        request: &Request<T>,
+        priority: Priority,
+        span: &tracing::Span,
+    ) -> Result<Self, Status> {
         let metadata = request.metadata();
         let read = || -> Result<Self, CallError> {
             Ok(Self {
                 deadline: deadline::from_metadata(metadata, Instant::now()),
-                client: dispatcher.clients().identify(metadata, request.remote_addr())?,
+                client: match request.extensions().get::<Authenticated>() {
+                    Some(Authenticated(client)) => Arc::clone(client),
+                    None => dispatcher.clients().identify(metadata, request.remote_addr())?,
+                },
                 priority: clients::priority(metadata, priority)?,
             })
         };
-        read().map_err(|err| {
+        let origin = read().map_err(|err| {
             dispatcher.metrics().refused("unknown", "unknown", err.code(), err.rejection());
             Status::from(err)
-        })
+        })?;
+        span.record("offload.client", origin.client.name().as_ref());
+        Ok(origin)
     }
 
     /// Splits a request into its id and the dispatcher's call.
@@ -131,7 +143,7 @@ impl Compute for ComputeService {
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
         let _in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("Execute", request.metadata());
-        let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive)?;
+        let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive, &span)?;
         let usage = Usage::of(&request);
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
@@ -154,7 +166,7 @@ impl Compute for ComputeService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("ExecuteStream", request.metadata());
-        let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive)?;
+        let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive, &span)?;
         let usage = Usage::of(&request);
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
@@ -229,7 +241,7 @@ impl Compute for ComputeService {
         let span = telemetry::rpc_span("ExecuteBatch", request.metadata());
         let stream_span = span.clone();
         // A batch's items are throughput work unless the caller says otherwise.
-        let origin = Origin::of(&self.dispatcher, &request, Priority::Batch)?;
+        let origin = Origin::of(&self.dispatcher, &request, Priority::Batch, &span)?;
         let usage = Usage::of(&request);
         let mut requests = request.into_inner();
         let (results, results_rx) = mpsc::channel(self.batch_concurrency);
@@ -290,11 +302,14 @@ impl Compute for ComputeService {
         Ok(Response::new(Box::pin(ReceiverStream::new(results_rx))))
     }
 
-    async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
+    async fn list_tasks(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
+        // An authenticated client sees the tasks it may run.
+        let client = request.extensions().get::<Authenticated>().map(|a| &a.0);
         let tasks = self
             .dispatcher
             .tasks()
             .iter()
+            .filter(|task| client.is_none_or(|c| c.may_run(task.spec().name)))
             .map(|task| {
                 let spec = task.spec();
                 TaskInfo {

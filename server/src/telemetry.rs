@@ -302,6 +302,7 @@ pub fn rpc_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -
         rpc.service = "offload.v1.Compute",
         rpc.method = method,
         rpc.grpc.status_code = Empty,
+        offload.client = Empty,
         trace_id = Empty,
     );
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));

@@ -15,7 +15,7 @@ use sha2::Digest as _;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// A TLS channel to `server` trusting `ca`, presenting `identity` if given.
-async fn tls_channel(server: &Server, ca: &str, identity: Option<&Leaf>) -> Result<Channel, String> {
+pub async fn tls_channel(server: &Server, ca: &str, identity: Option<&Leaf>) -> Result<Channel, String> {
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
     if let Some(leaf) = identity {
         tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
@@ -46,7 +46,7 @@ async fn call(server: &Server, ca: &str, identity: Option<&Leaf>) -> Result<(), 
     hash_call(tls_channel(server, ca, identity).await?).await
 }
 
-fn path(p: &Path) -> &str {
+pub fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
