@@ -218,12 +218,15 @@ mod tests {
     #[test]
     fn a_call_that_cannot_start_before_its_deadline_is_refused() {
         let a = Admission::new(2, 100);
-        // Two free slots: no wait whatever the deadline.
-        let soon = Some(Instant::now() + MS);
-        let mut busy1 = a.admit(1000 * MS, soon, I).unwrap();
-        let mut busy2 = a.admit(1000 * MS, soon, I).unwrap();
+        // Two free slots: no wait whatever the deadline (far enough ahead
+        // that a loaded machine still admits both before it).
+        let soon = Instant::now() + 50 * MS;
+        let mut busy1 = a.admit(1000 * MS, Some(soon), I).unwrap();
+        let mut busy2 = a.admit(1000 * MS, Some(soon), I).unwrap();
         busy1.start();
         busy2.start();
+        // The condition waited for is the clock itself.
+        std::thread::sleep(soon.saturating_duration_since(Instant::now()));
         // Both slots busy, but both tasks are past their deadline: they stop
         // within the grace, so a call with a little time left gets in.
         assert!(a.admit(MS, Some(Instant::now() + 300 * MS), I).is_ok());

@@ -16,7 +16,10 @@ use offload_worker::{CatalogOptions, tasks::exec::ExecSpec};
 use crate::{
     clients::{ClientSpec, Clients},
     inflight::{self, MemorySource},
-    isolated::program::{ProgramConfig, ProgramDefaults, ProgramSpec},
+    isolated::{
+        program::{ProgramConfig, ProgramDefaults, ProgramSpec},
+        sandbox::SandboxMode,
+    },
     telemetry::{self, TraceSettings},
     tls::TlsFiles,
 };
@@ -238,6 +241,12 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_WORKER_KILL_GRACE_MS", value_name = "MS")]
     pub worker_kill_grace_ms: Option<u64>,
 
+    /// The sandbox of worker processes: auto (every piece the kernel
+    /// offers: Landlock, seccomp, a network namespace, no_new_privs), strict
+    /// (all of them or no start), off. [default: auto]
+    #[arg(long, env = "OFFLOAD_WORKER_SANDBOX", value_name = "MODE")]
+    pub worker_sandbox: Option<SandboxMode>,
+
     /// Worker program to run instead of re-executing this server in worker
     /// mode (for example the offload-worker binary).
     #[arg(long, env = "OFFLOAD_WORKER_PROGRAM", value_name = "PATH")]
@@ -321,6 +330,7 @@ impl Args {
             worker_heartbeat_ms: self.worker_heartbeat_ms.or(file.worker_heartbeat_ms),
             worker_heartbeat_timeout_ms: self.worker_heartbeat_timeout_ms.or(file.worker_heartbeat_timeout_ms),
             worker_kill_grace_ms: self.worker_kill_grace_ms.or(file.worker_kill_grace_ms),
+            worker_sandbox: self.worker_sandbox.or(file.worker_sandbox),
             worker_program: self.worker_program.or(match &file.worker_program_file {
                 Some(WorkerProgramKey::Path(path)) => Some(path.clone()),
                 _ => None,
@@ -417,6 +427,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// TLS on the gRPC port, if configured.
     pub tls: Option<TlsFiles>,
+    /// The workers' sandbox.
+    pub worker_sandbox: SandboxMode,
     /// Address of the metrics endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
     /// Where traces go.
@@ -590,6 +602,7 @@ impl Config {
             replica_name: replica_name.clone(),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
             tls,
+            worker_sandbox: a.worker_sandbox.unwrap_or_default(),
             metrics_listen: a.metrics_listen,
             traces: TraceSettings {
                 endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),

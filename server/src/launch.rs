@@ -118,6 +118,21 @@ fn run(config: Config, catalog: Catalog) -> anyhow::Result<()> {
     })
 }
 
+/// Connections the kernel holds for us before we accept them. The default
+/// of 128 overflowed when 200 clients connected in the milliseconds before
+/// the accept loop ran (their SYNs were dropped and retried after a second).
+const BACKLOG: i32 = 1024;
+
+/// The gRPC listener: address reuse, a backlog of [`BACKLOG`].
+fn listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Serves in this process (alone, or as one replica of a supervisor).
 async fn serve_here(
     config: &Config,
@@ -132,9 +147,9 @@ async fn serve_here(
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         tokio::net::TcpListener::from_std(std_listener)?
     } else {
-        tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?
+        tokio::net::TcpListener::from_std(
+            listener(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?,
+        )?
     };
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "listening on {local}");

@@ -12,7 +12,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use offload_proto::offload::v1::compute_server::ComputeServer;
-use offload_worker::{Catalog, process::Settings};
+use offload_worker::{Allowances, Catalog, process::Settings};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, service::Routes};
@@ -27,7 +27,11 @@ use crate::{
     dispatch::{DispatchOptions, Dispatcher},
     error::request_status,
     inflight::{Budget, layer::InflightLayer},
-    isolated::{IsolatedOptions, Launch, Supervisor, WorkerOptions, program::Program},
+    isolated::{
+        IsolatedOptions, Launch, Supervisor, WorkerOptions,
+        program::Program,
+        sandbox::{Sandbox, SandboxError},
+    },
     metrics,
     pool::Pool,
     service::ComputeService,
@@ -60,6 +64,9 @@ pub enum ServeError {
     /// The reflection service could not load the descriptors.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The worker sandbox cannot be had as configured.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     /// The TLS files could not be loaded.
     #[error("cannot serve TLS: {0}")]
     Tls(#[from] tls::TlsError),
@@ -78,11 +85,15 @@ pub async fn serve(
     on_serving: impl FnOnce(),
 ) -> Result<(), ServeError> {
     let pool = Pool::new(config.pool_threads, config.queue_capacity)?;
-    let isolated = Supervisor::start(isolated_options(config, &catalog));
+    let sandbox = Sandbox::detect(config.worker_sandbox)?;
+    sandbox.log_start();
+    let front_port = listener.local_addr().map_or(0, |a| a.port());
+    offload_worker::tasks::debug::set_front_port(front_port);
+    let isolated = Supervisor::start(isolated_options(config, &catalog, &sandbox, front_port));
     let programs: Vec<Program> = config
         .worker_programs
         .iter()
-        .map(|program| Program::start(program, config.queue_capacity, max_frame(config)))
+        .map(|program| Program::start(program, config.queue_capacity, max_frame(config), &sandbox))
         .collect();
     let budget = Budget::new(config.max_inflight_bytes);
     budget.log_start(config.inflight_default, config.max_message_bytes);
@@ -280,17 +291,28 @@ fn warn_if_open(config: &Config, clients: &Clients) {
 /// The flag with which this executable, re-executed, becomes a worker.
 pub const WORKER_PROCESS_FLAG: &str = "--worker-process";
 
-fn isolated_options(config: &Config, catalog: &Catalog) -> IsolatedOptions {
+fn isolated_options(config: &Config, catalog: &Catalog, sandbox: &Sandbox, front_port: u16) -> IsolatedOptions {
     let (program, args) = match &config.worker_program {
         Some(program) => (program.clone(), Vec::new()),
         // /proc/self/exe still works when the file was replaced by a rebuild.
         None => (PathBuf::from("/proc/self/exe"), vec![WORKER_PROCESS_FLAG.to_string()]),
     };
+    let executable = program.canonicalize().unwrap_or_else(|_| program.clone());
+    // The exec programs run inside these workers: each may be run, with
+    // what its table allows (all of it, for every one of them).
+    let mut allow = Allowances::default();
+    for exec in &config.exec {
+        allow.exec.push(PathBuf::from(&exec.program));
+        allow.extend(&exec.sandbox);
+    }
     IsolatedOptions {
         workers: config.workers,
         queue_capacity: config.queue_capacity,
         worker: WorkerOptions {
             program,
+            executable,
+            sandbox: sandbox.clone(),
+            allow,
             args,
             launch: Launch::Offload {
                 settings: Settings {
@@ -298,6 +320,7 @@ fn isolated_options(config: &Config, catalog: &Catalog) -> IsolatedOptions {
                     nice: config.worker_nice,
                     catalog: config.catalog_options(),
                     max_frame: max_frame(config),
+                    front_port,
                 },
                 tasks: catalog.iter().map(|t| t.spec().name).collect(),
             },

@@ -9,7 +9,7 @@ use offload_proto::offload::v1::{ExecuteRequest, ListTasksRequest, compute_clien
 use sha2::Digest as _;
 use tonic::{Code, transport::Channel};
 
-use crate::tls::{path, tls_channel};
+use crate::tls::tls_channel;
 
 const BILLING_TOKEN: &str = "billing-secret-token-0123456789";
 const OPS_TOKEN: &str = "ops-secret-token-9876543210";

@@ -33,6 +33,7 @@ timeout_secs = 0.5
 name = "exec.fds"
 program = "/bin/ls"
 args = ["/proc/self/fd"]
+sandbox = { read = ["/proc"] }
 
 [[exec]]
 name = "exec.sleep"

@@ -15,6 +15,7 @@ mod memory;
 mod metrics;
 mod programs;
 mod python;
+mod sandbox;
 mod scheduling;
 mod shutdown;
 mod statuses;

@@ -494,3 +494,30 @@ fn node_maps_far_more_than_it_holds_so_an_address_space_limit_cannot_bound_it() 
     assert!(!starts("307200", "node", "-e"), "Node started under RLIMIT_AS = 300 MiB");
     assert!(starts("307200", python, "-c"), "Python did not start under RLIMIT_AS = 300 MiB");
 }
+
+for_both!(sandboxed: python_programs_run_in_the_worker_sandbox_with_their_scratch_folder,
+          node_programs_run_in_the_worker_sandbox_with_their_scratch_folder);
+async fn sandboxed(lang: Lang) {
+    let file = config(&lang.app(""));
+    let server = start(&file, &[]);
+    let mut client = server.client().await;
+    let port = server.addr.port().to_string();
+    let probe = |what: &'static str| request(&lang.task("probe"), &[("what", what), ("port", &port)], vec![]);
+    for what in ["read", "write", "connect"] {
+        let out = client.execute(probe(what)).await.expect("probe").into_inner().output;
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(out.starts_with("denied: "), "{lang:?} {what}: {out}");
+    }
+    let out = client.execute(probe("scratch")).await.expect("probe").into_inner().output;
+    assert_eq!(String::from_utf8_lossy(&out), "allowed", "{lang:?} cannot write its scratch folder");
+
+    // Without the sandbox the same program may do all of it.
+    let open = start(&file, &["--worker-sandbox", "off"]);
+    let mut client = open.client().await;
+    let port = open.addr.port().to_string();
+    for what in ["read", "write", "connect"] {
+        let body = request(&lang.task("probe"), &[("what", what), ("port", &port)], vec![]);
+        let out = client.execute(body).await.expect("probe").into_inner().output;
+        assert_eq!(String::from_utf8_lossy(&out), "allowed", "{lang:?} {what} without the sandbox");
+    }
+}

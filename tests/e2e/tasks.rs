@@ -123,5 +123,6 @@ async fn list_tasks_describes_params_and_modes_and_hides_debug_tasks_by_default(
     let tasks = debug.client().await.list_tasks(ListTasksRequest {}).await.unwrap().into_inner().tasks;
     let abort = tasks.iter().find(|t| t.name == "debug.abort").expect("debug tasks listed with --debug-tasks");
     assert_eq!(abort.allowed_modes, [ExecutionMode::Isolated as i32]);
-    assert_eq!(tasks.iter().filter(|t| t.name.starts_with("debug.")).count(), 6);
+    assert_eq!(tasks.iter().filter(|t| t.name.starts_with("debug.")).count(), 7);
+    assert!(tasks.iter().any(|t| t.name == "debug.probe"));
 }

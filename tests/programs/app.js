@@ -1,6 +1,10 @@
 // A worker program for the end-to-end tests, written with the Node SDK
 // (sdk/node): the same tasks as app.py, named js.*.
 const crypto = require("crypto");
+const fs = require("fs");
+const net = require("net");
+const os = require("os");
+const path = require("path");
 const { isMainThread } = require("worker_threads");
 const { task, serve, InvalidArgument } = require("offload-worker");
 
@@ -62,5 +66,35 @@ task("js.alloc", { description: "holds `mb` MB for a moment; output: the size", 
     await new Promise((resolve) => setTimeout(resolve, 300));
     return Buffer.from(String(block.length));
   });
+
+task("js.probe", {
+  description: "tries what a sandboxed worker may not do; output `allowed` or `denied: <error>`",
+  params: {
+    what: ["read (/etc/passwd), write (a file in /tmp), connect (TCP to 127.0.0.1:port), scratch (a file in TMPDIR)", null],
+    port: ["the port connect tries", "1"],
+  },
+}, async (ctx, data, params) => {
+  try {
+    if (params.what === "read") {
+      fs.readFileSync("/etc/passwd");
+    } else if (params.what === "write" || params.what === "scratch") {
+      const dir = params.what === "write" ? "/tmp" : os.tmpdir();
+      const file = path.join(dir, `offload-probe-${process.pid}-${Date.now()}`);
+      fs.writeFileSync(file, "x", { flag: "wx" });
+      fs.unlinkSync(file);
+    } else if (params.what === "connect") {
+      await new Promise((resolve, reject) => {
+        const socket = net.connect({ host: "127.0.0.1", port: Number(params.port) }, () => { socket.destroy(); resolve(); });
+        socket.on("error", reject);
+      });
+    } else {
+      throw new InvalidArgument("what must be read, write, connect or scratch");
+    }
+  } catch (err) {
+    if (err instanceof InvalidArgument) throw err;
+    return Buffer.from(`denied: ${err.message}`);
+  }
+  return Buffer.from("allowed");
+});
 
 serve();

@@ -5,6 +5,8 @@ progress."""
 
 import hashlib
 import os
+import socket
+import tempfile
 import threading
 import time
 
@@ -86,6 +88,35 @@ def alloc(ctx, data, params):
     block = b"\x01" * (int(params["mb"]) << 20)
     time.sleep(0.3)
     return str(len(block)).encode()
+
+
+@task(
+    "py.probe",
+    description="tries what a sandboxed worker may not do; output `allowed` or `denied: <error>`",
+    params={
+        "what": ("read (/etc/passwd), write (a file in /tmp), connect (TCP to 127.0.0.1:port), scratch (a file in TMPDIR)", None),
+        "port": ("the port connect tries", "1"),
+    },
+)
+def probe(ctx, data, params):
+    what = params["what"]
+    try:
+        if what == "read":
+            open("/etc/passwd", "rb").close()
+        elif what == "write":
+            path = "/tmp/offload-probe-%d-%d" % (os.getpid(), time.time_ns())
+            open(path, "xb").close()
+            os.remove(path)
+        elif what == "connect":
+            socket.create_connection(("127.0.0.1", int(params["port"])), timeout=2).close()
+        elif what == "scratch":
+            with tempfile.NamedTemporaryFile() as scratch:
+                scratch.write(b"x")
+        else:
+            raise InvalidArgument("what must be read, write, connect or scratch")
+    except OSError as err:
+        return ("denied: %s" % err).encode()
+    return b"allowed"
 
 
 if __name__ == "__main__":

@@ -316,6 +316,7 @@ mod tests {
             timeout_secs: None,
             params: Vec::new(),
             max_output_bytes: None,
+            sandbox: Default::default(),
         }];
         let all = Catalog::builtin(&CatalogOptions { debug_tasks: true, exec, ..Default::default() });
         for task in all.iter() {
@@ -335,7 +336,7 @@ mod tests {
                 .params
                 .iter()
                 .filter(|p| p.default.is_none())
-                .map(|p| (p.name.to_string(), "1".to_string()))
+                .map(|p| (p.name.to_string(), if p.name == "what" { "read" } else { "1" }.to_string()))
                 .collect();
             assert!(Catalog::prepare(task.as_ref(), &params).is_ok(), "{}", spec.name);
         }

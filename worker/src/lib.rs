@@ -4,6 +4,7 @@
 //! `offload-task` crate (the SDK), re-exported here.
 //!
 //! Layout:
+//! - [`allowances`]: what the sandbox lets a worker use (config of `[[exec]]` and programs).
 //! - [`catalog`]: the set of tasks a process serves ([`TaskSet`]: Offload's
 //!   own and a program's), and request validation.
 //! - [`tasks`]: the built-in tasks, one module per family.
@@ -12,11 +13,13 @@
 
 #![warn(missing_docs)]
 
+pub mod allowances;
 pub mod catalog;
 pub mod process;
 pub mod tasks;
 pub mod trace;
 
+pub use allowances::Allowances;
 pub use catalog::{Catalog, CatalogOptions, TaskSet};
 pub use offload_task::{
     CancelFlag, Context, Job, Mode, ParamSpec, Params, ProgressSink, Task, TaskError, TaskSpec, prepare, run_job,

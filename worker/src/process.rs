@@ -63,6 +63,8 @@ pub mod env {
     pub const MAX_FRAME: &str = "OFFLOAD_WORKER_MAX_FRAME";
     /// The exec task declarations, as TOML.
     pub const EXEC: &str = "OFFLOAD_WORKER_EXEC";
+    /// The front's gRPC port (for `debug.probe`).
+    pub const FRONT_PORT: &str = "OFFLOAD_WORKER_FRONT_PORT";
 }
 
 /// What the front tells a worker at start.
@@ -76,6 +78,8 @@ pub struct Settings {
     pub catalog: CatalogOptions,
     /// Largest frame accepted, in bytes.
     pub max_frame: usize,
+    /// The front's gRPC port (0: unknown).
+    pub front_port: u16,
 }
 
 impl Settings {
@@ -87,6 +91,7 @@ impl Settings {
             (env::DEBUG_TASKS, u8::from(self.catalog.debug_tasks).to_string()),
             (env::MAX_DECOMPRESSED, self.catalog.max_decompressed_bytes.to_string()),
             (env::MAX_FRAME, self.max_frame.to_string()),
+            (env::FRONT_PORT, self.front_port.to_string()),
         ]
         .into_iter()
         .chain((!self.catalog.exec.is_empty()).then(|| {
@@ -109,6 +114,7 @@ impl Settings {
                 },
             },
             max_frame: var(env::MAX_FRAME)?,
+            front_port: std::env::var(env::FRONT_PORT).ok().and_then(|p| p.parse().ok()).unwrap_or(0),
         })
     }
 }
@@ -162,6 +168,7 @@ pub fn main_with(tasks: &TaskSet) -> ExitCode {
         Ok(s) => s,
         Err(err) => return setup_failed(&err),
     };
+    crate::tasks::debug::set_front_port(settings.front_port);
     let stream = match setup(&settings) {
         Ok(stream) => stream,
         Err(err) => return setup_failed(&err),
@@ -226,6 +233,15 @@ fn setup(settings: &Settings) -> Result<UnixStream, String> {
 /// inherited from its own parent.
 fn close_on_exec_all() -> Result<(), String> {
     use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    // One call on Linux 5.11 and later; it needs no /proc, which a
+    // sandboxed worker may not read.
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on
+    // descriptors; it takes no pointer.
+    #[allow(unsafe_code)]
+    let marked = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if marked == 0 {
+        return Ok(());
+    }
     let entries = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("listing /proc/self/fd: {e}"))?;
     for fd in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
         if fd < 3 {

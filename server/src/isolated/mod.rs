@@ -17,6 +17,7 @@
 
 pub mod death;
 pub mod program;
+pub mod sandbox;
 mod slot;
 pub mod worker;
 

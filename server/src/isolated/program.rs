@@ -13,10 +13,12 @@ use std::{
 
 use bytes::Bytes;
 use offload_proto::offload::worker::v1::TaskDecl;
-use offload_worker::{Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec, catalog::check_names};
+use offload_worker::{
+    Allowances, Context, Job, Mode, ParamSpec, Params, Task, TaskError, TaskSpec, catalog::check_names,
+};
 use serde::Deserialize;
 
-use super::{IsolatedOptions, Launch, Supervisor, WorkerOptions};
+use super::{IsolatedOptions, Launch, Supervisor, WorkerOptions, sandbox::Sandbox};
 use crate::cost::CostModel;
 
 /// A `[[worker_program]]` table of the config file, as written.
@@ -60,6 +62,12 @@ pub struct ProgramSpec {
     /// Wait between the rungs of the stop ladder, in ms. Default: the
     /// server's --worker-kill-grace-ms.
     pub kill_grace_ms: Option<u64>,
+    /// What the worker sandbox lets it use beyond what it is given anyway
+    /// (its interpreter and that one's folder, the folders of the files in
+    /// its command, its working directory, the paths of its NODE_PATH and
+    /// PYTHONPATH).
+    #[serde(default)]
+    pub sandbox: Allowances,
 }
 
 /// Longest program name.
@@ -116,8 +124,11 @@ impl ProgramSpec {
         if program.components().count() > 1 && !program.is_file() {
             return fail(format!("program {} is not a file", program.display()));
         }
+        let (executable, sandbox) = program_allowances(&program, args, &cwd, &self.env, &self.sandbox);
         Ok(ProgramConfig {
             name: name.clone(),
+            executable,
+            sandbox,
             program,
             args: args.to_vec(),
             cwd,
@@ -133,6 +144,49 @@ impl ProgramSpec {
             kill_grace: millis(self.kill_grace_ms, defaults.kill_grace),
         })
     }
+}
+
+/// The file `program` runs (looked up in PATH when it is a bare name), and
+/// what a worker of it is allowed: its table's `sandbox`, plus what any
+/// interpreter needs to start: to read its installation (the folder above
+/// its `bin`, for the program as named and as resolved: a venv and the
+/// Python it links to), the folders of the files its arguments name, its
+/// working directory, and its NODE_PATH and PYTHONPATH entries.
+fn program_allowances(
+    program: &Path,
+    args: &[String],
+    cwd: &Path,
+    env: &BTreeMap<String, String>,
+    extra: &Allowances,
+) -> (PathBuf, Allowances) {
+    let named = if program.components().count() > 1 {
+        Some(program.to_owned())
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file()))
+    };
+    let executable = named.as_ref().and_then(|p| p.canonicalize().ok()).unwrap_or_else(|| program.to_owned());
+    let installation = |file: &Path| {
+        let dir = file.parent()?;
+        Some(if dir.file_name().is_some_and(|n| n == "bin") { dir.parent().unwrap_or(dir) } else { dir }.to_owned())
+    };
+    let mut allow = extra.clone();
+    allow.read.extend(named.as_deref().and_then(installation));
+    allow.read.extend(installation(&executable));
+    allow.read.push(cwd.to_owned());
+    for arg in args {
+        let file = cwd.join(arg);
+        if file.is_file()
+            && let Some(dir) = file.canonicalize().ok().and_then(|f| f.parent().map(Path::to_owned))
+        {
+            allow.read.push(dir);
+        }
+    }
+    for key in ["NODE_PATH", "PYTHONPATH"] {
+        let value = env.get(key).cloned().or_else(|| std::env::var(key).ok()).unwrap_or_default();
+        allow.read.extend(std::env::split_paths(&value).filter(|p| p.is_absolute()));
+    }
+    (executable, allow)
 }
 
 /// The server-wide worker settings a program table falls back on.
@@ -161,6 +215,10 @@ pub struct ProgramConfig {
     pub name: String,
     /// The executable: a path, or a bare name looked up in PATH.
     pub program: PathBuf,
+    /// The file it names (for the sandbox's rules).
+    pub executable: PathBuf,
+    /// What its sandbox allows.
+    pub sandbox: Allowances,
     /// Its arguments.
     pub args: Vec<String>,
     /// Its working directory.
@@ -203,12 +261,15 @@ pub struct Program {
 
 impl Program {
     /// Starts the program's workers.
-    pub fn start(config: &ProgramConfig, queue_capacity: usize, max_frame: usize) -> Self {
+    pub fn start(config: &ProgramConfig, queue_capacity: usize, max_frame: usize, sandbox: &Sandbox) -> Self {
         let declared = Arc::new(Declared::default());
         let supervisor = Supervisor::start(IsolatedOptions {
             workers: config.workers,
             queue_capacity,
             worker: WorkerOptions {
+                sandbox: sandbox.clone(),
+                executable: config.executable.clone(),
+                allow: config.sandbox.clone(),
                 program: config.program.clone(),
                 args: config.args.clone(),
                 launch: Launch::Program {

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use super::sandbox::{Confinement, Sandbox};
 use bytes::Bytes;
 use futures::StreamExt;
 use nix::{
@@ -31,7 +32,10 @@ use offload_proto::{
         Cancel, FailureKind, Ping, RunTask, TaskDone, Welcome, WorkerRequest, worker_reply, worker_request,
     },
 };
-use offload_worker::process::{self as worker_process, Settings};
+use offload_worker::{
+    Allowances,
+    process::{self as worker_process, Settings},
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::unix::{OwnedReadHalf, OwnedWriteHalf},
@@ -50,6 +54,12 @@ use super::{
 pub struct WorkerOptions {
     /// The program to run; by default this executable, re-executed.
     pub program: PathBuf,
+    /// The file `program` names (the sandbox lets the worker run it).
+    pub executable: PathBuf,
+    /// The sandbox workers run in.
+    pub sandbox: Sandbox,
+    /// What the sandbox allows this kind of worker beyond its base rules.
+    pub allow: Allowances,
     /// Its arguments (`--worker-process` when re-executing the server).
     pub args: Vec<String>,
     /// What kind of worker it is, and what it is told at start.
@@ -303,6 +313,8 @@ pub struct WorkerProcess {
     pub tasks_done: u64,
     /// When its resident memory was last read.
     rss_read: Option<Instant>,
+    /// Its scratch folder (sandboxed workers), removed when it is dropped.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 /// A job sent to the worker and not answered yet.
@@ -359,7 +371,19 @@ impl WorkerProcess {
         let (ours, theirs) = StdUnixStream::pair().map_err(spawn_error)?;
         let mut command = Command::new(&options.program);
         command.args(&options.args);
-        match &options.launch {
+        // Its private scratch folder, the only one it may write to when
+        // sandboxed (removed with the worker).
+        let scratch = match options.sandbox.enabled() {
+            true => Some(tempfile::Builder::new().prefix("offload-worker-").tempdir().map_err(spawn_error)?),
+            false => None,
+        };
+        let mut confinement = match &scratch {
+            Some(dir) => {
+                options.sandbox.prepare(&options.executable, &options.allow, dir.path()).map_err(spawn_error)?
+            }
+            None => Confinement::default(),
+        };
+        let nice = match &options.launch {
             Launch::Offload { settings, .. } => {
                 command
                     .env_clear()
@@ -367,6 +391,8 @@ impl WorkerProcess {
                     // glibc reserves 64 MiB of address space per malloc arena and
                     // thread; two arenas keep RLIMIT_AS about real memory.
                     .env("MALLOC_ARENA_MAX", "2");
+                // It limits itself (its settings say how).
+                None
             }
             Launch::Program { cwd, env, nice, max_frame, .. } => {
                 // The front's environment without its own settings.
@@ -375,16 +401,27 @@ impl WorkerProcess {
                         command.env_remove(key);
                     }
                 }
-                let nice = *nice;
                 command.current_dir(cwd).envs(env).env(worker_process::env::MAX_FRAME, max_frame.to_string());
-                // SAFETY: between fork and exec the closure only makes three
-                // system calls (prctl, setrlimit, setpriority) through rustix,
-                // which neither allocates nor takes locks.
-                #[allow(unsafe_code)]
-                unsafe {
-                    command.pre_exec(move || limit_program(nice));
-                }
+                Some(*nice)
             }
+        };
+        if let Some(dir) = &scratch {
+            command.env("TMPDIR", dir.path());
+        }
+        // SAFETY: between fork and exec the closure only makes system calls
+        // (unshare, open/write of /proc/self files, prctl, landlock,
+        // seccomp, setrlimit, setpriority) through rustix, the landlock
+        // crate and seccompiler, on what was prepared before the fork; none
+        // allocates or takes a lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || {
+                confinement.apply()?;
+                match nice {
+                    Some(nice) => limit_program(nice),
+                    None => Ok(()),
+                }
+            });
         }
         command
             .env(worker_process::env::FD, theirs.as_raw_fd().to_string())
@@ -435,6 +472,7 @@ impl WorkerProcess {
             next_id: 0,
             tasks_done: 0,
             rss_read: None,
+            _scratch: scratch,
         };
         match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
             Ok(Ok(())) => Ok(worker),

@@ -4,7 +4,10 @@
 
 use std::{
     hint::black_box,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU16, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,7 +23,7 @@ const MAX_ALLOC: u64 = 1 << 40;
 
 /// Adds the debug tasks to `out`.
 pub fn register(out: &mut Vec<Arc<dyn Task>>) {
-    for kind in [Kind::Echo, Kind::Sleep, Kind::Spin, Kind::Panic, Kind::Alloc, Kind::Abort] {
+    for kind in [Kind::Echo, Kind::Sleep, Kind::Spin, Kind::Panic, Kind::Alloc, Kind::Abort, Kind::Probe] {
         out.push(Arc::new(DebugTask(kind)));
     }
 }
@@ -33,11 +36,21 @@ enum Kind {
     Panic,
     Alloc,
     Abort,
+    Probe,
+}
+
+/// The front's gRPC port, which `debug.probe connect` tries to reach.
+static FRONT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// Tells `debug.probe` the front's gRPC port (the front once it listens;
+/// a worker from its settings).
+pub fn set_front_port(port: u16) {
+    FRONT_PORT.store(port, Ordering::Relaxed);
 }
 
 const MS: ParamSpec = ParamSpec::required("ms", "milliseconds, 0..=3600000");
 
-const SPECS: [TaskSpec; 6] = [
+const SPECS: [TaskSpec; 7] = [
     TaskSpec {
         name: "debug.echo",
         description: "returns its input unchanged",
@@ -80,6 +93,16 @@ const SPECS: [TaskSpec; 6] = [
         allowed_modes: &[Mode::Isolated],
         params: &[ParamSpec::optional("kind", "how to die: abort|segv", "abort")],
     },
+    TaskSpec {
+        name: "debug.probe",
+        description: "tries something a sandboxed worker may not do; output `allowed` or `denied: <error>`",
+        default_mode: Mode::Isolated,
+        allowed_modes: BOTH_MODES,
+        params: &[ParamSpec::required(
+            "what",
+            "connect (TCP to the front's gRPC port on 127.0.0.1), write (a file in /tmp), read (/etc/passwd) or exec (/bin/true)",
+        )],
+    },
 ];
 
 struct DebugTask(Kind);
@@ -97,7 +120,42 @@ impl Task for DebugTask {
             Kind::Panic => Box::new(Panic),
             Kind::Alloc => Box::new(Alloc(params.int("bytes", 0..=MAX_ALLOC)?)),
             Kind::Abort => Box::new(Abort { segv: params.choice("kind", &["abort", "segv"])? == "segv" }),
+            Kind::Probe => Box::new(Probe(params.choice("what", &["connect", "write", "read", "exec"])?)),
         })
+    }
+}
+
+struct Probe(&'static str);
+
+impl Job for Probe {
+    fn estimate(&self, _input_len: usize) -> Option<Duration> {
+        Some(Duration::from_millis(1))
+    }
+
+    fn run(&self, _ctx: &Context, _input: Bytes) -> Result<Bytes, TaskError> {
+        let tried: std::io::Result<()> =
+            match self.0 {
+                "connect" => {
+                    let front = std::net::SocketAddr::from(([127, 0, 0, 1], FRONT_PORT.load(Ordering::Relaxed)));
+                    std::net::TcpStream::connect_timeout(&front, Duration::from_secs(2)).map(drop)
+                }
+                "write" => {
+                    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    let path = format!("/tmp/offload-probe-{}-{}", std::process::id(), nanos.as_nanos());
+                    std::fs::File::create_new(&path).and_then(|_| std::fs::remove_file(&path))
+                }
+                "read" => std::fs::read("/etc/passwd").map(drop),
+                _ => std::process::Command::new("/bin/true").stdin(std::process::Stdio::null()).status().and_then(
+                    |status| match status.success() {
+                        true => Ok(()),
+                        false => Err(std::io::Error::other(format!("/bin/true ended with {status}"))),
+                    },
+                ),
+            };
+        Ok(Bytes::from(match tried {
+            Ok(()) => "allowed".to_string(),
+            Err(err) => format!("denied: {err}"),
+        }))
     }
 }
 

@@ -46,6 +46,10 @@ pub struct ExecSpec {
     pub params: Vec<ExecParam>,
     /// Largest output accepted, in bytes. Default: 64 MiB.
     pub max_output_bytes: Option<usize>,
+    /// What the worker sandbox lets it use besides its own program (which
+    /// it may always run): paths to read, write or run, the network.
+    #[serde(default)]
+    pub sandbox: crate::Allowances,
 }
 
 /// A client-settable param of an exec task.
@@ -291,6 +295,7 @@ mod tests {
             timeout_secs: None,
             params: Vec::new(),
             max_output_bytes: None,
+            sandbox: Default::default(),
         }
     }
 
