@@ -74,6 +74,29 @@ for where, limit, settings in [
     if budget > limit // 4 or budget + workers + (128 << 20) > limit:
         problems.append(f"{where}: budget {budget} + workers {workers} do not fit the memory limit {limit}")
 
+# Locked down in both (issue 14): read-only root with a writable /tmp for
+# the workers' scratch folders, no capabilities, no privilege gain, the
+# runtime's default seccomp profile.
+offload = services["offload"]
+if offload.get("read_only") is not True or offload.get("cap_drop") != ["ALL"]:
+    problems.append("compose: offload must run read_only with cap_drop [ALL]")
+if "no-new-privileges:true" not in offload.get("security_opt", []):
+    problems.append("compose: offload must set no-new-privileges")
+if not any(str(t).startswith("/tmp") for t in offload.get("tmpfs", [])):
+    problems.append("compose: offload needs a tmpfs on /tmp (the workers' scratch folders)")
+security = container.get("securityContext", {})
+if not (
+    security.get("readOnlyRootFilesystem") is True
+    and security.get("allowPrivilegeEscalation") is False
+    and security.get("capabilities", {}).get("drop") == ["ALL"]
+):
+    problems.append("k8s: the container must have a read-only root, no privilege escalation, all capabilities dropped")
+if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
+    problems.append("k8s: the pod must use the RuntimeDefault seccomp profile")
+mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+if "/tmp" not in mounts or not any(v["name"] == mounts["/tmp"] and "emptyDir" in v for v in pod.get("volumes", [])):
+    problems.append("k8s: /tmp must be an emptyDir (the workers' scratch folders)")
+
 if problems:
     print("deploy files disagree:\n- " + "\n- ".join(problems))
     sys.exit(1)

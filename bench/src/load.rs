@@ -67,6 +67,8 @@ pub struct LoadSpec {
     pub api: Api,
     /// Metadata every call carries (`offload-client`, `offload-priority`, ...).
     pub metadata: Vec<(String, String)>,
+    /// A PEM CA file: connect over TLS, trusting it.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl LoadSpec {
@@ -84,6 +86,7 @@ impl LoadSpec {
             shape: Shape::Closed,
             api: Api::Unary,
             metadata: Vec::new(),
+            tls_ca: None,
         }
     }
 
@@ -198,10 +201,26 @@ impl Tally {
 
 /// Opens `n` connections (one HTTP/2 connection each).
 pub async fn connect(url: &str, n: usize) -> anyhow::Result<Vec<ComputeClient<Channel>>> {
+    connect_with(url, n, None).await
+}
+
+/// `n` clients of `url`, each on its own HTTP/2 connection, over TLS
+/// trusting the PEM CA file `tls_ca` when given.
+pub async fn connect_with(
+    url: &str,
+    n: usize,
+    tls_ca: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<ComputeClient<Channel>>> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let channel =
-            Channel::from_shared(url.to_string())?.connect().await.with_context(|| format!("connecting to {url}"))?;
+        let mut endpoint = Channel::from_shared(url.to_string())?;
+        if let Some(ca) = tls_ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            let tls =
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect().await.with_context(|| format!("connecting to {url}"))?;
         clients.push(
             ComputeClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
         );
@@ -211,7 +230,7 @@ pub async fn connect(url: &str, n: usize) -> anyhow::Result<Vec<ComputeClient<Ch
 
 /// Runs `spec`; `server_pid`, when known, is measured from /proc.
 pub async fn run(spec: &LoadSpec, server_pid: Option<u32>) -> anyhow::Result<Report> {
-    let clients = connect(&spec.url, spec.connections).await?;
+    let clients = connect_with(&spec.url, spec.connections, spec.tls_ca.as_deref()).await?;
     let input = Bytes::from((0..spec.input_size).map(|i| (i * 131 + i / 977) as u8).collect::<Vec<u8>>());
     let before = server_pid.map(procstat::tree);
     let sampling = server_pid.map(|pid| {

@@ -46,7 +46,7 @@ enum Command {
         out: PathBuf,
         /// Runs only these scenarios (by number, e.g. `--only 3,9`); the
         /// report then holds only their rows.
-        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=11))]
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=13))]
         only: Vec<u8>,
     },
     /// Puts load on a running server and prints a JSON report and a summary.
@@ -88,6 +88,10 @@ enum Command {
         /// `offload-client=billing` or `offload-priority=batch`.
         #[arg(long = "metadata", value_parser = parse_metadata)]
         metadata: Vec<(String, String)>,
+        /// Connect over TLS, trusting this PEM CA file (the server URL is
+        /// then https://).
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// Floods a running server with concurrent large `hash.sha256` calls
     /// (scenario 8) and prints the answers by gRPC status code and the
@@ -174,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             batch,
             pid,
             metadata,
+            tls_ca,
         } => {
             let spec = load::LoadSpec {
                 url: server,
@@ -191,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 shape: rate.map_or(load::Shape::Closed, |rate| load::Shape::Open { rate }),
                 api: if batch { load::Api::Batch } else { load::Api::Unary },
                 metadata,
+                tls_ca,
             };
             let report = load::run(&spec, pid).await?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "spec": spec, "report": report }))?);

@@ -804,6 +804,79 @@ impl Suite {
         Ok(())
     }
 
+    /// Scenario 12: the cost of TLS. The same server with and without
+    /// `--tls-cert` (a certificate made here, ECDSA P-256 like most issued
+    /// today), hash.sha256 of 1 KiB at 4 connections x 64 in flight.
+    async fn tls(&mut self) -> anyhow::Result<()> {
+        let dir = PathBuf::from("target/bench-tls");
+        std::fs::create_dir_all(&dir)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &ca)?;
+        let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&ca_file, ca.pem())?;
+        std::fs::write(&cert_file, cert.pem())?;
+        std::fs::write(&key_file, key.serialize_pem())?;
+        let path = |p: &Path| p.to_str().map(str::to_string).context("UTF-8 path");
+        let plain = offload(&[])?;
+        let mut tls = offload(&["--tls-cert", &path(&cert_file)?, "--tls-key", &path(&key_file)?])?;
+        tls.url = tls.url.replacen("http://", "https://", 1);
+        let plain_spec = self.spec(&plain.url, "hash.sha256", &[], ExecutionMode::Pool, 1 << 10);
+        let tls_spec = LoadSpec { url: tls.url.clone(), tls_ca: Some(ca_file), ..plain_spec.clone() };
+        let contenders = [
+            Contender { name: "TLS", spec: tls_spec, server: &tls },
+            Contender { name: "plaintext", spec: plain_spec, server: &plain },
+        ];
+        let m = self.compare("12. hash.sha256 1 KiB, 4x64, TLS vs plaintext", &contenders).await?;
+        let ratio = m.ratio(0, 1);
+        self.row(
+            "12. TLS: hash.sha256 1 KiB, 4 conns x 64, throughput vs plaintext",
+            format!("{:.0} calls/s", m.median(0, calls_per_sec)),
+            format!("{:.0} calls/s plaintext", m.median(1, calls_per_sec)),
+            ratio,
+            ">= 0.8x plaintext",
+            ratio >= 0.8,
+        );
+        Ok(())
+    }
+
+    /// Scenario 13: the cost of the worker sandbox. ISOLATED debug.echo of
+    /// 64 B against the same server with `--worker-sandbox off`: the added
+    /// latency at concurrency 1 and the throughput at 4 x 64.
+    async fn sandbox_cost(&mut self) -> anyhow::Result<()> {
+        let on = offload(&["--worker-sandbox", "auto", "--workers", "2"])?;
+        let off = offload(&["--worker-sandbox", "off", "--workers", "2"])?;
+        let base = self.spec("", "debug.echo", &[], ExecutionMode::Isolated, 64);
+        let pair = |adjust: fn(&mut LoadSpec)| {
+            let mut spec = base.clone();
+            adjust(&mut spec);
+            contenders(&spec, &[("sandboxed", &on), ("unsandboxed", &off)])
+        };
+        let m = self.compare("13. ISOLATED debug.echo 64 B, 1x1, sandbox on vs off", &pair(one_by_one)).await?;
+        let slower = m.per_run(0, 1, p50_us, |on, off| on / off);
+        self.row(
+            "13. worker sandbox: ISOLATED debug.echo 64 B, concurrency 1, median latency vs no sandbox",
+            format!("{:.0} us", m.median(0, p50_us)),
+            format!("{:.0} us unsandboxed", m.median(1, p50_us)),
+            slower,
+            "<= 1.05x",
+            slower <= 1.05,
+        );
+        let m = self.compare("13. ISOLATED debug.echo 64 B, 4x64, sandbox on vs off", &pair(|_| {})).await?;
+        let ratio = m.ratio(0, 1);
+        self.row(
+            "13. worker sandbox: ISOLATED debug.echo 64 B, 4 conns x 64, throughput vs no sandbox",
+            format!("{:.0} calls/s", m.median(0, calls_per_sec)),
+            format!("{:.0} calls/s unsandboxed", m.median(1, calls_per_sec)),
+            ratio,
+            ">= 0.95x",
+            ratio >= 0.95,
+        );
+        Ok(())
+    }
+
     fn write(&self) -> anyhow::Result<()> {
         let cpu = {
             use procfs::Current as _;
@@ -916,6 +989,12 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         let batch = [("offload-client", "one"), ("offload-priority", "batch")];
         let interactive = [("offload-client", "one"), ("offload-priority", "interactive")];
         suite.scheduled_probe("11. priorities", &batch, &interactive, &batch).await?;
+    }
+    if runs(12) {
+        suite.tls().await?;
+    }
+    if runs(13) {
+        suite.sandbox_cost().await?;
     }
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();
