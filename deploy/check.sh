@@ -14,3 +14,11 @@ docker-compose -f "$here/docker-compose.yml" config -q
 echo "compose file: ok"
 "$venv/bin/kubernetes-validate" --strict "$here"/k8s/*.yaml
 "$venv/bin/python" "$here/check.py"
+# Prometheus's own checker on the config and the alert rules (Debian's
+# prometheus package brings promtool; tests/e2e/observability.rs runs the
+# rules and the dashboard's queries against a live Prometheus).
+if ! command -v promtool >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+promtool check config "$here/prometheus/prometheus.yml"
+promtool check rules "$here/prometheus/alerts.yml"

@@ -13,6 +13,7 @@ mod exec;
 mod isolated;
 mod memory;
 mod metrics;
+mod observability;
 mod programs;
 mod python;
 mod sandbox;

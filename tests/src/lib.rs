@@ -225,9 +225,8 @@ impl Server {
             .max_encoding_message_size(usize::MAX)
     }
 
-    /// The text of its Prometheus endpoint (started with `--metrics-listen`).
-    pub fn scrape(&self) -> String {
-        use std::io::{Read as _, Write as _};
+    /// The address of its Prometheus endpoint (started with `--metrics-listen`).
+    pub fn metrics_addr(&self) -> String {
         // The endpoint logs its address from its own task, which may come
         // after the server said it was serving: wait for it, bounded.
         let started = Instant::now();
@@ -241,13 +240,14 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(10));
         };
-        let addr: String = line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect();
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        response.split_once("\r\n\r\n").unwrap().1.to_string()
+        line.split("metrics on http://").nth(1).unwrap().chars().take_while(|c| *c != '/').collect()
+    }
+
+    /// The text of its Prometheus endpoint (started with `--metrics-listen`).
+    pub fn scrape(&self) -> String {
+        let (status, body) = http_get(&self.metrics_addr(), "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     /// The process id.
@@ -358,6 +358,37 @@ pub fn metric_value(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not found in:\n{metrics}"))
         .parse()
         .unwrap()
+}
+
+/// A plain HTTP/1.1 GET of `path` from `addr` (host:port): the status code
+/// and the body. Blocking; for the metrics endpoint and Prometheus's API.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    // Chunked bodies (Prometheus's API) are joined back together.
+    let chunked = response
+        .split_once("\r\n\r\n")
+        .is_some_and(|(head, _)| head.to_ascii_lowercase().contains("transfer-encoding: chunked"));
+    if !chunked {
+        return Ok((status, body.to_string()));
+    }
+    let mut joined = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        joined.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    Ok((status, joined))
 }
 
 /// A request for `task` with `params`.
