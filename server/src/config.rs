@@ -172,6 +172,12 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Origins allowed to call from browsers (gRPC-Web with CORS), comma
+    /// separated, e.g. `https://app.example.com`; `*` for any. [default: none]
+    #[arg(long, env = "OFFLOAD_CORS_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Address of the Prometheus endpoint (GET /metrics); off when unset.
     #[arg(long, env = "OFFLOAD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -317,6 +323,11 @@ impl Args {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            cors_allowed_origins: if self.cors_allowed_origins.is_empty() {
+                file.cors_allowed_origins
+            } else {
+                self.cors_allowed_origins
+            },
             otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
             otel_service_name: self.otel_service_name.or(file.otel_service_name),
             otel_traces_sampler: self.otel_traces_sampler.or(file.otel_traces_sampler),
@@ -358,6 +369,24 @@ fn tls_files(a: &Args) -> Result<Option<TlsFiles>, ConfigError> {
     };
     crate::tls::server_config(&files).map_err(|e| invalid("tls-cert", e.to_string()))?;
     Ok(Some(files))
+}
+
+/// The allowed origins: `*`, or each a scheme and host with an optional
+/// port and nothing after (what a browser sends in `Origin`).
+fn cors_origins(origins: &[String]) -> Result<Vec<http::HeaderValue>, ConfigError> {
+    let bad = |origin: &str, why: &str| invalid("cors-allowed-origins", format!("{origin:?} {why}"));
+    let mut out = Vec::new();
+    for origin in origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+        if origin != "*" {
+            let uri: http::Uri =
+                origin.parse().map_err(|_| bad(origin, "is not an origin like https://app.example.com"))?;
+            if uri.scheme().is_none() || uri.host().is_none() || uri.path_and_query().is_some_and(|p| p != "/") {
+                return Err(bad(origin, "is not an origin like https://app.example.com (scheme and host, no path)"));
+            }
+        }
+        out.push(http::HeaderValue::from_str(origin.trim_end_matches('/')).map_err(|_| bad(origin, "is not ASCII"))?);
+    }
+    Ok(out)
 }
 
 /// A configuration that cannot be used.
@@ -429,6 +458,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// The workers' sandbox.
     pub worker_sandbox: SandboxMode,
+    /// Origins allowed to call through gRPC-Web from browsers.
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
     /// Address of the metrics endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
     /// Where traces go.
@@ -603,6 +634,7 @@ impl Config {
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
             tls,
             worker_sandbox: a.worker_sandbox.unwrap_or_default(),
+            cors_allowed_origins: cors_origins(&a.cors_allowed_origins)?,
             metrics_listen: a.metrics_listen,
             traces: TraceSettings {
                 endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),

@@ -47,6 +47,9 @@ pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection being closed gracefully may take to finish.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a connection ended with an error (HTTP/1.1 or HTTP/2), for the log.
+pub type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
+
 /// How long a TLS handshake may take once the client's first byte came.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,13 +57,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// given) until the peer closes it, it has been idle for `idle_timeout`
 /// (None: never), or `stop` fires.
 pub async fn serve<S, B>(
-    http: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     service: S,
     idle_timeout: Option<Duration>,
     stop: CancellationToken,
-) -> Result<(), hyper::Error>
+) -> Result<(), ConnectionError>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -112,13 +115,13 @@ where
 
 /// Serves HTTP/2 on an established (plain or TLS) connection.
 async fn serve_io<I, S, B>(
-    http: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     io: I,
     peer: Peer,
     service: S,
     idle_timeout: Option<Duration>,
     stop: CancellationToken,
-) -> Result<(), hyper::Error>
+) -> Result<(), ConnectionError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,

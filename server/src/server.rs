@@ -9,7 +9,7 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use offload_proto::offload::v1::compute_server::ComputeServer;
 use offload_worker::{Allowances, Catalog, process::Settings};
@@ -148,13 +148,23 @@ pub async fn serve(
         // Every request and response byte held is counted against the budget;
         // a call that does not fit is refused before its body is read.
         .layer(InflightLayer::new(Arc::clone(&dispatcher), max_message_bytes))
-        // Innermost: a call without credentials is refused before its body
-        // is read (health checks pass).
+        // Browsers' preflight requests are answered before authentication
+        // (they carry no credentials).
+        .layer(cors(&config.cors_allowed_origins))
+        // A call without credentials is refused before its body is read
+        // (health checks pass).
         .layer(AuthLayer::new(Arc::clone(&dispatcher)))
+        // gRPC-Web (application/grpc-web[-text]) becomes gRPC here.
+        .layer(tonic_web::GrpcWebLayer::new())
         .service(routes);
 
-    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http.timer(TokioTimer::new())
+    // HTTP/2 for gRPC; HTTP/1.1 too, for gRPC-Web from browsers (which
+    // cannot speak HTTP/2 without TLS). The protocol is told apart by the
+    // HTTP/2 preface.
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http1().timer(TokioTimer::new()).keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
         // Large inputs need windows larger than HTTP/2's 64 KiB default.
         // Fixed, not adaptive: they bound what a connection can have in
         // flight unread (outside the in-flight budget), and under a flood of
@@ -263,6 +273,30 @@ pub async fn serve(
     dispatcher.stop_workers(config.worker_kill_grace * 5).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// CORS for gRPC-Web callers in browsers: the origins allowed (none: no
+/// cross-origin call is allowed), the headers gRPC-Web sends and reads.
+fn cors(origins: &[HeaderValue]) -> tower_http::cors::CorsLayer {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow =
+        if origins.iter().any(|o| o == "*") { AllowOrigin::any() } else { AllowOrigin::list(origins.iter().cloned()) };
+    let header = HeaderName::from_static;
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([http::Method::POST, http::Method::OPTIONS])
+        .allow_headers([
+            CONTENT_TYPE,
+            AUTHORIZATION,
+            header("x-grpc-web"),
+            header("x-user-agent"),
+            header("grpc-timeout"),
+            header("offload-client"),
+            header("offload-priority"),
+        ])
+        .expose_headers([header("grpc-status"), header("grpc-message"), header("grpc-status-details-bin")])
+        .max_age(Duration::from_secs(24 * 3600))
 }
 
 /// Says so when anyone who reaches a non-loopback port can run every task.

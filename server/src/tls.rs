@@ -136,8 +136,9 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         key: files.key.clone(),
         source,
     })?;
-    // gRPC is HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC is HTTP/2; HTTP/1.1 is offered for gRPC-Web callers that ask
+    // for it (browsers take h2 when offered).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

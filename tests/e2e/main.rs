@@ -10,6 +10,7 @@ mod custom;
 mod deadlines;
 mod discovery;
 mod exec;
+mod grpcweb;
 mod isolated;
 mod memory;
 mod metrics;

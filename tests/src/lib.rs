@@ -96,30 +96,57 @@ pub fn python_with_sdk() -> &'static Path {
     })
 }
 
+/// Runs `npm install` with `args` in `target/<dir>` (after `prepare` has
+/// put what it needs there) and returns its `node_modules`.
+fn npm_install(dir: &str, prepare: impl FnOnce(&Path), args: &[&std::ffi::OsStr]) -> PathBuf {
+    let dir = workspace().join("target").join(dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
+    prepare(&dir);
+    let installed = Command::new("npm")
+        .current_dir(&dir)
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run npm (Node 18+ with npm is needed for the Node tests): {err}"));
+    assert!(
+        installed.status.success(),
+        "npm install in {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    dir.join("node_modules")
+}
+
 /// The `node_modules` folder holding the Node SDK of `sdk/node`, installed
 /// from source once per test run under target/ (npm reaches its registry
 /// for the SDK's one dependency), for worker programs written with it.
 pub fn node_sdk_modules() -> &'static Path {
     static MODULES: OnceLock<PathBuf> = OnceLock::new();
     MODULES.get_or_init(|| {
-        let root = workspace();
-        let dir = root.join("target/node-sdk");
-        std::fs::create_dir_all(&dir).expect("create target/node-sdk");
-        // npm keeps an installed package of the same version, so the SDK
-        // goes first: the tests run the current source.
-        let _ = std::fs::remove_dir_all(dir.join("node_modules/offload-worker"));
-        let installed = Command::new("npm")
-            .current_dir(&dir)
-            .args(["install", "--install-links", "--no-audit", "--no-fund", "--no-save", "--loglevel=error"])
-            .arg(root.join("sdk/node"))
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run npm (Node 18+ with npm is needed for the Node SDK tests): {err}"));
-        assert!(
-            installed.status.success(),
-            "npm install sdk/node failed:\n{}",
-            String::from_utf8_lossy(&installed.stderr)
-        );
-        dir.join("node_modules")
+        let sdk = workspace().join("sdk/node");
+        npm_install(
+            "node-sdk",
+            // npm keeps an installed package of the same version, so the SDK
+            // goes first: the tests run the current source.
+            |dir| drop(std::fs::remove_dir_all(dir.join("node_modules/offload-worker"))),
+            &["--install-links".as_ref(), "--no-save".as_ref(), sdk.as_os_str()],
+        )
+    })
+}
+
+/// The `node_modules` of the gRPC-Web test client (`tests/grpcweb`: the
+/// grpc-web client library, xhr2, protobufjs), installed once under target/.
+pub fn grpc_web_modules() -> &'static Path {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    MODULES.get_or_init(|| {
+        let manifest = workspace().join("tests/grpcweb/package.json");
+        npm_install(
+            "grpcweb-node",
+            |dir| {
+                std::fs::copy(&manifest, dir.join("package.json")).expect("copy tests/grpcweb/package.json");
+            },
+            &[],
+        )
     })
 }
 
