@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use offload_proto::offload::admin::v1::{RecycleWorkerRequest, SetWorkersRequest, admin_client::AdminClient};
 use offload_proto::offload::v1::{
     ExecuteRequest, ExecuteResponse, ExecutionMode, ListTasksRequest, Stage, compute_client::ComputeClient,
     execute_event::Event,
@@ -117,6 +118,33 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         timeout: f64,
     },
+    /// A live view of the replica: per task calls/s, failures and mean
+    /// times, the queues, and every worker process, redrawn every second
+    /// (from the admin service: loopback, or an admin client).
+    Top {
+        /// Seconds between frames.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many frames (default: until Ctrl-C).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
+    /// Prints the worker processes once: pool, slot, pid, state, task, RSS,
+    /// tasks done, age.
+    Workers,
+    /// Replaces the worker process with this pid (its replacement first).
+    Recycle {
+        /// The worker's pid (see `offload workers`).
+        pid: u32,
+    },
+    /// Sets how many worker processes a pool keeps.
+    Scale {
+        /// Worker processes, 1..=256.
+        workers: u32,
+        /// The pool: Offload's own workers by default, or a worker program's name.
+        #[arg(long, default_value = "")]
+        pool: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,6 +204,8 @@ fn main() -> ExitCode {
     }
 }
 
+mod top;
+
 /// Adds the bearer token, if any, to every call.
 #[derive(Debug, Clone)]
 struct Credentials(Option<MetadataValue<Ascii>>);
@@ -197,12 +227,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(token) => Some(format!("Bearer {token}").parse().context("--token must be printable ASCII")?),
         None => None,
     };
+    let credentials = Credentials(token);
+    let mut admin = AdminClient::with_interceptor(channel.clone(), credentials.clone());
     let mut client =
-        ComputeClient::with_interceptor(channel.clone(), Credentials(token)).max_decoding_message_size(usize::MAX);
+        ComputeClient::with_interceptor(channel.clone(), credentials).max_decoding_message_size(usize::MAX);
     match cli.command {
         Command::Tasks => list(&mut client).await,
         Command::Run(args) => execute(&mut client, args).await,
         Command::Health { service, timeout } => health(channel, &service, timeout).await,
+        Command::Top { interval, iterations } => {
+            let interval = Duration::try_from_secs_f64(interval).context("--interval")?;
+            top::top(&mut admin, interval, iterations).await
+        }
+        Command::Workers => top::workers(&mut admin).await,
+        Command::Recycle { pid } => {
+            admin.recycle_worker(RecycleWorkerRequest { pid }).await.map_err(status_error)?;
+            println!("worker {pid} is being replaced");
+            Ok(())
+        }
+        Command::Scale { workers, pool } => {
+            let previous = admin
+                .set_workers(SetWorkersRequest { pool, workers })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .previous;
+            println!("workers: {previous} -> {workers}");
+            Ok(())
+        }
     }
 }
 

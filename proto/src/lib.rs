@@ -15,6 +15,13 @@ pub mod offload {
     pub mod v1 {
         tonic::include_proto!("offload.v1");
     }
+    /// The admin API: a replica's live state, and levers on its workers.
+    pub mod admin {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("offload.admin.v1");
+        }
+    }
     /// The internal protocol between the front and its worker processes.
     pub mod worker {
         /// Version 1.

@@ -38,7 +38,7 @@ pub enum Refusal {
 /// The load of one executor.
 #[derive(Debug)]
 pub struct Admission {
-    slots: usize,
+    slots: std::sync::atomic::AtomicUsize,
     capacity: usize,
     state: Mutex<Load>,
 }
@@ -96,9 +96,14 @@ impl Load {
 }
 
 impl Admission {
+    /// The executor now has `slots` parallel slots (its pool was resized).
+    pub fn set_slots(&self, slots: usize) {
+        self.slots.store(slots.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// An executor with `slots` parallel slots and room for `capacity` waiting calls.
     pub fn new(slots: usize, capacity: usize) -> Arc<Self> {
-        Arc::new(Self { slots: slots.max(1), capacity, state: Mutex::new(Load::default()) })
+        Arc::new(Self { slots: slots.max(1).into(), capacity, state: Mutex::new(Load::default()) })
     }
 
     /// Admits a call of expected `cost` and `priority` that must start before `deadline`.
@@ -115,7 +120,7 @@ impl Admission {
             return Err(Refusal::QueueFull { capacity: self.capacity });
         }
         if let Some(remaining) = remaining {
-            let wait = load.expected_wait(self.slots, priority, now);
+            let wait = load.expected_wait(self.slots.load(std::sync::atomic::Ordering::Relaxed), priority, now);
             if wait >= remaining {
                 return Err(Refusal::WouldMissDeadline { wait, remaining });
             }

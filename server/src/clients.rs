@@ -62,6 +62,9 @@ pub struct ClientSpec {
     /// Glob patterns of the tasks it may run (an authenticated client only).
     #[serde(default)]
     pub tasks: Option<Vec<String>>,
+    /// Whether it may use the admin service (an authenticated client only).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 fn one() -> u32 {
@@ -117,6 +120,8 @@ pub struct Client {
     cert_san: Option<String>,
     /// What it may run (authenticated clients).
     tasks: Option<Permissions>,
+    /// May use the admin service.
+    admin: bool,
 }
 
 /// The tasks an authenticated client may run: glob patterns.
@@ -158,6 +163,11 @@ impl Client {
             }
             _ => Ok(Some(guard)),
         }
+    }
+
+    /// Whether it may use the admin service.
+    pub fn admin(&self) -> bool {
+        self.admin
     }
 
     /// Whether it may run `task`: any task, unless it authenticated with
@@ -241,6 +251,9 @@ impl Clients {
                 }
                 (None, false) => None,
             };
+            if spec.admin && !has_credential {
+                return Err(auth("admin = true needs a credential (token_sha256 or cert_san)".into()));
+            }
             let client = Client {
                 name: Arc::from(name.as_str()),
                 weight: spec.weight,
@@ -250,6 +263,7 @@ impl Clients {
                 token,
                 cert_san: spec.cert_san.clone(),
                 tasks,
+                admin: spec.admin,
             };
             let same_credential = |other: &Arc<Client>| {
                 (client.token.is_some() && other.token == client.token)
@@ -327,6 +341,7 @@ impl Clients {
             token: None,
             cert_san: None,
             tasks: None,
+            admin: false,
         }))
     }
 }
@@ -367,7 +382,15 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, weight: u32, max_in_flight: Option<usize>) -> ClientSpec {
-        ClientSpec { name: name.into(), weight, max_in_flight, token_sha256: None, cert_san: None, tasks: None }
+        ClientSpec {
+            name: name.into(),
+            weight,
+            max_in_flight,
+            token_sha256: None,
+            cert_san: None,
+            tasks: None,
+            admin: false,
+        }
     }
 
     fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {

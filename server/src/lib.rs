@@ -8,6 +8,7 @@
 //! - [`connection`]: one connection's life: first-byte and idle timeouts, TLS.
 //! - [`tls`]: TLS and mutual TLS, certificates reloaded when their files change.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
+//! - [`admin`]: `offload.admin.v1.Admin`: the live view of a replica and its workers.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
 //! - [`auth`]: bearer tokens and client certificates of declared clients.
 //! - [`clients`]: who a call is from, its priority, declared clients' limits and permissions.
@@ -22,6 +23,7 @@
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //! - [`config`], [`shutdown`]: process set-up around it all.
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod clients;

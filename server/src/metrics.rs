@@ -3,7 +3,15 @@
 //! the dispatcher, in one place for every RPC; gauges are read from the
 //! executors when scraped.
 
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
@@ -99,6 +107,37 @@ pub struct Metrics {
     rejected: Family<ReasonLabels, Counter>,
     inflight_bytes: Gauge,
     inflight_budget: Gauge,
+    /// Totals by task and mode, for the admin API's live view.
+    totals: std::sync::RwLock<HashMap<(&'static str, &'static str), Arc<Totals>>>,
+}
+
+/// One task's totals in one mode since start.
+#[derive(Debug, Default)]
+struct Totals {
+    calls: AtomicU64,
+    failed: AtomicU64,
+    ran: AtomicU64,
+    run_nanos: AtomicU64,
+    queued_nanos: AtomicU64,
+}
+
+/// One task's totals in one mode, as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskTotals {
+    /// The task.
+    pub task: &'static str,
+    /// Its mode.
+    pub mode: &'static str,
+    /// Calls finished.
+    pub calls: u64,
+    /// Calls that did not end OK.
+    pub failed: u64,
+    /// Calls that ran.
+    pub ran: u64,
+    /// Their run time, summed.
+    pub run: Duration,
+    /// Their queue time, summed.
+    pub queued: Duration,
 }
 
 impl Default for Metrics {
@@ -198,6 +237,7 @@ impl Default for Metrics {
             rejected,
             inflight_bytes,
             inflight_budget,
+            totals: std::sync::RwLock::default(),
         }
     }
 }
@@ -208,11 +248,45 @@ impl Metrics {
         // Labels borrow static names: no allocation per call.
         let labels = CallLabels { task, mode, code: code_name(code) };
         self.calls.get_or_create(&labels).inc();
+        let totals = self.totals(task, mode);
+        totals.calls.fetch_add(1, Ordering::Relaxed);
+        if code != Code::Ok {
+            totals.failed.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some((queued, ran)) = timing {
+            totals.ran.fetch_add(1, Ordering::Relaxed);
+            totals.run_nanos.fetch_add(ran.as_nanos() as u64, Ordering::Relaxed);
+            totals.queued_nanos.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
             self.queue_wait.get_or_create(&ModeLabels { mode }).observe(queued.as_secs_f64());
             let labels = TaskModeLabels { task, mode };
             self.duration.get_or_create(&labels).observe(ran.as_secs_f64());
         }
+    }
+
+    fn totals(&self, task: &'static str, mode: &'static str) -> Arc<Totals> {
+        if let Some(totals) = self.totals.read().unwrap_or_else(|e| e.into_inner()).get(&(task, mode)) {
+            return Arc::clone(totals);
+        }
+        Arc::clone(self.totals.write().unwrap_or_else(|e| e.into_inner()).entry((task, mode)).or_default())
+    }
+
+    /// Every task's totals by mode since start, sorted by task.
+    pub fn task_totals(&self) -> Vec<TaskTotals> {
+        let totals = self.totals.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<TaskTotals> = totals
+            .iter()
+            .map(|(&(task, mode), t)| TaskTotals {
+                task,
+                mode,
+                calls: t.calls.load(Ordering::Relaxed),
+                failed: t.failed.load(Ordering::Relaxed),
+                ran: t.ran.load(Ordering::Relaxed),
+                run: Duration::from_nanos(t.run_nanos.load(Ordering::Relaxed)),
+                queued: Duration::from_nanos(t.queued_nanos.load(Ordering::Relaxed)),
+            })
+            .collect();
+        out.sort_by_key(|t| (t.task, t.mode));
+        out
     }
 
     /// Records how long a call of `priority` from the client labelled

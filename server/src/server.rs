@@ -11,7 +11,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use http::{HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use offload_proto::offload::v1::compute_server::ComputeServer;
+use offload_proto::offload::{admin::v1::admin_server::AdminServer, v1::compute_server::ComputeServer};
 use offload_worker::{Allowances, Catalog, process::Settings};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::{
+    admin::AdminService,
     auth::AuthLayer,
     clients::Clients,
     config::Config,
@@ -139,7 +140,8 @@ pub async fn serve(
             ComputeServer::new(compute)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
-        );
+        )
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&dispatcher), &config.replica_name)));
     let max_message_bytes = config.max_message_bytes;
     let counted = Arc::clone(&dispatcher);
     let service = ServiceBuilder::new()

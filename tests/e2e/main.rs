@@ -1,6 +1,7 @@
 //! End-to-end tests against the real binaries, one module per area. Each
 //! test starts its own server on an ephemeral port.
 
+mod admin;
 mod auth;
 mod batch;
 mod cli;

@@ -270,12 +270,47 @@ struct Shared {
     deaths: DeathCounters,
 }
 
+/// What a slot's worker is doing, as the admin API shows it.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerView {
+    /// The slot's index in its pool.
+    pub slot: usize,
+    /// The process, while one runs in the slot.
+    pub pid: Option<u32>,
+    /// "starting", "idle", "busy" or "stopping".
+    pub state: &'static str,
+    /// The task it runs, when busy.
+    pub task: &'static str,
+    /// Tasks it finished.
+    pub tasks_done: u64,
+    /// When the process started.
+    pub started: Option<Instant>,
+}
+
+/// One slot as the supervisor and the admin API see it.
+#[derive(Debug)]
+struct Slot {
+    view: Mutex<WorkerView>,
+    /// Asks the slot to replace its worker (set, then the slot is woken).
+    recycle: AtomicBool,
+    wake: Notify,
+    /// Stops this slot alone (the pool shrinking), or with the pool.
+    stop: CancellationToken,
+}
+
+impl Slot {
+    fn update(&self, change: impl FnOnce(&mut WorkerView)) {
+        change(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
 /// The pool of worker processes.
 #[derive(Debug)]
 pub struct Supervisor {
     shared: Arc<Shared>,
     admission: Arc<Admission>,
-    slots: TaskTracker,
+    tracker: TaskTracker,
+    slots: Mutex<Vec<Arc<Slot>>>,
     stop: CancellationToken,
 }
 
@@ -291,13 +326,66 @@ impl Supervisor {
             last_start_error: Mutex::new(None),
             deaths: DeathCounters::default(),
         });
-        let slots = TaskTracker::new();
-        let stop = CancellationToken::new();
-        for index in 0..workers {
-            slots.spawn(slot::run(index, Arc::clone(&shared), stop.clone()));
+        let tracker = TaskTracker::new();
+        tracker.close();
+        let supervisor =
+            Self { shared, admission, tracker, slots: Mutex::new(Vec::new()), stop: CancellationToken::new() };
+        supervisor.resize(workers);
+        supervisor
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `workers` worker processes from now on (at least one): new
+    /// slots start their worker at once; the slots beyond retire theirs
+    /// after its task. Returns the number before.
+    pub fn resize(&self, workers: usize) -> usize {
+        let workers = workers.max(1);
+        let mut slots = self.slots();
+        let previous = slots.len();
+        while slots.len() > workers {
+            let slot = slots.pop().expect("a slot");
+            slot.update(|v| v.state = "stopping");
+            slot.stop.cancel();
         }
-        slots.close();
-        Self { shared, admission, slots, stop }
+        while slots.len() < workers {
+            let slot = Arc::new(Slot {
+                view: Mutex::new(WorkerView { slot: slots.len(), state: "starting", ..WorkerView::default() }),
+                recycle: AtomicBool::new(false),
+                wake: Notify::new(),
+                stop: self.stop.child_token(),
+            });
+            self.tracker.spawn(slot::run(Arc::clone(&slot), Arc::clone(&self.shared)));
+            slots.push(slot);
+        }
+        self.admission.set_slots(workers);
+        previous
+    }
+
+    /// Worker processes it keeps.
+    pub fn size(&self) -> usize {
+        self.slots().len()
+    }
+
+    /// What each slot's worker is doing now.
+    pub fn workers(&self) -> Vec<WorkerView> {
+        self.slots().iter().map(|slot| slot.view.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect()
+    }
+
+    /// Asks the slot running worker `pid` to replace it (the replacement
+    /// first, then the worker retires after its task). False when no
+    /// worker of this pool has that pid.
+    pub fn recycle(&self, pid: u32) -> bool {
+        let slots = self.slots();
+        let Some(slot) = slots.iter().find(|s| s.view.lock().unwrap_or_else(|e| e.into_inner()).pid == Some(pid))
+        else {
+            return false;
+        };
+        slot.recycle.store(true, Ordering::Release);
+        slot.wake.notify_one();
+        true
     }
 
     /// The executor's admission control.
@@ -338,7 +426,7 @@ impl Supervisor {
     /// at `grace`) and waits for them to be reaped.
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
-        if tokio::time::timeout(grace + Duration::from_secs(1), self.slots.wait()).await.is_err() {
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.tracker.wait()).await.is_err() {
             tracing::warn!("worker slots did not stop in time");
         }
         self.shared.queue.close();

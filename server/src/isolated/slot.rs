@@ -12,18 +12,23 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    JobError, Shared, WorkerJob,
+    JobError, Shared, Slot, WorkerJob,
     death::DeathCause,
     worker::{Fate, WorkerProcess},
 };
+
+/// Why a worker is replaced when the admin API asks.
+pub(crate) const RECYCLED_BY_ADMIN: &str = "the admin API asked";
 
 /// First and longest waits between failed starts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
-/// Runs slot `index` until `stop` fires.
-pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationToken) {
+/// Runs `slot` until its stop token fires.
+pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
     let options = &shared.options;
+    let index = slot.view.lock().unwrap_or_else(|e| e.into_inner()).slot;
+    let stop: &CancellationToken = &slot.stop;
     let mut backoff = BACKOFF_FIRST;
     let mut worker: Option<WorkerProcess> = None;
     loop {
@@ -32,6 +37,7 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
             None => match start(&shared).await {
                 Ok(w) => {
                     backoff = BACKOFF_FIRST;
+                    started(&slot, &w);
                     worker.insert(w)
                 }
                 Err(err) => {
@@ -54,12 +60,24 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
                 tokio::select! {
                     next = shared.queue.next() => job = Some(next),
                     () = stop.cancelled() => {}
+                    () = slot.wake.notified() => {}
                 }
             })
             .await;
         if let Fate::Dead(cause) = fate {
             let pid = current.pid();
             buried(&shared, &mut worker, pid, &cause, None);
+            slot.update(|v| (v.pid, v.state) = (None, "starting"));
+            continue;
+        }
+        if job.is_none() && !stop.is_cancelled() {
+            // Woken by the admin API.
+            if slot.recycle.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                recycle(&shared, &mut worker, index, RECYCLED_BY_ADMIN).await;
+                if let Some(w) = &worker {
+                    started(&slot, w);
+                }
+            }
             continue;
         }
         let Some(job) = job else {
@@ -88,19 +106,41 @@ pub(super) async fn run(index: usize, shared: Arc<Shared>, stop: CancellationTok
 
         let pid = current.pid();
         tracing::debug!(jobs = batch.len(), "sending jobs to worker {pid}");
+        let task = batch[0].task;
+        slot.update(|v| (v.state, v.task) = ("busy", task));
         let end = current.run(batch, &options.worker).await;
+        let done = current.tasks_done;
+        slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
         if !end.unstarted.is_empty() {
             shared.queue.requeue(end.unstarted);
         }
         match end.fate {
-            Fate::Dead(cause) => buried(&shared, &mut worker, pid, &cause, Some(end.task)),
+            Fate::Dead(cause) => {
+                buried(&shared, &mut worker, pid, &cause, Some(end.task));
+                slot.update(|v| (v.pid, v.state) = (None, "starting"));
+            }
             Fate::Alive => {
-                if let Some(reason) = recycle_reason(&shared, current) {
+                let asked = slot.recycle.swap(false, std::sync::atomic::Ordering::AcqRel);
+                let reason = if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { recycle_reason(&shared, current) };
+                if let Some(reason) = reason {
                     recycle(&shared, &mut worker, index, &reason).await;
+                    if let Some(w) = &worker {
+                        started(&slot, w);
+                    }
                 }
             }
         }
     }
+}
+
+/// Shows `worker` as the slot's fresh, idle worker.
+fn started(slot: &Slot, worker: &WorkerProcess) {
+    let pid = worker.pid();
+    let done = worker.tasks_done;
+    slot.update(|v| {
+        (v.pid, v.state, v.task, v.tasks_done, v.started) =
+            (Some(pid), "idle", "", done, Some(std::time::Instant::now()))
+    });
 }
 
 async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
