@@ -446,7 +446,10 @@ impl Suite {
             ratio <= 1.5,
         );
 
-        let m = self.compare("3. debug.echo 64 B, 4x64", &self.modes(offload, |_| {}, "debug.echo", 64)).await?;
+        let contenders = self.modes(offload, |_| {}, "debug.echo", 64);
+        let m = self.compare("3. debug.echo 64 B, 4x64", &contenders).await?;
+        let title = "3. Latency of debug.echo 64 B at 4 conns x 64: ISOLATED (worker processes) vs POOL";
+        self.chart("3-latency.svg", title, |path| charts::latency(path, title, &m.latency(&contenders)))?;
         let (pool, isolated, ratio) = (m.median(0, calls_per_sec), m.median(1, calls_per_sec), m.ratio(1, 0));
         self.row(
             "3. isolation overhead: debug.echo 64 B, 4 conns x 64, throughput",
@@ -563,9 +566,12 @@ impl Suite {
             ..work.clone()
         };
         let (mut idle, mut apart, mut shared) = (Vec::new(), Vec::new(), Vec::new());
+        // The last run's distributions, for the chart.
+        let mut last: Vec<Series> = Vec::new();
         for run in 0..self.options.runs {
             let report = self.measure(&format!("{scenario} probe alone [run {run}]"), &probe(separate), None).await?;
             idle.push(report.p99_us as f64);
+            last = vec![("probe alone".to_string(), report.distribution.clone())];
             for (pairs, into, what) in
                 [(separate, &mut apart, "told apart"), (together, &mut shared, "in the flood's queue")]
             {
@@ -578,11 +584,17 @@ impl Suite {
                 let label = format!("{scenario} probe {what}, under the flood [run {run}]");
                 let report = self.measure(&label, &probe(pairs), None).await?;
                 into.push(report.p99_us as f64);
+                last.push((format!("probe {what}"), report.distribution.clone()));
                 let flooded = flooding.await.context("the flood's task")??;
                 writeln!(self.details, "- {scenario} the flood [run {run}]: {}", flooded.summary()).expect("string");
             }
         }
         let (idle, apart, shared) = (median(idle), median(apart), median(shared));
+        let title = format!(
+            "{scenario}: latency of a probe at 50 calls/s of debug.spin 5 ms: alone vs under a 4x64 flood (told apart, or sharing its queue)"
+        );
+        let file = format!("{}-latency.svg", scenario.split('.').next().unwrap_or("probe"));
+        self.chart(&file, &title, |path| charts::latency(path, &title, &last))?;
         let ratio = apart / idle;
         self.row(
             &format!("{scenario}: probe 50/s of debug.spin 5 ms POOL under a 4x64 flood, p99 vs alone"),
@@ -760,6 +772,10 @@ impl Suite {
                 let spec = self.spec("", &task, &[], ExecutionMode::Isolated, size);
                 let contenders = contenders(&spec, &[("offload", &offload), (baseline, server)]);
                 let m = self.compare(&format!("9. {what}, 4x64"), &contenders).await?;
+                let title = format!("9. Latency of {what} at 4 conns x 64: Offload's {language} workers vs {baseline}");
+                self.chart(&format!("9-{task}-latency.svg"), &title, |path| {
+                    charts::latency(path, &title, &m.latency(&contenders))
+                })?;
                 let ratio = m.ratio(0, 1);
                 self.row(
                     &format!("9. worker programs: {what}, 4 conns x 64, throughput vs {baseline}"),
@@ -830,6 +846,8 @@ impl Suite {
             Contender { name: "plaintext", spec: plain_spec, server: &plain },
         ];
         let m = self.compare("12. hash.sha256 1 KiB, 4x64, TLS vs plaintext", &contenders).await?;
+        let title = "12. Latency of hash.sha256 1 KiB POOL at 4 conns x 64: TLS vs plaintext";
+        self.chart("12-latency.svg", title, |path| charts::latency(path, title, &m.latency(&contenders)))?;
         let ratio = m.ratio(0, 1);
         self.row(
             "12. TLS: hash.sha256 1 KiB, 4 conns x 64, throughput vs plaintext",
@@ -864,7 +882,10 @@ impl Suite {
             "<= 1.05x",
             slower <= 1.05,
         );
-        let m = self.compare("13. ISOLATED debug.echo 64 B, 4x64, sandbox on vs off", &pair(|_| {})).await?;
+        let contenders = pair(|_| {});
+        let m = self.compare("13. ISOLATED debug.echo 64 B, 4x64, sandbox on vs off", &contenders).await?;
+        let title = "13. Latency of ISOLATED debug.echo 64 B at 4 conns x 64: sandboxed workers vs unsandboxed";
+        self.chart("13-latency.svg", title, |path| charts::latency(path, title, &m.latency(&contenders)))?;
         let ratio = m.ratio(0, 1);
         self.row(
             "13. worker sandbox: ISOLATED debug.echo 64 B, 4 conns x 64, throughput vs no sandbox",
