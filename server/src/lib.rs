@@ -7,6 +7,7 @@
 //! - [`server`]: assembles the services and layers, serves HTTP/2, drains.
 //! - [`connection`]: one connection's life: first-byte and idle timeouts, TLS.
 //! - [`tls`]: TLS and mutual TLS, certificates reloaded when their files change.
+//! - [`web`]: gRPC-Web for browsers, beside plain gRPC.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`admin`]: `offload.admin.v1.Admin`: the live view of a replica and its workers.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
@@ -45,6 +46,7 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod web;
 
 pub use launch::main;
 pub use offload_worker::TaskSet;

@@ -37,6 +37,7 @@ use crate::{
     pool::Pool,
     service::ComputeService,
     tls::{self, Tls},
+    web,
 };
 
 /// HTTP/2 flow-control window of each stream.
@@ -151,13 +152,15 @@ pub async fn serve(
         // a call that does not fit is refused before its body is read.
         .layer(InflightLayer::new(Arc::clone(&dispatcher), max_message_bytes))
         // Browsers' preflight requests are answered before authentication
-        // (they carry no credentials).
-        .layer(cors(&config.cors_allowed_origins))
+        // (they carry no credentials); without allowed origins there is no
+        // CORS layer at all (it would add Vary headers to every response).
+        .option_layer((!config.cors_allowed_origins.is_empty()).then(|| cors(&config.cors_allowed_origins)))
         // A call without credentials is refused before its body is read
         // (health checks pass).
         .layer(AuthLayer::new(Arc::clone(&dispatcher)))
-        // gRPC-Web (application/grpc-web[-text]) becomes gRPC here.
-        .layer(tonic_web::GrpcWebLayer::new())
+        // gRPC-Web (application/grpc-web[-text]) becomes gRPC here; plain
+        // gRPC goes by untouched.
+        .layer(web::GrpcWebLayer)
         .service(routes);
 
     // HTTP/2 for gRPC; HTTP/1.1 too, for gRPC-Web from browsers (which
