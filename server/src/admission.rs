@@ -9,7 +9,10 @@
 //! ends, gives its place back, so no path can strand the counters.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,7 +41,7 @@ pub enum Refusal {
 /// The load of one executor.
 #[derive(Debug)]
 pub struct Admission {
-    slots: std::sync::atomic::AtomicUsize,
+    slots: AtomicUsize,
     capacity: usize,
     state: Mutex<Load>,
 }
@@ -73,7 +76,7 @@ struct Load {
 impl Load {
     fn unqueue(&mut self, priority: Priority, cost: Duration) {
         self.queued -= 1;
-        let queued = &mut self.queued_cost[priority as usize];
+        let queued = &mut self.queued_cost[priority.index()];
         *queued = queued.saturating_sub(cost);
     }
 
@@ -98,7 +101,7 @@ impl Load {
 impl Admission {
     /// The executor now has `slots` parallel slots (its pool was resized).
     pub fn set_slots(&self, slots: usize) {
-        self.slots.store(slots.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.slots.store(slots.max(1), Ordering::Relaxed);
     }
 
     /// An executor with `slots` parallel slots and room for `capacity` waiting calls.
@@ -120,13 +123,13 @@ impl Admission {
             return Err(Refusal::QueueFull { capacity: self.capacity });
         }
         if let Some(remaining) = remaining {
-            let wait = load.expected_wait(self.slots.load(std::sync::atomic::Ordering::Relaxed), priority, now);
+            let wait = load.expected_wait(self.slots.load(Ordering::Relaxed), priority, now);
             if wait >= remaining {
                 return Err(Refusal::WouldMissDeadline { wait, remaining });
             }
         }
         load.queued += 1;
-        load.queued_cost[priority as usize] += cost;
+        load.queued_cost[priority.index()] += cost;
         Ok(Ticket { admission: Arc::clone(self), cost, priority, deadline, admitted: now, running: None })
     }
 

@@ -210,6 +210,8 @@ pub struct Clients {
     declared: HashMap<String, Arc<Client>>,
     /// Calls must authenticate (the tables carry credentials).
     authenticating: bool,
+    /// Some client authenticates with a certificate name.
+    by_certificate: bool,
 }
 
 impl Clients {
@@ -276,7 +278,8 @@ impl Clients {
                 return Err(ClientSpecError::Twice(name.clone()));
             }
         }
-        Ok(Self { declared, authenticating })
+        let by_certificate = declared.values().any(|c| c.cert_san.is_some());
+        Ok(Self { declared, authenticating, by_certificate })
     }
 
     /// Whether calls must authenticate.
@@ -286,7 +289,7 @@ impl Clients {
 
     /// Whether some client authenticates with a certificate name.
     pub fn by_certificate(&self) -> bool {
-        self.declared.values().any(|c| c.cert_san.is_some())
+        self.by_certificate
     }
 
     /// The client whose token hashes to `hash` (compared in constant time

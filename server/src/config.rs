@@ -21,7 +21,7 @@ use crate::{
         sandbox::SandboxMode,
     },
     telemetry::{self, TraceSettings},
-    tls::TlsFiles,
+    tls::{Tls, TlsFiles},
 };
 use serde::Deserialize;
 
@@ -353,9 +353,9 @@ impl Args {
     }
 }
 
-/// The TLS files the settings name, checked by loading them once (a server
-/// that cannot serve TLS as asked does not start in plaintext).
-fn tls_files(a: &Args) -> Result<Option<TlsFiles>, ConfigError> {
+/// TLS as the settings ask for it, loaded (a server that cannot serve TLS
+/// as asked does not start in plaintext).
+fn tls(a: &Args) -> Result<Option<Tls>, ConfigError> {
     let files = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => {
             TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: a.tls_client_ca.clone() }
@@ -367,8 +367,7 @@ fn tls_files(a: &Args) -> Result<Option<TlsFiles>, ConfigError> {
         (Some(_), None) => return Err(invalid("tls-cert", "needs --tls-key too".into())),
         (None, Some(_)) => return Err(invalid("tls-key", "needs --tls-cert too".into())),
     };
-    crate::tls::server_config(&files).map_err(|e| invalid("tls-cert", e.to_string()))?;
-    Ok(Some(files))
+    Tls::load(files).map(Some).map_err(|e| invalid("tls-cert", e.to_string()))
 }
 
 /// The allowed origins: `*`, or each a scheme and host with an optional
@@ -455,7 +454,7 @@ pub struct Config {
     /// Log format.
     pub log_format: LogFormat,
     /// TLS on the gRPC port, if configured.
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<Tls>,
     /// The workers' sandbox.
     pub worker_sandbox: SandboxMode,
     /// Origins allowed to call through gRPC-Web from browsers.
@@ -581,9 +580,9 @@ impl Config {
             }
             _ => Vec::new(),
         };
-        let tls = tls_files(&a)?;
+        let tls = tls(&a)?;
         if let Some(spec) = a.client.iter().find(|c| c.cert_san.is_some())
-            && tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+            && tls.as_ref().is_none_or(|t| !t.mutual())
         {
             return Err(invalid(
                 "client",

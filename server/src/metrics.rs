@@ -6,10 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -108,7 +105,7 @@ pub struct Metrics {
     inflight_bytes: Gauge,
     inflight_budget: Gauge,
     /// Totals by task and mode, for the admin API's live view.
-    totals: std::sync::RwLock<HashMap<(&'static str, &'static str), Arc<Totals>>>,
+    totals: std::sync::RwLock<HashMap<(&'static str, &'static str), Totals>>,
 }
 
 /// One task's totals in one mode since start.
@@ -119,6 +116,21 @@ struct Totals {
     ran: AtomicU64,
     run_nanos: AtomicU64,
     queued_nanos: AtomicU64,
+}
+
+impl Totals {
+    /// Counts a finished call; `timing` (queued, ran) when it ran.
+    fn add(&self, code: Code, timing: Option<(Duration, Duration)>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if code != Code::Ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((queued, ran)) = timing {
+            self.ran.fetch_add(1, Ordering::Relaxed);
+            self.run_nanos.fetch_add(ran.as_nanos() as u64, Ordering::Relaxed);
+            self.queued_nanos.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One task's totals in one mode, as read.
@@ -248,26 +260,20 @@ impl Metrics {
         // Labels borrow static names: no allocation per call.
         let labels = CallLabels { task, mode, code: code_name(code) };
         self.calls.get_or_create(&labels).inc();
-        let totals = self.totals(task, mode);
-        totals.calls.fetch_add(1, Ordering::Relaxed);
-        if code != Code::Ok {
-            totals.failed.fetch_add(1, Ordering::Relaxed);
-        }
+        self.with_totals(task, mode, |totals| totals.add(code, timing));
         if let Some((queued, ran)) = timing {
-            totals.ran.fetch_add(1, Ordering::Relaxed);
-            totals.run_nanos.fetch_add(ran.as_nanos() as u64, Ordering::Relaxed);
-            totals.queued_nanos.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
             self.queue_wait.get_or_create(&ModeLabels { mode }).observe(queued.as_secs_f64());
             let labels = TaskModeLabels { task, mode };
             self.duration.get_or_create(&labels).observe(ran.as_secs_f64());
         }
     }
 
-    fn totals(&self, task: &'static str, mode: &'static str) -> Arc<Totals> {
+    /// Runs `update` on the totals of `task` in `mode` (made on first use).
+    fn with_totals(&self, task: &'static str, mode: &'static str, update: impl FnOnce(&Totals)) {
         if let Some(totals) = self.totals.read().unwrap_or_else(|e| e.into_inner()).get(&(task, mode)) {
-            return Arc::clone(totals);
+            return update(totals);
         }
-        Arc::clone(self.totals.write().unwrap_or_else(|e| e.into_inner()).entry((task, mode)).or_default())
+        update(self.totals.write().unwrap_or_else(|e| e.into_inner()).entry((task, mode)).or_default());
     }
 
     /// Every task's totals by mode since start, sorted by task.

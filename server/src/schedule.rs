@@ -49,7 +49,8 @@ impl Priority {
         Self::ALL.into_iter().find(|p| p.as_str() == value)
     }
 
-    fn index(self) -> usize {
+    /// Its place in per-priority arrays (interactive first).
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }

@@ -69,9 +69,6 @@ pub enum ServeError {
     /// The worker sandbox cannot be had as configured.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
-    /// The TLS files could not be loaded.
-    #[error("cannot serve TLS: {0}")]
-    Tls(#[from] tls::TlsError),
     /// The metrics address could not be bound.
     #[error("cannot listen for metrics: {0}")]
     Metrics(#[from] std::io::Error),
@@ -183,20 +180,17 @@ pub async fn serve(
     // Connections are told to finish when the drain is over (GOAWAY).
     let connections = TaskTracker::new();
     let close_connections = CancellationToken::new();
-    let tls = match &config.tls {
-        None => None,
-        Some(files) => {
-            let tls = Tls::load(files.clone())?;
-            tokio::spawn(tls.clone().watch(tls::RELOAD_CHECK, close_connections.clone()));
-            tracing::info!(
-                cert = %files.cert.display(),
-                mutual = tls.mutual(),
-                "serving TLS{}",
-                if tls.mutual() { " with client certificates required" } else { "" }
-            );
-            Some(tls)
-        }
-    };
+    // Loaded (and checked) with the configuration; watched from here.
+    let tls = config.tls.clone();
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(tls::RELOAD_CHECK, close_connections.clone()));
+        tracing::info!(
+            cert = %tls.cert().display(),
+            mutual = tls.mutual(),
+            "serving TLS{}",
+            if tls.mutual() { " with client certificates required" } else { "" }
+        );
+    }
 
     // A worker program's tasks are known from its first worker's Hello:
     // calls are accepted once every program has one (or has failed).
@@ -306,7 +300,7 @@ fn cors(origins: &[HeaderValue]) -> tower_http::cors::CorsLayer {
 
 /// Says so when anyone who reaches a non-loopback port can run every task.
 fn warn_if_open(config: &Config, clients: &Clients) {
-    let mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
+    let mutual_tls = config.tls.as_ref().is_some_and(Tls::mutual);
     if config.listen.ip().is_loopback() {
         return;
     }

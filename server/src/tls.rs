@@ -85,7 +85,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// The PEM certificates in `path` (at least one).
-pub fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(what, path)?;
     let content = |detail: String| TlsError::Content { what, path: path.to_owned(), detail };
     let certs = CertificateDer::pem_reader_iter(&mut BufReader::new(&pem[..]))
@@ -98,7 +98,7 @@ pub fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDe
 }
 
 /// The first PEM private key in `path`.
-pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read("key", path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Content {
         what: "key",
@@ -108,7 +108,7 @@ pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Builds the rustls server configuration from `files`.
-pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let chain = certificates("certificate", &files.cert)?;
     let key = private_key(&files.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
@@ -165,6 +165,11 @@ impl Tls {
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
         let config = server_config(&files)?;
         Ok(Self { files: Arc::new(files), current: Arc::new(RwLock::new(Arc::new(config))) })
+    }
+
+    /// The certificate file.
+    pub fn cert(&self) -> &Path {
+        &self.files.cert
     }
 
     /// Whether clients must present a certificate.

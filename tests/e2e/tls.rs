@@ -113,8 +113,15 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     let client_ca = Ca::new("client CA");
     let (cert, key) = server_ca.leaf(&["localhost", "127.0.0.1"]).write(dir.path(), "server");
     let client_ca_file = client_ca.write(dir.path(), "client-ca.pem");
-    let server =
-        Server::start(&["--tls-cert", path(&cert), "--tls-key", path(&key), "--tls-client-ca", path(&client_ca_file)]);
+    // Set through the environment, as containers do (the flags are used above).
+    let server = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--debug-tasks"],
+        &[
+            ("OFFLOAD_TLS_CERT", path(&cert)),
+            ("OFFLOAD_TLS_KEY", path(&key)),
+            ("OFFLOAD_TLS_CLIENT_CA", path(&client_ca_file)),
+        ],
+    );
 
     let billing = client_ca.leaf(&["billing.internal"]);
     call(&server, &server_ca.pem(), Some(&billing)).await.expect("a call with a client certificate from the CA");

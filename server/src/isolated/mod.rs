@@ -7,8 +7,9 @@
 //! - [`program`]: worker programs in any language, and what they declare.
 //!
 //! Jobs wait in one shared queue (a [`FairQueue`]: priorities, then clients
-//! in turn); each slot takes the next job only when its worker is ready, so a call waits for a process to start only when every
-//! worker is busy or being replaced. A slot that takes a tiny job also takes
+//! in turn); each slot takes the next job only when its worker is ready, so
+//! a call waits for a process to start only when every worker is busy or
+//! being replaced. A slot that takes a tiny job also takes
 //! the tiny jobs queued right behind it, up to [`PIPELINE_DEPTH`], and sends
 //! them together: the worker runs them in order and answers them together,
 //! so under load the socket round trip and the thread wake-ups are paid per
@@ -299,8 +300,16 @@ struct Slot {
 }
 
 impl Slot {
+    fn view(&self) -> std::sync::MutexGuard<'_, WorkerView> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn update(&self, change: impl FnOnce(&mut WorkerView)) {
-        change(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()));
+        change(&mut self.view());
+    }
+
+    fn index(&self) -> usize {
+        self.view().slot
     }
 }
 
@@ -371,7 +380,7 @@ impl Supervisor {
 
     /// What each slot's worker is doing now.
     pub fn workers(&self) -> Vec<WorkerView> {
-        self.slots().iter().map(|slot| slot.view.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect()
+        self.slots().iter().map(|slot| slot.view().clone()).collect()
     }
 
     /// Asks the slot running worker `pid` to replace it (the replacement
@@ -379,8 +388,7 @@ impl Supervisor {
     /// worker of this pool has that pid.
     pub fn recycle(&self, pid: u32) -> bool {
         let slots = self.slots();
-        let Some(slot) = slots.iter().find(|s| s.view.lock().unwrap_or_else(|e| e.into_inner()).pid == Some(pid))
-        else {
+        let Some(slot) = slots.iter().find(|s| s.view().pid == Some(pid)) else {
             return false;
         };
         slot.recycle.store(true, Ordering::Release);

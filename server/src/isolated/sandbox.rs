@@ -61,13 +61,13 @@ pub struct SandboxError(String);
 
 /// The pieces this kernel lets us use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Support {
+struct Support {
     /// Landlock with the rights of ABI 6 (Linux 6.12) or later.
-    pub landlock: bool,
+    landlock: bool,
     /// seccomp filters.
-    pub seccomp: bool,
+    seccomp: bool,
     /// Unprivileged user (and so network) namespaces.
-    pub namespaces: bool,
+    namespaces: bool,
 }
 
 /// The sandbox as configured and as this kernel allows, shared by every
@@ -76,8 +76,8 @@ pub struct Support {
 pub struct Sandbox {
     mode: SandboxMode,
     support: Support,
-    /// With and without the network rules.
-    filters: Option<Arc<(BpfProgram, BpfProgram)>>,
+    /// Without and with the network: [closed, open].
+    filters: Option<[Arc<BpfProgram>; 2]>,
 }
 
 impl Sandbox {
@@ -96,7 +96,7 @@ impl Sandbox {
             return Ok(Self::off());
         }
         let filters = match (filter(false), filter(true)) {
-            (Ok(closed), Ok(open)) => Some(Arc::new((closed, open))),
+            (Ok(closed), Ok(open)) => Some([Arc::new(closed), Arc::new(open)]),
             (Err(err), _) | (_, Err(err)) => {
                 tracing::warn!(error = %err, "cannot build the workers' seccomp filter");
                 None
@@ -104,9 +104,9 @@ impl Sandbox {
         };
         let support = Support {
             landlock: landlock_supported(),
-            seccomp: filters.as_ref().is_some_and(|f| {
-                let f = Arc::clone(f);
-                probe(move || apply_filter(&f.0))
+            seccomp: filters.as_ref().is_some_and(|[closed, _]| {
+                let closed = Arc::clone(closed);
+                probe(move || apply_filter(&closed))
             }),
             namespaces: {
                 let maps = IdMaps::current();
@@ -137,11 +137,6 @@ impl Sandbox {
         missing
     }
 
-    /// What is in force, for the start-up log and tests.
-    pub fn support(&self) -> Support {
-        self.support
-    }
-
     /// Whether any piece is used.
     pub fn enabled(&self) -> bool {
         self.mode != SandboxMode::Off
@@ -160,7 +155,7 @@ impl Sandbox {
                 landlock,
                 seccomp,
                 namespaces,
-                "worker sandbox: Landlock, seccomp, no network namespace, no_new_privs"
+                "worker sandbox: Landlock, seccomp, a network namespace without network, no_new_privs"
             );
         } else {
             tracing::warn!(
@@ -181,7 +176,11 @@ impl Sandbox {
             return Ok(Confinement::default());
         }
         let ruleset = if self.support.landlock { Some(ruleset(executable, allow, scratch)?) } else { None };
-        let filter = self.filters.as_ref().filter(|_| self.support.seccomp).map(|f| (Arc::clone(f), allow.network));
+        let filter = self
+            .filters
+            .as_ref()
+            .filter(|_| self.support.seccomp)
+            .map(|filters| Arc::clone(&filters[usize::from(allow.network)]));
         let namespaces = (self.support.namespaces && !allow.network).then(IdMaps::current);
         Ok(Confinement { ruleset, filter, namespaces })
     }
@@ -191,8 +190,7 @@ impl Sandbox {
 #[derive(Debug, Default)]
 pub struct Confinement {
     ruleset: Option<RulesetCreated>,
-    /// The filters, and whether the open one (network allowed) applies.
-    filter: Option<(Arc<(BpfProgram, BpfProgram)>, bool)>,
+    filter: Option<Arc<BpfProgram>>,
     namespaces: Option<IdMaps>,
 }
 
@@ -205,11 +203,12 @@ impl Confinement {
             new_namespaces(maps)?;
         }
         rustix::thread::set_no_new_privs(true)?;
+        // Errors are the system call's errno: nothing is allocated here.
         if let Some(ruleset) = self.ruleset.take() {
-            ruleset.restrict_self().map_err(|e| std::io::Error::other(e.to_string()))?;
+            ruleset.restrict_self().map_err(|_| std::io::Error::last_os_error())?;
         }
-        if let Some((filters, network)) = &self.filter {
-            apply_filter(if *network { &filters.1 } else { &filters.0 })?;
+        if let Some(filter) = &self.filter {
+            apply_filter(filter)?;
         }
         Ok(())
     }
@@ -326,8 +325,10 @@ fn write_proc(path: &CStr, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Installs `program` (between fork and exec: the error is the errno of
+/// the failed system call, nothing is allocated).
 fn apply_filter(program: &BpfProgram) -> std::io::Result<()> {
-    seccompiler::apply_filter(program).map_err(|e| std::io::Error::other(format!("seccomp: {e}")))
+    seccompiler::apply_filter(program).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// Syscalls no task needs; each fails with EPERM.

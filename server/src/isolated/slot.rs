@@ -18,7 +18,7 @@ use super::{
 };
 
 /// Why a worker is replaced when the admin API asks.
-pub(crate) const RECYCLED_BY_ADMIN: &str = "the admin API asked";
+const RECYCLED_BY_ADMIN: &str = "the admin API asked";
 
 /// First and longest waits between failed starts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -27,7 +27,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// Runs `slot` until its stop token fires.
 pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
     let options = &shared.options;
-    let index = slot.view.lock().unwrap_or_else(|e| e.into_inner()).slot;
+    let index = slot.index();
     let stop: &CancellationToken = &slot.stop;
     let mut backoff = BACKOFF_FIRST;
     let mut worker: Option<WorkerProcess> = None;
@@ -66,17 +66,13 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
             .await;
         if let Fate::Dead(cause) = fate {
             let pid = current.pid();
-            buried(&shared, &mut worker, pid, &cause, None);
-            slot.update(|v| (v.pid, v.state) = (None, "starting"));
+            buried(&shared, &slot, &mut worker, pid, &cause, None);
             continue;
         }
         if job.is_none() && !stop.is_cancelled() {
             // Woken by the admin API.
-            if slot.recycle.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                recycle(&shared, &mut worker, index, RECYCLED_BY_ADMIN).await;
-                if let Some(w) = &worker {
-                    started(&slot, w);
-                }
+            if slot.recycle.swap(false, Ordering::AcqRel) {
+                recycle(&shared, &slot, &mut worker, RECYCLED_BY_ADMIN).await;
             }
             continue;
         }
@@ -115,18 +111,12 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
             shared.queue.requeue(end.unstarted);
         }
         match end.fate {
-            Fate::Dead(cause) => {
-                buried(&shared, &mut worker, pid, &cause, Some(end.task));
-                slot.update(|v| (v.pid, v.state) = (None, "starting"));
-            }
+            Fate::Dead(cause) => buried(&shared, &slot, &mut worker, pid, &cause, Some(end.task)),
             Fate::Alive => {
-                let asked = slot.recycle.swap(false, std::sync::atomic::Ordering::AcqRel);
+                let asked = slot.recycle.swap(false, Ordering::AcqRel);
                 let reason = if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { recycle_reason(&shared, current) };
                 if let Some(reason) = reason {
-                    recycle(&shared, &mut worker, index, &reason).await;
-                    if let Some(w) = &worker {
-                        started(&slot, w);
-                    }
+                    recycle(&shared, &slot, &mut worker, &reason).await;
                 }
             }
         }
@@ -157,7 +147,15 @@ async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
 }
 
 /// Records a dead worker and clears the slot so the loop starts another.
-fn buried(shared: &Shared, worker: &mut Option<WorkerProcess>, pid: u32, cause: &DeathCause, task: Option<&str>) {
+fn buried(
+    shared: &Shared,
+    slot: &Slot,
+    worker: &mut Option<WorkerProcess>,
+    pid: u32,
+    cause: &DeathCause,
+    task: Option<&str>,
+) {
+    slot.update(|v| (v.pid, v.state) = (None, "starting"));
     shared.deaths.record(cause);
     shared.live.fetch_sub(1, Ordering::Relaxed);
     *worker = None;
@@ -213,9 +211,11 @@ fn recycle_reason(shared: &Shared, worker: &mut WorkerProcess) -> Option<String>
 }
 
 /// Replaces the slot's worker: the new one first, then the old one retires.
-async fn recycle(shared: &Shared, worker: &mut Option<WorkerProcess>, index: usize, reason: &str) {
+async fn recycle(shared: &Shared, slot: &Slot, worker: &mut Option<WorkerProcess>, reason: &str) {
+    let index = slot.index();
     match start(shared).await {
         Ok(fresh) => {
+            started(slot, &fresh);
             let old = worker.replace(fresh).expect("a worker to recycle");
             let pid = old.pid();
             shared.deaths.record(&DeathCause::Recycled);
