@@ -35,6 +35,8 @@ pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 256 << 20;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// Default cost below which a task runs on the calling tokio thread.
 pub const DEFAULT_INLINE_THRESHOLD_US: u64 = 20;
+/// Default cost below which a unary POOL call runs in place when the pool is idle.
+pub const DEFAULT_IN_PLACE_THRESHOLD_US: u64 = 5_000;
 /// Default number of items of one ExecuteBatch stream run at once.
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 64;
 /// Default time in-flight calls get to finish on SIGTERM.
@@ -138,6 +140,12 @@ pub struct Args {
     /// calling I/O thread instead of hopping to the pool; 0 disables it. [default: 20]
     #[arg(long, env = "OFFLOAD_INLINE_THRESHOLD_US", value_name = "US")]
     pub inline_threshold_us: Option<u64>,
+
+    /// Unary POOL calls whose expected cost is below this many microseconds
+    /// run on the calling I/O thread, holding a pool slot, when a slot is
+    /// free and no call waits; 0 disables it. [default: 5000]
+    #[arg(long, env = "OFFLOAD_IN_PLACE_THRESHOLD_US", value_name = "US")]
+    pub in_place_threshold_us: Option<u64>,
 
     /// Items of one ExecuteBatch stream run at once; further items are read
     /// as earlier ones finish. [default: 64]
@@ -314,6 +322,7 @@ impl Args {
             max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),
             max_decompressed_bytes: self.max_decompressed_bytes.or(file.max_decompressed_bytes),
             inline_threshold_us: self.inline_threshold_us.or(file.inline_threshold_us),
+            in_place_threshold_us: self.in_place_threshold_us.or(file.in_place_threshold_us),
             batch_concurrency: self.batch_concurrency.or(file.batch_concurrency),
             connection_idle_timeout_secs: self.connection_idle_timeout_secs.or(file.connection_idle_timeout_secs),
             shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
@@ -443,6 +452,8 @@ pub struct Config {
     pub max_decompressed_bytes: usize,
     /// Cost under which tasks run inline on the I/O thread.
     pub inline_threshold: Duration,
+    /// Cost under which unary POOL calls run in place when the pool is idle.
+    pub in_place_threshold: Duration,
     /// Items of one batch stream run at once.
     pub batch_concurrency: usize,
     /// Time a connection may go without a call; None for ever.
@@ -623,6 +634,7 @@ impl Config {
             inflight_default,
             max_decompressed_bytes: a.max_decompressed_bytes.map_or(DEFAULT_MAX_DECOMPRESSED_BYTES, NonZeroUsize::get),
             inline_threshold: Duration::from_micros(a.inline_threshold_us.unwrap_or(DEFAULT_INLINE_THRESHOLD_US)),
+            in_place_threshold: Duration::from_micros(a.in_place_threshold_us.unwrap_or(DEFAULT_IN_PLACE_THRESHOLD_US)),
             batch_concurrency: a.batch_concurrency.map_or(DEFAULT_BATCH_CONCURRENCY, NonZeroUsize::get),
             connection_idle_timeout: match a.connection_idle_timeout_secs.unwrap_or(300) {
                 0 => None,

@@ -42,6 +42,14 @@ use crate::{
     telemetry,
 };
 
+/// Calls open per pool thread up to which a cheap unary call may run in
+/// place. Beyond it the I/O threads have other streams to read and write,
+/// and blocking one costs more than the hop to the pool saves: with 1 MiB
+/// hashes on 2 threads, running in place gained throughput at 1 to 16 calls
+/// in flight and lost about a tenth of it at 64 and 256
+/// (`bench/PROFILING.md`, item 11).
+const IN_PLACE_OPEN_CALLS_PER_THREAD: usize = 8;
+
 /// One call as the dispatcher sees it, decoded from any of the RPCs.
 #[derive(Debug, Default)]
 pub struct Call {
@@ -92,6 +100,9 @@ pub struct ProgressState {
 pub struct DispatchOptions {
     /// Tasks cheaper than this run on the calling thread.
     pub inline_threshold: Duration,
+    /// Unary POOL calls cheaper than this run on the calling thread when
+    /// the pool is idle (see [`Pool::try_in_place`]).
+    pub in_place_threshold: Duration,
     /// Largest output a response may carry.
     pub max_output_bytes: usize,
 }
@@ -320,6 +331,10 @@ impl Dispatcher {
             input: call.input,
             deadline: call.deadline,
             estimate,
+            in_place: mode == Mode::Pool
+                && expected.is_some_and(|cost| cost < self.options.in_place_threshold)
+                && self.pool_costs.computes_in_place(spec.name)
+                && self.budget.open_calls() <= IN_PLACE_OPEN_CALLS_PER_THREAD * self.pool.threads(),
             placement,
             class,
             client: call.client,
@@ -347,6 +362,8 @@ pub struct Admitted {
     input: Bytes,
     deadline: Option<Instant>,
     estimate: Option<Duration>,
+    /// Whether it is cheap enough to run in place when the pool is idle.
+    in_place: bool,
     placement: Placement,
     /// When its turn comes.
     class: Class,
@@ -375,7 +392,20 @@ impl Admitted {
     /// Runs the call; `progress`, when given, follows its stage and progress.
     /// The call is counted in the metrics however it ends (a call whose
     /// caller went away counts as CANCELLED).
-    pub async fn run(self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
+    pub async fn run(mut self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
+        // Its task may have other work to do (a stream's progress, a batch's items).
+        self.in_place = false;
+        self.run_counted(progress).await
+    }
+
+    /// Runs a unary call, as [`Admitted::run`] does. Its handler waits for
+    /// nothing else, so a cheap POOL call may run in place when the pool is
+    /// idle, blocking the handler's thread as long as it runs.
+    pub async fn run_unary(self) -> Result<Outcome, CallError> {
+        self.run_counted(None).await
+    }
+
+    async fn run_counted(self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
         let dispatcher = Arc::clone(&self.dispatcher);
         let mode = match &self.placement {
             Placement::Inline => Mode::Pool,
@@ -399,16 +429,26 @@ impl Admitted {
         let queued_call = matches!(self.placement, Placement::Queued(..));
         let outcome = match self.placement {
             Placement::Inline => {
-                let span = telemetry::execution_span(&Span::current(), name, "POOL", input.len());
-                let _entered = span.enter();
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
-                let start = Instant::now();
-                let result = run_job(job.as_ref(), &ctx, input);
-                let run = start.elapsed();
-                telemetry::record_run(&span, result.as_ref().map(Bytes::len));
-                dispatcher.pool_costs.record(name, estimate, run);
+                let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, estimate);
                 let output = result.map_err(|source| task_error(name, source))?;
                 Outcome { output, mode: Mode::Pool, queued: Duration::ZERO, run, worker_pid: 0 }
+            }
+            Placement::Queued(Mode::Pool, mut ticket)
+                if self.in_place
+                    && progress.is_none()
+                    && let Some(_slot) = dispatcher.pool.try_in_place() =>
+            {
+                // The caller's task has nothing else to do: running here
+                // spares two thread wake-ups (see `pool`).
+                let queued = ticket.start();
+                let ctx = Context::new(deadline, CancelFlag::new(), None);
+                let cpu = crate::cost::thread_cpu_time();
+                let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, estimate);
+                dispatcher.pool_costs.record_in_place(name, crate::cost::thread_cpu_time() - cpu, run);
+                drop(ticket);
+                let output = result.map_err(|source| task_error(name, source))?;
+                Outcome { output, mode: Mode::Pool, queued, run, worker_pid: 0 }
             }
             Placement::Queued(Mode::Pool, ticket) => {
                 let cancel = CancelFlag::new();
@@ -420,20 +460,12 @@ impl Admitted {
                 let (parent, queue) = (Span::current(), telemetry::queue_span("POOL"));
                 let done = dispatcher.pool.submit(ticket, &class, move |queued| {
                     drop(queue);
-                    let span = telemetry::execution_span(&parent, name, "POOL", input.len());
-                    let _entered = span.enter();
                     work_started.store(true, Ordering::Release);
                     if let Some(sink) = &sink {
                         sink(0.0, "");
                     }
                     let ctx = Context::new(deadline, cancel, sink);
-                    let start = Instant::now();
-                    let result = run_job(job.as_ref(), &ctx, input);
-                    let run = start.elapsed();
-                    telemetry::record_run(&span, result.as_ref().map(Bytes::len));
-                    if result.is_ok() {
-                        work_dispatcher.pool_costs.record(name, estimate, run);
-                    }
+                    let (result, run) = run_here(&work_dispatcher, &parent, name, job.as_ref(), &ctx, input, estimate);
                     (result, queued, run)
                 });
                 let (result, queued, run) = answer(done, deadline, &started, name).await?;
@@ -483,6 +515,29 @@ impl Admitted {
         }
         Ok(outcome)
     }
+}
+
+/// Runs a POOL job on the calling thread, in its execution span, and feeds
+/// a successful run's time to the cost model.
+fn run_here(
+    dispatcher: &Dispatcher,
+    parent: &Span,
+    name: &'static str,
+    job: &dyn Job,
+    ctx: &Context,
+    input: Bytes,
+    estimate: Option<Duration>,
+) -> (Result<Bytes, TaskError>, Duration) {
+    let span = telemetry::execution_span(parent, name, "POOL", input.len());
+    let _entered = span.enter();
+    let start = Instant::now();
+    let result = run_job(job, ctx, input);
+    let run = start.elapsed();
+    telemetry::record_run(&span, result.as_ref().map(Bytes::len));
+    if result.is_ok() {
+        dispatcher.pool_costs.record(name, estimate, run);
+    }
+    (result, run)
 }
 
 /// Counts a call whose future was dropped before it finished.

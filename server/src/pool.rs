@@ -1,10 +1,19 @@
 //! The POOL executor: a rayon thread pool bridged to async callers through
-//! oneshot channels, with an [`Admission`] that bounds its queue.
+//! oneshot channels, with an [`Admission`] that bounds its queue, and a way
+//! for a call to run in place on the thread that took it when the pool is
+//! idle.
 //!
 //! Calls wait in a [`FairQueue`], not in rayon's own queue: each submitted
 //! call adds one rayon job that runs whichever call the queue says goes
 //! next, so the order is the scheduler's (priorities, clients in turn)
 //! whatever order rayon runs its jobs in.
+//!
+//! Running in place ([`Pool::try_in_place`]) is what makes a lightly loaded
+//! pool as fast as a plain handler: a call that hops to a pool thread pays
+//! two thread wake-ups (the pool thread's, then the handler's) and reads its
+//! input from another core's cache, about 0.2 ms on a 1 MiB hash
+//! (`bench/PROFILING.md`, item 11). It counts as running, so it happens only
+//! while fewer calls run than the pool has threads.
 
 use std::{
     sync::{Arc, Mutex},
@@ -23,9 +32,44 @@ type Work = Box<dyn FnOnce() + Send>;
 
 /// The in-process thread pool.
 pub struct Pool {
-    threads: rayon::ThreadPool,
+    shared: Arc<Shared>,
     admission: Arc<Admission>,
-    waiting: Arc<Mutex<FairQueue<Work>>>,
+}
+
+struct Shared {
+    threads: Threads,
+    slots: usize,
+    state: Mutex<State>,
+}
+
+struct State {
+    waiting: FairQueue<Work>,
+    /// Calls running now, on pool threads or in place.
+    running: usize,
+}
+
+/// The rayon threads. The process's global pool when this pool could
+/// become it: a task's own parallelism (`par_iter`) then uses the same
+/// threads whether the task runs on one of them or in place.
+enum Threads {
+    Global,
+    Own(rayon::ThreadPool),
+}
+
+impl Threads {
+    fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        match self {
+            Threads::Global => rayon::spawn(job),
+            Threads::Own(pool) => pool.spawn(job),
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Threads::Global => rayon::current_num_threads(),
+            Threads::Own(pool) => pool.current_num_threads(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -37,12 +81,17 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool of `threads` threads that lets `queue_capacity` calls wait.
     pub fn new(threads: usize, queue_capacity: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
-        let threads = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("offload-pool-{i}"))
-            .build()?;
-        let admission = Admission::new(threads.current_num_threads(), queue_capacity);
-        Ok(Self { threads, admission, waiting: Arc::default() })
+        let builder =
+            || rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("offload-pool-{i}"));
+        // Only one pool can be the global one (tests may build several).
+        let threads = match builder().build_global() {
+            Ok(()) => Threads::Global,
+            Err(_) => Threads::Own(builder().build()?),
+        };
+        let slots = threads.count();
+        let admission = Admission::new(slots, queue_capacity);
+        let state = Mutex::new(State { waiting: FairQueue::default(), running: 0 });
+        Ok(Self { shared: Arc::new(Shared { threads, state, slots }), admission })
     }
 
     /// The pool's admission control; tickets from it go to [`Pool::submit`].
@@ -52,7 +101,7 @@ impl Pool {
 
     /// Number of threads.
     pub fn threads(&self) -> usize {
-        self.threads.current_num_threads()
+        self.shared.threads.count()
     }
 
     /// Runs `work` on a pool thread when its turn comes in `class`; it
@@ -71,20 +120,99 @@ impl Pool {
             // The caller may have gone away; its task already saw the cancel flag.
             let _ = tx.send(out);
         });
-        lock(&self.waiting).push(class, call);
-        let waiting = Arc::clone(&self.waiting);
-        // One rayon job per call: it runs the call that goes next.
-        self.threads.spawn(move || {
-            let next = lock(&waiting).pop();
+        lock(&self.shared).waiting.push(class, call);
+        let shared = Arc::clone(&self.shared);
+        // One rayon job per call: it runs the call that goes next. A pool
+        // thread waiting inside a task's own `join` may take another such
+        // job meanwhile, which keeps both cores busy with parallel tasks.
+        self.shared.threads.spawn(move || {
+            let next = {
+                let mut state = lock(&shared);
+                let next = state.waiting.pop();
+                state.running += usize::from(next.is_some());
+                next
+            };
             if let Some(call) = next {
                 call();
+                lock(&shared).running -= 1;
             }
         });
         rx
     }
+
+    /// A slot to run a call in place, on the calling thread, if fewer calls
+    /// run than the pool has threads and none waits (in place, a call would
+    /// overtake them). The call counts as running until the returned guard
+    /// drops. Only for global pools: elsewhere a task's own parallelism
+    /// would go to another set of threads.
+    pub fn try_in_place(&self) -> Option<InPlace> {
+        if !matches!(self.shared.threads, Threads::Global) {
+            return None;
+        }
+        let mut state = lock(&self.shared);
+        if state.running >= self.shared.slots || !state.waiting.is_empty() {
+            return None;
+        }
+        state.running += 1;
+        Some(InPlace(Arc::clone(&self.shared)))
+    }
 }
 
-fn lock<T>(queue: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
     // The queue stays consistent even if a holder panicked.
-    queue.lock().unwrap_or_else(|e| e.into_inner())
+    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A call running in place; see [`Pool::try_in_place`].
+pub struct InPlace(Arc<Shared>);
+
+impl Drop for InPlace {
+    fn drop(&mut self) {
+        lock(&self.0).running -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::schedule::Priority;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn calls_run_in_place_only_while_the_pool_has_room_and_no_call_waits() {
+        let pool = Pool::new(2, 10).expect("pool");
+        let class = Class::anonymous(Priority::Interactive);
+        let admit = || pool.admission().admit(MS, None, Priority::Interactive).expect("admitted");
+        let Some(first) = pool.try_in_place() else {
+            // Another test's pool is the global one: this one never runs in place.
+            assert!(!matches!(pool.shared.threads, Threads::Global));
+            return;
+        };
+        // A call on a pool thread that waits until told to finish.
+        let (release, hold) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel();
+        let done = pool.submit(admit(), &class, move |_| {
+            started_tx.send(()).expect("receiver");
+            hold.recv_timeout(10_000 * MS).expect("released");
+        });
+        started.recv_timeout(10_000 * MS).expect("the pool runs it");
+        // One in place and one on the pool: as many as the pool has threads.
+        assert!(pool.try_in_place().is_none());
+        drop(first);
+        let second = pool.try_in_place().expect("room for one in place again");
+        drop(second);
+        release.send(()).expect("the call waits");
+        done.blocking_recv().expect("answer");
+        // Nothing runs now: both threads' worth of room is back.
+        let deadline = std::time::Instant::now() + 10_000 * MS;
+        while lock(&pool.shared).running > 0 {
+            assert!(std::time::Instant::now() < deadline, "the pool's call never counted as finished");
+            std::thread::yield_now();
+        }
+        let both = (pool.try_in_place(), pool.try_in_place());
+        assert!(both.0.is_some() && both.1.is_some());
+    }
 }

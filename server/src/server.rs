@@ -50,6 +50,10 @@ const STREAM_WINDOW: u32 = 1 << 20;
 /// with 4 MiB / 8 MiB windows, 23-26 ms with 1 MiB / 1 MiB, the plain tonic
 /// server's 23 ms.
 const CONNECTION_WINDOW: u32 = 1 << 20;
+/// Largest HTTP/2 frame a client may send. A 1 MiB input comes in 4 DATA
+/// frames instead of HTTP/2's default 64, each a wake-up and a pass through
+/// the framing code (see `bench/PROFILING.md`, item 11).
+const MAX_FRAME: u32 = 256 << 10;
 
 /// The name health checks use for the Compute service.
 pub const COMPUTE_SERVICE_NAME: &str = "offload.v1.Compute";
@@ -104,7 +108,11 @@ pub async fn serve(
         programs,
         clients,
         budget,
-        DispatchOptions { inline_threshold: config.inline_threshold, max_output_bytes: config.max_message_bytes },
+        DispatchOptions {
+            inline_threshold: config.inline_threshold,
+            in_place_threshold: config.in_place_threshold,
+            max_output_bytes: config.max_message_bytes,
+        },
     );
     let metrics_stop = CancellationToken::new();
     let _stop_metrics = metrics_stop.clone().drop_guard();
@@ -174,6 +182,7 @@ pub async fn serve(
         // keepalive closed busy connections with every call on them.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));

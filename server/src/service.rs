@@ -148,7 +148,7 @@ impl Compute for ComputeService {
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
         let result = async {
-            let outcome = self.dispatcher.admit(call)?.run(None).await?;
+            let outcome = self.dispatcher.admit(call)?.run_unary().await?;
             drop(input);
             Ok(Response::new(self.response(id, outcome, &usage)))
         }

@@ -30,6 +30,9 @@ use tokio::sync::Notify;
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
+    /// Calls open now (HTTP/2 streams that passed the layer), whether their
+    /// request has arrived or not.
+    open: AtomicUsize,
     /// Woken whenever bytes are given back, for streams waiting to reserve.
     freed: Notify,
 }
@@ -58,7 +61,7 @@ impl fmt::Display for Refusal {
 impl Budget {
     /// A budget of `limit` bytes.
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit, used: AtomicUsize::new(0), freed: Notify::new() })
+        Arc::new(Self { limit, used: AtomicUsize::new(0), open: AtomicUsize::new(0), freed: Notify::new() })
     }
 
     /// Logs the budget at start: its size, and where a default came from
@@ -92,6 +95,11 @@ impl Budget {
     /// Bytes in use now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Calls open now: a measure of how busy the I/O threads are.
+    pub fn open_calls(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Takes `bytes` if all of them fit, else none.
@@ -157,6 +165,7 @@ impl Drop for Account {
     fn drop(&mut self) {
         let unclaimed: usize = self.unclaimed.get_mut().map(|q| q.iter().sum()).unwrap_or(0);
         self.budget.give_back(unclaimed + *self.output.get_mut());
+        self.budget.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -168,6 +177,7 @@ pub struct Usage(Option<Arc<Account>>);
 
 impl Usage {
     fn new(budget: Arc<Budget>) -> Self {
+        budget.open.fetch_add(1, Ordering::Relaxed);
         Self(Some(Arc::new(Account { budget, unclaimed: Mutex::new(VecDeque::new()), output: AtomicUsize::new(0) })))
     }
 
