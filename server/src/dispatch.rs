@@ -441,6 +441,9 @@ impl Admitted {
             {
                 // The caller's task has nothing else to do: running here
                 // spares two thread wake-ups (see `pool`).
+                // A queue span, as for every call admitted to an executor
+                // (traces keep one shape); its wait is nil.
+                drop(telemetry::queue_span("POOL"));
                 let queued = ticket.start();
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
                 let cpu = crate::cost::thread_cpu_time();

@@ -122,9 +122,7 @@ impl Pool {
         });
         lock(&self.shared).waiting.push(class, call);
         let shared = Arc::clone(&self.shared);
-        // One rayon job per call: it runs the call that goes next. A pool
-        // thread waiting inside a task's own `join` may take another such
-        // job meanwhile, which keeps both cores busy with parallel tasks.
+        // One rayon job per call: it runs the call that goes next.
         self.shared.threads.spawn(move || {
             let next = {
                 let mut state = lock(&shared);
