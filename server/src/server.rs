@@ -184,6 +184,18 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(1024)
+        // A call refused before its body is read (RESOURCE_EXHAUSTED: the
+        // in-flight budget, a full queue) has its stream reset while the
+        // client is still sending. h2 remembers 50 reset streams for a
+        // second; late frames for one it forgot make it reset the stream
+        // again, and by default a connection may cause 1024 such resets in
+        // its life before it is closed (ENHANCE_YOUR_CALM), failing every
+        // call on it. Under a sustained flood of refused calls that took
+        // about 50 s (bench scenario 8). The limit guards against peers
+        // that make a server reset streams whose work goes on; here a reset
+        // call's handler is dropped and its task cancelled, and admission
+        // bounds the rest, so it is off.
+        .max_local_error_reset_streams(None)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     // Connections are told to finish when the drain is over (GOAWAY).

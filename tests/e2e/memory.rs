@@ -358,3 +358,45 @@ async fn a_body_stalled_without_a_deadline_is_cut_off_after_30_s() {
     assert!(released, "the stalled call's bytes were not given back");
     drop(body);
 }
+
+/// Refusing a large call before its body is read resets its stream while
+/// the client is still sending it. Past h2's memory of reset streams (50
+/// within a second), the body's late frames made the server reset the
+/// stream again, and h2 allows a connection 1024 such resets in its whole
+/// life: a sustained flood of refused calls then had its connection closed
+/// with ENHANCE_YOUR_CALM, and every call on it failed without a status
+/// (bench scenario 8 saw it after about 50 s). Here 3000 refusals go over
+/// one connection in a few seconds; each must come back RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_survives_thousands_of_refusals_with_their_bodies_in_flight() {
+    let server = Server::start(&["--max-inflight-bytes", &(4 * MIB).to_string()]);
+    // Over the whole budget: refused from its first frame, whatever else runs.
+    let input = Bytes::from(vec![7u8; 8 * MIB]);
+    let refused = request("hash.sha256", &[], input);
+    let client = server.client().await;
+    let mut callers = Vec::new();
+    for _ in 0..60 {
+        let (mut client, refused) = (client.clone(), refused.clone());
+        callers.push(tokio::spawn(async move {
+            let mut other = Vec::new();
+            for _ in 0..50 {
+                match client.execute(refused.clone()).await {
+                    Err(status) if status.code() == Code::ResourceExhausted => {}
+                    Err(status) => other.push(format!("{:?}: {}", status.code(), status.message())),
+                    Ok(_) => other.push("OK".to_string()),
+                }
+            }
+            other
+        }));
+    }
+    let mut other = Vec::new();
+    for caller in callers {
+        other.extend(caller.await.unwrap());
+    }
+    assert!(
+        other.is_empty(),
+        "{} of 3000 calls did not end RESOURCE_EXHAUSTED, the first: {:?}",
+        other.len(),
+        other.first()
+    );
+}
