@@ -366,7 +366,10 @@ async fn a_body_stalled_without_a_deadline_is_cut_off_after_30_s() {
 /// life: a sustained flood of refused calls then had its connection closed
 /// with ENHANCE_YOUR_CALM, and every call on it failed without a status
 /// (bench scenario 8 saw it after about 50 s). Here 3000 refusals go over
-/// one connection in a few seconds; each must come back RESOURCE_EXHAUSTED.
+/// one connection in a few seconds, 60 at a time with their bodies still
+/// being sent (unlike `many_refusals_on_one_connection_keep_it_open`, one
+/// call at a time with nothing sent after its refusal); each must come back
+/// RESOURCE_EXHAUSTED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_survives_thousands_of_refusals_with_their_bodies_in_flight() {
     let server = Server::start(&["--max-inflight-bytes", &(4 * MIB).to_string()]);
