@@ -74,6 +74,23 @@ struct Load {
 }
 
 impl Load {
+    /// Moves a queued call to the running ones; returns its slab key.
+    fn start(&mut self, priority: Priority, cost: Duration, deadline: Option<Instant>) -> usize {
+        self.unqueue(priority, cost);
+        self.running_count += 1;
+        let entry = Some(Running { started: Instant::now(), cost, deadline });
+        match self.running.iter().position(Option::is_none) {
+            Some(free) => {
+                self.running[free] = entry;
+                free
+            }
+            None => {
+                self.running.push(entry);
+                self.running.len() - 1
+            }
+        }
+    }
+
     fn unqueue(&mut self, priority: Priority, cost: Duration) {
         self.queued -= 1;
         let queued = &mut self.queued_cost[priority.index()];
@@ -133,6 +150,18 @@ impl Admission {
         Ok(Ticket { admission: Arc::clone(self), cost, priority, deadline, admitted: now, running: None })
     }
 
+    /// Starts `ticket`'s call now if a slot is free and no other admitted
+    /// call waits (it would be overtaken); returns how long it waited.
+    pub fn start_if_idle(&self, ticket: &mut Ticket) -> Option<Duration> {
+        let mut load = self.lock();
+        // The ticket's own call is one of the queued.
+        if ticket.running.is_some() || load.running_count >= self.slots.load(Ordering::Relaxed) || load.queued > 1 {
+            return None;
+        }
+        ticket.running = Some(load.start(ticket.priority, ticket.cost, ticket.deadline));
+        Some(Instant::now().saturating_duration_since(ticket.admitted))
+    }
+
     /// Calls admitted and not started yet.
     pub fn queued(&self) -> usize {
         self.lock().queued
@@ -169,23 +198,9 @@ impl Ticket {
 
     /// Marks the call as running; returns how long it waited.
     pub fn start(&mut self) -> Duration {
-        let now = Instant::now();
         let mut load = self.admission.lock();
-        load.unqueue(self.priority, self.cost);
-        let entry = Some(Running { started: now, cost: self.cost, deadline: self.deadline });
-        let key = match load.running.iter().position(Option::is_none) {
-            Some(free) => {
-                load.running[free] = entry;
-                free
-            }
-            None => {
-                load.running.push(entry);
-                load.running.len() - 1
-            }
-        };
-        load.running_count += 1;
-        self.running = Some(key);
-        now.saturating_duration_since(self.admitted)
+        self.running = Some(load.start(self.priority, self.cost, self.deadline));
+        Instant::now().saturating_duration_since(self.admitted)
     }
 }
 

@@ -348,6 +348,8 @@ enum Placement {
     Inline,
     /// Queued on an executor.
     Queued(Mode, Ticket),
+    /// A POOL call started on the calling thread, after waiting this long.
+    InPlace(Ticket, Duration),
 }
 
 /// A call that passed admission and holds its place until it runs.
@@ -408,7 +410,7 @@ impl Admitted {
     async fn run_counted(self, progress: Option<watch::Sender<ProgressState>>) -> Result<Outcome, CallError> {
         let dispatcher = Arc::clone(&self.dispatcher);
         let mode = match &self.placement {
-            Placement::Inline => Mode::Pool,
+            Placement::Inline | Placement::InPlace(..) => Mode::Pool,
             Placement::Queued(mode, _) => *mode,
         };
         let mut record = CallRecord { metrics: &dispatcher.metrics, task: self.task.spec().name, mode, done: false };
@@ -426,25 +428,29 @@ impl Admitted {
         let max_output = dispatcher.options.max_output_bytes;
         let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
         let (class, client) = (self.class, self.client);
-        let queued_call = matches!(self.placement, Placement::Queued(..));
-        let outcome = match self.placement {
+        // The caller's task has nothing else to do: running here spares two
+        // thread wake-ups (see `pool`).
+        let placement = match self.placement {
+            Placement::Queued(Mode::Pool, mut ticket) if self.in_place => {
+                match dispatcher.pool.try_in_place(&mut ticket) {
+                    Some(queued) => Placement::InPlace(ticket, queued),
+                    None => Placement::Queued(Mode::Pool, ticket),
+                }
+            }
+            placement => placement,
+        };
+        let queued_call = !matches!(placement, Placement::Inline);
+        let outcome = match placement {
             Placement::Inline => {
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
                 let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, estimate);
                 let output = result.map_err(|source| task_error(name, source))?;
                 Outcome { output, mode: Mode::Pool, queued: Duration::ZERO, run, worker_pid: 0 }
             }
-            Placement::Queued(Mode::Pool, mut ticket)
-                if self.in_place
-                    && progress.is_none()
-                    && let Some(_slot) = dispatcher.pool.try_in_place() =>
-            {
-                // The caller's task has nothing else to do: running here
-                // spares two thread wake-ups (see `pool`).
+            Placement::InPlace(ticket, queued) => {
                 // A queue span, as for every call admitted to an executor
                 // (traces keep one shape); its wait is nil.
                 drop(telemetry::queue_span("POOL"));
-                let queued = ticket.start();
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
                 let cpu = crate::cost::thread_cpu_time();
                 let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, estimate);

@@ -38,14 +38,7 @@ pub struct Pool {
 
 struct Shared {
     threads: Threads,
-    slots: usize,
-    state: Mutex<State>,
-}
-
-struct State {
-    waiting: FairQueue<Work>,
-    /// Calls running now, on pool threads or in place.
-    running: usize,
+    waiting: Mutex<FairQueue<Work>>,
 }
 
 /// The rayon threads. The process's global pool when this pool could
@@ -88,10 +81,8 @@ impl Pool {
             Ok(()) => Threads::Global,
             Err(_) => Threads::Own(builder().build()?),
         };
-        let slots = threads.count();
-        let admission = Admission::new(slots, queue_capacity);
-        let state = Mutex::new(State { waiting: FairQueue::default(), running: 0 });
-        Ok(Self { shared: Arc::new(Shared { threads, state, slots }), admission })
+        let admission = Admission::new(threads.count(), queue_capacity);
+        Ok(Self { shared: Arc::new(Shared { threads, waiting: Mutex::default() }), admission })
     }
 
     /// The pool's admission control; tickets from it go to [`Pool::submit`].
@@ -120,54 +111,35 @@ impl Pool {
             // The caller may have gone away; its task already saw the cancel flag.
             let _ = tx.send(out);
         });
-        lock(&self.shared).waiting.push(class, call);
+        lock(&self.shared.waiting).push(class, call);
         let shared = Arc::clone(&self.shared);
         // One rayon job per call: it runs the call that goes next.
         self.shared.threads.spawn(move || {
-            let next = {
-                let mut state = lock(&shared);
-                let next = state.waiting.pop();
-                state.running += usize::from(next.is_some());
-                next
-            };
+            let next = lock(&shared.waiting).pop();
             if let Some(call) = next {
                 call();
-                lock(&shared).running -= 1;
             }
         });
         rx
     }
 
-    /// A slot to run a call in place, on the calling thread, if fewer calls
-    /// run than the pool has threads and none waits (in place, a call would
-    /// overtake them). The call counts as running until the returned guard
-    /// drops. Only for global pools: elsewhere a task's own parallelism
-    /// would go to another set of threads.
-    pub fn try_in_place(&self) -> Option<InPlace> {
-        if !matches!(self.shared.threads, Threads::Global) {
-            return None;
+    /// Starts `ticket`'s call to run in place, on the calling thread, if
+    /// fewer calls run than the pool has threads and no other admitted call
+    /// waits (in place, it would overtake them); returns how long it
+    /// waited. The call counts as running until the ticket drops. Only for
+    /// global pools: elsewhere a task's own parallelism would go to another
+    /// set of threads.
+    pub fn try_in_place(&self, ticket: &mut Ticket) -> Option<Duration> {
+        match self.shared.threads {
+            Threads::Global => self.admission.start_if_idle(ticket),
+            Threads::Own(_) => None,
         }
-        let mut state = lock(&self.shared);
-        if state.running >= self.shared.slots || !state.waiting.is_empty() {
-            return None;
-        }
-        state.running += 1;
-        Some(InPlace(Arc::clone(&self.shared)))
     }
 }
 
-fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
+fn lock<T>(queue: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The queue stays consistent even if a holder panicked.
-    shared.state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A call running in place; see [`Pool::try_in_place`].
-pub struct InPlace(Arc<Shared>);
-
-impl Drop for InPlace {
-    fn drop(&mut self) {
-        lock(&self.0).running -= 1;
-    }
+    queue.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -182,13 +154,12 @@ mod tests {
     #[test]
     fn calls_run_in_place_only_while_the_pool_has_room_and_no_call_waits() {
         let pool = Pool::new(2, 10).expect("pool");
+        // The only pool of this test binary, so the global one.
+        assert!(matches!(pool.shared.threads, Threads::Global));
         let class = Class::anonymous(Priority::Interactive);
         let admit = || pool.admission().admit(MS, None, Priority::Interactive).expect("admitted");
-        let Some(first) = pool.try_in_place() else {
-            // Another test's pool is the global one: this one never runs in place.
-            assert!(!matches!(pool.shared.threads, Threads::Global));
-            return;
-        };
+        let mut first = admit();
+        assert!(pool.try_in_place(&mut first).is_some());
         // A call on a pool thread that waits until told to finish.
         let (release, hold) = mpsc::channel::<()>();
         let (started_tx, started) = mpsc::channel();
@@ -198,19 +169,29 @@ mod tests {
         });
         started.recv_timeout(10_000 * MS).expect("the pool runs it");
         // One in place and one on the pool: as many as the pool has threads.
-        assert!(pool.try_in_place().is_none());
+        let mut second = admit();
+        assert!(pool.try_in_place(&mut second).is_none());
         drop(first);
-        let second = pool.try_in_place().expect("room for one in place again");
+        // Room again, but a call admitted meanwhile waits: it is not overtaken.
+        let waiting = admit();
+        assert!(pool.try_in_place(&mut second).is_none());
+        drop(waiting);
+        assert!(pool.try_in_place(&mut second).is_some());
         drop(second);
         release.send(()).expect("the call waits");
         done.blocking_recv().expect("answer");
-        // Nothing runs now: both threads' worth of room is back.
+        // Nothing runs once the pool's call has given its ticket back.
         let deadline = std::time::Instant::now() + 10_000 * MS;
-        while lock(&pool.shared).running > 0 {
+        while pool.admission().running() > 0 {
             assert!(std::time::Instant::now() < deadline, "the pool's call never counted as finished");
             std::thread::yield_now();
         }
-        let both = (pool.try_in_place(), pool.try_in_place());
-        assert!(both.0.is_some() && both.1.is_some());
+        let (mut a, mut b) = (admit(), admit());
+        // Two admitted: each sees the other waiting.
+        assert!(pool.try_in_place(&mut a).is_none());
+        drop(b);
+        assert!(pool.try_in_place(&mut a).is_some());
+        b = admit();
+        assert!(pool.try_in_place(&mut b).is_some(), "the second thread's worth of room");
     }
 }
