@@ -20,6 +20,7 @@ pub mod death;
 pub mod program;
 pub mod sandbox;
 mod slot;
+mod socket;
 pub mod worker;
 
 use std::{

@@ -38,7 +38,6 @@ use offload_worker::{
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::unix::{OwnedReadHalf, OwnedWriteHalf},
     process::{Child, Command},
 };
 use tokio_util::codec::FramedRead;
@@ -47,6 +46,7 @@ use super::{
     JobError, WorkerJob, WorkerRun,
     death::{DeathCause, Rung, StopReason},
     program::Declared,
+    socket::{ReadHalf, WriteHalf},
 };
 
 /// How the front starts and watches its workers.
@@ -239,7 +239,7 @@ impl Outgoing {
 }
 
 /// Writes some of `out` in one vectored write.
-async fn write_some(writer: &mut OwnedWriteHalf, out: &Outgoing) -> std::io::Result<usize> {
+async fn write_some(writer: &mut WriteHalf, out: &Outgoing) -> std::io::Result<usize> {
     const SLICES: usize = 32;
     let mut slices: [IoSlice<'_>; SLICES] = [IoSlice::new(&[]); SLICES];
     let mut count = 0;
@@ -254,8 +254,8 @@ async fn write_some(writer: &mut OwnedWriteHalf, out: &Outgoing) -> std::io::Res
 /// The socket to one worker: framed reads, queued writes.
 #[derive(Debug)]
 struct Link {
-    reader: FramedRead<OwnedReadHalf, framing::FrameCodec>,
-    writer: OwnedWriteHalf,
+    reader: FramedRead<ReadHalf, framing::FrameCodec>,
+    writer: WriteHalf,
     out: Outgoing,
 }
 
@@ -460,8 +460,7 @@ impl WorkerProcess {
             });
         }
         ours.set_nonblocking(true).map_err(spawn_error)?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(spawn_error)?;
-        let (read, writer) = stream.into_split();
+        let (read, writer) = super::socket::split(ours).map_err(spawn_error)?;
         let codec = framing::FrameCodec::new(options.launch.max_frame());
         let mut worker = Self {
             pid,
@@ -588,7 +587,10 @@ impl WorkerProcess {
         let mut flight: VecDeque<Sent> = jobs.into_iter().map(|job| self.send(job)).collect();
         let mut heartbeat = heartbeat(options);
         let memory_limit = options.launch.watched_memory();
-        let mut memory_watch = tokio::time::interval(MEMORY_WATCH_INTERVAL);
+        // Its first reading one interval in (`interval` ticks at once: a
+        // read of /proc on every task).
+        let mut memory_watch =
+            tokio::time::interval_at(tokio::time::Instant::now() + MEMORY_WATCH_INTERVAL, MEMORY_WATCH_INTERVAL);
         memory_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let deadline_reached = tokio::time::sleep(Duration::ZERO);

@@ -3,7 +3,9 @@ at run time from the descriptor shipped with the package (no protoc, no
 generated code), and frames: a 4-byte big-endian length, then one message.
 See docs/worker-protocol.md in the Offload repository."""
 
+import io
 import os
+import select
 import struct
 
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -70,6 +72,27 @@ def encode(message):
     return _LENGTH.pack(len(body)) + body
 
 
+class _Readable(io.RawIOBase):
+    """The socket's reading end, waiting for data with poll() rather than in
+    a blocking recv(). A thread blocked in recv() on a Unix socket is also
+    woken each time the front reads what this end wrote (the space freed
+    wakes every sleeper on the socket): one futile wake-up per task, which
+    at concurrency 1 took the CPU from the front just as it answered its
+    caller. A poll for readability is woken by data alone."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._poll.poll()
+        return self._sock.recv_into(buffer)
+
+
 class FrameReader:
     """Reads WorkerRequest frames from a socket, refusing any larger than
     `max_frame` before reading its body. Reads are buffered: a frame's
@@ -77,7 +100,7 @@ class FrameReader:
     one system call."""
 
     def __init__(self, sock, max_frame):
-        self._file = sock.makefile("rb", buffering=1 << 16)
+        self._file = io.BufferedReader(_Readable(sock), 1 << 16)
         self._max_frame = max_frame
 
     def _exactly(self, n):
