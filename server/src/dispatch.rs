@@ -331,10 +331,10 @@ impl Dispatcher {
             input: call.input,
             deadline: call.deadline,
             estimate,
-            in_place: mode == Mode::Pool
-                && expected.is_some_and(|cost| cost < self.options.in_place_threshold)
-                && self.pool_costs.computes_in_place(spec.name)
-                && self.budget.open_calls() <= IN_PLACE_OPEN_CALLS_PER_THREAD * self.pool.threads(),
+            in_place: mode == Mode::Isolated
+                || (expected.is_some_and(|cost| cost < self.options.in_place_threshold)
+                    && self.pool_costs.computes_in_place(spec.name)
+                    && self.budget.open_calls() <= IN_PLACE_OPEN_CALLS_PER_THREAD * self.pool.threads()),
             placement,
             class,
             client: call.client,
@@ -364,7 +364,9 @@ pub struct Admitted {
     input: Bytes,
     deadline: Option<Instant>,
     estimate: Option<Duration>,
-    /// Whether it is cheap enough to run in place when the pool is idle.
+    /// Whether it may run from the handler's own task when its executor is
+    /// idle: a cheap POOL call on the handler's thread, an ISOLATED call on
+    /// a worker the handler drives itself.
     in_place: bool,
     placement: Placement,
     /// When its turn comes.
@@ -488,7 +490,7 @@ impl Admitted {
                 let started = Arc::new(AtomicBool::new(false));
                 let (reply, done) = oneshot::channel();
                 let (supervisor, costs) = dispatcher.isolated_executor(self.program);
-                supervisor.submit(WorkerJob {
+                let job = WorkerJob {
                     task: name,
                     params: self.params,
                     input,
@@ -501,8 +503,19 @@ impl Admitted {
                     span: Span::current(),
                     queue_span: telemetry::queue_span("ISOLATED"),
                     reply,
-                });
-                let run = answer(done, deadline, &started, name).await?.map_err(|err| job_error(name, err))?;
+                };
+                let answered = answer(done, deadline, &started, name);
+                // The caller's task has nothing else to do: with a worker
+                // idle, it runs the job itself (see `Supervisor::lend`).
+                let lent = if self.in_place { supervisor.lend() } else { None };
+                let answer = match lent {
+                    Some(lent) => lent.run_until(job, answered).await,
+                    None => {
+                        supervisor.submit(job);
+                        answered.await
+                    }
+                };
+                let run = answer?.map_err(|err| job_error(name, err))?;
                 // The task's own time: the cost model decides placement, and the
                 // socket round trip is the same for every task.
                 costs.record(name, estimate, run.task_run);

@@ -43,6 +43,8 @@ use crate::{
 };
 pub use death::DeathCause;
 use death::{DeathCounters, Rung, StopReason};
+pub use slot::Lent;
+use worker::WorkerProcess;
 pub use worker::{Launch, WorkerOptions};
 
 /// Settings of the ISOLATED executor.
@@ -168,73 +170,183 @@ const _: () = assert!(PIPELINE_DEPTH <= offload_proto::framing::MAX_OUTSTANDING)
 /// would outweigh the saved round trip.
 const PIPELINE_INPUT_BELOW: usize = 16 << 10;
 
-/// The jobs waiting for a worker; `None` once closed.
+/// The jobs waiting for a worker, and the idle workers a caller may
+/// borrow (see [`Supervisor::lend`]), under one lock: a caller borrows a
+/// worker only when no job waits, and a job queued while a worker is idle
+/// wakes that worker's slot.
+#[derive(Default)]
 struct JobQueue {
-    jobs: Mutex<Option<FairQueue<WorkerJob>>>,
-    ready: Notify,
+    state: Mutex<Waiting>,
 }
 
-impl Default for JobQueue {
-    fn default() -> Self {
-        Self { jobs: Mutex::new(Some(FairQueue::default())), ready: Notify::new() }
-    }
+#[derive(Default)]
+struct Waiting {
+    jobs: FairQueue<WorkerJob>,
+    /// Set at shutdown: new jobs are refused.
+    closed: bool,
+    /// Idle workers, the one benched last at the end: its process is the
+    /// one most likely still on a CPU and in its caches (a worker idle for
+    /// a while pays tens of microseconds to wake).
+    bench: Vec<(Arc<Slot>, WorkerProcess)>,
+    /// Workers lent to callers, by slot id.
+    away: HashMap<usize, Away>,
+}
+
+/// A worker its slot lent to a caller.
+enum Away {
+    /// The caller runs its job; `wanted` once the slot waits for it back.
+    Lent { wanted: bool },
+    /// Back, for the slot to deal with.
+    Back(Box<(WorkerProcess, slot::Returned)>),
+}
+
+/// What a slot waiting for work finds (moved once, not stored).
+#[allow(clippy::large_enum_variant)]
+enum Claim {
+    /// Jobs are waiting: the first of them, with the slot's worker.
+    Job(WorkerJob, WorkerProcess),
+    /// A caller gave the worker back for the slot to deal with.
+    Back(WorkerProcess, slot::Returned),
+}
+
+/// Where a slot's idle worker is (moved once, not stored).
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    Idle(WorkerProcess),
+    Back(WorkerProcess, slot::Returned),
+    /// With a caller, which gives it back to the slot when done.
+    Lent,
 }
 
 impl std::fmt::Debug for JobQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobQueue").field("waiting", &self.lock().as_ref().map(FairQueue::len)).finish_non_exhaustive()
+        let state = self.lock();
+        f.debug_struct("JobQueue").field("waiting", &state.jobs.len()).field("idle", &state.bench.len()).finish()
+    }
+}
+
+impl Waiting {
+    fn benched(&self, slot: &Slot) -> Option<usize> {
+        self.bench.iter().position(|(s, _)| s.id == slot.id)
+    }
+
+    /// The slot to wake for a job just queued: the one whose worker went idle last.
+    fn to_wake(&self) -> Option<Arc<Slot>> {
+        self.bench.last().map(|(slot, _)| Arc::clone(slot))
     }
 }
 
 impl JobQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<FairQueue<WorkerJob>>> {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues `job` in its turn, or refuses it once the queue is closed.
     fn push(&self, job: WorkerJob) {
-        let mut jobs = self.lock();
-        match jobs.as_mut() {
-            Some(queue) => {
-                queue.push(&job.class.clone(), job);
-                drop(jobs);
-                // The slot that went idle last: its worker process is the
-                // one most likely still on a CPU and in its caches (a
-                // worker idle for a while pays tens of microseconds to wake).
-                self.ready.notify_last();
-            }
-            None => job.refuse(),
+        let mut state = self.lock();
+        if state.closed {
+            drop(state);
+            return job.refuse();
+        }
+        state.jobs.push(&job.class.clone(), job);
+        let wake = state.to_wake();
+        drop(state);
+        if let Some(slot) = wake {
+            slot.wake.notify_one();
         }
     }
 
     /// Puts jobs a dead worker never started back first, in order.
     fn requeue(&self, jobs: Vec<WorkerJob>) {
-        let count = jobs.len();
-        let mut queued = self.lock();
-        let Some(queue) = queued.as_mut() else {
-            drop(queued);
-            jobs.into_iter().for_each(WorkerJob::refuse);
-            return;
-        };
-        for job in jobs.into_iter().rev() {
-            queue.push_front(&job.class.clone(), job);
+        let mut state = self.lock();
+        if state.closed {
+            drop(state);
+            return jobs.into_iter().for_each(WorkerJob::refuse);
         }
-        drop(queued);
-        for _ in 0..count {
-            self.ready.notify_last();
+        for job in jobs.into_iter().rev() {
+            state.jobs.push_front(&job.class.clone(), job);
+        }
+        let wake = state.to_wake();
+        drop(state);
+        if let Some(slot) = wake {
+            slot.wake.notify_one();
         }
     }
 
-    /// The next job, waiting for one (forever once closed: slots stop on
-    /// their own signal).
-    async fn next(&self) -> WorkerJob {
-        loop {
-            let ready = self.ready.notified();
-            if let Some(job) = self.lock().as_mut().and_then(FairQueue::pop) {
-                return job;
-            }
-            ready.await;
+    /// Puts `slot`'s idle worker on the bench.
+    fn bench(&self, slot: &Arc<Slot>, worker: WorkerProcess) {
+        self.lock().bench.push((Arc::clone(slot), worker));
+    }
+
+    /// Takes `slot`'s worker off the bench, if it is there.
+    fn unbench(&self, slot: &Slot) -> Option<WorkerProcess> {
+        let mut state = self.lock();
+        let at = state.benched(slot)?;
+        Some(state.bench.remove(at).1)
+    }
+
+    /// Work for `slot`, whose worker is benched or lent: the next job (only
+    /// while its worker is on the bench), or its worker given back.
+    fn claim(&self, slot: &Slot) -> Option<Claim> {
+        let mut state = self.lock();
+        if let Some(Away::Back(..)) = state.away.get(&slot.id) {
+            let Some(Away::Back(back)) = state.away.remove(&slot.id) else { unreachable!() };
+            let (worker, returned) = *back;
+            return Some(Claim::Back(worker, returned));
         }
+        let at = state.benched(slot)?;
+        let job = state.jobs.pop()?;
+        let worker = state.bench.remove(at).1;
+        // More jobs than this slot's batch will take: the next idle worker's
+        // slot looks too.
+        let next = (!state.jobs.is_empty()).then(|| state.to_wake()).flatten();
+        drop(state);
+        if let Some(next) = next {
+            next.wake.notify_one();
+        }
+        Some(Claim::Job(job, worker))
+    }
+
+    /// `slot`'s worker, wherever it is; a lent one is marked wanted, so that
+    /// its caller gives it back to the slot rather than to the bench.
+    fn reclaim(&self, slot: &Slot) -> Found {
+        let mut state = self.lock();
+        if let Some(at) = state.benched(slot) {
+            return Found::Idle(state.bench.remove(at).1);
+        }
+        match state.away.remove(&slot.id) {
+            Some(Away::Back(back)) => Found::Back(back.0, back.1),
+            Some(Away::Lent { .. }) | None => {
+                state.away.insert(slot.id, Away::Lent { wanted: true });
+                Found::Lent
+            }
+        }
+    }
+
+    /// An idle worker for a caller, when no job waits.
+    fn lend(&self) -> Option<(Arc<Slot>, WorkerProcess)> {
+        let mut state = self.lock();
+        if state.closed || !state.jobs.is_empty() {
+            return None;
+        }
+        let (slot, worker) = state.bench.pop()?;
+        state.away.insert(slot.id, Away::Lent { wanted: false });
+        Some((slot, worker))
+    }
+
+    /// A caller gives back `slot`'s worker: to the bench when `idle` (it
+    /// ran its job and is due for nothing) and neither its slot nor a job
+    /// waits for it, which wakes no one; else to its slot.
+    fn give_back(&self, slot: &Arc<Slot>, worker: WorkerProcess, returned: slot::Returned, idle: bool) {
+        let mut state = self.lock();
+        let wanted = matches!(state.away.remove(&slot.id), Some(Away::Lent { wanted: true }));
+        if idle && !wanted && state.jobs.is_empty() {
+            state.bench.push((Arc::clone(slot), worker));
+            return;
+        }
+        state.away.insert(slot.id, Away::Back(Box::new((worker, returned))));
+        drop(state);
+        slot.wake.notify_one();
     }
 
     /// Adds to `batch` (whose jobs a slot just took) the jobs that go next,
@@ -245,10 +357,10 @@ impl JobQueue {
             return;
         }
         let mut budget: Duration = batch.iter().map(|job| job.ticket.cost()).sum();
-        let mut queued = self.lock();
-        let Some(queue) = queued.as_mut() else { return };
+        let mut state = self.lock();
         while batch.len() < max
-            && let Some(next) = queue.pop_if(|job| job.pipelinable() && budget + job.ticket.cost() <= PIPELINE_BUDGET)
+            && let Some(next) =
+                state.jobs.pop_if(|job| job.pipelinable() && budget + job.ticket.cost() <= PIPELINE_BUDGET)
         {
             budget += next.ticket.cost();
             batch.push(next);
@@ -257,7 +369,11 @@ impl JobQueue {
 
     /// Refuses new jobs and answers the waiting ones.
     fn close(&self) {
-        let waiting = self.lock().take().map(|mut queue| queue.drain()).unwrap_or_default();
+        let waiting = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.jobs.drain()
+        };
         waiting.into_iter().for_each(WorkerJob::refuse);
     }
 }
@@ -292,9 +408,14 @@ pub struct WorkerView {
 /// One slot as the supervisor and the admin API see it.
 #[derive(Debug)]
 struct Slot {
+    /// Unique among the slots of the process (an index is reused when the
+    /// pool shrinks and grows while a stopping slot still retires its worker).
+    id: usize,
     view: Mutex<WorkerView>,
     /// Asks the slot to replace its worker (set, then the slot is woken).
     recycle: AtomicBool,
+    /// Wakes the slot: a job for its idle worker, its worker given back by
+    /// a caller, or the admin API's recycle.
     wake: Notify,
     /// Stops this slot alone (the pool shrinking), or with the pool.
     stop: CancellationToken,
@@ -361,7 +482,9 @@ impl Supervisor {
             slot.stop.cancel();
         }
         while slots.len() < workers {
+            static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
             let slot = Arc::new(Slot {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 view: Mutex::new(WorkerView { slot: slots.len(), state: "starting", ..WorkerView::default() }),
                 recycle: AtomicBool::new(false),
                 wake: Notify::new(),
@@ -431,6 +554,22 @@ impl Supervisor {
         self.shared.queue.push(job);
     }
 
+    /// An idle worker for the caller to run its job on from its own task,
+    /// when no other call waits: the job then reaches the worker with no
+    /// hop through the worker's slot task, and its answer wakes the caller
+    /// directly (two thread wake-ups fewer, which at concurrency 1 are
+    /// most of the front's share of a call; bench/PROFILING.md, item 13).
+    /// Under load calls go through the queue, where a worker takes the
+    /// tiny ones in batches.
+    pub fn lend(&self) -> Option<Lent> {
+        // The caller's own call is one of the queued.
+        if self.admission.queued() > 1 {
+            return None;
+        }
+        let (slot, worker) = self.shared.queue.lend()?;
+        Some(Lent::new(Arc::clone(&self.shared), slot, worker))
+    }
+
     /// Stops every worker (idle ones at once, busy ones after their task or
     /// at `grace`) and waits for them to be reaped.
     pub async fn shutdown(&self, grace: Duration) {
@@ -467,10 +606,11 @@ mod tests {
     }
 
     /// The batch a free worker takes from a queue holding `jobs`, as their costs.
-    async fn batch(jobs: Vec<WorkerJob>) -> Vec<Duration> {
+    fn batch(jobs: Vec<WorkerJob>) -> Vec<Duration> {
         let queue = JobQueue::default();
         jobs.into_iter().for_each(|j| queue.push(j));
-        let mut batch = vec![queue.next().await];
+        let first = queue.lock().jobs.pop().expect("a job");
+        let mut batch = vec![first];
         queue.fill_batch(PIPELINE_DEPTH, &mut batch);
         batch.iter().map(|j| j.ticket.cost()).collect()
     }
@@ -480,18 +620,18 @@ mod tests {
         let a = Admission::new(1, 1000);
         // Within the budget, up to the depth.
         let echoes = (0..100).map(|_| job(&a, 2 * US, 64)).collect();
-        assert_eq!(batch(echoes).await.len(), PIPELINE_DEPTH);
+        assert_eq!(batch(echoes).len(), PIPELINE_DEPTH);
         // 300 us each: three fit in the budget.
         let costly = (0..5).map(|_| job(&a, 300 * US, 64)).collect();
-        assert_eq!(batch(costly).await, [300 * US; 3]);
+        assert_eq!(batch(costly), [300 * US; 3]);
         // A job that is not tiny (5 ms), or whose input is large, ends the batch.
         let mixed = vec![job(&a, 2 * US, 64), job(&a, 5000 * US, 64), job(&a, 2 * US, 64)];
-        assert_eq!(batch(mixed).await, [2 * US]);
+        assert_eq!(batch(mixed), [2 * US]);
         let large = vec![job(&a, 2 * US, 64), job(&a, 2 * US, PIPELINE_INPUT_BELOW)];
-        assert_eq!(batch(large).await, [2 * US]);
+        assert_eq!(batch(large), [2 * US]);
         // A job that is not tiny goes alone.
         let heavy = vec![job(&a, 5000 * US, 64), job(&a, 2 * US, 64)];
-        assert_eq!(batch(heavy).await, [5000 * US]);
+        assert_eq!(batch(heavy), [5000 * US]);
     }
 
     #[tokio::test]

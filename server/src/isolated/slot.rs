@@ -5,15 +5,17 @@
 //! replacement first, so capacity never dips), and retires it on shutdown.
 
 use std::{
+    os::fd::OwnedFd,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    JobError, Shared, Slot, WorkerJob,
-    death::DeathCause,
+    Claim, Found, JobError, Shared, Slot, WorkerJob,
+    death::{DeathCause, StopReason},
     worker::{Fate, WorkerProcess},
 };
 
@@ -24,6 +26,27 @@ const RECYCLED_BY_ADMIN: &str = "the admin API asked";
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
+/// What a caller hands back with a worker it borrowed.
+pub(super) enum Returned {
+    /// Its job ran (or the worker died running it); the worker is due for
+    /// recycling when a reason is given.
+    Ran(Fate, &'static str, Option<String>),
+    /// The caller stopped waiting while the worker ran its job (deadline,
+    /// or it went away): the slot stops the job.
+    Interrupted { id: u64, task: &'static str, reason: StopReason },
+}
+
+/// Why an idle slot woke (moved once, not stored).
+#[allow(clippy::large_enum_variant)]
+enum Woken {
+    Claimed(Claim),
+    Stop,
+    Exited,
+    Recycle,
+    /// Its benched worker died, found at a heartbeat.
+    Buried,
+}
+
 /// Runs `slot` until its stop token fires.
 pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
     let options = &shared.options;
@@ -32,13 +55,14 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
     let mut backoff = BACKOFF_FIRST;
     let mut worker: Option<WorkerProcess> = None;
     loop {
-        let current = match worker.as_mut() {
+        let current = match worker.take() {
             Some(w) => w,
+            None if stop.is_cancelled() => return,
             None => match start(&shared).await {
                 Ok(w) => {
                     backoff = BACKOFF_FIRST;
                     started(&slot, &w);
-                    worker.insert(w)
+                    w
                 }
                 Err(err) => {
                     tracing::warn!(slot = index, error = %err, retry_in = ?backoff, "worker failed to start; backing off");
@@ -53,73 +77,226 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
             },
         };
 
-        // Wait for a job while watching the idle worker.
-        let mut job = None;
-        let fate = current
-            .idle(&options.worker, async {
-                tokio::select! {
-                    next = shared.queue.next() => job = Some(next),
-                    () = stop.cancelled() => {}
-                    () = slot.wake.notified() => {}
-                }
-            })
-            .await;
-        if let Fate::Dead(cause) = fate {
-            let pid = current.pid();
-            buried(&shared, &slot, &mut worker, pid, &cause, None);
-            continue;
-        }
-        if job.is_none() && !stop.is_cancelled() {
-            // Woken by the admin API.
-            if slot.recycle.swap(false, Ordering::AcqRel) {
-                recycle(&shared, &slot, &mut worker, RECYCLED_BY_ADMIN).await;
+        // Idle: on the bench, where a caller may borrow it, until the slot
+        // has something to do. Its exit is watched here; its socket at
+        // heartbeats (a benched worker has nothing to say but pongs).
+        let pid = current.pid();
+        let exit = current.exit_watch();
+        shared.queue.bench(&slot, current);
+        let woken = idle(&slot, &shared, exit.as_ref()).await;
+        let (stopping, exited) = (matches!(woken, Woken::Stop), matches!(woken, Woken::Exited));
+        let (mut current, returned) = match woken {
+            Woken::Claimed(Claim::Job(job, w)) => {
+                worker = Some(w);
+                run_batch(&slot, &shared, &mut worker, job).await;
+                continue;
             }
-            continue;
+            Woken::Claimed(Claim::Back(w, returned)) => (w, Some(returned)),
+            Woken::Buried => continue,
+            Woken::Stop | Woken::Exited | Woken::Recycle => reclaim(&slot, &shared).await,
+        };
+        let (fate, task, due) = match returned {
+            Some(Returned::Ran(fate, task, due)) => (fate, Some(task), due),
+            Some(Returned::Interrupted { id, task, reason }) => {
+                (current.stop(id, task, reason, &options.worker, &tracing::Span::none()).await.1, Some(task), None)
+            }
+            None if exited => (Fate::Dead(current.death().await), None, None),
+            None => (Fate::Alive, None, None),
+        };
+        match fate {
+            Fate::Dead(cause) => {
+                buried(&shared, &slot, &mut worker, pid, &cause, task);
+                continue;
+            }
+            Fate::Alive => worker = Some(current),
         }
-        let Some(job) = job else {
-            // Stopping (or the queue closed): retire the worker and leave.
+        if stopping || stop.is_cancelled() {
+            // Stopping: retire the worker and leave.
             if let Some(w) = worker.take() {
                 shared.live.fetch_sub(1, Ordering::Relaxed);
                 w.retire(options.worker.kill_grace * 5).await;
             }
             return;
-        };
-        let mut batch = vec![job];
-        shared.queue.fill_batch(pipeline_room(&shared, current), &mut batch);
-        let batch: Vec<WorkerJob> = batch
-            .into_iter()
-            .filter_map(|job| match expired(&job) {
-                Some(early) => {
-                    let _ = job.reply.send(Err(early));
-                    None
-                }
-                None => Some(job),
-            })
-            .collect();
-        if batch.is_empty() {
-            continue;
         }
+        let current = worker.as_mut().expect("a live worker");
+        slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", current.tasks_done));
+        let asked = slot.recycle.swap(false, Ordering::AcqRel);
+        let reason =
+            if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { due.or_else(|| recycle_reason(&shared, current)) };
+        if let Some(reason) = reason {
+            recycle(&shared, &slot, &mut worker, &reason).await;
+        }
+    }
+}
 
-        let pid = current.pid();
-        tracing::debug!(jobs = batch.len(), "sending jobs to worker {pid}");
-        let task = batch[0].task;
-        slot.update(|v| (v.state, v.task) = ("busy", task));
-        let end = current.run(batch, &options.worker).await;
-        let done = current.tasks_done;
-        slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
-        if !end.unstarted.is_empty() {
-            shared.queue.requeue(end.unstarted);
+/// Waits, with the slot's worker on the bench, until the slot has
+/// something to do; answers the benched worker's heartbeats meanwhile.
+async fn idle(slot: &Arc<Slot>, shared: &Shared, exit: Option<&AsyncFd<OwnedFd>>) -> Woken {
+    let mut heartbeat = super::worker::heartbeat(&shared.options.worker);
+    loop {
+        let woken = slot.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if let Some(claim) = shared.queue.claim(slot) {
+            return Woken::Claimed(claim);
         }
-        match end.fate {
-            Fate::Dead(cause) => buried(&shared, &slot, &mut worker, pid, &cause, Some(end.task)),
-            Fate::Alive => {
-                let asked = slot.recycle.swap(false, Ordering::AcqRel);
-                let reason = if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { recycle_reason(&shared, current) };
-                if let Some(reason) = reason {
-                    recycle(&shared, &slot, &mut worker, &reason).await;
+        if slot.recycle.load(Ordering::Acquire) {
+            return Woken::Recycle;
+        }
+        tokio::select! {
+            () = &mut woken => {}
+            () = slot.stop.cancelled() => return Woken::Stop,
+            () = exited(exit) => return Woken::Exited,
+            _ = heartbeat.tick() => {
+                // A lent worker's heartbeats are its caller's run's.
+                let Some(mut worker) = shared.queue.unbench(slot) else { continue };
+                match worker.beat_idle(&shared.options.worker).await {
+                    Fate::Alive => shared.queue.bench(slot, worker),
+                    Fate::Dead(cause) => {
+                        let pid = worker.pid();
+                        buried(shared, slot, &mut Some(worker), pid, &cause, None);
+                        return Woken::Buried;
+                    }
                 }
             }
         }
+    }
+}
+
+/// Resolves when the watched process exits (never without a watch).
+async fn exited(exit: Option<&AsyncFd<OwnedFd>>) {
+    match exit {
+        Some(pidfd) => {
+            let _ = pidfd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The slot's worker, waiting for a caller that borrowed it to give it back.
+async fn reclaim(slot: &Slot, shared: &Shared) -> (WorkerProcess, Option<Returned>) {
+    loop {
+        let back = slot.wake.notified();
+        tokio::pin!(back);
+        back.as_mut().enable();
+        match shared.queue.reclaim(slot) {
+            Found::Idle(worker) => return (worker, None),
+            Found::Back(worker, returned) => return (worker, Some(returned)),
+            Found::Lent => back.await,
+        }
+    }
+}
+
+/// Runs `first` and the jobs that may go with it on the slot's worker, then
+/// buries or recycles it as its fate says.
+async fn run_batch(slot: &Slot, shared: &Shared, worker: &mut Option<WorkerProcess>, first: WorkerJob) {
+    let options = &shared.options;
+    let current = worker.as_mut().expect("a worker");
+    let mut batch = vec![first];
+    shared.queue.fill_batch(pipeline_room(shared, current), &mut batch);
+    let batch: Vec<WorkerJob> = batch
+        .into_iter()
+        .filter_map(|job| match expired(&job) {
+            Some(early) => {
+                let _ = job.reply.send(Err(early));
+                None
+            }
+            None => Some(job),
+        })
+        .collect();
+    if batch.is_empty() {
+        return;
+    }
+    let pid = current.pid();
+    tracing::debug!(jobs = batch.len(), "sending jobs to worker {pid}");
+    let task = batch[0].task;
+    slot.update(|v| (v.state, v.task) = ("busy", task));
+    let end = current.run(batch, &options.worker).await;
+    let done = current.tasks_done;
+    slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
+    if !end.unstarted.is_empty() {
+        shared.queue.requeue(end.unstarted);
+    }
+    match end.fate {
+        Fate::Dead(cause) => buried(shared, slot, worker, pid, &cause, Some(end.task)),
+        Fate::Alive => {
+            let asked = slot.recycle.swap(false, Ordering::AcqRel);
+            let reason = if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { recycle_reason(shared, current) };
+            if let Some(reason) = reason {
+                recycle(shared, slot, worker, &reason).await;
+            }
+        }
+    }
+}
+
+/// An idle worker lent to a caller ([`super::Supervisor::lend`]), which
+/// runs one job on it from its own task. Dropped, it goes back: to the
+/// bench when all went well (waking no one), else to its slot, which stops
+/// a job the caller gave up on (deadline, or the caller went away) with
+/// the usual ladder, and buries or recycles the worker.
+pub struct Lent {
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+    worker: Option<WorkerProcess>,
+    ran: Option<(Fate, &'static str)>,
+    deadline: Option<Instant>,
+}
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lent").field("slot", &self.slot.id).finish_non_exhaustive()
+    }
+}
+
+impl Lent {
+    pub(super) fn new(shared: Arc<Shared>, slot: Arc<Slot>, worker: WorkerProcess) -> Self {
+        Self { shared, slot, worker: Some(worker), ran: None, deadline: None }
+    }
+
+    /// Runs `job` (answering it through its reply channel) while waiting
+    /// for `answered`, the caller's wait for that answer, which ends the
+    /// run: a caller that stops waiting (its deadline) leaves the job to
+    /// the worker's slot.
+    pub async fn run_until<T>(mut self, job: WorkerJob, answered: impl Future<Output = T>) -> T {
+        self.deadline = job.deadline;
+        let task = job.task;
+        let running = async {
+            let worker = self.worker.as_mut().expect("a lent worker");
+            self.slot.update(|v| (v.state, v.task) = ("busy", task));
+            let end = worker.run(vec![job], &self.shared.options.worker).await;
+            self.ran = Some((end.fate, end.task));
+        };
+        tokio::pin!(running, answered);
+        tokio::select! {
+            biased;
+            out = &mut answered => out,
+            () = &mut running => answered.await,
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let Some(mut worker) = self.worker.take() else { return };
+        let returned = match (self.ran.take(), worker.unanswered()) {
+            (Some((fate @ Fate::Alive, task)), _) => {
+                Returned::Ran(fate, task, recycle_reason(&self.shared, &mut worker))
+            }
+            (Some((fate, task)), _) => Returned::Ran(fate, task, None),
+            (None, Some((id, task))) => {
+                let late = self.deadline.is_some_and(|d| Instant::now() >= d);
+                let reason = if late { StopReason::Deadline } else { StopReason::Cancelled };
+                Returned::Interrupted { id, task, reason }
+            }
+            (None, None) => Returned::Ran(Fate::Alive, "", None),
+        };
+        let idle =
+            matches!(returned, Returned::Ran(Fate::Alive, _, None)) && !self.slot.recycle.load(Ordering::Acquire);
+        if idle {
+            let done = worker.tasks_done;
+            self.slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
+        }
+        self.shared.queue.give_back(&self.slot, worker, returned, idle);
     }
 }
 

@@ -27,9 +27,10 @@ pub fn split(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
     Ok((ReadHalf(Arc::clone(&socket)), WriteHalf { socket, waiting: None }))
 }
 
-/// Registers an owned descriptor with the runtime's reactor.
-fn register<T: std::os::fd::AsRawFd>(owned: T, interest: Interest) -> io::Result<AsyncFd<T>> {
-    // SAFETY: `owned` owns its descriptor (a socket, or its duplicate) and
+/// Registers an owned descriptor (a socket, its duplicate, a pidfd) with
+/// the runtime's reactor.
+pub(super) fn register<T: std::os::fd::AsRawFd>(owned: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `owned` owns its descriptor and
     // keeps it open, and the same, until the `AsyncFd` drops it.
     #[allow(unsafe_code)]
     let registered = unsafe { AsyncFd::register_with_interest(owned, interest) };

@@ -21,7 +21,7 @@ use std::{
 
 use super::sandbox::{Confinement, Sandbox};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use nix::{
     sys::signal::{Signal, killpg},
     unistd::Pid,
@@ -309,6 +309,12 @@ pub struct WorkerProcess {
     stderr: StderrTail,
     stderr_done: tokio::sync::watch::Receiver<bool>,
     next_id: u64,
+    /// The last job answered (jobs are answered in the order sent).
+    answered: u64,
+    /// The task of the last job sent.
+    last_task: &'static str,
+    /// When it last sent a frame (or started, or began a job).
+    last_heard: Instant,
     /// Tasks it has finished, for recycling.
     pub tasks_done: u64,
     /// When its resident memory was last read.
@@ -469,6 +475,9 @@ impl WorkerProcess {
             stderr,
             stderr_done,
             next_id: 0,
+            answered: 0,
+            last_task: "",
+            last_heard: Instant::now(),
             tasks_done: 0,
             rss_read: None,
             _scratch: scratch,
@@ -530,17 +539,11 @@ impl WorkerProcess {
         }
     }
 
-    /// A heartbeat tick: kills a worker silent since `last_heard` for longer
-    /// than the timeout (returning why), else pings it; `task` is what it
+    /// A heartbeat tick: kills a worker silent for longer than the timeout
+    /// (returning why), else pings it; `task` is what it
     /// runs, if anything. A broken socket shows up in the next read or wait.
-    async fn beat(
-        &mut self,
-        last_heard: Instant,
-        seq: u64,
-        task: Option<&str>,
-        options: &WorkerOptions,
-    ) -> Option<DeathCause> {
-        if last_heard.elapsed() > options.heartbeat_timeout {
+    async fn beat(&mut self, seq: u64, task: Option<&str>, options: &WorkerOptions) -> Option<DeathCause> {
+        if self.last_heard.elapsed() > options.heartbeat_timeout {
             match task {
                 Some(task) => {
                     tracing::warn!(worker.pid = self.pid, task.name = task, "worker stopped answering; killing it")
@@ -592,7 +595,6 @@ impl WorkerProcess {
         let mut memory_watch =
             tokio::time::interval_at(tokio::time::Instant::now() + MEMORY_WATCH_INTERVAL, MEMORY_WATCH_INTERVAL);
         memory_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
         let deadline_reached = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(deadline_reached);
         let mut head_deadline = None;
@@ -602,7 +604,7 @@ impl WorkerProcess {
             };
             if head.begun.is_none() {
                 head.begin();
-                last_heard = Instant::now();
+                self.last_heard = Instant::now();
                 head_deadline = head.job.deadline;
                 if let Some(d) = head_deadline {
                     deadline_reached.as_mut().reset(d.into());
@@ -618,6 +620,7 @@ impl WorkerProcess {
                 frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
                         self.tasks_done += 1;
+                        self.answered = id;
                         let fate = self.finished(&done, &flight[0].span, &options.launch).await;
                         let head = flight.pop_front().expect("the head");
                         head.answer(done_result(done, output), self.pid);
@@ -627,7 +630,7 @@ impl WorkerProcess {
                         continue;
                     }
                     Ok(Some((worker_reply::Body::Progress(p), _))) => {
-                        last_heard = Instant::now();
+                        self.last_heard = Instant::now();
                         // A task behind the head may report before the head's
                         // answer arrives (tiny ones' answers are written late).
                         if p.id == id && let Some(sink) = &flight[0].job.progress {
@@ -636,7 +639,7 @@ impl WorkerProcess {
                         continue;
                     }
                     Ok(Some((worker_reply::Body::Pong(_), _))) => {
-                        last_heard = Instant::now();
+                        self.last_heard = Instant::now();
                         continue;
                     }
                     Ok(Some((other, _))) => {
@@ -663,7 +666,7 @@ impl WorkerProcess {
                     _ => StopReason::Cancelled,
                 },
                 _ = heartbeat.tick() => {
-                    if let Some(cause) = self.beat(last_heard, id, Some(task), options).await {
+                    if let Some(cause) = self.beat(id, Some(task), options).await {
                         return self.died(cause, flight);
                     }
                     continue;
@@ -683,18 +686,7 @@ impl WorkerProcess {
                 }
             };
             let execution = flight[0].span.clone();
-            let (rung, fate) = self.stop(id, stop_reason, options, &execution).await;
-            match rung {
-                Rung::CancelFrame => {
-                    tracing::info!(worker.pid = self.pid, task.name = task, reason = ?stop_reason, "{task} stopped by {rung}")
-                }
-                _ => tracing::warn!(
-                    worker.pid = self.pid,
-                    task.name = task,
-                    reason = ?stop_reason,
-                    "{task} stopped by {rung}; worker killed"
-                ),
-            }
+            let (rung, fate) = self.stop(id, task, stop_reason, options, &execution).await;
             let head = flight.pop_front().expect("the head");
             head.answer(Err(JobError::Stopped { reason: stop_reason, rung }), self.pid);
             if let Fate::Dead(_) = fate {
@@ -706,6 +698,7 @@ impl WorkerProcess {
     /// Queues one job's RunTask frame.
     fn send(&mut self, mut job: WorkerJob) -> Sent {
         self.next_id += 1;
+        self.last_task = job.task;
         let id = self.next_id;
         let span = crate::telemetry::execution_span(&job.span, job.task, "ISOLATED", job.input.len());
         span.record("worker.pid", i64::from(self.pid));
@@ -738,9 +731,34 @@ impl WorkerProcess {
         RunEnd { fate, task, unstarted: flight.into_iter().map(|sent| sent.job).collect() }
     }
 
-    /// The stop ladder: a cancel frame, then SIGTERM, then SIGKILL, each
-    /// given `kill_grace`. Returns the rung that worked.
-    async fn stop(
+    /// The stop ladder for job `id` (running `task`): a cancel frame, then
+    /// SIGTERM, then SIGKILL, each given `kill_grace`. Returns the rung that
+    /// worked, and logs it.
+    pub(super) async fn stop(
+        &mut self,
+        id: u64,
+        task: &str,
+        reason: StopReason,
+        options: &WorkerOptions,
+        execution: &tracing::Span,
+    ) -> (Rung, Fate) {
+        self.answered = id;
+        let (rung, fate) = self.climb(id, reason, options, execution).await;
+        match rung {
+            Rung::CancelFrame => {
+                tracing::info!(worker.pid = self.pid, task.name = task, reason = ?reason, "{task} stopped by {rung}")
+            }
+            _ => tracing::warn!(
+                worker.pid = self.pid,
+                task.name = task,
+                reason = ?reason,
+                "{task} stopped by {rung}; worker killed"
+            ),
+        }
+        (rung, fate)
+    }
+
+    async fn climb(
         &mut self,
         id: u64,
         reason: StopReason,
@@ -792,7 +810,7 @@ impl WorkerProcess {
     }
 
     /// The worker's socket closed or it exited: reap it and say why.
-    async fn death(&mut self) -> DeathCause {
+    pub(super) async fn death(&mut self) -> DeathCause {
         match self.exited_within(Duration::from_secs(2)).await {
             Some(status) => self.describe_exit(status).await,
             None => {
@@ -809,29 +827,46 @@ impl WorkerProcess {
         DeathCause::Protocol(detail)
     }
 
-    /// Watches an idle worker until `wake` resolves (returns `Alive`) or the
-    /// worker dies or hangs (returns `Dead`).
-    pub async fn idle<F: std::future::Future<Output = ()>>(&mut self, options: &WorkerOptions, wake: F) -> Fate {
-        tokio::pin!(wake);
-        let mut heartbeat = heartbeat(options);
-        let mut last_heard = Instant::now();
-        loop {
-            tokio::select! {
-                () = &mut wake => return Fate::Alive,
-                frame = self.link.next_frame() => match decode(frame) {
-                    Ok(Some((worker_reply::Body::Pong(_), _))) => last_heard = Instant::now(),
-                    Ok(Some((other, _))) => return Fate::Dead(self.protocol_breach(format!("unexpected frame {other:?} while idle")).await),
-                    Ok(None) => return Fate::Dead(self.death().await),
-                    Err(detail) => return Fate::Dead(self.protocol_breach(detail).await),
-                },
-                status = self.child.wait() => return Fate::Dead(self.exit_cause(status).await),
-                _ = heartbeat.tick() => {
-                    if let Some(cause) = self.beat(last_heard, 0, None, options).await {
-                        return Fate::Dead(cause);
-                    }
+    /// A heartbeat tick of an idle worker, which nobody reads from while it
+    /// waits on the bench: reads what it sent meanwhile (pongs) without
+    /// waiting, then kills it if it has been silent too long, else pings it.
+    pub async fn beat_idle(&mut self, options: &WorkerOptions) -> Fate {
+        while let Some(frame) = self.link.next_frame().now_or_never() {
+            match decode(frame) {
+                Ok(Some((worker_reply::Body::Pong(_), _))) => self.last_heard = Instant::now(),
+                Ok(Some((other, _))) => {
+                    return Fate::Dead(self.protocol_breach(format!("unexpected frame {other:?} while idle")).await);
                 }
+                Ok(None) => return Fate::Dead(self.death().await),
+                Err(detail) => return Fate::Dead(self.protocol_breach(detail).await),
             }
         }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Fate::Dead(self.describe_exit(status).await);
+        }
+        if let Some(cause) = self.beat(0, None, options).await {
+            return Fate::Dead(cause);
+        }
+        // Written now: nobody reads (and so writes) this socket until the
+        // worker's next task. A worker too stuck to take a ping's few bytes
+        // is found silent at a later tick.
+        let _ = self.link.flush().now_or_never();
+        Fate::Alive
+    }
+
+    /// The job a caller stopped waiting for while the worker ran it (its id
+    /// and task), if there is one: jobs are answered in order.
+    pub fn unanswered(&self) -> Option<(u64, &'static str)> {
+        (self.answered < self.next_id).then_some((self.answered + 1, self.last_task))
+    }
+
+    /// A descriptor that becomes readable when the process exits (a pidfd),
+    /// registered with the runtime; `None` where the kernel has no pidfds
+    /// (an idle worker's death then shows at its next heartbeat).
+    pub fn exit_watch(&self) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+        let pid = rustix::process::Pid::from_raw(self.pid as i32)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
+        super::socket::register(pidfd, tokio::io::Interest::READABLE).ok()
     }
 
     /// Resident memory of the worker from /proc, read at most once per
@@ -878,7 +913,7 @@ impl Drop for WorkerProcess {
 
 /// The heartbeat timer: its first tick is one interval away (tokio's
 /// `interval` ticks at once, which would ping the worker on every task).
-fn heartbeat(options: &WorkerOptions) -> tokio::time::Interval {
+pub(super) fn heartbeat(options: &WorkerOptions) -> tokio::time::Interval {
     let period = options.heartbeat_interval;
     let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
