@@ -2,7 +2,9 @@
 //! reached over its own Unix socket and running one task at a time.
 //!
 //! - [`worker`]: one worker process (spawn, handshake, run, stop ladder).
-//! - `slot`: the loop that keeps one worker alive and feeds it jobs.
+//! - `slot`: the loop that keeps one worker alive and feeds it jobs, and
+//!   the lending of its idle worker to a caller.
+//! - `socket`: the front's end of a worker's socket.
 //! - [`death`]: why workers end, for statuses, logs and counters.
 //! - [`program`]: worker programs in any language, and what they declare.
 //!
@@ -14,7 +16,10 @@
 //! them together: the worker runs them in order and answers them together,
 //! so under load the socket round trip and the thread wake-ups are paid per
 //! batch rather than per call. Jobs a worker never started when it died go
-//! back to the front of the queue.
+//! back to the front of the queue. When no call waits, a caller borrows an
+//! idle worker instead and runs its job from its own task
+//! ([`Supervisor::lend`]): at low load the hop through the slot is most of
+//! the front's cost.
 
 pub mod death;
 pub mod program;

@@ -3,6 +3,11 @@
 //! killed it; with capped exponential backoff while starts keep failing),
 //! recycles one that ran enough tasks or grew too large (starting the
 //! replacement first, so capacity never dips), and retires it on shutdown.
+//!
+//! While idle, its worker waits on the bench, where a caller may borrow it
+//! ([`Lent`]) and give it back; the slot watches the benched worker's exit
+//! (a pidfd) and heartbeats, and deals with what a caller cannot: a job
+//! the caller stopped waiting for, a death, a recycle.
 
 use std::{
     os::fd::OwnedFd,
@@ -118,14 +123,9 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
             }
             return;
         }
-        let current = worker.as_mut().expect("a live worker");
-        slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", current.tasks_done));
-        let asked = slot.recycle.swap(false, Ordering::AcqRel);
-        let reason =
-            if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { due.or_else(|| recycle_reason(&shared, current)) };
-        if let Some(reason) = reason {
-            recycle(&shared, &slot, &mut worker, &reason).await;
-        }
+        let done = worker.as_ref().map_or(0, |w| w.tasks_done);
+        slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
+        recycle_if_due(&shared, &slot, &mut worker, due).await;
     }
 }
 
@@ -219,13 +219,20 @@ async fn run_batch(slot: &Slot, shared: &Shared, worker: &mut Option<WorkerProce
     }
     match end.fate {
         Fate::Dead(cause) => buried(shared, slot, worker, pid, &cause, Some(end.task)),
-        Fate::Alive => {
-            let asked = slot.recycle.swap(false, Ordering::AcqRel);
-            let reason = if asked { Some(RECYCLED_BY_ADMIN.to_string()) } else { recycle_reason(shared, current) };
-            if let Some(reason) = reason {
-                recycle(shared, slot, worker, &reason).await;
-            }
-        }
+        Fate::Alive => recycle_if_due(shared, slot, worker, None).await,
+    }
+}
+
+/// Replaces the slot's live worker if the admin API asked, if `due` gives
+/// a reason, or if it ran or grew enough.
+async fn recycle_if_due(shared: &Shared, slot: &Slot, worker: &mut Option<WorkerProcess>, due: Option<String>) {
+    let Some(current) = worker.as_mut() else { return };
+    let reason = match slot.recycle.swap(false, Ordering::AcqRel) {
+        true => Some(RECYCLED_BY_ADMIN.to_string()),
+        false => due.or_else(|| recycle_reason(shared, current)),
+    };
+    if let Some(reason) = reason {
+        recycle(shared, slot, worker, &reason).await;
     }
 }
 
