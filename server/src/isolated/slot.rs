@@ -88,7 +88,7 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
         let pid = current.pid();
         let exit = current.exit_watch();
         shared.queue.bench(&slot, current);
-        let woken = idle(&slot, &shared, exit.as_ref()).await;
+        let woken = idle(&slot, &shared, exit.as_deref()).await;
         let (stopping, exited) = (matches!(woken, Woken::Stop), matches!(woken, Woken::Exited));
         let (mut current, returned) = match woken {
             Woken::Claimed(Claim::Job(job, w)) => {

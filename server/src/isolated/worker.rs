@@ -10,7 +10,7 @@ use std::{
     collections::VecDeque,
     io::IoSlice,
     os::{
-        fd::{AsFd, AsRawFd},
+        fd::{AsFd, AsRawFd, OwnedFd},
         unix::net::UnixStream as StdUnixStream,
     },
     path::PathBuf,
@@ -37,7 +37,7 @@ use offload_worker::{
     process::{self as worker_process, Settings},
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, unix::AsyncFd},
     process::{Child, Command},
 };
 use tokio_util::codec::FramedRead;
@@ -319,6 +319,8 @@ pub struct WorkerProcess {
     pub tasks_done: u64,
     /// When its resident memory was last read.
     rss_read: Option<Instant>,
+    /// Readable once the process exits (see [`WorkerProcess::exit_watch`]).
+    exit: Option<Arc<AsyncFd<OwnedFd>>>,
     /// Its scratch folder (sandboxed workers), removed when it is dropped.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -480,6 +482,7 @@ impl WorkerProcess {
             last_heard: Instant::now(),
             tasks_done: 0,
             rss_read: None,
+            exit: exit_watch(pid).map(Arc::new),
             _scratch: scratch,
         };
         match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
@@ -863,10 +866,8 @@ impl WorkerProcess {
     /// A descriptor that becomes readable when the process exits (a pidfd),
     /// registered with the runtime; `None` where the kernel has no pidfds
     /// (an idle worker's death then shows at its next heartbeat).
-    pub fn exit_watch(&self) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-        let pid = rustix::process::Pid::from_raw(self.pid as i32)?;
-        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
-        super::socket::register(pidfd, tokio::io::Interest::READABLE).ok()
+    pub fn exit_watch(&self) -> Option<Arc<AsyncFd<OwnedFd>>> {
+        self.exit.clone()
     }
 
     /// Resident memory of the worker from /proc, read at most once per
@@ -909,6 +910,13 @@ impl Drop for WorkerProcess {
             self.signal_group(Signal::SIGKILL);
         }
     }
+}
+
+/// A pidfd of process `pid`, registered with the runtime.
+fn exit_watch(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
+    super::socket::register(pidfd, tokio::io::Interest::READABLE).ok()
 }
 
 /// The heartbeat timer: its first tick is one interval away (tokio's
