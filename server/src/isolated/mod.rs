@@ -193,16 +193,11 @@ struct Waiting {
     /// one most likely still on a CPU and in its caches (a worker idle for
     /// a while pays tens of microseconds to wake).
     bench: Vec<(Arc<Slot>, WorkerProcess)>,
-    /// Workers lent to callers, by slot id.
-    away: HashMap<usize, Away>,
-}
-
-/// A worker its slot lent to a caller.
-enum Away {
-    /// The caller runs its job; `wanted` once the slot waits for it back.
-    Lent { wanted: bool },
-    /// Back, for the slot to deal with.
-    Back(Box<(WorkerProcess, slot::Returned)>),
+    /// Workers lent to callers, by slot id: whether their slot waits for
+    /// them back.
+    lent: HashMap<usize, bool>,
+    /// Workers callers gave back for their slot to deal with, by slot id.
+    back: HashMap<usize, (WorkerProcess, slot::Returned)>,
 }
 
 /// What a slot waiting for work finds (moved once, not stored).
@@ -235,9 +230,14 @@ impl Waiting {
         self.bench.iter().position(|(s, _)| s.id == slot.id)
     }
 
-    /// The slot to wake for a job just queued: the one whose worker went idle last.
-    fn to_wake(&self) -> Option<Arc<Slot>> {
-        self.bench.last().map(|(slot, _)| Arc::clone(slot))
+    /// Jobs are queued: wakes the slot whose worker went idle last, after
+    /// letting go of the lock.
+    fn wake_idle(state: std::sync::MutexGuard<'_, Self>) {
+        let slot = state.bench.last().map(|(slot, _)| Arc::clone(slot));
+        drop(state);
+        if let Some(slot) = slot {
+            slot.wake.notify_one();
+        }
     }
 }
 
@@ -254,11 +254,7 @@ impl JobQueue {
             return job.refuse();
         }
         state.jobs.push(&job.class.clone(), job);
-        let wake = state.to_wake();
-        drop(state);
-        if let Some(slot) = wake {
-            slot.wake.notify_one();
-        }
+        Waiting::wake_idle(state);
     }
 
     /// Puts jobs a dead worker never started back first, in order.
@@ -271,11 +267,7 @@ impl JobQueue {
         for job in jobs.into_iter().rev() {
             state.jobs.push_front(&job.class.clone(), job);
         }
-        let wake = state.to_wake();
-        drop(state);
-        if let Some(slot) = wake {
-            slot.wake.notify_one();
-        }
+        Waiting::wake_idle(state);
     }
 
     /// Puts `slot`'s idle worker on the bench.
@@ -294,9 +286,7 @@ impl JobQueue {
     /// while its worker is on the bench), or its worker given back.
     fn claim(&self, slot: &Slot) -> Option<Claim> {
         let mut state = self.lock();
-        if let Some(Away::Back(..)) = state.away.get(&slot.id) {
-            let Some(Away::Back(back)) = state.away.remove(&slot.id) else { unreachable!() };
-            let (worker, returned) = *back;
+        if let Some((worker, returned)) = state.back.remove(&slot.id) {
             return Some(Claim::Back(worker, returned));
         }
         let at = state.benched(slot)?;
@@ -304,10 +294,8 @@ impl JobQueue {
         let worker = state.bench.remove(at).1;
         // More jobs than this slot's batch will take: the next idle worker's
         // slot looks too.
-        let next = (!state.jobs.is_empty()).then(|| state.to_wake()).flatten();
-        drop(state);
-        if let Some(next) = next {
-            next.wake.notify_one();
+        if !state.jobs.is_empty() {
+            Waiting::wake_idle(state);
         }
         Some(Claim::Job(job, worker))
     }
@@ -319,13 +307,11 @@ impl JobQueue {
         if let Some(at) = state.benched(slot) {
             return Found::Idle(state.bench.remove(at).1);
         }
-        match state.away.remove(&slot.id) {
-            Some(Away::Back(back)) => Found::Back(back.0, back.1),
-            Some(Away::Lent { .. }) | None => {
-                state.away.insert(slot.id, Away::Lent { wanted: true });
-                Found::Lent
-            }
+        if let Some((worker, returned)) = state.back.remove(&slot.id) {
+            return Found::Back(worker, returned);
         }
+        state.lent.insert(slot.id, true);
+        Found::Lent
     }
 
     /// An idle worker for a caller, when no job waits.
@@ -335,7 +321,7 @@ impl JobQueue {
             return None;
         }
         let (slot, worker) = state.bench.pop()?;
-        state.away.insert(slot.id, Away::Lent { wanted: false });
+        state.lent.insert(slot.id, false);
         Some((slot, worker))
     }
 
@@ -344,12 +330,12 @@ impl JobQueue {
     /// waits for it, which wakes no one; else to its slot.
     fn give_back(&self, slot: &Arc<Slot>, worker: WorkerProcess, returned: slot::Returned, idle: bool) {
         let mut state = self.lock();
-        let wanted = matches!(state.away.remove(&slot.id), Some(Away::Lent { wanted: true }));
+        let wanted = state.lent.remove(&slot.id).unwrap_or(false);
         if idle && !wanted && state.jobs.is_empty() {
             state.bench.push((Arc::clone(slot), worker));
             return;
         }
-        state.away.insert(slot.id, Away::Back(Box::new((worker, returned))));
+        state.back.insert(slot.id, (worker, returned));
         drop(state);
         slot.wake.notify_one();
     }

@@ -49,7 +49,7 @@ enum Woken {
     Exited,
     Recycle,
     /// Its benched worker died, found at a heartbeat.
-    Buried,
+    Died(DeathCause),
 }
 
 /// Runs `slot` until its stop token fires.
@@ -97,7 +97,10 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
                 continue;
             }
             Woken::Claimed(Claim::Back(w, returned)) => (w, Some(returned)),
-            Woken::Buried => continue,
+            Woken::Died(cause) => {
+                buried(&shared, &slot, pid, &cause, None);
+                continue;
+            }
             Woken::Stop | Woken::Exited | Woken::Recycle => reclaim(&slot, &shared).await,
         };
         let (fate, task, due) = match returned {
@@ -108,23 +111,18 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
             None if exited => (Fate::Dead(current.death().await), None, None),
             None => (Fate::Alive, None, None),
         };
-        match fate {
-            Fate::Dead(cause) => {
-                buried(&shared, &slot, &mut worker, pid, &cause, task);
-                continue;
-            }
-            Fate::Alive => worker = Some(current),
+        if let Fate::Dead(cause) = fate {
+            buried(&shared, &slot, pid, &cause, task);
+            continue;
         }
         if stopping || stop.is_cancelled() {
             // Stopping: retire the worker and leave.
-            if let Some(w) = worker.take() {
-                shared.live.fetch_sub(1, Ordering::Relaxed);
-                w.retire(options.worker.kill_grace * 5).await;
-            }
+            shared.live.fetch_sub(1, Ordering::Relaxed);
+            current.retire(options.worker.kill_grace * 5).await;
             return;
         }
-        let done = worker.as_ref().map_or(0, |w| w.tasks_done);
-        slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
+        shown_idle(&slot, &current);
+        worker = Some(current);
         recycle_if_due(&shared, &slot, &mut worker, due).await;
     }
 }
@@ -152,11 +150,7 @@ async fn idle(slot: &Arc<Slot>, shared: &Shared, exit: Option<&AsyncFd<OwnedFd>>
                 let Some(mut worker) = shared.queue.unbench(slot) else { continue };
                 match worker.beat_idle(&shared.options.worker).await {
                     Fate::Alive => shared.queue.bench(slot, worker),
-                    Fate::Dead(cause) => {
-                        let pid = worker.pid();
-                        buried(shared, slot, &mut Some(worker), pid, &cause, None);
-                        return Woken::Buried;
-                    }
+                    Fate::Dead(cause) => return Woken::Died(cause),
                 }
             }
         }
@@ -212,13 +206,15 @@ async fn run_batch(slot: &Slot, shared: &Shared, worker: &mut Option<WorkerProce
     let task = batch[0].task;
     slot.update(|v| (v.state, v.task) = ("busy", task));
     let end = current.run(batch, &options.worker).await;
-    let done = current.tasks_done;
-    slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
+    shown_idle(slot, current);
     if !end.unstarted.is_empty() {
         shared.queue.requeue(end.unstarted);
     }
     match end.fate {
-        Fate::Dead(cause) => buried(shared, slot, worker, pid, &cause, Some(end.task)),
+        Fate::Dead(cause) => {
+            *worker = None;
+            buried(shared, slot, pid, &cause, Some(end.task));
+        }
         Fate::Alive => recycle_if_due(shared, slot, worker, None).await,
     }
 }
@@ -300,11 +296,16 @@ impl Drop for Lent {
         let idle =
             matches!(returned, Returned::Ran(Fate::Alive, _, None)) && !self.slot.recycle.load(Ordering::Acquire);
         if idle {
-            let done = worker.tasks_done;
-            self.slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
+            shown_idle(&self.slot, &worker);
         }
         self.shared.queue.give_back(&self.slot, worker, returned, idle);
     }
+}
+
+/// Shows the slot's worker idle, after a task.
+fn shown_idle(slot: &Slot, worker: &WorkerProcess) {
+    let done = worker.tasks_done;
+    slot.update(|v| (v.state, v.task, v.tasks_done) = ("idle", "", done));
 }
 
 /// Shows `worker` as the slot's fresh, idle worker.
@@ -330,19 +331,12 @@ async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
     Ok(worker)
 }
 
-/// Records a dead worker and clears the slot so the loop starts another.
-fn buried(
-    shared: &Shared,
-    slot: &Slot,
-    worker: &mut Option<WorkerProcess>,
-    pid: u32,
-    cause: &DeathCause,
-    task: Option<&str>,
-) {
+/// Records the death of the slot's worker `pid` (its handle already
+/// dropped or about to be: the loop then starts another).
+fn buried(shared: &Shared, slot: &Slot, pid: u32, cause: &DeathCause, task: Option<&str>) {
     slot.update(|v| (v.pid, v.state) = (None, "starting"));
     shared.deaths.record(cause);
     shared.live.fetch_sub(1, Ordering::Relaxed);
-    *worker = None;
     match task {
         Some(task) => tracing::warn!(
             worker.pid = pid,
@@ -357,7 +351,7 @@ fn buried(
 /// A job whose caller left or whose deadline passed while it waited is
 /// answered without running.
 fn expired(job: &WorkerJob) -> Option<JobError> {
-    use super::death::{Rung, StopReason};
+    use super::death::Rung;
     if job.cancel.is_cancelled() {
         return Some(JobError::Stopped { reason: StopReason::Cancelled, rung: Rung::CancelFrame });
     }

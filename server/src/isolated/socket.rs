@@ -162,7 +162,8 @@ mod tests {
             (&theirs).read_to_end(&mut got).expect("read");
             got
         });
-        write.write_all(&sent).await.expect("written");
+        let written = tokio::time::timeout(std::time::Duration::from_secs(30), write.write_all(&sent)).await;
+        written.expect("the write finished within 30 s").expect("written");
         write.shutdown().await.expect("shut down");
         assert!(write.waiting.is_none(), "the wait's registration is dropped once the write went through");
         assert_eq!(reader.join().expect("reader"), expected);

@@ -593,11 +593,7 @@ impl WorkerProcess {
         let mut flight: VecDeque<Sent> = jobs.into_iter().map(|job| self.send(job)).collect();
         let mut heartbeat = heartbeat(options);
         let memory_limit = options.launch.watched_memory();
-        // Its first reading one interval in (`interval` ticks at once: a
-        // read of /proc on every task).
-        let mut memory_watch =
-            tokio::time::interval_at(tokio::time::Instant::now() + MEMORY_WATCH_INTERVAL, MEMORY_WATCH_INTERVAL);
-        memory_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut memory_watch = ticker(MEMORY_WATCH_INTERVAL);
         let deadline_reached = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(deadline_reached);
         let mut head_deadline = None;
@@ -919,10 +915,14 @@ fn exit_watch(pid: u32) -> Option<AsyncFd<OwnedFd>> {
     super::socket::register(pidfd, tokio::io::Interest::READABLE).ok()
 }
 
-/// The heartbeat timer: its first tick is one interval away (tokio's
-/// `interval` ticks at once, which would ping the worker on every task).
+/// The heartbeat timer.
 pub(super) fn heartbeat(options: &WorkerOptions) -> tokio::time::Interval {
-    let period = options.heartbeat_interval;
+    ticker(options.heartbeat_interval)
+}
+
+/// A timer whose first tick is one `period` away: tokio's `interval` ticks
+/// at once, which would ping the worker (or read its memory) on every task.
+fn ticker(period: Duration) -> tokio::time::Interval {
     let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timer
