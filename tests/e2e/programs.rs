@@ -419,9 +419,18 @@ async fn traced(lang: Lang) {
     let pid = pid_of(&client.execute(call).await.unwrap().into_inner());
 
     let name = format!("worker {}", lang.task("reverse"));
+    // The program's span and the front's execution span leave in separate
+    // exports (each service has its own batch), so wait for both.
+    let both_arrived = || {
+        let spans = received.spans();
+        spans
+            .iter()
+            .filter(|(_, s)| s.name == name)
+            .any(|(_, inside)| spans.iter().any(|(_, s)| s.span_id == inside.parent_span_id))
+    };
     assert!(
-        wait_for(Duration::from_secs(10), || received.spans().iter().any(|(_, s)| s.name == name)).await,
-        "no span {name:?}: {:#?}",
+        wait_for(Duration::from_secs(10), both_arrived).await,
+        "no span {name:?} with its parent: {:#?}",
         received.spans()
     );
     let spans = received.spans();
