@@ -89,12 +89,17 @@ async fn a_call_that_could_not_start_before_its_deadline_is_refused_up_front() {
 #[tokio::test]
 async fn under_a_flood_calls_succeed_or_are_refused_quickly() {
     let server = Server::start(&["--pool-threads", "2", "--queue-capacity", "64"]);
-    // 200 calls of 20 ms each with a 500 ms deadline: far more than fits.
+    // 200 calls of 200 ms each with a 5 s deadline: far more than fits.
+    // A stall of the whole machine after admission delays every queued call
+    // alike. With 20 ms tasks and a 500 ms deadline a CI run saw 16 late
+    // calls, as a stall of about 150 ms would make (busy CPUs alone did not).
+    // At this scale a stall of 300 ms moves the edge by at most 3 calls
+    // (SIGSTOP of the server for 0.6 s in the flood: 10 late, not 4).
     let calls = (0..200).map(|_| async {
         let mut client = server.wire_client();
         let started = Instant::now();
-        let body = request("debug.sleep", &[("ms", "20")], vec![]);
-        let result = client.execute(with_deadline(body, Duration::from_millis(500))).await;
+        let body = request("debug.sleep", &[("ms", "200")], vec![]);
+        let result = client.execute(with_deadline(body, Duration::from_secs(5))).await;
         (result.map(|_| ()).map_err(|e| e.code()), started.elapsed())
     });
     let results = join_all(calls).await;
