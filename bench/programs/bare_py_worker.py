@@ -4,16 +4,12 @@ with none of the SDK (no task thread, no context, no error mapping). Its
 added latency against the SDK's shows what the SDK's path costs. Not a
 template: a real program uses sdk/python."""
 
-import io, os, select, socket, struct, hashlib
+import io, os, socket, struct, hashlib
 from offload_worker import _protocol as wire
 sock = socket.socket(fileno=int(os.environ["OFFLOAD_WORKER_FD"]))
-# Waits with poll(), as docs/worker-protocol.md advises (PROFILING item 13).
-poller = select.poll()
-poller.register(sock, select.POLLIN)
-class Polled(io.RawIOBase):
-    def readable(self): return True
-    def readinto(self, b): poller.poll(); return sock.recv_into(b)
-f = io.BufferedReader(Polled(), 1 << 16)
+# Waits with poll(), as docs/worker-protocol.md advises (PROFILING item 13),
+# through the SDK's reading end, as the SDK's own reader does.
+f = io.BufferedReader(wire._Readable(sock), 1 << 16)
 decl = wire.TaskDecl(name="py.sha256", description="x")
 sock.sendall(wire.encode(wire.WorkerReply(hello=wire.Hello(protocol_version=3, pid=os.getpid(), tasks=["py.sha256"], declared=[decl], runtime="mini"))))
 L = struct.Struct(">I")

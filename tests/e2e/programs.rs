@@ -9,6 +9,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -529,4 +530,54 @@ async fn sandboxed(lang: Lang) {
         let out = client.execute(body).await.expect("probe").into_inner().output;
         assert_eq!(String::from_utf8_lossy(&out), "allowed", "{lang:?} {what} without the sandbox");
     }
+}
+
+for_both!(installed: the_python_sdk_installs_with_pip_install_dot_sdk_python,
+          the_node_sdk_installs_with_npm_install_dot_sdk_node);
+
+/// The SDKs install with the words the README gives, `pip install
+/// ./sdk/python` and `npm install ./sdk/node`, run in a folder laid out as
+/// the repository is (a copy of the SDK, so that pip's in-tree build and
+/// npm's link leave alone the checkout the other tests install from): pip
+/// builds the package in isolation and fetches `protobuf`, npm links the
+/// folder and fetches `protobufjs`. The documented imports then work.
+async fn installed(lang: Lang) {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path();
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the repository").join("sdk");
+    std::fs::create_dir(at.join("sdk")).unwrap();
+    let folder = match lang {
+        Python => "python",
+        Node => "node",
+    };
+    succeeds(Command::new("cp").arg("-r").arg(sdk.join(folder)).arg(at.join("sdk")));
+    let imported = match lang {
+        Python => {
+            succeeds(Command::new("python3").args(["-m", "venv", "venv"]).current_dir(at));
+            let pip = at.join("venv/bin/pip");
+            succeeds(Command::new(pip).args(["install", "--quiet", "./sdk/python"]).current_dir(at));
+            let script = "from offload_worker import InvalidArgument, task, serve; import offload_worker; \
+                          print(offload_worker.__file__)";
+            succeeds(Command::new(at.join("venv/bin/python")).args(["-c", script]).current_dir(at))
+        }
+        Node => {
+            let npm = ["install", "--no-audit", "--no-fund", "--loglevel=error", "./sdk/node"];
+            succeeds(Command::new("npm").args(npm).current_dir(at));
+            let script = "const { task, serve, InvalidArgument } = require('offload-worker'); \
+                          console.log(require.resolve('offload-worker'), typeof task, typeof serve, typeof InvalidArgument)";
+            succeeds(Command::new("node").args(["-e", script]).current_dir(at))
+        }
+    };
+    match lang {
+        Python => assert!(imported.contains("/venv/lib/"), "imported from the venv: {imported}"),
+        Node => assert!(imported.ends_with("index.js function function function\n"), "{imported}"),
+    }
+}
+
+/// Runs `command` and returns its output, failing the test with what it
+/// printed unless it succeeds.
+fn succeeds(command: &mut Command) -> String {
+    let out = command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(out.status.success(), "{command:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 output")
 }
