@@ -53,19 +53,26 @@ function task(name, options, fn) {
   }
   if (tasks.has(name)) throw new Error(`task ${JSON.stringify(name)} is registered twice`);
   if (typeof fn !== "function") throw new TypeError(`task ${name}: give a function`);
-  tasks.set(name, { name, description: (options && options.description) || "", params: (options && options.params) || {}, fn });
+  const params = Object.entries((options && options.params) || {}).map(([pname, spec]) => paramDecl(name, pname, spec));
+  tasks.set(name, { name, description: (options && options.description) || "", params, fn });
+}
+
+// A param's declaration from [description, default]; [description] (or the
+// description alone) and a null default make it required. A malformed one
+// throws at `task()`, where the program registers it.
+function paramDecl(taskName, pname, spec) {
+  if (typeof spec === "string") spec = [spec];
+  if (!Array.isArray(spec) || spec.length < 1 || spec.length > 2 || typeof spec[0] !== "string") {
+    throw new TypeError(
+      `param ${pname} of ${taskName}: give [description, default], with null as the default of a required param; got ${JSON.stringify(spec)}`);
+  }
+  const [description, def] = spec;
+  const required = def === null || def === undefined;
+  return { name: pname, description, defaultValue: required ? "" : String(def), required };
 }
 
 function declaration(t) {
-  const params = Object.entries(t.params).map(([pname, spec]) => {
-    if (!Array.isArray(spec) || spec.length !== 2) {
-      throw new TypeError(`param ${pname} of ${t.name}: give [description, default]`);
-    }
-    const [description, def] = spec;
-    const required = def === null || def === undefined;
-    return { name: pname, description: String(description), defaultValue: required ? "" : String(def), required };
-  });
-  return { name: t.name, description: t.description, params };
+  return { name: t.name, description: t.description, params: t.params };
 }
 
 let protocol;

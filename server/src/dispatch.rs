@@ -614,11 +614,14 @@ fn task_error(task: &'static str, source: TaskError) -> CallError {
 
 /// A progress sink feeding a watch channel: the first report marks the call
 /// running, and the fraction never goes down even when parallel parts of a
-/// task report out of order.
+/// task report out of order. A fraction outside [0, 1] is clamped into it
+/// and NaN counts as no news, whoever reported it (a worker program may say
+/// anything): callers always see a fraction in [0, 1].
 fn progress_sink(tx: watch::Sender<ProgressState>) -> ProgressSink {
     Arc::new(move |fraction: f64, message: &str| {
         tx.send_if_modified(|state| {
-            let fraction = fraction.max(state.fraction);
+            let fraction =
+                if fraction.is_nan() { state.fraction } else { fraction.clamp(0.0, 1.0).max(state.fraction) };
             if state.running && fraction == state.fraction && message == state.message {
                 return false;
             }
@@ -630,4 +633,28 @@ fn progress_sink(tx: watch::Sender<ProgressState>) -> ProgressSink {
             true
         });
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_stays_in_zero_to_one_and_never_goes_down() {
+        let (tx, rx) = watch::channel(ProgressState::default());
+        let sink = progress_sink(tx);
+        let mut seen = Vec::new();
+        for fraction in [0.5, 0.2, 1.5, -1.0, f64::NAN, f64::INFINITY, 0.7] {
+            sink(fraction, "");
+            seen.push(rx.borrow().fraction);
+        }
+        assert_eq!(seen, [0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        let (tx, rx) = watch::channel(ProgressState::default());
+        let sink = progress_sink(tx);
+        sink(f64::NAN, "starting");
+        assert!(rx.borrow().running && rx.borrow().fraction == 0.0 && rx.borrow().message == "starting");
+        sink(-3.0, "");
+        sink(f64::NEG_INFINITY, "");
+        assert_eq!(rx.borrow().fraction, 0.0);
+    }
 }

@@ -37,6 +37,12 @@ pub fn main(tasks: TaskSet) -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == server::WORKER_PROCESS_FLAG) {
         return offload_worker::process::main_with(&tasks);
     }
+    // Before any thread or child exists: descriptors inherited from whoever
+    // started the front stay with the front.
+    if let Err(err) = offload_worker::process::close_on_exec_all() {
+        eprintln!("offload-server: cannot mark inherited descriptors close-on-exec: {err}");
+        return ExitCode::FAILURE;
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         // --help and --version print and succeed; a bad flag is a bad configuration.

@@ -271,17 +271,23 @@ async fn failures(lang: Lang) {
     assert_eq!(out.output.as_ref(), b"ababab");
     assert_eq!(pid_of(&out), first, "errors fail their call, not the worker");
 
-    let err = call(&mut client, &t("exit"), &[], b"").await.unwrap_err();
-    assert_eq!(err.code(), Code::Internal);
-    assert_eq!(err.message(), format!("worker {first} exited with status 7 while running {}", t("exit")));
-    let replaced = pid_of(&call(&mut client, &t("pid"), &[], b"").await.unwrap());
-    assert_ne!(replaced, first);
-    assert_eq!(restarts(&server, "crash"), 1.0);
+    // A program's exit status is its own, even those the protocol names
+    // (3 out of memory, 5 panicked: only after a TaskDone that says so).
+    let mut pid = first;
+    for code in ["2", "3", "4", "5", "7"] {
+        let err = call(&mut client, &t("exit"), &[("code", code)], b"").await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "exit {code}: {err:?}");
+        assert_eq!(err.message(), format!("worker {pid} exited with status {code} while running {}", t("exit")));
+        let replaced = pid_of(&call(&mut client, &t("pid"), &[], b"").await.unwrap());
+        assert_ne!(replaced, pid, "exit {code}");
+        pid = replaced;
+    }
+    assert_eq!((restarts(&server, "crash"), restarts(&server, "memory"), restarts(&server, "panic")), (5.0, 0.0, 0.0));
     // The program's own series, beside the totals.
     let metrics = server.scrape();
     let program = lang.name();
     let series = |name: &str, extra: &str| metric_value(&metrics, &format!("{name}{{program=\"{program}\"{extra}}}"));
-    assert_eq!(series("offload_program_worker_restarts_total", ",reason=\"crash\""), 1.0);
+    assert_eq!(series("offload_program_worker_restarts_total", ",reason=\"crash\""), 5.0);
     assert_eq!(series("offload_program_live_workers", ""), 1.0);
     assert_eq!(series("offload_program_busy_workers", ""), 0.0);
     assert_eq!(series("offload_program_queue_depth", ""), 0.0);
@@ -401,7 +407,8 @@ async fn killed_front(lang: Lang) {
     assert!(gone, "program workers left behind: {:?}", workers.iter().filter(|p| is_alive(**p)).collect::<Vec<_>>());
 }
 
-for_both!(traced: a_python_programs_span_joins_the_callers_trace, a_node_programs_span_joins_the_callers_trace);
+for_both!(traced: a_python_programs_span_joins_the_callers_trace_however_the_call_ends,
+    a_node_programs_span_joins_the_callers_trace_however_the_call_ends);
 
 async fn traced(lang: Lang) {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -409,7 +416,16 @@ async fn traced(lang: Lang) {
     let endpoint = format!("http://{collector}");
     let file = config(&lang.app("workers = 1"));
     let server = Server::start_with_env(
-        &["--listen", "127.0.0.1:0", "--config", file.path.to_str().unwrap(), "--workers", "1"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            file.path.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
     let mut client = server.client().await;
@@ -445,6 +461,11 @@ async fn traced(lang: Lang) {
     assert_eq!(attribute("worker.pid"), Some(Value::IntValue(i64::from(pid))));
     assert_eq!(attribute("task.name"), Some(Value::StringValue(lang.task("reverse"))));
     assert!(inside.end_time_unix_nano >= inside.start_time_unix_nano && inside.start_time_unix_nano > 0);
+
+    // Calls that end early, by their deadline or their client, keep the
+    // program's span in their trace too.
+    let spin = request(&lang.task("spin"), &[("ms", "30000")], vec![]);
+    crate::traces::early_endings_keep_the_worker_span(&server, &received, spin).await;
 }
 
 for_both!(memory: python_memory_is_watched_and_a_worker_over_its_limit_is_replaced,
@@ -580,4 +601,76 @@ fn succeeds(command: &mut Command) -> String {
     let out = command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
     assert!(out.status.success(), "{command:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+for_both!(clamped_progress: python_progress_out_of_range_reaches_callers_clamped,
+          node_progress_out_of_range_reaches_callers_clamped);
+
+/// A program may report any number as progress; callers see it in [0, 1],
+/// never going down, and NaN changes nothing.
+async fn clamped_progress(lang: Lang) {
+    let file = config(&lang.app("workers = 1"));
+    let server = start(&file, &[]);
+    let mut client = server.client().await;
+    let reports = request(&lang.task("progress"), &[("fractions", "0.5,0.2,1.5,-1,NaN,0.7")], vec![]);
+    let mut events = client.execute_stream(reports).await.unwrap().into_inner();
+    let (mut fractions, mut result) = (Vec::new(), None);
+    while let Some(event) = events.message().await.unwrap() {
+        match event.event.unwrap() {
+            Event::Progress(p) if p.stage == Stage::Running as i32 => fractions.push(p.fraction),
+            Event::Progress(_) => {}
+            Event::Result(r) => result = Some(r),
+        }
+    }
+    assert_eq!(result.map(|r| r.output), Some(b"reported".to_vec().into()));
+    assert!(fractions.iter().all(|f| (0.0..=1.0).contains(f)), "{fractions:?}");
+    assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");
+}
+
+for_both!(descriptors: a_python_program_inherits_no_descriptor_from_the_fronts_parent,
+          a_node_program_inherits_no_descriptor_from_the_fronts_parent);
+
+/// A shell that starts the front with stray descriptors open (10 and 251,
+/// as one was seen to) passes them to the front, but no further: a
+/// program's workers get 0, 1, 2 and their socket.
+async fn descriptors(lang: Lang) {
+    let file = config(&lang.app("workers = 1"));
+    let stray = tempfile::NamedTempFile::new().unwrap();
+    let script = format!("exec 10<{0:?} 251<{0:?}; exec \"$0\" \"$@\"", stray.path().display().to_string());
+    let front = offload_e2e::bin_dir().join("offload-server");
+    let config = file.path.to_str().unwrap();
+    let args =
+        ["-c", &script, front.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config, "--workers", "1"];
+    let server = Server::start_program(Path::new("/bin/bash"), &args, &[]);
+    for fd in [10, 251] {
+        let held = std::fs::read_link(format!("/proc/{}/fd/{fd}", server.pid()));
+        assert_eq!(held.ok().as_deref(), Some(stray.path()), "the front inherited descriptor {fd}");
+    }
+    let mut client = server.client().await;
+    let out = call(&mut client, &lang.task("fds"), &[], b"").await.unwrap();
+    let pid = pid_of(&out);
+    // (fd, device, inode) of each; Node holds a score of descriptors of its own.
+    let open: Vec<(u32, u64, u64)> = String::from_utf8(out.output.to_vec())
+        .unwrap()
+        .split(',')
+        .map(|entry| {
+            let mut parts = entry.split(':').map(|n| n.parse::<u64>().unwrap());
+            let mut next = || parts.next().expect("fd:device:inode");
+            (next() as u32, next(), next())
+        })
+        .collect();
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::metadata(stray.path()).unwrap();
+    let leaked: Vec<u32> =
+        open.iter().filter(|(_, dev, ino)| (*dev, *ino) == (file.dev(), file.ino())).map(|(fd, ..)| *fd).collect();
+    assert!(leaked.is_empty(), "worker {pid} holds the front's stray file as {leaked:?}: {open:?}");
+    let socket: u32 = std::fs::read_to_string(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .split('\0')
+        .find_map(|v| v.strip_prefix("OFFLOAD_WORKER_FD="))
+        .expect("the socket's number in the environment")
+        .parse()
+        .unwrap();
+    let open: Vec<u32> = open.iter().map(|(fd, ..)| *fd).collect();
+    assert!(open.contains(&socket), "its socket {socket} is open: {open:?}");
 }

@@ -142,6 +142,88 @@ async fn a_call_is_one_trace_continuing_the_callers() {
 }
 
 #[tokio::test]
+async fn an_offload_workers_span_stays_in_the_callers_trace_however_the_call_ends() {
+    let (collector, received) = otlp::start().await;
+    let endpoint = format!("http://{collector}");
+    let server = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--debug-tasks", "--workers", "1", "--metrics-listen", "127.0.0.1:0"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    server.wait_for_workers(1, Duration::from_secs(10)).await;
+    let spin =
+        ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..request("debug.spin", &[("ms", "30000")], vec![]) };
+    early_endings_keep_the_worker_span(&server, &received, spin).await;
+}
+
+/// Ends `long` (an ISOLATED call that runs until stopped) four ways, each
+/// in a trace of its caller: a unary Execute by its deadline and by its
+/// client cancelling, and an ExecuteStream the same two ways. In each, the
+/// span the worker reports must arrive as a child of the call's execution
+/// span, itself under the call's RPC span. (A unary call runs on a worker
+/// its handler drives; a caller that leaves hands the job to the worker's
+/// slot to stop, which must keep the span's parent.)
+pub(crate) async fn early_endings_keep_the_worker_span(
+    server: &Server,
+    received: &otlp::Received,
+    long: ExecuteRequest,
+) {
+    // A client that leaves the deadline to the server (tonic's Channel
+    // would also enforce it locally, answering CANCELLED itself).
+    let mut client = server.wire_client();
+    let deadline = |caller| {
+        let mut request = traced(long.clone(), caller);
+        request.metadata_mut().insert("grpc-timeout", "400m".parse().unwrap());
+        request
+    };
+    let task = long.task.clone();
+    let busy = || offload_e2e::metric_value(&server.scrape(), "offload_busy_executors{mode=\"ISOLATED\"}");
+    let arrived = |caller: &'static str, ending: &'static str| worker_span_arrived(received, &task, caller, ending);
+
+    let err = client.execute(deadline("00f067aa0ba904a1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    arrived("00f067aa0ba904a1", "Execute ended by its deadline").await;
+
+    let mut cancelling = client.clone();
+    let cancelled = traced(long.clone(), "00f067aa0ba904a2");
+    let call = tokio::spawn(async move { cancelling.execute(cancelled).await });
+    assert!(wait_for(Duration::from_secs(10), || busy() == 1.0).await, "the unary call never ran");
+    call.abort();
+    arrived("00f067aa0ba904a2", "Execute cancelled by its client").await;
+
+    let mut events = client.execute_stream(deadline("00f067aa0ba904a3")).await.unwrap().into_inner();
+    assert_eq!(super::final_status(&mut events).await.code(), Code::DeadlineExceeded);
+    arrived("00f067aa0ba904a3", "ExecuteStream ended by its deadline").await;
+
+    let events = client.execute_stream(traced(long.clone(), "00f067aa0ba904a4")).await.unwrap().into_inner();
+    assert!(wait_for(Duration::from_secs(10), || busy() == 1.0).await, "the streamed call never ran");
+    drop(events);
+    arrived("00f067aa0ba904a4", "ExecuteStream cancelled by its client").await;
+}
+
+/// Waits for the span a worker reported for `task` as a child of the
+/// execution span under the RPC span whose parent is `caller`, in the
+/// caller's trace (`ending` says which call it was).
+async fn worker_span_arrived(received: &otlp::Received, task: &str, caller: &str, ending: &str) {
+    let (worker_span, execution_span) = (format!("worker {task}"), format!("execute {task}"));
+    let parented = || {
+        let spans: Vec<Span> = received.spans().into_iter().map(|(_, s)| s).collect();
+        let rpc = spans.iter().find(|s| hex::encode(&s.parent_span_id) == caller)?;
+        let exec = spans.iter().find(|s| s.parent_span_id == rpc.span_id && s.name == execution_span)?;
+        let inside = spans.iter().find(|s| s.parent_span_id == exec.span_id && s.name == worker_span)?;
+        Some(hex::encode(&inside.trace_id))
+    };
+    let found = wait_for(Duration::from_secs(10), || parented().is_some()).await;
+    let orphans: Vec<String> = received
+        .spans()
+        .into_iter()
+        .filter(|(_, s)| s.name == worker_span && s.parent_span_id.is_empty())
+        .map(|(service, s)| format!("{service}: {} in trace {}", s.name, hex::encode(&s.trace_id)))
+        .collect();
+    assert!(found, "{ending}: no {worker_span:?} under its execution span; orphans: {orphans:?}");
+    assert_eq!(parented().as_deref(), Some(TRACE_ID), "{ending}: in the caller's trace");
+}
+
+#[tokio::test]
 async fn a_dead_collector_does_not_slow_or_fail_calls() {
     // Nothing listens on port 1.
     let server = Server::start_with_env(

@@ -18,7 +18,8 @@ task("js.reverse", { description: "reverses the input", params: { upper: ["upper
 task("js.upper", { description: "uppercases UTF-8 text", params: { trim: ["trim first", "false"] } },
   async (ctx, data, params) => Buffer.from(data.toString("utf8").toUpperCase()));
 
-task("js.repeat", { description: "the input, `times` times", params: { times: ["how many times, 0..=100", null] } },
+// A required param, declared by its description alone.
+task("js.repeat", { description: "the input, `times` times", params: { times: ["how many times, 0..=100"] } },
   (ctx, data, params) => {
     const times = Number(params.times);
     if (!Number.isInteger(times)) throw new InvalidArgument(`param times: '${params.times}' is not an integer`);
@@ -39,7 +40,32 @@ task("js.broken", { description: "throws an uncaught error" }, () => {
 
 task("js.text", { description: "returns text instead of a Buffer" }, () => "not bytes");
 
-task("js.exit", { description: "exits the process mid-task with status 7" }, () => process.exit(7));
+task("js.exit", { description: "exits the process mid-task with status `code`", params: { code: ["its exit status", "7"] } },
+  (ctx, data, params) => process.exit(Number(params.code)));
+
+task("js.progress", {
+  description: "reports each of `fractions` (comma-separated), 50 ms apart",
+  params: { fractions: ["what to report, as JavaScript numbers", null] },
+}, async (ctx, data, params) => {
+  for (const fraction of params.fractions.split(",")) {
+    ctx.progress(Number(fraction), `reported ${fraction}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return Buffer.from("reported");
+});
+
+task("js.fds", { description: "the open descriptors above 2 as fd:device:inode, comma-separated" }, () => {
+  const open = [];
+  for (let fd = 3; fd < 1024; fd++) {
+    try {
+      const st = fs.fstatSync(fd, { bigint: true });
+      open.push(`${fd}:${st.dev}:${st.ino}`);
+    } catch (err) {
+      // not open
+    }
+  }
+  return Buffer.from(open.join(","));
+});
 
 task("js.spin", {
   description: "a busy loop for `ms` ms; stops when cancelled if `obey` is true",

@@ -19,7 +19,8 @@ def reverse(ctx, data: bytes, params: dict) -> bytes:
     return out.upper() if params["upper"] == "true" else out
 
 
-@task("py.repeat", description="the input, `times` times", params={"times": ("how many times, 0..=100", None)})
+# A required param, declared by its description alone.
+@task("py.repeat", description="the input, `times` times", params={"times": ("how many times, 0..=100",)})
 def repeat(ctx, data, params):
     try:
         times = int(params["times"])
@@ -55,9 +56,33 @@ def text(ctx, data, params):
     return "not bytes"
 
 
-@task("py.exit", description="exits the process mid-task with status 7")
+@task("py.exit", description="exits the process mid-task with status `code`", params={"code": ("its exit status", "7")})
 def exit_(ctx, data, params):
-    os._exit(7)
+    os._exit(int(params["code"]))
+
+
+@task(
+    "py.progress",
+    description="reports each of `fractions` (comma-separated), 50 ms apart",
+    params={"fractions": ("what to report, as Python floats", None)},
+)
+def progress(ctx, data, params):
+    for fraction in params["fractions"].split(","):
+        ctx.progress(float(fraction), "reported " + fraction)
+        time.sleep(0.05)
+    return b"reported"
+
+
+@task("py.fds", description="the open descriptors above 2 as fd:device:inode, comma-separated")
+def fds(ctx, data, params):
+    open_fds = []
+    for fd in range(3, 1024):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        open_fds.append("%d:%d:%d" % (fd, st.st_dev, st.st_ino))
+    return ",".join(open_fds).encode()
 
 
 @task(

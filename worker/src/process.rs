@@ -227,11 +227,13 @@ fn setup(settings: &Settings) -> Result<UnixStream, String> {
     Ok(stream)
 }
 
-/// Marks every inherited descriptor but the standard streams close-on-exec,
-/// the worker socket included: a program an exec task starts must not be
-/// able to speak the protocol to the front, nor hold whatever the front
-/// inherited from its own parent.
-fn close_on_exec_all() -> Result<(), String> {
+/// Marks every inherited descriptor but the standard streams close-on-exec.
+/// A worker calls it at start, its socket included: a program an exec task
+/// starts must not be able to speak the protocol to the front. The front
+/// calls it at start too, so that what it inherited from its own parent (a
+/// shell's stray descriptors) reaches none of its children: a worker
+/// program gets 0, 1, 2 and its socket, nothing else.
+pub fn close_on_exec_all() -> Result<(), String> {
     use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
     // One call on Linux 5.11 and later; it needs no /proc, which a
     // sandboxed worker may not read.

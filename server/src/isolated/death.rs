@@ -9,7 +9,6 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
-use offload_worker::process::{EXIT_OUT_OF_MEMORY, EXIT_PANICKED, EXIT_PROTOCOL, EXIT_SETUP};
 
 /// Which rung of the stop ladder ended a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +63,13 @@ pub enum DeathCause {
 
 impl DeathCause {
     /// Classifies an exit the front did not cause, using the worker's last
-    /// stderr lines to recognise an allocation failure.
+    /// stderr lines to recognise an allocation failure (Rust's allocator
+    /// says so before it aborts).
+    ///
+    /// An exit status is the program's own: a task may call `exit(3)` for
+    /// reasons of its own. The statuses the protocol gives a meaning (3 out
+    /// of memory, 5 panicked) are read that way only after a TaskDone said
+    /// so (see `WorkerProcess::finished`), never from the status alone.
     pub fn from_status(status: ExitStatus, stderr_tail: &str) -> Self {
         if let Some(sig) = status.signal() {
             let signal = Signal::try_from(sig).unwrap_or(Signal::SIGKILL);
@@ -73,12 +78,7 @@ impl DeathCause {
             }
             return DeathCause::Signaled(signal);
         }
-        match status.code() {
-            Some(code) if code == i32::from(EXIT_OUT_OF_MEMORY) => DeathCause::MemoryLimit,
-            Some(code) if code == i32::from(EXIT_PANICKED) => DeathCause::Panicked,
-            Some(code) => DeathCause::Exited(code),
-            None => DeathCause::Exited(-1),
-        }
+        DeathCause::Exited(status.code().unwrap_or(-1))
     }
 
     /// The counter label: crash, memory, panic, deadline_kill, cancel_kill,
@@ -100,12 +100,6 @@ impl DeathCause {
 impl fmt::Display for DeathCause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeathCause::Exited(code) if *code == i32::from(EXIT_PROTOCOL) => {
-                write!(f, "exited with status {code} (it received a malformed frame)")
-            }
-            DeathCause::Exited(code) if *code == i32::from(EXIT_SETUP) => {
-                write!(f, "exited with status {code} (it could not set itself up)")
-            }
             DeathCause::Exited(code) => write!(f, "exited with status {code}"),
             DeathCause::Signaled(signal) => write!(f, "died with {}", signal.as_str()),
             DeathCause::MemoryLimit => f.write_str("exceeded its memory limit"),
@@ -159,12 +153,12 @@ mod tests {
             DeathCause::from_status(abort, "memory allocation of 1073741824 bytes failed"),
             DeathCause::MemoryLimit
         );
-        let oom = ExitStatus::from_raw(i32::from(EXIT_OUT_OF_MEMORY) << 8);
-        assert_eq!(DeathCause::from_status(oom, ""), DeathCause::MemoryLimit);
-        let panicked = ExitStatus::from_raw(i32::from(EXIT_PANICKED) << 8);
-        assert_eq!(DeathCause::from_status(panicked, "").label(), "panic");
-        let code = ExitStatus::from_raw(9 << 8);
-        assert_eq!(DeathCause::from_status(code, "").to_string(), "exited with status 9");
+        // The statuses the protocol names mean nothing by themselves.
+        for code in [2, 3, 4, 5, 9] {
+            let status = ExitStatus::from_raw(code << 8);
+            assert_eq!(DeathCause::from_status(status, "").to_string(), format!("exited with status {code}"));
+            assert_eq!(DeathCause::from_status(status, "").label(), "crash");
+        }
         let counters = DeathCounters::default();
         counters.record(&DeathCause::Recycled);
         assert!(counters.snapshot().contains(&("recycle", 1)));

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Claim, Found, JobError, Shared, Slot, WorkerJob,
     death::{DeathCause, StopReason},
-    worker::{Fate, WorkerProcess},
+    worker::{Fate, Unanswered, WorkerProcess},
 };
 
 /// Why a worker is replaced when the admin API asks.
@@ -38,7 +38,7 @@ pub(super) enum Returned {
     Ran(Fate, &'static str, Option<String>),
     /// The caller stopped waiting while the worker ran its job (deadline,
     /// or it went away): the slot stops the job.
-    Interrupted { id: u64, task: &'static str, reason: StopReason },
+    Interrupted(Unanswered, StopReason),
 }
 
 /// Why an idle slot woke (moved once, not stored).
@@ -105,8 +105,8 @@ pub(super) async fn run(slot: Arc<Slot>, shared: Arc<Shared>) {
         };
         let (fate, task, due) = match returned {
             Some(Returned::Ran(fate, task, due)) => (fate, Some(task), due),
-            Some(Returned::Interrupted { id, task, reason }) => {
-                (current.stop(id, task, reason, &options.worker, &tracing::Span::none()).await.1, Some(task), None)
+            Some(Returned::Interrupted(job, reason)) => {
+                (current.stop(job.id, job.task, reason, &options.worker, &job.span).await.1, Some(job.task), None)
             }
             None if exited => (Fate::Dead(current.death().await), None, None),
             None => (Fate::Alive, None, None),
@@ -286,10 +286,10 @@ impl Drop for Lent {
                 Returned::Ran(fate, task, recycle_reason(&self.shared, &mut worker))
             }
             (Some((fate, task)), _) => Returned::Ran(fate, task, None),
-            (None, Some((id, task))) => {
+            (None, Some(job)) => {
                 let late = self.deadline.is_some_and(|d| Instant::now() >= d);
                 let reason = if late { StopReason::Deadline } else { StopReason::Cancelled };
-                Returned::Interrupted { id, task, reason }
+                Returned::Interrupted(job, reason)
             }
             (None, None) => Returned::Ran(Fate::Alive, "", None),
         };

@@ -313,6 +313,10 @@ pub struct WorkerProcess {
     answered: u64,
     /// The task of the last job sent.
     last_task: &'static str,
+    /// The execution span of the last job sent, while it is unanswered:
+    /// whoever stops that job for a caller who left exports the worker's
+    /// span under it.
+    last_span: tracing::Span,
     /// When it last sent a frame (or started, or began a job).
     last_heard: Instant,
     /// Tasks it has finished, for recycling.
@@ -352,6 +356,17 @@ impl Sent {
         let (queued, run) = (self.queued, self.begun.map_or(Duration::ZERO, |b| b.elapsed()));
         let _ = self.job.reply.send(result.map(|(output, task_run)| WorkerRun { output, queued, run, task_run, pid }));
     }
+}
+
+/// A job sent to a worker whose caller stopped waiting before its answer.
+#[derive(Debug)]
+pub struct Unanswered {
+    /// Its id on the worker's connection.
+    pub id: u64,
+    /// Its task.
+    pub task: &'static str,
+    /// Its execution span, the parent of the span the worker reports.
+    pub span: tracing::Span,
 }
 
 /// How a run of jobs on one worker ended.
@@ -479,6 +494,7 @@ impl WorkerProcess {
             next_id: 0,
             answered: 0,
             last_task: "",
+            last_span: tracing::Span::none(),
             last_heard: Instant::now(),
             tasks_done: 0,
             rss_read: None,
@@ -619,7 +635,7 @@ impl WorkerProcess {
                 frame = self.link.next_frame() => match decode(frame) {
                     Ok(Some((worker_reply::Body::Done(done), output))) if done.id == id => {
                         self.tasks_done += 1;
-                        self.answered = id;
+                        self.answered_up_to(id);
                         let fate = self.finished(&done, &flight[0].span, &options.launch).await;
                         let head = flight.pop_front().expect("the head");
                         head.answer(done_result(done, output), self.pid);
@@ -701,6 +717,7 @@ impl WorkerProcess {
         let id = self.next_id;
         let span = crate::telemetry::execution_span(&job.span, job.task, "ISOLATED", job.input.len());
         span.record("worker.pid", i64::from(self.pid));
+        self.last_span = span.clone();
         let run = RunTask {
             id,
             task: job.task.to_string(),
@@ -741,7 +758,7 @@ impl WorkerProcess {
         options: &WorkerOptions,
         execution: &tracing::Span,
     ) -> (Rung, Fate) {
-        self.answered = id;
+        self.answered_up_to(id);
         let (rung, fate) = self.climb(id, reason, options, execution).await;
         match rung {
             Rung::CancelFrame => {
@@ -853,10 +870,24 @@ impl WorkerProcess {
         Fate::Alive
     }
 
-    /// The job a caller stopped waiting for while the worker ran it (its id
-    /// and task), if there is one: jobs are answered in order.
-    pub fn unanswered(&self) -> Option<(u64, &'static str)> {
-        (self.answered < self.next_id).then_some((self.answered + 1, self.last_task))
+    /// Jobs up to `id` are answered; once all are, the last one's span is
+    /// let go (it ends when the job's other holders are done with it).
+    fn answered_up_to(&mut self, id: u64) {
+        self.answered = id;
+        if id == self.next_id {
+            self.last_span = tracing::Span::none();
+        }
+    }
+
+    /// The job a caller stopped waiting for while the worker ran it (its
+    /// id, task and execution span), if there is one: a lent worker runs one
+    /// job, and jobs are answered in order.
+    pub fn unanswered(&self) -> Option<Unanswered> {
+        (self.answered < self.next_id).then(|| Unanswered {
+            id: self.answered + 1,
+            task: self.last_task,
+            span: self.last_span.clone(),
+        })
     }
 
     /// A descriptor that becomes readable when the process exits (a pidfd),

@@ -69,10 +69,7 @@ class _Task:
 
     def declaration(self):
         params = []
-        for pname, spec in self.params.items():
-            if not (isinstance(spec, tuple) and len(spec) == 2):
-                raise TypeError("param %r of %s: give (description, default)" % (pname, self.name))
-            description, default = spec
+        for pname, (description, default) in self.params.items():
             params.append(
                 wire.ParamDecl(
                     name=pname,
@@ -84,18 +81,37 @@ class _Task:
         return wire.TaskDecl(name=self.name, description=self.description, params=params)
 
 
+def _param_spec(task_name, pname, spec):
+    """(description, default) from what `@task` was given for one param:
+    (description, default), or (description,) or a bare description for a
+    required param."""
+    if isinstance(spec, str):
+        spec = (spec,)
+    if isinstance(spec, (tuple, list)) and len(spec) == 1:
+        spec = (spec[0], None)
+    if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)):
+        raise TypeError(
+            "param %r of %s: give (description, default), with None as the default of a required param; got %r"
+            % (pname, task_name, spec)
+        )
+    return spec[0], spec[1]
+
+
 def task(name, description="", params=None):
     """Registers the decorated function as the task `name` ("<program>.<task>").
 
     `params` maps each param's name to (description, default); a default of
-    None makes the param required. The front refuses calls with unknown or
-    missing params before the worker sees them.
+    None makes the param required, and so does giving the description alone
+    (`("the column", None)`, `("the column",)` and `"the column"` are alike).
+    The front refuses calls with unknown or missing params before the worker
+    sees them. A malformed declaration raises TypeError here, at import.
     """
+    specs = {pname: _param_spec(name, pname, spec) for pname, spec in (params or {}).items()}
 
     def register(func):
         if name in _TASKS:
             raise ValueError("task %r is registered twice" % name)
-        _TASKS[name] = _Task(name, description, dict(params or {}), func)
+        _TASKS[name] = _Task(name, description, specs, func)
         return func
 
     return register
