@@ -44,7 +44,11 @@ const tasks = new Map();
 /**
  * Registers `fn(ctx, data, params)` as the task `name` ("<program>.<task>").
  * `options.params` maps each param to [description, default]; a default of
- * null makes it required. `fn` returns (or resolves to) a Buffer.
+ * null, or the description alone (`[description]`), makes it required.
+ * `options.costParam` names the param whose value, a number, the task's time
+ * grows in proportion to ("ms", "rows"): Offload costs each call from it when
+ * deciding whether the call can start before its deadline; without it, by
+ * the size of its input. `fn` returns (or resolves to) a Buffer.
  */
 function task(name, options, fn) {
   if (typeof options === "function") {
@@ -54,7 +58,11 @@ function task(name, options, fn) {
   if (tasks.has(name)) throw new Error(`task ${JSON.stringify(name)} is registered twice`);
   if (typeof fn !== "function") throw new TypeError(`task ${name}: give a function`);
   const params = Object.entries((options && options.params) || {}).map(([pname, spec]) => paramDecl(name, pname, spec));
-  tasks.set(name, { name, description: (options && options.description) || "", params, fn });
+  const costParam = (options && options.costParam) || "";
+  if (costParam && !params.some((p) => p.name === costParam)) {
+    throw new TypeError(`costParam ${JSON.stringify(costParam)} of ${name} is not one of its params`);
+  }
+  tasks.set(name, { name, description: (options && options.description) || "", params, costParam, fn });
 }
 
 // A param's declaration from [description, default]; [description] (or the
@@ -72,7 +80,7 @@ function paramDecl(taskName, pname, spec) {
 }
 
 function declaration(t) {
-  return { name: t.name, description: t.description, params: t.params };
+  return { name: t.name, description: t.description, params: t.params, costParam: t.costParam };
 }
 
 let protocol;

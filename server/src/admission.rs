@@ -46,48 +46,108 @@ pub struct Admission {
     state: Mutex<Load>,
 }
 
+/// One admitted call's entry, from admission to the end of its run.
 #[derive(Debug, Clone, Copy)]
-struct Running {
-    started: Instant,
+struct Entry {
+    /// Tells this call from a later one given the same slab key.
+    id: u64,
     cost: Duration,
+    priority: Priority,
     deadline: Option<Instant>,
+    /// When it started running, and its index in [`Load::running`].
+    started: Option<(Instant, usize)>,
+    /// Its caller went away: queued, it no longer counts; running, it is
+    /// stopping.
+    abandoned: bool,
 }
 
-impl Running {
+impl Entry {
+    /// What remains of its run, once it runs.
     fn remaining(&self, now: Instant) -> Duration {
-        let left = self.cost.saturating_sub(now.saturating_duration_since(self.started));
-        match self.deadline {
-            Some(deadline) => left.min(deadline.saturating_duration_since(now) + STOP_GRACE),
-            None => left,
-        }
+        let Some((started, _)) = self.started else { return Duration::ZERO };
+        let left = self.cost.saturating_sub(now.saturating_duration_since(started));
+        let stops_by = match (self.abandoned, self.deadline) {
+            (true, _) => Some(STOP_GRACE),
+            (false, Some(deadline)) => Some(deadline.saturating_duration_since(now) + STOP_GRACE),
+            (false, None) => None,
+        };
+        stops_by.map_or(left, |bound| left.min(bound))
     }
 }
 
 #[derive(Debug, Default)]
 struct Load {
+    /// Calls queued and not abandoned.
     queued: usize,
-    /// Expected cost of the queued calls, by priority.
+    /// Expected cost of those calls, by priority.
     queued_cost: [Duration; 2],
-    /// Each running call, by slab key.
-    running: Vec<Option<Running>>,
-    running_count: usize,
+    /// Every admitted call, by slab key.
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    /// Keys of the running calls.
+    running: Vec<usize>,
+    /// The next entry's id.
+    next_id: u64,
 }
 
 impl Load {
-    /// Moves a queued call to the running ones; returns its slab key.
-    fn start(&mut self, priority: Priority, cost: Duration, deadline: Option<Instant>) -> usize {
-        self.unqueue(priority, cost);
-        self.running_count += 1;
-        let entry = Some(Running { started: Instant::now(), cost, deadline });
-        match self.running.iter().position(Option::is_none) {
-            Some(free) => {
-                self.running[free] = entry;
-                free
+    fn insert(&mut self, cost: Duration, priority: Priority, deadline: Option<Instant>) -> (usize, u64) {
+        self.queued += 1;
+        self.queued_cost[priority.index()] += cost;
+        self.next_id += 1;
+        let entry = Some(Entry { id: self.next_id, cost, priority, deadline, started: None, abandoned: false });
+        let key = match self.free.pop() {
+            Some(key) => {
+                self.entries[key] = entry;
+                key
             }
             None => {
-                self.running.push(entry);
-                self.running.len() - 1
+                self.entries.push(entry);
+                self.entries.len() - 1
             }
+        };
+        (key, self.next_id)
+    }
+
+    /// Moves a queued call to the running ones.
+    fn start(&mut self, key: usize) {
+        let at = self.running.len();
+        let entry = self.entries[key].as_mut().expect("a live entry");
+        entry.started = Some((Instant::now(), at));
+        let (abandoned, priority, cost) = (entry.abandoned, entry.priority, entry.cost);
+        if !abandoned {
+            self.unqueue(priority, cost);
+        }
+        self.running.push(key);
+    }
+
+    /// The call's caller went away.
+    fn abandon(&mut self, key: usize, id: u64) {
+        let Some(entry) = self.entries.get_mut(key).and_then(Option::as_mut).filter(|e| e.id == id) else {
+            return;
+        };
+        if std::mem::replace(&mut entry.abandoned, true) {
+            return;
+        }
+        let (started, priority, cost) = (entry.started.is_some(), entry.priority, entry.cost);
+        if !started {
+            self.unqueue(priority, cost);
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        let entry = self.entries[key].take().expect("a live entry");
+        self.free.push(key);
+        match entry.started {
+            Some((_, at)) => {
+                self.running.swap_remove(at);
+                if let Some(&moved) = self.running.get(at) {
+                    let moved = self.entries[moved].as_mut().expect("a running entry");
+                    moved.started = moved.started.map(|(since, _)| (since, at));
+                }
+            }
+            None if !entry.abandoned => self.unqueue(entry.priority, entry.cost),
+            None => {}
         }
     }
 
@@ -102,10 +162,11 @@ impl Load {
     /// interactive call lets through one batch call per [`BATCH_EVERY`]; a
     /// batch call waits for every interactive call queued (at worst).
     fn expected_wait(&self, slots: usize, priority: Priority, now: Instant) -> Duration {
-        if self.running_count + self.queued < slots {
+        if self.running.len() + self.queued < slots {
             return Duration::ZERO;
         }
-        let remaining: Duration = self.running.iter().flatten().map(|r| r.remaining(now)).sum();
+        let remaining: Duration =
+            self.running.iter().filter_map(|key| self.entries[*key].as_ref()).map(|e| e.remaining(now)).sum();
         let [interactive, batch] = self.queued_cost;
         let ahead = match priority {
             Priority::Interactive => interactive + batch.min(interactive / (BATCH_EVERY - 1)),
@@ -145,9 +206,8 @@ impl Admission {
                 return Err(Refusal::WouldMissDeadline { wait, remaining });
             }
         }
-        load.queued += 1;
-        load.queued_cost[priority.index()] += cost;
-        Ok(Ticket { admission: Arc::clone(self), cost, priority, deadline, admitted: now, running: None })
+        let (key, id) = load.insert(cost, priority, deadline);
+        Ok(Ticket { admission: Arc::clone(self), cost, key, id, admitted: now, running: false })
     }
 
     /// Starts `ticket`'s call now if a slot is free and no other admitted
@@ -155,21 +215,22 @@ impl Admission {
     pub fn start_if_idle(&self, ticket: &mut Ticket) -> Option<Duration> {
         let mut load = self.lock();
         // The ticket's own call is one of the queued.
-        if ticket.running.is_some() || load.running_count >= self.slots.load(Ordering::Relaxed) || load.queued > 1 {
+        if ticket.running || load.running.len() >= self.slots.load(Ordering::Relaxed) || load.queued > 1 {
             return None;
         }
-        ticket.running = Some(load.start(ticket.priority, ticket.cost, ticket.deadline));
+        load.start(ticket.key);
+        ticket.running = true;
         Some(Instant::now().saturating_duration_since(ticket.admitted))
     }
 
-    /// Calls admitted and not started yet.
+    /// Calls admitted and not started yet (whose callers still wait).
     pub fn queued(&self) -> usize {
         self.lock().queued
     }
 
     /// Calls running now.
     pub fn running(&self) -> usize {
-        self.lock().running_count
+        self.lock().running.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Load> {
@@ -183,11 +244,11 @@ impl Admission {
 pub struct Ticket {
     admission: Arc<Admission>,
     cost: Duration,
-    priority: Priority,
-    deadline: Option<Instant>,
+    /// Its entry's slab key and id.
+    key: usize,
+    id: u64,
     admitted: Instant,
-    /// Slab key once started.
-    running: Option<usize>,
+    running: bool,
 }
 
 impl Ticket {
@@ -198,22 +259,39 @@ impl Ticket {
 
     /// Marks the call as running; returns how long it waited.
     pub fn start(&mut self) -> Duration {
-        let mut load = self.admission.lock();
-        self.running = Some(load.start(self.priority, self.cost, self.deadline));
+        self.admission.lock().start(self.key);
+        self.running = true;
         Instant::now().saturating_duration_since(self.admitted)
+    }
+
+    /// A guard that, dropped while the call has not ended, tells admission
+    /// its caller went away: the handler holds it, the ticket goes with the
+    /// work. A queued call then stops counting at once (it is dropped
+    /// unrun at its turn) and a running one counts only as stopping,
+    /// so calls that come right after a cancellation are not refused for
+    /// work nobody waits for.
+    pub fn abandon_on_drop(&self) -> Abandon {
+        Abandon { admission: Arc::clone(&self.admission), key: self.key, id: self.id }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut load = self.admission.lock();
-        match self.running {
-            Some(key) => {
-                load.running[key] = None;
-                load.running_count -= 1;
-            }
-            None => load.unqueue(self.priority, self.cost),
-        }
+        self.admission.lock().remove(self.key);
+    }
+}
+
+/// See [`Ticket::abandon_on_drop`]; harmless once the call has ended.
+#[derive(Debug)]
+pub struct Abandon {
+    admission: Arc<Admission>,
+    key: usize,
+    id: u64,
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.admission.lock().abandon(self.key, self.id);
     }
 }
 
@@ -269,6 +347,41 @@ mod tests {
         }
         assert!(a.admit(MS, Some(Instant::now() + 5000 * MS), I).is_ok());
         assert!(a.admit(MS, None, I).is_ok());
+    }
+
+    #[test]
+    fn work_whose_caller_left_stops_counting_at_once() {
+        let a = Admission::new(2, 100);
+        let mut running: Vec<Ticket> = (0..2).map(|_| a.admit(5000 * MS, None, I).unwrap()).collect();
+        for ticket in &mut running {
+            ticket.start();
+        }
+        let queued: Vec<Ticket> = (0..2).map(|_| a.admit(5000 * MS, None, I).unwrap()).collect();
+        let within = |ms| Some(Instant::now() + ms * MS);
+        assert!(a.admit(MS, within(5000), I).is_err(), "two threads busy for 5 s, 10 s queued");
+        // The callers go away; the tickets live on with the work until it
+        // stops (running) or its turn comes (queued).
+        let guards: Vec<Abandon> = running.iter().chain(&queued).map(Ticket::abandon_on_drop).collect();
+        drop(guards);
+        assert_eq!((a.queued(), a.running()), (0, 2));
+        match a.admit(MS, within(50), I) {
+            // Both running ones are stopping: a grace each, over two slots.
+            Err(Refusal::WouldMissDeadline { wait, .. }) => assert!(wait <= STOP_GRACE, "{wait:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let cheap: Vec<Ticket> = (0..4).map(|_| a.admit(100 * MS, within(1000), I).unwrap()).collect();
+        drop((running, queued));
+        assert_eq!((a.queued(), a.running()), (4, 0), "nothing counted twice");
+        // A guard dropped after its call ended touches no later call's entry.
+        let mut done = a.admit(MS, None, I).unwrap();
+        let late = done.abandon_on_drop();
+        done.start();
+        drop(done);
+        let next = a.admit(MS, None, I).unwrap();
+        drop(late);
+        assert_eq!(a.queued(), 5, "the later call still counts");
+        drop((cheap, next));
+        assert_eq!((a.queued(), a.running()), (0, 0));
     }
 
     #[test]

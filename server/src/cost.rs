@@ -1,7 +1,17 @@
-//! What each task is expected to cost, for admission and for the choice to
-//! run tiny tasks inline. A task's own estimate (from its parameters and
-//! input size) is scaled by a running average of how it measured against
-//! its estimates; a task with no estimate uses its running average time.
+//! What each call is expected to cost, for admission and for the choice to
+//! run tiny tasks inline. A call is costed from its own params and input,
+//! never from what other calls of its task happened to cost:
+//! - a task that estimates its jobs ([`Sizing::Estimate`]) has each estimate
+//!   scaled by a running average of how its runs measured against their
+//!   estimates, so an estimate ten times off is corrected and a cheap call
+//!   stays cheap after expensive ones;
+//! - a task that cannot (worker programs, tasks without `Job::estimate`) is
+//!   sized by a number its time grows with ([`Sizing::Units`]: a declared
+//!   cost param, else its input's size), and its time is learned as a line
+//!   (a fixed part and a part per unit) fitted to its measured runs.
+//!
+//! Only runs that finished teach it: a run stopped by its deadline or its
+//! caller says nothing of what the whole run would have cost.
 //!
 //! It also learns which tasks compute on the thread that runs them, so that
 //! running them in place on an I/O thread pays (see [`crate::pool`]): a task
@@ -11,17 +21,41 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
-use offload_worker::Catalog;
+use offload_worker::{Catalog, Job};
 
 /// Weight of a new measurement in the running averages.
 const ALPHA: f64 = 0.2;
 
-/// Running averages per task. Updates race benignly: a lost update only
-/// delays calibration, so plain atomics do without a lock on the hot path.
+/// How a call's cost is sized before it runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sizing {
+    /// The job's own estimate of its time.
+    Estimate(Duration),
+    /// A number the job's time grows with, in no particular unit.
+    Units(f64),
+}
+
+impl Sizing {
+    /// How `job` with `input_len` bytes of input is sized: its estimate if
+    /// it gives one, else its cost units, else its input's size.
+    pub fn of(job: &dyn Job, input_len: usize) -> Self {
+        match job.estimate(input_len) {
+            Some(estimate) => Sizing::Estimate(estimate),
+            None => Sizing::Units(job.cost_units().unwrap_or(input_len as f64).max(0.0)),
+        }
+    }
+}
+
+/// What is known of each task's costs. The estimate path updates plain
+/// atomics (races are benign: a lost update only delays calibration); the
+/// fitted line takes a short lock, once per finished call.
 #[derive(Debug)]
 pub struct CostModel {
     tasks: HashMap<&'static str, TaskCost>,
@@ -31,12 +65,60 @@ pub struct CostModel {
 struct TaskCost {
     /// f64 bits: average of measured / estimated time; 0 = no sample yet.
     ratio: AtomicU64,
-    /// f64 bits: average measured time in microseconds; 0 = no sample yet.
-    average_us: AtomicU64,
+    /// Time against cost units, for calls sized by units.
+    line: Mutex<Line>,
     /// f64 bits: average share of a run in place that its thread spent on
     /// the CPU; 0 = no sample yet.
     cpu_share: AtomicU64,
 }
+
+/// A line fitted to (units, microseconds) samples by exponentially weighted
+/// least squares: recent runs count most, as in the running averages.
+#[derive(Debug, Default, Clone, Copy)]
+struct Line {
+    /// Weighted sums of 1, x, y, x² and xy.
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl Line {
+    fn add(&mut self, x: f64, y: f64) {
+        let keep = 1.0 - ALPHA;
+        self.w = keep * self.w + ALPHA;
+        self.x = keep * self.x + ALPHA * x;
+        self.y = keep * self.y + ALPHA * y;
+        self.xx = keep * self.xx + ALPHA * x * x;
+        self.xy = keep * self.xy + ALPHA * x * y;
+    }
+
+    /// The expected microseconds at `x` units; None before any sample.
+    fn at(&self, x: f64) -> Option<f64> {
+        if self.w == 0.0 {
+            return None;
+        }
+        let (mean_x, mean_y) = (self.x / self.w, self.y / self.w);
+        let variance = self.xx / self.w - mean_x * mean_x;
+        let us = if variance > 1e-6 * mean_x.abs().max(1.0).powi(2) {
+            let slope = ((self.xy / self.w - mean_x * mean_y) / variance).max(0.0);
+            mean_y + slope * (x - mean_x)
+        } else if mean_x > 0.0 {
+            // One size seen so far: the time is taken as proportional to
+            // it, as a cost param declares it to be.
+            mean_y * x / mean_x
+        } else {
+            // No size at all (empty inputs): the mean.
+            mean_y
+        };
+        // Below the sizes seen the line may cross zero: floored, as samples are.
+        Some(us.max(FLOOR_US))
+    }
+}
+
+/// Near-zero times are floored, so that ratios stay sane.
+const FLOOR_US: f64 = 0.1;
 
 /// A task whose runs in place average less CPU time than this share of
 /// their wall time runs on the pool's threads only. The average starts at
@@ -71,17 +153,18 @@ impl CostModel {
         Self { tasks: tasks.into_iter().map(|name| (name, TaskCost::default())).collect() }
     }
 
-    /// The expected cost of a run of `task`, if anything is known of it.
-    pub fn expected(&self, task: &str, estimate: Option<Duration>) -> Option<Duration> {
+    /// The expected cost of a run of `task` sized `sizing`, if anything is
+    /// known of it: an estimate always, units once a run was measured.
+    pub fn expected(&self, task: &str, sizing: Sizing) -> Option<Duration> {
         let cost = self.tasks.get(task)?;
-        match estimate {
-            Some(estimate) => {
+        match sizing {
+            Sizing::Estimate(estimate) => {
                 let ratio = load(&cost.ratio);
                 Some(if ratio > 0.0 { estimate.mul_f64(ratio) } else { estimate })
             }
-            None => {
-                let us = load(&cost.average_us);
-                (us > 0.0).then(|| Duration::from_secs_f64(us / 1e6))
+            Sizing::Units(units) => {
+                let line = *cost.line.lock().unwrap_or_else(|e| e.into_inner());
+                line.at(units).map(|us| Duration::from_secs_f64(us / 1e6))
             }
         }
     }
@@ -108,14 +191,16 @@ impl CostModel {
         cost.cpu_share.store((old + ALPHA * (share - old)).max(1e-3).to_bits(), Ordering::Relaxed);
     }
 
-    /// Records that a run of `task` estimated at `estimate` took `actual`.
-    pub fn record(&self, task: &str, estimate: Option<Duration>, actual: Duration) {
+    /// Records that a finished run of `task` sized `sizing` took `actual`.
+    pub fn record(&self, task: &str, sizing: Sizing, actual: Duration) {
         let Some(cost) = self.tasks.get(task) else { return };
-        // A floor keeps near-zero times from making wild ratios.
-        let actual_us = actual.as_secs_f64().max(1e-7) * 1e6;
-        update(&cost.average_us, actual_us);
-        if let Some(estimate) = estimate.filter(|e| !e.is_zero()) {
-            update(&cost.ratio, (actual_us / (estimate.as_secs_f64() * 1e6)).clamp(1e-3, 1e3));
+        let actual_us = (actual.as_secs_f64() * 1e6).max(FLOOR_US);
+        match sizing {
+            Sizing::Estimate(estimate) if !estimate.is_zero() => {
+                update(&cost.ratio, (actual_us / (estimate.as_secs_f64() * 1e6)).clamp(1e-3, 1e3));
+            }
+            Sizing::Estimate(_) => {}
+            Sizing::Units(units) => cost.line.lock().unwrap_or_else(|e| e.into_inner()).add(units, actual_us),
         }
     }
 }
@@ -125,20 +210,117 @@ mod tests {
     use super::*;
     use offload_worker::CatalogOptions;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    fn model() -> CostModel {
+        CostModel::for_tasks(["hash.sha256", "debug.spin", "debug.echo", "debug.sleep"])
+    }
+
+    fn close(actual: Option<Duration>, expected: Duration) -> bool {
+        actual.is_some_and(|a| (a.as_secs_f64() - expected.as_secs_f64()).abs() < expected.as_secs_f64() * 0.05)
+    }
+
     #[test]
     fn estimates_are_calibrated_by_measurements() {
-        let model = CostModel::new(&Catalog::builtin(&CatalogOptions::default()));
-        let est = Duration::from_millis(10);
-        assert_eq!(model.expected("hash.sha256", Some(est)), Some(est));
-        assert_eq!(model.expected("hash.sha256", None), None);
-        assert_eq!(model.expected("no.such", Some(est)), None);
+        let model = model();
+        let est = Sizing::Estimate(10 * MS);
+        assert_eq!(model.expected("hash.sha256", est), Some(10 * MS), "an estimate is used as it is at first");
+        assert_eq!(model.expected("hash.sha256", Sizing::Units(100.0)), None, "units mean nothing until measured");
+        assert_eq!(model.expected("no.such", est), None);
         for _ in 0..50 {
-            model.record("hash.sha256", Some(est), Duration::from_millis(20));
+            model.record("hash.sha256", est, 20 * MS);
         }
-        let expected = model.expected("hash.sha256", Some(est)).unwrap();
-        assert!((expected.as_secs_f64() - 0.020).abs() < 0.001, "{expected:?}");
-        let average = model.expected("hash.sha256", None).unwrap();
-        assert!((average.as_secs_f64() - 0.020).abs() < 0.001, "{average:?}");
+        assert!(close(model.expected("hash.sha256", est), 20 * MS));
+        assert!(close(model.expected("hash.sha256", Sizing::Estimate(MS)), 2 * MS), "the factor, not the time");
+    }
+
+    /// The sequence: expensive calls of a task, then cheap ones of
+    /// the same task. Each is costed from its own size, so the cheap ones
+    /// stay cheap whichever way the task is sized.
+    #[test]
+    fn a_cheap_call_is_not_costed_by_the_expensive_ones_before_it() {
+        let model = model();
+        for _ in 0..5 {
+            model.record("debug.spin", Sizing::Estimate(5000 * MS), 5000 * MS);
+        }
+        assert!(close(model.expected("debug.spin", Sizing::Estimate(100 * MS)), 100 * MS));
+
+        // Sized by units (a cost param, or the input): the line through
+        // what was measured, not its average.
+        for (units, ms) in [(5000.0, 5010), (5000.0, 5003), (2000.0, 2006), (5000.0, 4990)] {
+            model.record("debug.echo", Sizing::Units(units), ms * MS);
+        }
+        assert!(close(model.expected("debug.echo", Sizing::Units(100.0)), 106 * MS), "{:?}", {
+            model.expected("debug.echo", Sizing::Units(100.0))
+        });
+        assert!(close(model.expected("debug.echo", Sizing::Units(10_000.0)), 10_000 * MS));
+        // One size seen: proportional to it (a worker program's spin whose
+        // declared cost param is its milliseconds, say).
+        for _ in 0..2 {
+            model.record("debug.sleep", Sizing::Units(1500.0), 1500 * MS);
+        }
+        assert!(close(model.expected("debug.sleep", Sizing::Units(100.0)), 100 * MS));
+        // No size ever (empty inputs, no cost param): the mean.
+        for _ in 0..3 {
+            model.record("hash.sha256", Sizing::Units(0.0), 40 * MS);
+        }
+        assert!(close(model.expected("hash.sha256", Sizing::Units(0.0)), 40 * MS));
+    }
+
+    /// A task whose estimates are ten times too low is admitted on them at
+    /// first; once measured, a call that cannot start before its deadline
+    /// is refused, and one that can is admitted.
+    #[test]
+    fn an_estimate_ten_times_too_low_is_refused_correctly_once_measured() {
+        use crate::{
+            admission::{Admission, Refusal},
+            schedule::Priority::Interactive,
+        };
+        let model = model();
+        let claims = Sizing::Estimate(100 * MS);
+        let admission = Admission::new(1, 10);
+        let cost = model.expected("debug.spin", claims).unwrap();
+        let mut running = admission.admit(cost, None, Interactive).unwrap();
+        running.start();
+        let soon = || Some(std::time::Instant::now() + 500 * MS);
+        assert!(admission.admit(MS, soon(), Interactive).is_ok(), "on its own word, it ends in 100 ms");
+        drop(running);
+
+        for _ in 0..10 {
+            model.record("debug.spin", claims, 1000 * MS);
+        }
+        let cost = model.expected("debug.spin", claims).unwrap();
+        assert!(close(Some(cost), 1000 * MS), "{cost:?}");
+        let mut running = admission.admit(cost, None, Interactive).unwrap();
+        running.start();
+        match admission.admit(MS, soon(), Interactive) {
+            Err(Refusal::WouldMissDeadline { wait, .. }) => assert!(wait > 900 * MS, "{wait:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(admission.admit(MS, Some(std::time::Instant::now() + 2000 * MS), Interactive).is_ok());
+    }
+
+    #[test]
+    fn a_job_is_sized_by_its_estimate_else_its_units_else_its_input() {
+        struct Sized(Option<Duration>, Option<f64>);
+        impl Job for Sized {
+            fn estimate(&self, _input_len: usize) -> Option<Duration> {
+                self.0
+            }
+            fn cost_units(&self) -> Option<f64> {
+                self.1
+            }
+            fn run(
+                &self,
+                _: &offload_worker::Context,
+                input: bytes::Bytes,
+            ) -> Result<bytes::Bytes, offload_worker::TaskError> {
+                Ok(input)
+            }
+        }
+        assert_eq!(Sizing::of(&Sized(Some(MS), Some(7.0)), 10), Sizing::Estimate(MS));
+        assert_eq!(Sizing::of(&Sized(None, Some(7.0)), 10), Sizing::Units(7.0));
+        assert_eq!(Sizing::of(&Sized(None, None), 10), Sizing::Units(10.0));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tracing::Span;
 use crate::{
     admission::{Admission, Refusal, Ticket},
     clients::{Client, Clients, InFlight},
-    cost::CostModel,
+    cost::{CostModel, Sizing},
     error::CallError,
     inflight::Budget,
     isolated::{
@@ -301,8 +301,8 @@ impl Dispatcher {
             Some(client) => client.class(call.priority),
             None => Class::anonymous(call.priority),
         };
-        let estimate = job.estimate(call.input.len());
-        let expected = costs.expected(spec.name, estimate);
+        let sizing = Sizing::of(job.as_ref(), call.input.len());
+        let expected = costs.expected(spec.name, sizing);
         let placement = match expected {
             Some(cost) if mode == Mode::Pool && cost < self.options.inline_threshold => Placement::Inline,
             _ => {
@@ -330,7 +330,7 @@ impl Dispatcher {
             params,
             input: call.input,
             deadline: call.deadline,
-            estimate,
+            sizing,
             in_place: mode == Mode::Isolated
                 || (expected.is_some_and(|cost| cost < self.options.in_place_threshold)
                     && self.pool_costs.computes_in_place(spec.name)
@@ -363,7 +363,7 @@ pub struct Admitted {
     params: HashMap<String, String>,
     input: Bytes,
     deadline: Option<Instant>,
-    estimate: Option<Duration>,
+    sizing: Sizing,
     /// Whether it may run from the handler's own task when its executor is
     /// idle: a cheap POOL call on the handler's thread, an ISOLATED call on
     /// a worker the handler drives itself.
@@ -428,7 +428,7 @@ impl Admitted {
         let name = self.task.spec().name;
         let dispatcher = Arc::clone(&self.dispatcher);
         let max_output = dispatcher.options.max_output_bytes;
-        let (job, input, deadline, estimate) = (self.job, self.input, self.deadline, self.estimate);
+        let (job, input, deadline, sizing) = (self.job, self.input, self.deadline, self.sizing);
         let (class, client) = (self.class, self.client);
         // The caller's task has nothing else to do: running here spares two
         // thread wake-ups (see `pool`).
@@ -445,7 +445,7 @@ impl Admitted {
         let outcome = match placement {
             Placement::Inline => {
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
-                let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, estimate);
+                let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, sizing);
                 let output = result.map_err(|source| task_error(name, source))?;
                 Outcome { output, mode: Mode::Pool, queued: Duration::ZERO, run, worker_pid: 0 }
             }
@@ -455,7 +455,7 @@ impl Admitted {
                 drop(telemetry::queue_span("POOL"));
                 let ctx = Context::new(deadline, CancelFlag::new(), None);
                 let cpu = crate::cost::thread_cpu_time();
-                let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, estimate);
+                let (result, run) = run_here(&dispatcher, &Span::current(), name, job.as_ref(), &ctx, input, sizing);
                 dispatcher.pool_costs.record_in_place(name, crate::cost::thread_cpu_time() - cpu, run);
                 drop(ticket);
                 let output = result.map_err(|source| task_error(name, source))?;
@@ -464,6 +464,7 @@ impl Admitted {
             Placement::Queued(Mode::Pool, ticket) => {
                 let cancel = CancelFlag::new();
                 let _cancel_on_drop = CancelOnDrop(cancel.clone());
+                let _abandon_on_drop = ticket.abandon_on_drop();
                 let started = Arc::new(AtomicBool::new(false));
                 let sink = progress.map(progress_sink);
                 let work_started = Arc::clone(&started);
@@ -476,7 +477,7 @@ impl Admitted {
                         sink(0.0, "");
                     }
                     let ctx = Context::new(deadline, cancel, sink);
-                    let (result, run) = run_here(&work_dispatcher, &parent, name, job.as_ref(), &ctx, input, estimate);
+                    let (result, run) = run_here(&work_dispatcher, &parent, name, job.as_ref(), &ctx, input, sizing);
                     (result, queued, run)
                 });
                 let (result, queued, run) = answer(done, deadline, &started, name).await?;
@@ -487,6 +488,7 @@ impl Admitted {
                 drop(job);
                 let cancel = CancellationToken::new();
                 let _cancel_on_drop = cancel.clone().drop_guard();
+                let _abandon_on_drop = ticket.abandon_on_drop();
                 let started = Arc::new(AtomicBool::new(false));
                 let (reply, done) = oneshot::channel();
                 let (supervisor, costs) = dispatcher.isolated_executor(self.program);
@@ -518,7 +520,7 @@ impl Admitted {
                 let run = answer?.map_err(|err| job_error(name, err))?;
                 // The task's own time: the cost model decides placement, and the
                 // socket round trip is the same for every task.
-                costs.record(name, estimate, run.task_run);
+                costs.record(name, sizing, run.task_run);
                 Outcome {
                     output: run.output,
                     mode: Mode::Isolated,
@@ -548,7 +550,7 @@ fn run_here(
     job: &dyn Job,
     ctx: &Context,
     input: Bytes,
-    estimate: Option<Duration>,
+    sizing: Sizing,
 ) -> (Result<Bytes, TaskError>, Duration) {
     let span = telemetry::execution_span(parent, name, "POOL", input.len());
     let _entered = span.enter();
@@ -557,7 +559,7 @@ fn run_here(
     let run = start.elapsed();
     telemetry::record_run(&span, result.as_ref().map(Bytes::len));
     if result.is_ok() {
-        dispatcher.pool_costs.record(name, estimate, run);
+        dispatcher.pool_costs.record(name, sizing, run);
     }
     (result, run)
 }

@@ -85,6 +85,15 @@ pub trait Job: Send + 'static {
         None
     }
 
+    /// For a job that cannot tell its time: a number its time grows in
+    /// proportion to (rows, pixels, iterations), when its params say. The
+    /// server learns the time of a unit from measured runs; without either,
+    /// the input's size stands in. Either way a call is costed from its own
+    /// params and input, not from what earlier calls of the task cost.
+    fn cost_units(&self) -> Option<f64> {
+        None
+    }
+
     /// Does the work. Long jobs call `ctx.check()` often enough to stop
     /// within 50 ms of a cancellation or their deadline.
     fn run(&self, ctx: &Context, input: Bytes) -> Result<Bytes, TaskError>;

@@ -115,3 +115,53 @@ async fn under_a_flood_calls_succeed_or_are_refused_quickly() {
         }
     }
 }
+
+/// The outside finding: expensive calls of a task, some finished, some
+/// ended by their deadline (running or still queued), some cancelled by
+/// their callers (likewise), then four cheap calls of the same task at once
+/// with a 10 s deadline on two threads or workers. Each cheap call is
+/// costed by its own params, so none is refused, in either mode.
+#[tokio::test]
+async fn cheap_calls_are_admitted_after_expensive_ones_of_the_same_task_in_both_modes() {
+    use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode};
+    let server = Server::start(&["--pool-threads", "2", "--workers", "2", "--metrics-listen", "127.0.0.1:0"]);
+    server.wait_for_workers(2, Duration::from_secs(10)).await;
+    let wire = server.wire_client();
+    for (mode, label) in [(ExecutionMode::Pool, "POOL"), (ExecutionMode::Isolated, "ISOLATED")] {
+        let spin = |ms: &str| ExecuteRequest { mode: mode as i32, ..request("debug.spin", &[("ms", ms)], vec![]) };
+        let busy =
+            || offload_e2e::metric_value(&server.scrape(), &format!("offload_busy_executors{{mode=\"{label}\"}}"));
+        let at_once = |n: usize, ms: &'static str, deadline: Duration| {
+            join_all((0..n).map(|_| {
+                let mut wire = wire.clone();
+                async move { wire.execute(with_deadline(spin(ms), deadline)).await }
+            }))
+        };
+
+        // Two expensive calls that finish (measured), then four that expire
+        // (two running, two queued behind them).
+        for done in at_once(2, "1500", Duration::from_secs(10)).await {
+            done.expect("an expensive call within its deadline");
+        }
+        for expired in at_once(4, "5000", Duration::from_millis(700)).await {
+            let code = expired.expect_err("past its deadline").code();
+            assert!(matches!(code, Code::DeadlineExceeded | Code::ResourceExhausted), "{label}: {code:?}");
+        }
+        // Four more without a deadline, cancelled by their callers once two run.
+        let cancelled: Vec<_> = (0..4)
+            .map(|_| {
+                let mut wire = wire.clone();
+                let body = spin("5000");
+                tokio::spawn(async move { wire.execute(body).await })
+            })
+            .collect();
+        assert!(offload_e2e::wait_for(Duration::from_secs(10), || busy() == 2.0).await, "{label}: never busy");
+        cancelled.iter().for_each(tokio::task::JoinHandle::abort);
+
+        let started = Instant::now();
+        for (i, cheap) in at_once(4, "100", Duration::from_secs(10)).await.into_iter().enumerate() {
+            assert!(cheap.is_ok(), "{label}: cheap call {i}: {cheap:?}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{label}: {:?}", started.elapsed());
+    }
+}

@@ -674,3 +674,29 @@ async fn descriptors(lang: Lang) {
     let open: Vec<u32> = open.iter().map(|(fd, ..)| *fd).collect();
     assert!(open.contains(&socket), "its socket {socket} is open: {open:?}");
 }
+
+for_both!(costed: python_calls_are_costed_by_their_declared_cost_param,
+          node_calls_are_costed_by_their_declared_cost_param);
+
+/// `spin` declares `ms` as its cost param: after two calls of 1500 ms, four
+/// of 100 ms at once on two workers are costed 100 ms each and all admitted
+/// with a 2 s deadline (costed as the calls before them, the fourth would
+/// wait about 2.25 s and be refused).
+async fn costed(lang: Lang) {
+    let file = config(&lang.app("workers = 2"));
+    let server = start(&file, &[]);
+    let wire = server.wire_client();
+    let at_once = |n: usize, ms: &'static str, deadline: Duration| {
+        join_all((0..n).map(|_| {
+            let mut wire = wire.clone();
+            let body = request(&lang.task("spin"), &[("ms", ms)], vec![]);
+            async move { wire.execute(with_deadline(body, deadline)).await }
+        }))
+    };
+    for expensive in at_once(2, "1500", Duration::from_secs(20)).await {
+        expensive.expect("an expensive call within its deadline");
+    }
+    for (i, cheap) in at_once(4, "100", Duration::from_secs(2)).await.into_iter().enumerate() {
+        assert!(cheap.is_ok(), "cheap call {i}: {cheap:?}");
+    }
+}

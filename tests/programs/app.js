@@ -70,6 +70,7 @@ task("js.fds", { description: "the open descriptors above 2 as fd:device:inode, 
 task("js.spin", {
   description: "a busy loop for `ms` ms; stops when cancelled if `obey` is true",
   params: { ms: ["how long", "1000"], obey: ["look at ctx.cancelled", "true"] },
+  costParam: "ms",
 }, (ctx, data, params) => {
   const start = Date.now();
   const end = start + Number(params.ms);

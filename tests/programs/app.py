@@ -89,6 +89,7 @@ def fds(ctx, data, params):
     "py.spin",
     description="a pure-Python loop for `ms` ms; stops when cancelled if `obey` is true",
     params={"ms": ("how long", "1000"), "obey": ("look at ctx.cancelled", "true")},
+    cost_param="ms",
 )
 def spin(ctx, data, params):
     end = time.monotonic() + int(params["ms"]) / 1000

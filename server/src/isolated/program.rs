@@ -424,6 +424,9 @@ fn check(program: &str, declared: &[TaskDecl]) -> Result<(), String> {
         if declared[..i].iter().any(|d| d.name == decl.name) {
             return Err(format!("task {name:?} is declared twice"));
         }
+        if !decl.cost_param.is_empty() && !decl.params.iter().any(|p| p.name == decl.cost_param) {
+            return Err(format!("task {name:?}: its cost_param {:?} is not one of its params", decl.cost_param));
+        }
     }
     Ok(())
 }
@@ -432,6 +435,8 @@ fn check(program: &str, declared: &[TaskDecl]) -> Result<(), String> {
 /// check calls against; the work happens in the program.
 struct ProgramTask {
     spec: TaskSpec,
+    /// The param whose value its time grows with, if it declared one.
+    cost_param: Option<&'static str>,
 }
 
 /// Worker program tasks run in their program's workers only.
@@ -462,6 +467,7 @@ impl ProgramTask {
                 allowed_modes: ISOLATED_ONLY,
                 params: Box::leak(params.into_boxed_slice()),
             },
+            cost_param: (!decl.cost_param.is_empty()).then(|| forever(&decl.cost_param)),
         }
     }
 }
@@ -471,16 +477,29 @@ impl Task for ProgramTask {
         &self.spec
     }
 
-    fn prepare(&self, _params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
-        Ok(Box::new(InProgram))
+    fn prepare(&self, params: &Params<'_>) -> Result<Box<dyn Job>, TaskError> {
+        // A value that is not a number is the program's to refuse; the call
+        // is then sized by its input.
+        let units = self
+            .cost_param
+            .and_then(|name| params.raw(name).trim().parse::<f64>().ok())
+            .filter(|units| units.is_finite() && *units >= 0.0);
+        Ok(Box::new(InProgram { units }))
     }
 }
 
 /// The job of a program task: its params were checked against the
 /// declaration; the program prepares and runs the work itself.
-struct InProgram;
+struct InProgram {
+    /// Its declared cost param's value.
+    units: Option<f64>,
+}
 
 impl Job for InProgram {
+    fn cost_units(&self) -> Option<f64> {
+        self.units
+    }
+
     fn run(&self, _ctx: &Context, _input: Bytes) -> Result<Bytes, TaskError> {
         Err(TaskError::Failed("a worker program's task runs only in its workers".into()))
     }
@@ -516,6 +535,7 @@ mod tests {
                     required: default.is_none(),
                 })
                 .collect(),
+            cost_param: String::new(),
         }
     }
 
@@ -535,6 +555,23 @@ mod tests {
     }
 
     #[test]
+    fn a_declared_cost_param_sizes_each_call() {
+        let declared = Declared::default();
+        let spin =
+            TaskDecl { cost_param: "ms".into(), ..decl("py.spin", &[("ms", Some("1000")), ("obey", Some("true"))]) };
+        declared.accept("py", &[spin, decl("py.sha256", &[])]).unwrap();
+        let tasks = &declared.get().unwrap().tasks;
+        let units = |task: &str, params: &[(&str, &str)]| {
+            let params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            offload_worker::Catalog::prepare(tasks[task].as_ref(), &params).unwrap().cost_units()
+        };
+        assert_eq!(units("py.spin", &[("ms", "250")]), Some(250.0));
+        assert_eq!(units("py.spin", &[]), Some(1000.0), "its default");
+        assert_eq!(units("py.spin", &[("ms", "soon")]), None, "not a number: sized by the input");
+        assert_eq!(units("py.sha256", &[]), None);
+    }
+
+    #[test]
     fn declarations_outside_the_namespace_or_malformed_are_refused() {
         let refused = |decls: &[TaskDecl]| Declared::default().accept("py", decls).unwrap_err();
         assert!(refused(&[decl("js.upper", &[])]).contains("outside its namespace"));
@@ -544,6 +581,8 @@ mod tests {
         assert!(refused(&[]).contains("declares no task"));
         assert!(refused(&[decl("py.a", &[]), decl("py.a", &[])]).contains("declared twice"));
         assert!(refused(&[decl("py.a", &[("n", None), ("n", None)])]).contains("param \"n\" is declared twice"));
+        let costed = TaskDecl { cost_param: "rows".into(), ..decl("py.a", &[("n", None)]) };
+        assert!(refused(&[costed]).contains("its cost_param \"rows\" is not one of its params"));
     }
 
     #[test]

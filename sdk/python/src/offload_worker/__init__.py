@@ -61,10 +61,11 @@ _TASKS = {}
 
 
 class _Task:
-    def __init__(self, name, description, params, func):
+    def __init__(self, name, description, params, cost_param, func):
         self.name = name
         self.description = description
         self.params = params
+        self.cost_param = cost_param
         self.func = func
 
     def declaration(self):
@@ -78,7 +79,9 @@ class _Task:
                     required=default is None,
                 )
             )
-        return wire.TaskDecl(name=self.name, description=self.description, params=params)
+        return wire.TaskDecl(
+            name=self.name, description=self.description, params=params, cost_param=self.cost_param or ""
+        )
 
 
 def _param_spec(task_name, pname, spec):
@@ -97,7 +100,7 @@ def _param_spec(task_name, pname, spec):
     return spec[0], spec[1]
 
 
-def task(name, description="", params=None):
+def task(name, description="", params=None, cost_param=None):
     """Registers the decorated function as the task `name` ("<program>.<task>").
 
     `params` maps each param's name to (description, default); a default of
@@ -105,13 +108,20 @@ def task(name, description="", params=None):
     (`("the column", None)`, `("the column",)` and `"the column"` are alike).
     The front refuses calls with unknown or missing params before the worker
     sees them. A malformed declaration raises TypeError here, at import.
+
+    `cost_param` names the param whose value, a number, the task's time
+    grows in proportion to ("ms", "rows"): Offload costs each call from it
+    when deciding whether the call can start before its deadline. Without
+    it, calls are costed by the size of their input.
     """
     specs = {pname: _param_spec(name, pname, spec) for pname, spec in (params or {}).items()}
+    if cost_param is not None and cost_param not in specs:
+        raise TypeError("cost_param %r of %s is not one of its params" % (cost_param, name))
 
     def register(func):
         if name in _TASKS:
             raise ValueError("task %r is registered twice" % name)
-        _TASKS[name] = _Task(name, description, specs, func)
+        _TASKS[name] = _Task(name, description, specs, cost_param, func)
         return func
 
     return register
