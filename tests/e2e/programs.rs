@@ -530,7 +530,15 @@ for_both!(sandboxed: python_programs_run_in_the_worker_sandbox_with_their_scratc
           node_programs_run_in_the_worker_sandbox_with_their_scratch_folder);
 async fn sandboxed(lang: Lang) {
     let file = config(&lang.app(""));
-    let server = start(&file, &[]);
+    // Node reads the extra CA file named here at every start: it must be
+    // readable in the sandbox (Node warns on stderr otherwise).
+    // (In a folder of its own: the program's working directory is readable.)
+    let elsewhere = tempfile::tempdir().unwrap();
+    let ca = offload_e2e::pki::Ca::new("extra roots").write(elsewhere.path(), "extra-ca.pem");
+    let ca = ca.to_str().unwrap();
+    let config_path = file.path.to_str().unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--config", config_path, "--workers", "1"];
+    let server = Server::start_with_env(&args, &[("NODE_EXTRA_CA_CERTS", ca)]);
     let mut client = server.client().await;
     let port = server.addr.port().to_string();
     let probe = |what: &'static str| request(&lang.task("probe"), &[("what", what), ("port", &port)], vec![]);
@@ -541,6 +549,7 @@ async fn sandboxed(lang: Lang) {
     }
     let out = client.execute(probe("scratch")).await.expect("probe").into_inner().output;
     assert_eq!(String::from_utf8_lossy(&out), "allowed", "{lang:?} cannot write its scratch folder");
+    assert!(!server.logged("extra certs"), "{:#?}", server.logs());
 
     // Without the sandbox the same program may do all of it.
     let open = start(&file, &["--worker-sandbox", "off"]);
@@ -698,5 +707,59 @@ async fn costed(lang: Lang) {
     }
     for (i, cheap) in at_once(4, "100", Duration::from_secs(2)).await.into_iter().enumerate() {
         assert!(cheap.is_ok(), "cheap call {i}: {cheap:?}");
+    }
+}
+
+for_both!(failed_start: a_python_program_that_cannot_start_says_why_in_its_status_and_logs_it_once,
+          a_node_program_that_cannot_start_says_why_in_its_status_and_logs_it_once);
+
+/// A program whose SDK refuses its declaration at start (a param given as a
+/// number): its callers' UNAVAILABLE carries the line naming the error,
+/// the SDK's message says how to declare a required param, each retry logs
+/// one line, and its stderr is logged in full once, not per retry.
+async fn failed_start(lang: Lang) {
+    let script = if lang == Python { "broken.py" } else { "broken.js" };
+    let file = config(&lang.table("broken", script, ""));
+    let server = start(&file, &[]);
+    let mut client = server.client().await;
+    let retries = || server.logs().iter().filter(|l| l.contains("worker failed to start; backing off")).count();
+    assert!(wait_for(Duration::from_secs(15), || retries() >= 3).await, "{:?}", server.logs());
+    let err = call(&mut client, "broken.sum", &[], b"").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let null = if lang == Python { "None" } else { "null" };
+    let says = format!(
+        "its stderr ended with: TypeError: param {}column{} of broken.sum: give {} with {null} as the default of a required param",
+        if lang == Python { "'" } else { "" },
+        if lang == Python { "'" } else { "" },
+        if lang == Python { "(description, default)," } else { "[description, default]," },
+    );
+    assert!(err.message().contains(&says), "{err:?}\nexpected: {says}");
+    let logs = server.logs();
+    let full = logs.iter().filter(|l| l.contains("failed to start; its stderr")).count();
+    assert_eq!(full, 1, "the full stderr once: {logs:#?}");
+    let line_by_line = logs.iter().filter(|l| l.contains("worker stderr:") && l.contains("TypeError")).count();
+    assert_eq!(line_by_line, 0, "no stderr line by line while starting: {logs:#?}");
+}
+
+/// A program named through a wrapper script (a version manager's shim, as
+/// `python3` was for one user) cannot be run in the worker sandbox; the
+/// refusal says why and what to name instead.
+#[tokio::test]
+async fn a_program_behind_a_shim_script_is_refused_with_the_sandbox_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = dir.path().join("python3");
+    std::fs::write(&shim, "#!/usr/bin/env bash\nexec python3 \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("programs/app.py");
+    let file = config(&format!("[[worker_program]]\nname = \"py\"\ncommand = [{shim:?}, {app:?}]\n"));
+    let server = start(&file, &[]);
+    let mut client = server.client().await;
+    assert!(server.wait_logged("worker failed to start; backing off").await, "{:?}", server.logs());
+    let err = call(&mut client, "py.reverse", &[], b"ab").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let script = format!("{} is a script run by `/usr/bin/env bash`", shim.display());
+    for says in ["Permission denied", "the worker sandbox lets a worker execute only its program's own file", &script] {
+        assert!(err.message().contains(says), "{err:?} lacks {says:?}");
     }
 }

@@ -26,6 +26,7 @@ pub mod program;
 pub mod sandbox;
 mod slot;
 mod socket;
+mod stderr;
 pub mod worker;
 
 use std::{
@@ -376,6 +377,9 @@ struct Shared {
     queue: JobQueue,
     live: AtomicUsize,
     last_start_error: Mutex<Option<String>>,
+    /// What the last worker that failed its start wrote to stderr (its pid
+    /// left out), logged in full once per distinct failure.
+    last_start_stderr: Mutex<String>,
     deaths: DeathCounters,
 }
 
@@ -446,6 +450,7 @@ impl Supervisor {
             queue: JobQueue::default(),
             live: AtomicUsize::new(0),
             last_start_error: Mutex::new(None),
+            last_start_stderr: Mutex::default(),
             deaths: DeathCounters::default(),
         });
         let tracker = TaskTracker::new();

@@ -151,7 +151,8 @@ impl ProgramSpec {
 /// interpreter needs to start: to read its installation (the folder above
 /// its `bin`, for the program as named and as resolved: a venv and the
 /// Python it links to), the folders of the files its arguments name, its
-/// working directory, and its NODE_PATH and PYTHONPATH entries.
+/// working directory, its NODE_PATH and PYTHONPATH entries, and the file
+/// NODE_EXTRA_CA_CERTS names.
 fn program_allowances(
     program: &Path,
     args: &[String],
@@ -182,10 +183,12 @@ fn program_allowances(
             allow.read.push(dir);
         }
     }
+    let var = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok()).unwrap_or_default();
     for key in ["NODE_PATH", "PYTHONPATH"] {
-        let value = env.get(key).cloned().or_else(|| std::env::var(key).ok()).unwrap_or_default();
-        allow.read.extend(std::env::split_paths(&value).filter(|p| p.is_absolute()));
+        allow.read.extend(std::env::split_paths(&var(key)).filter(|p| p.is_absolute()));
     }
+    // Node reads this file at every start, and warns when it cannot.
+    allow.read.extend(Some(PathBuf::from(var("NODE_EXTRA_CA_CERTS"))).filter(|file| file.is_absolute()));
     (executable, allow)
 }
 

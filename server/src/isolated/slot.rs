@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Claim, Found, JobError, Shared, Slot, WorkerJob,
     death::{DeathCause, StopReason},
-    worker::{Fate, Unanswered, WorkerProcess},
+    worker::{Fate, StartError, Unanswered, WorkerProcess},
 };
 
 /// Why a worker is replaced when the admin API asks.
@@ -319,7 +319,10 @@ fn started(slot: &Slot, worker: &WorkerProcess) {
 }
 
 async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
-    let worker = WorkerProcess::spawn(&shared.options.worker).await.map_err(|e| e.to_string())?;
+    let worker = WorkerProcess::spawn(&shared.options.worker).await.map_err(|err| {
+        log_start_stderr(shared, &err);
+        err.to_string()
+    })?;
     shared.live.fetch_add(1, Ordering::Relaxed);
     *shared.last_start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match shared.options.worker.launch.program() {
@@ -329,6 +332,23 @@ async fn start(shared: &Shared) -> Result<WorkerProcess, String> {
         None => tracing::info!(worker.pid = worker.pid(), "worker started"),
     }
     Ok(worker)
+}
+
+/// Logs in full what a worker that failed its start wrote to stderr, unless
+/// the last failure wrote the same (retries of one failure are logged in
+/// one line each, with the last line of it in their reason).
+fn log_start_stderr(shared: &Shared, err: &StartError) {
+    let StartError::Handshake { pid, stderr, .. } = err else { return };
+    if stderr.is_empty() {
+        return;
+    }
+    let text = stderr.join("\n");
+    let same = text.replace(&pid.to_string(), "<pid>");
+    let mut last = shared.last_start_stderr.lock().unwrap_or_else(|e| e.into_inner());
+    if *last != same {
+        tracing::warn!(worker.pid = pid, "worker {pid} failed to start; its stderr:\n{text}");
+        *last = same;
+    }
 }
 
 /// Records the death of the slot's worker `pid` (its handle already

@@ -37,7 +37,7 @@ use offload_worker::{
     process::{self as worker_process, Settings},
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, unix::AsyncFd},
+    io::{AsyncWriteExt, unix::AsyncFd},
     process::{Child, Command},
 };
 use tokio_util::codec::FramedRead;
@@ -47,6 +47,7 @@ use super::{
     death::{DeathCause, Rung, StopReason},
     program::Declared,
     socket::{ReadHalf, WriteHalf},
+    stderr::Stderr,
 };
 
 /// How the front starts and watches its workers.
@@ -133,6 +134,10 @@ impl Launch {
     }
 }
 
+/// How long a worker that exited may take to close its stderr, whose last
+/// lines explain it.
+const STDERR_GRACE: Duration = Duration::from_millis(500);
+
 /// How often the resident memory of a busy worker program is read against
 /// its limit: a task allocating 1 GB/s overshoots by at most 50 MB.
 const MEMORY_WATCH_INTERVAL: Duration = Duration::from_millis(50);
@@ -153,21 +158,59 @@ fn limit_program(nice: i32) -> std::io::Result<()> {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The process could not be spawned.
-    #[error("cannot spawn {program}: {source}")]
+    #[error("cannot spawn {program}: {source}{hint}")]
     Spawn {
         /// The program.
         program: String,
         /// Why.
         source: std::io::Error,
+        /// What to do about it, when a likely cause is known ("" else).
+        hint: String,
     },
     /// The worker did not complete the handshake.
-    #[error("handshake with worker {pid} failed: {reason}")]
+    #[error("handshake with worker {pid} failed: {reason}{}", stderr_ended(stderr))]
     Handshake {
         /// The worker's pid.
         pid: u32,
         /// What went wrong.
         reason: String,
+        /// What it wrote to stderr meanwhile.
+        stderr: Vec<String>,
     },
+}
+
+/// The line of a failed start's stderr that says why, for its error: the
+/// last that names an error (`ModuleNotFoundError: ...`, `TypeError: ...`;
+/// Node follows it with its stack and version), else the last line.
+fn stderr_ended(stderr: &[String]) -> String {
+    let names_an_error = |line: &&String| {
+        line.trim().split_once(": ").is_some_and(|(kind, _)| {
+            !kind.contains(' ') && (kind.ends_with("Error") || kind.ends_with("Exception") || kind == "error")
+        })
+    };
+    let line = stderr.iter().rev().find(names_an_error).or(stderr.last());
+    line.map(|line| format!("; its stderr ended with: {}", line.trim())).unwrap_or_default()
+}
+
+/// Why a sandboxed spawn may be refused, for its error: execution is allowed
+/// of the program's own file only, so a wrapper script or a version
+/// manager's shim fails at its `#!` line.
+fn spawn_hint(source: &std::io::Error, options: &WorkerOptions) -> String {
+    if source.kind() != std::io::ErrorKind::PermissionDenied || !options.sandbox.enabled() {
+        return String::new();
+    }
+    let script = std::fs::read(&options.executable).ok().filter(|head| head.starts_with(b"#!")).and_then(|head| {
+        head[2..].split(|b| *b == b'\n').next().map(|line| String::from_utf8_lossy(line).trim().to_string())
+    });
+    let what = match script {
+        Some(interpreter) => format!("{} is a script run by `{interpreter}`", options.executable.display()),
+        None => format!("the sandbox may not allow what {} needs to run", options.executable.display()),
+    };
+    format!(
+        " (the worker sandbox lets a worker execute only its program's own file, and {what}: name the interpreter's \
+         real path in `command`, such as a venv's .venv/bin/python or the file `readlink -f $(which python3)` gives, or \
+         allow more with the program's `sandbox` table)"
+    )
 }
 
 /// What became of a worker after a task or a wait.
@@ -178,10 +221,6 @@ pub enum Fate {
     /// It is gone, for this reason.
     Dead(DeathCause),
 }
-
-/// Last lines a worker wrote to stderr, to classify its death.
-type StderrTail = Arc<Mutex<VecDeque<String>>>;
-const STDERR_LINES: usize = 20;
 
 /// Payloads up to this size are copied next to their frame head, so that a
 /// pipelined batch of small tasks goes out in one write; larger ones are
@@ -306,8 +345,7 @@ pub struct WorkerProcess {
     pid: u32,
     child: Child,
     link: Link,
-    stderr: StderrTail,
-    stderr_done: tokio::sync::watch::Receiver<bool>,
+    stderr: Stderr,
     next_id: u64,
     /// The last job answered (jobs are answered in the order sent).
     answered: u64,
@@ -390,7 +428,11 @@ impl WorkerProcess {
     /// Must be called on a runtime thread (never `spawn_blocking`): the
     /// worker's parent-death signal fires when the spawning thread exits.
     pub async fn spawn(options: &WorkerOptions) -> Result<Self, StartError> {
-        let spawn_error = |source| StartError::Spawn { program: options.program.display().to_string(), source };
+        let spawn_error = |source| StartError::Spawn {
+            program: options.program.display().to_string(),
+            hint: spawn_hint(&source, options),
+            source,
+        };
         let (ours, theirs) = StdUnixStream::pair().map_err(spawn_error)?;
         let mut command = Command::new(&options.program);
         command.args(&options.args);
@@ -462,26 +504,7 @@ impl WorkerProcess {
             spawned.map_err(spawn_error)?
         };
         let pid = child.id().unwrap_or(0);
-        let stderr = StderrTail::default();
-        let (stderr_tx, stderr_done) = tokio::sync::watch::channel(false);
-        if let Some(pipe) = child.stderr.take() {
-            let tail = Arc::clone(&stderr);
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    tracing::warn!(worker.pid = pid, "worker stderr: {line}");
-                    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                    if tail.len() == STDERR_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-                let _ = stderr_tx.send(true);
-            });
-        }
+        let stderr = Stderr::read(child.stderr.take(), pid);
         ours.set_nonblocking(true).map_err(spawn_error)?;
         let (read, writer) = super::socket::split(ours).map_err(spawn_error)?;
         let codec = framing::FrameCodec::new(options.launch.max_frame());
@@ -490,7 +513,6 @@ impl WorkerProcess {
             child,
             link: Link { reader: FramedRead::new(read, codec), writer, out: Outgoing::default() },
             stderr,
-            stderr_done,
             next_id: 0,
             answered: 0,
             last_task: "",
@@ -501,13 +523,18 @@ impl WorkerProcess {
             exit: exit_watch(pid).map(Arc::new),
             _scratch: scratch,
         };
-        match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
-            Ok(Ok(())) => Ok(worker),
-            Ok(Err(reason)) => Err(StartError::Handshake { pid, reason }),
-            Err(_) => {
-                Err(StartError::Handshake { pid, reason: format!("no Hello within {:?}", options.handshake_timeout) })
+        let reason = match tokio::time::timeout(options.handshake_timeout, worker.handshake(&options.launch)).await {
+            Ok(Ok(())) => {
+                worker.stderr.started(pid);
+                return Ok(worker);
             }
-        }
+            Ok(Err(reason)) => reason,
+            Err(_) => format!("no Hello within {:?}", options.handshake_timeout),
+        };
+        // What it wrote before it failed says why, most often in its last line.
+        worker.kill().await;
+        let stderr = worker.stderr.startup(STDERR_GRACE).await;
+        Err(StartError::Handshake { pid, reason, stderr })
     }
 
     async fn handshake(&mut self, launch: &Launch) -> Result<(), String> {
@@ -578,10 +605,7 @@ impl WorkerProcess {
 
     /// Describes how the worker ended, waiting briefly for its last stderr lines.
     async fn describe_exit(&mut self, status: ExitStatus) -> DeathCause {
-        let mut done = self.stderr_done.clone();
-        let _ = tokio::time::timeout(Duration::from_millis(500), done.wait_for(|d| *d)).await;
-        let tail: Vec<String> = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
-        DeathCause::from_status(status, &tail.join("\n"))
+        DeathCause::from_status(status, &self.stderr.tail(STDERR_GRACE).await)
     }
 
     /// Sends `signal` to the worker's process group (it and anything it started).
@@ -985,4 +1009,25 @@ fn done_result(done: TaskDone, output: Bytes) -> Result<(Bytes, Duration), JobEr
 fn unix_nanos(deadline: Instant) -> u64 {
     let left = deadline.saturating_duration_since(Instant::now());
     (SystemTime::now() + left).duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stderr_ended;
+
+    #[test]
+    fn a_failed_start_is_explained_by_the_line_naming_its_error() {
+        let lines = |text: &str| text.lines().map(String::from).collect::<Vec<_>>();
+        let python = "Traceback (most recent call last):\n  File \"app.py\", line 1, in <module>\n\
+                      ModuleNotFoundError: No module named 'offload_worker'";
+        assert_eq!(
+            stderr_ended(&lines(python)),
+            "; its stderr ended with: ModuleNotFoundError: No module named 'offload_worker'"
+        );
+        let node = "/srv/app.js:3\nError: Cannot find module 'x'\nRequire stack:\n- /srv/app.js\n    at Module._load (node:internal)\n\
+                    {\n  code: 'MODULE_NOT_FOUND'\n}\nNode.js v20.20.2";
+        assert_eq!(stderr_ended(&lines(node)), "; its stderr ended with: Error: Cannot find module 'x'");
+        assert_eq!(stderr_ended(&lines("starting\nbye")), "; its stderr ended with: bye");
+        assert_eq!(stderr_ended(&[]), "");
+    }
 }
