@@ -332,8 +332,8 @@ async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
         eprintln!(
             "mode {} queued {} us, ran {} us, worker pid {}, replica {}",
             ExecutionMode::try_from(response.mode).map_or("?", |m| m.as_str_name()),
-            stats.queued_us,
-            stats.run_us,
+            stats.queued_us(),
+            stats.run_us(),
             stats.worker_pid,
             stats.replica
         );

@@ -214,6 +214,39 @@ mod tests {
         assert!(FrameCodec::new(2).decode(&mut BytesMut::from(&[0, 0, 0, 3][..])).is_err());
     }
 
+    /// The annotated bytes of docs/worker-protocol.md, section 8.
+    #[test]
+    fn the_protocol_docs_byte_dumps_are_what_the_messages_encode_to() {
+        use crate::offload::worker::v1::{Hello, Ping, Pong, TaskDecl, TaskDone, Welcome, worker_reply};
+        let hex = |text: &str| text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect::<Vec<u8>>();
+        let framed = |head: Vec<u8>, payload: &[u8]| [head, payload.to_vec()].concat();
+        let reply = |body, payload: &[u8]| {
+            framed(frame_head(&WorkerReply { body: Some(body), payload: Bytes::new() }, payload.len()), payload)
+        };
+        let request = |body, payload: &[u8]| {
+            framed(frame_head(&WorkerRequest { body: Some(body), payload: Bytes::new() }, payload.len()), payload)
+        };
+        let declared = vec![TaskDecl { name: "go.echo".into(), description: "echoes".into(), ..Default::default() }];
+        let hello = Hello { protocol_version: 3, pid: 4242, declared, ..Default::default() };
+        assert_eq!(
+            reply(worker_reply::Body::Hello(hello), b""),
+            hex("00 00 00 1a 0a 18 08 03 10 92 21 22 11 0a 07 67 6f 2e 65 63 68 6f 12 06 65 63 68 6f 65 73")
+        );
+        assert_eq!(request(Body::Welcome(Welcome { protocol_version: 3 }), b""), hex("00 00 00 04 0a 02 08 03"));
+        let params = [("n".to_string(), "2".to_string())].into();
+        let run = RunTask { id: 1, task: "go.echo".into(), params, ..Default::default() };
+        assert_eq!(
+            request(Body::Run(run), b"hi"),
+            hex("00 00 00 19 12 13 08 01 12 07 67 6f 2e 65 63 68 6f 1a 06 0a 01 6e 12 01 32 7a 02 68 69")
+        );
+        let done = TaskDone { id: 1, run_us: 5, ..Default::default() };
+        assert_eq!(reply(worker_reply::Body::Done(done), b"hi"), hex("00 00 00 0a 1a 04 08 01 20 05 7a 02 68 69"));
+        assert_eq!(request(Body::Ping(Ping { seq: 0 }), b""), hex("00 00 00 02 22 00"));
+        assert_eq!(reply(worker_reply::Body::Pong(Pong { seq: 0 }), b""), hex("00 00 00 02 22 00"));
+        assert_eq!(request(Body::Ping(Ping { seq: 1 }), b""), hex("00 00 00 04 22 02 08 01"));
+        assert_eq!(reply(worker_reply::Body::Pong(Pong { seq: 1 }), b""), hex("00 00 00 04 22 02 08 01"));
+    }
+
     #[test]
     fn a_head_plus_payload_decodes_as_one_message() {
         let run = RunTask { id: 7, task: "hash.sha256".into(), ..Default::default() };

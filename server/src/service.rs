@@ -66,8 +66,8 @@ impl ComputeService {
             output: outcome.output,
             mode: wire_mode(outcome.mode) as i32,
             stats: Some(TaskStats {
-                queued_us: outcome.queued.as_micros() as u64,
-                run_us: outcome.run.as_micros() as u64,
+                queued_us: Some(outcome.queued.as_micros() as u64),
+                run_us: Some(outcome.run.as_micros() as u64),
                 worker_pid: outcome.worker_pid,
                 replica: self.replica.to_string(),
             }),

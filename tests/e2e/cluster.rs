@@ -89,7 +89,7 @@ async fn sigterm_drains_every_replica_then_no_process_is_left() {
     let in_flight = super::start_running(&mut client, request("debug.sleep", &[("ms", "1000")], vec![])).await;
     server.signal(Signal::SIGTERM);
     let result = super::final_result(in_flight).await.expect("the call in flight finished");
-    assert!(result.stats.unwrap().run_us >= 1_000_000);
+    assert!(result.stats.unwrap().run_us() >= 1_000_000);
     let status = server.wait_exit(Duration::from_secs(20)).expect("supervisor exited");
     assert!(status.success(), "{status:?}");
     assert!(wait_for(Duration::from_secs(5), || tree.iter().all(|p| !is_alive(*p))).await, "left: {tree:?}");
@@ -188,7 +188,7 @@ async fn a_replica_that_dies_during_a_rolling_restart_is_restarted() {
     // The rolling restart finishes (the long call completes on the old r-1)
     // and the killed r-0 is started again.
     let result = super::final_result(long_call).await.expect("the long call finished while draining");
-    assert!(result.stats.unwrap().run_us >= 6_000_000);
+    assert!(result.stats.unwrap().run_us() >= 6_000_000);
     assert!(wait_for(Duration::from_secs(30), || server.logged("rolling restart done")).await, "{:?}", server.logs());
     assert!(
         wait_for(Duration::from_secs(30), || serving_named(&server).len() == 5).await,

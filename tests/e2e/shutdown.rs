@@ -31,7 +31,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
 
     // The call in flight still completes.
     let result = super::final_result(in_flight).await;
-    assert!(result.expect("a result").stats.unwrap().run_us >= 1_500_000);
+    assert!(result.expect("a result").stats.unwrap().run_us() >= 1_500_000);
 
     drop((client, health, watch));
     let status = server.wait_exit(Duration::from_secs(10)).expect("exited after draining");

@@ -25,6 +25,9 @@ fail() { echo "grpcurl check failed: $*" >&2; exit 1; }
 out=$("$grpcurl" -plaintext -d '{"task":"hash.sha256","input":"YWJj","id":"g1"}' "$addr" offload.v1.Compute/Execute)
 echo "$out" | grep -q '"output": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="' || fail "Execute: $out"
 echo "$out" | grep -q '"id": "g1"' || fail "id not echoed: $out"
+# A tiny POOL call waited and ran for 0 us or close: shown, not left out.
+echo "$out" | grep -q '"queuedUs": "[0-9]*"' || fail "queuedUs missing: $out"
+echo "$out" | grep -q '"runUs": "[0-9]*"' || fail "runUs missing: $out"
 out=$("$grpcurl" -plaintext -d '{"task":"primes.count","params":{"limit":"1000"}}' "$addr" offload.v1.Compute/ExecuteStream)
 echo "$out" | grep -q 'STAGE_QUEUED' || fail "stream: $out"
 echo "$out" | grep -q '"output": "MTY4"' || fail "stream result: $out"
