@@ -22,6 +22,8 @@ const EXIT_CLEAN = 0;
 const EXIT_PROTOCOL = 2;
 const EXIT_SETUP = 4;
 const MAX_OUTSTANDING = 64;
+// Room in a frame for TaskDone's own fields (id, times, span) around an output.
+const FRAME_ROOM = 4096;
 
 /** The input or a param is not what the task accepts: INVALID_ARGUMENT. */
 class InvalidArgument extends Error {
@@ -285,6 +287,11 @@ function serveMain() {
   function finished(msg) {
     if (!running || msg.id !== running.token) return;
     const run = running.run;
+    // An output that would overflow the frame is answered TOO_LARGE, not sent.
+    if (msg.output && msg.output.byteLength + FRAME_ROOM > maxFrame) {
+      msg = { ...msg, kind: "TOO_LARGE", output: null,
+        message: `its output of ${msg.output.byteLength} bytes does not fit a frame of ${maxFrame} bytes` };
+    }
     const done = { id: run.id, failure: failure(msg.kind), message: msg.message, runUs: msg.runUs };
     if (run.traceparent) {
       done.span = {

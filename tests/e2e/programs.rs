@@ -763,3 +763,20 @@ async fn a_program_behind_a_shim_script_is_refused_with_the_sandbox_named() {
         assert!(err.message().contains(says), "{err:?} lacks {says:?}");
     }
 }
+
+for_both!(too_large: a_python_output_over_the_frame_is_answered_too_large_and_the_worker_serves_on,
+          a_node_output_over_the_frame_is_answered_too_large_and_the_worker_serves_on);
+
+/// With 1 MiB messages the frame holds 1 MiB and 64 KiB: a 2 MB output is
+/// answered TOO_LARGE by the SDK (RESOURCE_EXHAUSTED), not sent as a frame
+/// the front would have to refuse, and the worker serves on.
+async fn too_large(lang: Lang) {
+    let file = config(&lang.app("workers = 1"));
+    let server = start(&file, &["--max-message-bytes", "1048576"]);
+    let mut client = server.client().await;
+    let first = pid_of(&call(&mut client, &lang.task("pid"), &[], b"").await.unwrap());
+    let err = call(&mut client, &lang.task("repeat"), &[("times", "100")], &[7u8; 20_000]).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("its output of 2000000 bytes does not fit a frame of"), "{err:?}");
+    assert_eq!(pid_of(&call(&mut client, &lang.task("pid"), &[], b"").await.unwrap()), first, "the worker served on");
+}

@@ -59,6 +59,10 @@ class Cancelled(Exception):
 
 _TASKS = {}
 
+# Room in a frame for TaskDone's own fields (id, times, span) around an
+# output: an output that leaves less is answered TOO_LARGE, not sent.
+_FRAME_ROOM = 4096
+
 
 class _Task:
     def __init__(self, name, description, params, cost_param, func):
@@ -282,6 +286,9 @@ class _Worker:
                 elif not isinstance(result, bytes):
                     failure = wire.FAILURE["FAILURE_KIND_FAILED"]
                     message = "%s returned %s, not bytes" % (run.task, type(result).__name__)
+                elif len(result) + _FRAME_ROOM > self._max_frame:
+                    failure = wire.FAILURE["FAILURE_KIND_TOO_LARGE"]
+                    message = "its output of %d bytes does not fit a frame of %d bytes" % (len(result), self._max_frame)
                 else:
                     output = result
             except Cancelled:
