@@ -326,6 +326,21 @@ async fn deadlines(lang: Lang) {
     assert_ne!(pid_of(&call(&mut client, &t("pid"), &[], b"").await.unwrap()), first, "the ladder killed it");
 }
 
+/// The fractions a stream reported while its task ran, and its result.
+async fn running_fractions(
+    mut events: tonic::Streaming<offload_proto::offload::v1::ExecuteEvent>,
+) -> (Vec<f64>, Option<ExecuteResponse>) {
+    let (mut fractions, mut result) = (Vec::new(), None);
+    while let Some(event) = events.message().await.unwrap() {
+        match event.event.unwrap() {
+            Event::Progress(p) if p.stage == Stage::Running as i32 => fractions.push(p.fraction),
+            Event::Progress(_) => {}
+            Event::Result(r) => result = Some(r),
+        }
+    }
+    (fractions, result)
+}
+
 for_both!(progress_and_recycling: python_progress_is_streamed_and_workers_are_recycled_by_task_count,
     node_progress_is_streamed_and_workers_are_recycled_by_task_count);
 
@@ -335,15 +350,8 @@ async fn progress_and_recycling(lang: Lang) {
     let mut client = server.client().await;
     let t = |task: &str| lang.task(task);
 
-    let mut events = client.execute_stream(request(&t("spin"), &[("ms", "400")], vec![])).await.unwrap().into_inner();
-    let (mut fractions, mut result) = (Vec::new(), None);
-    while let Some(event) = events.message().await.unwrap() {
-        match event.event.unwrap() {
-            Event::Progress(p) if p.stage == Stage::Running as i32 => fractions.push(p.fraction),
-            Event::Progress(_) => {}
-            Event::Result(r) => result = Some(r),
-        }
-    }
+    let events = client.execute_stream(request(&t("spin"), &[("ms", "400")], vec![])).await.unwrap().into_inner();
+    let (fractions, result) = running_fractions(events).await;
     assert!(result.is_some_and(|r| r.error.is_none()));
     assert!(fractions.len() >= 3, "{fractions:?}");
     // Progress is a latest-value stream: a report just before the result
@@ -622,15 +630,8 @@ async fn clamped_progress(lang: Lang) {
     let server = start(&file, &[]);
     let mut client = server.client().await;
     let reports = request(&lang.task("progress"), &[("fractions", "0.5,0.2,1.5,-1,NaN,0.7")], vec![]);
-    let mut events = client.execute_stream(reports).await.unwrap().into_inner();
-    let (mut fractions, mut result) = (Vec::new(), None);
-    while let Some(event) = events.message().await.unwrap() {
-        match event.event.unwrap() {
-            Event::Progress(p) if p.stage == Stage::Running as i32 => fractions.push(p.fraction),
-            Event::Progress(_) => {}
-            Event::Result(r) => result = Some(r),
-        }
-    }
+    let events = client.execute_stream(reports).await.unwrap().into_inner();
+    let (fractions, result) = running_fractions(events).await;
     assert_eq!(result.map(|r| r.output), Some(b"reported".to_vec().into()));
     assert!(fractions.iter().all(|f| (0.0..=1.0).contains(f)), "{fractions:?}");
     assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");
