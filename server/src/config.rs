@@ -79,6 +79,14 @@ pub struct Args {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
+    /// Check the configuration, start one of Offload's worker processes and
+    /// one worker of each [[worker_program]] through its handshake (in the
+    /// worker sandbox), print how each went, and exit: 0 if all started, 1
+    /// if one failed, 64 for a bad configuration. Serves nothing.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+
     /// Address to serve gRPC on. Port 0 picks a free port (logged at start).
     /// [default: 127.0.0.1:50051]
     #[arg(long, env = "OFFLOAD_LISTEN", value_name = "ADDR")]
@@ -312,6 +320,7 @@ impl Args {
     fn or(self, file: Args) -> Args {
         Args {
             config: self.config,
+            check_config: self.check_config,
             listen: self.listen.or(file.listen),
             replicas: self.replicas.or(file.replicas),
             replica: self.replica,

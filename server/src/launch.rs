@@ -52,6 +52,7 @@ pub fn main(tasks: TaskSet) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let check_only = args.check_config;
     let config = match Config::load(args) {
         Ok(config) => config,
         Err(err) => {
@@ -70,6 +71,9 @@ pub fn main(tasks: TaskSet) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if check_only {
+        return crate::check::run(&config, &catalog);
+    }
     match run(config, catalog) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -23,10 +23,12 @@
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //! - [`config`], [`shutdown`]: process set-up around it all.
+//! - [`check`]: `--check-config`, one worker of each kind started and reported.
 
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod check;
 pub mod clients;
 pub mod cluster;
 pub mod config;

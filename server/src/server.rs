@@ -345,7 +345,13 @@ fn warn_if_open(config: &Config, clients: &Clients) {
 /// The flag with which this executable, re-executed, becomes a worker.
 pub const WORKER_PROCESS_FLAG: &str = "--worker-process";
 
-fn isolated_options(config: &Config, catalog: &Catalog, sandbox: &Sandbox, front_port: u16) -> IsolatedOptions {
+/// How Offload's own worker processes are started and supervised.
+pub(crate) fn isolated_options(
+    config: &Config,
+    catalog: &Catalog,
+    sandbox: &Sandbox,
+    front_port: u16,
+) -> IsolatedOptions {
     let (program, args) = match &config.worker_program {
         Some(program) => (program.clone(), Vec::new()),
         // /proc/self/exe still works when the file was replaced by a rebuild.
@@ -390,7 +396,7 @@ fn isolated_options(config: &Config, catalog: &Catalog, sandbox: &Sandbox, front
 
 /// Largest worker protocol frame: room for the protobuf fields around the
 /// largest message.
-fn max_frame(config: &Config) -> usize {
+pub(crate) fn max_frame(config: &Config) -> usize {
     config.max_message_bytes + (64 << 10)
 }
 

@@ -781,3 +781,30 @@ async fn too_large(lang: Lang) {
     assert!(err.message().contains("its output of 2000000 bytes does not fit a frame of"), "{err:?}");
     assert_eq!(pid_of(&call(&mut client, &lang.task("pid"), &[], b"").await.unwrap()), first, "the worker served on");
 }
+
+/// `--check-config` starts one worker of each kind through its handshake
+/// and says how each went: 0 when all started, 1 (with the failing
+/// program's stderr) when one did not.
+#[test]
+fn check_config_starts_each_program_once_and_reports() {
+    let check = |file: &ConfigFile| {
+        let out = Command::new(offload_e2e::bin_dir().join("offload-server"))
+            .args(["--check-config", "--config", file.path.to_str().unwrap()])
+            .output()
+            .expect("run offload-server --check-config");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let good = config(&format!("{}{}", Python.app("workers = 2"), Node.app("")));
+    let (code, out) = check(&good);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Offload's worker process: ok"), "{out}");
+    assert!(out.contains("worker program \"py\": ok") && out.contains("py.reverse"), "{out}");
+    assert!(out.contains("worker program \"js\": ok") && out.contains("js.reverse"), "{out}");
+
+    let bad = config(&format!("{}{}", Python.app(""), Python.table("broken", "broken.py", "")));
+    let (code, out) = check(&bad);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("worker program \"py\": ok"), "{out}");
+    assert!(out.contains("worker program \"broken\": FAILED: handshake with worker"), "{out}");
+    assert!(out.contains("  | TypeError: param 'column' of broken.sum"), "its stderr: {out}");
+}

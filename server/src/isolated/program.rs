@@ -262,6 +262,36 @@ pub struct Program {
     handshake_timeout: Duration,
 }
 
+/// How the front starts and watches a worker of `config`, whose workers'
+/// declarations go to `declared`.
+pub fn worker_options(
+    config: &ProgramConfig,
+    max_frame: usize,
+    sandbox: &Sandbox,
+    declared: Arc<Declared>,
+) -> WorkerOptions {
+    WorkerOptions {
+        sandbox: sandbox.clone(),
+        executable: config.executable.clone(),
+        allow: config.sandbox.clone(),
+        program: config.program.clone(),
+        args: config.args.clone(),
+        launch: Launch::Program {
+            name: config.name.clone(),
+            cwd: config.cwd.clone(),
+            env: config.env.clone(),
+            nice: config.nice,
+            memory_limit: config.memory_limit,
+            max_frame,
+            declared,
+        },
+        handshake_timeout: config.handshake_timeout,
+        heartbeat_interval: config.heartbeat,
+        heartbeat_timeout: config.heartbeat_timeout,
+        kill_grace: config.kill_grace,
+    }
+}
+
 impl Program {
     /// Starts the program's workers.
     pub fn start(config: &ProgramConfig, queue_capacity: usize, max_frame: usize, sandbox: &Sandbox) -> Self {
@@ -269,26 +299,7 @@ impl Program {
         let supervisor = Supervisor::start(IsolatedOptions {
             workers: config.workers,
             queue_capacity,
-            worker: WorkerOptions {
-                sandbox: sandbox.clone(),
-                executable: config.executable.clone(),
-                allow: config.sandbox.clone(),
-                program: config.program.clone(),
-                args: config.args.clone(),
-                launch: Launch::Program {
-                    name: config.name.clone(),
-                    cwd: config.cwd.clone(),
-                    env: config.env.clone(),
-                    nice: config.nice,
-                    memory_limit: config.memory_limit,
-                    max_frame,
-                    declared: Arc::clone(&declared),
-                },
-                handshake_timeout: config.handshake_timeout,
-                heartbeat_interval: config.heartbeat,
-                heartbeat_timeout: config.heartbeat_timeout,
-                kill_grace: config.kill_grace,
-            },
+            worker: worker_options(config, max_frame, sandbox, Arc::clone(&declared)),
             max_tasks_per_worker: config.max_tasks,
             max_worker_rss_bytes: config.max_rss_bytes,
         });
