@@ -6,9 +6,12 @@
 //!   estimates, so an estimate ten times off is corrected and a cheap call
 //!   stays cheap after expensive ones;
 //! - a task that cannot (worker programs, tasks without `Job::estimate`) is
-//!   sized by a number its time grows with ([`Sizing::Units`]: a declared
-//!   cost param, else its input's size), and its time is learned as a line
-//!   (a fixed part and a part per unit) fitted to its measured runs.
+//!   sized by a number its time grows with: a declared cost param's value
+//!   ([`Sizing::Units`]), else its input's size ([`Sizing::Input`]). Its time
+//!   is learned as a line (a fixed part and a part per unit) fitted to its
+//!   measured runs. While one size is all it has seen, a cost param is taken
+//!   at its word (time proportional to it), an input size is not (the time
+//!   seen is used whatever the size: most of a small call may be overhead).
 //!
 //! Only runs that finished teach it: a run stopped by its deadline or its
 //! caller says nothing of what the whole run would have cost.
@@ -38,9 +41,16 @@ const ALPHA: f64 = 0.2;
 pub enum Sizing {
     /// The job's own estimate of its time.
     Estimate(Duration),
-    /// A number the job's time grows with, in no particular unit.
+    /// A number the job's time grows in proportion to, in no particular
+    /// unit (a declared cost param's value).
     Units(f64),
+    /// The size of its input, in bytes.
+    Input(usize),
 }
+
+/// A task's lines: time against cost units, and against input bytes.
+const UNITS: usize = 0;
+const INPUT: usize = 1;
 
 impl Sizing {
     /// How `job` with `input_len` bytes of input is sized: its estimate if
@@ -48,7 +58,10 @@ impl Sizing {
     pub fn of(job: &dyn Job, input_len: usize) -> Self {
         match job.estimate(input_len) {
             Some(estimate) => Sizing::Estimate(estimate),
-            None => Sizing::Units(job.cost_units().unwrap_or(input_len as f64).max(0.0)),
+            None => match job.cost_units() {
+                Some(units) => Sizing::Units(units.max(0.0)),
+                None => Sizing::Input(input_len),
+            },
         }
     }
 }
@@ -65,11 +78,25 @@ pub struct CostModel {
 struct TaskCost {
     /// f64 bits: average of measured / estimated time; 0 = no sample yet.
     ratio: AtomicU64,
-    /// Time against cost units, for calls sized by units.
-    line: Mutex<Line>,
+    /// Time against cost units, and against input bytes.
+    lines: Mutex<[Line; 2]>,
     /// f64 bits: average share of a run in place that its thread spent on
     /// the CPU; 0 = no sample yet.
     cpu_share: AtomicU64,
+}
+
+impl TaskCost {
+    fn line(&self, which: usize) -> Line {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())[which]
+    }
+
+    fn add_to_line(&self, which: usize, x: f64, us: f64) {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())[which].add(x, us);
+    }
+}
+
+fn from_us(us: f64) -> Duration {
+    Duration::from_secs_f64(us / 1e6)
 }
 
 /// A line fitted to (units, microseconds) samples by exponentially weighted
@@ -95,7 +122,9 @@ impl Line {
     }
 
     /// The expected microseconds at `x` units; None before any sample.
-    fn at(&self, x: f64) -> Option<f64> {
+    /// While the sizes seen hardly vary, the time is taken as proportional
+    /// to the size if `proportional`, else as what was seen.
+    fn at(&self, x: f64, proportional: bool) -> Option<f64> {
         if self.w == 0.0 {
             return None;
         }
@@ -104,12 +133,9 @@ impl Line {
         let us = if variance > 1e-6 * mean_x.abs().max(1.0).powi(2) {
             let slope = ((self.xy / self.w - mean_x * mean_y) / variance).max(0.0);
             mean_y + slope * (x - mean_x)
-        } else if mean_x > 0.0 {
-            // One size seen so far: the time is taken as proportional to
-            // it, as a cost param declares it to be.
+        } else if proportional && mean_x > 0.0 {
             mean_y * x / mean_x
         } else {
-            // No size at all (empty inputs): the mean.
             mean_y
         };
         // Below the sizes seen the line may cross zero: floored, as samples are.
@@ -162,10 +188,8 @@ impl CostModel {
                 let ratio = load(&cost.ratio);
                 Some(if ratio > 0.0 { estimate.mul_f64(ratio) } else { estimate })
             }
-            Sizing::Units(units) => {
-                let line = *cost.line.lock().unwrap_or_else(|e| e.into_inner());
-                line.at(units).map(|us| Duration::from_secs_f64(us / 1e6))
-            }
+            Sizing::Units(units) => cost.line(UNITS).at(units, true).map(from_us),
+            Sizing::Input(bytes) => cost.line(INPUT).at(bytes as f64, false).map(from_us),
         }
     }
 
@@ -200,7 +224,8 @@ impl CostModel {
                 update(&cost.ratio, (actual_us / (estimate.as_secs_f64() * 1e6)).clamp(1e-3, 1e3));
             }
             Sizing::Estimate(_) => {}
-            Sizing::Units(units) => cost.line.lock().unwrap_or_else(|e| e.into_inner()).add(units, actual_us),
+            Sizing::Units(units) => cost.add_to_line(UNITS, units, actual_us),
+            Sizing::Input(bytes) => cost.add_to_line(INPUT, bytes as f64, actual_us),
         }
     }
 }
@@ -226,6 +251,7 @@ mod tests {
         let est = Sizing::Estimate(10 * MS);
         assert_eq!(model.expected("hash.sha256", est), Some(10 * MS), "an estimate is used as it is at first");
         assert_eq!(model.expected("hash.sha256", Sizing::Units(100.0)), None, "units mean nothing until measured");
+        assert_eq!(model.expected("hash.sha256", Sizing::Input(100)), None, "nor do sizes");
         assert_eq!(model.expected("no.such", est), None);
         for _ in 0..50 {
             model.record("hash.sha256", est, 20 * MS);
@@ -260,11 +286,19 @@ mod tests {
             model.record("debug.sleep", Sizing::Units(1500.0), 1500 * MS);
         }
         assert!(close(model.expected("debug.sleep", Sizing::Units(100.0)), 100 * MS));
-        // No size ever (empty inputs, no cost param): the mean.
+        // Input sizes: a line once sizes vary, like units; while one size
+        // is all there is, what it took, whatever the size (a tiny call's
+        // time is mostly overhead: a thousand times the input is not a
+        // thousand times the time).
         for _ in 0..3 {
-            model.record("hash.sha256", Sizing::Units(0.0), 40 * MS);
+            model.record("hash.sha256", Sizing::Input(1000), 40 * MS);
         }
-        assert!(close(model.expected("hash.sha256", Sizing::Units(0.0)), 40 * MS));
+        assert!(close(model.expected("hash.sha256", Sizing::Input(1_000_000)), 40 * MS));
+        assert!(close(model.expected("hash.sha256", Sizing::Input(0)), 40 * MS));
+        model.record("hash.sha256", Sizing::Input(1_000_000), 1000 * MS);
+        let big = model.expected("hash.sha256", Sizing::Input(2_000_000)).unwrap();
+        assert!(big > 1500 * MS, "{big:?}");
+        assert_eq!(model.expected("hash.sha256", Sizing::Units(1000.0)), None, "units and bytes are apart");
     }
 
     /// A task whose estimates are ten times too low is admitted on them at
@@ -320,7 +354,7 @@ mod tests {
         }
         assert_eq!(Sizing::of(&Sized(Some(MS), Some(7.0)), 10), Sizing::Estimate(MS));
         assert_eq!(Sizing::of(&Sized(None, Some(7.0)), 10), Sizing::Units(7.0));
-        assert_eq!(Sizing::of(&Sized(None, None), 10), Sizing::Units(10.0));
+        assert_eq!(Sizing::of(&Sized(None, None), 10), Sizing::Input(10));
     }
 
     #[test]
