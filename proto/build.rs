@@ -6,7 +6,12 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["offload/v1/compute.proto", "offload/worker/v1/worker.proto", "offload/admin/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "offload/v1/compute.proto",
+    "offload/v1/jobs.proto",
+    "offload/worker/v1/worker.proto",
+    "offload/admin/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=offload");

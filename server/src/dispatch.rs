@@ -235,10 +235,23 @@ impl Dispatcher {
 
     /// Checks `call` and reserves its place on an executor; a refusal is
     /// counted in the metrics here.
-    pub fn admit(self: &Arc<Self>, call: Call) -> Result<Admitted, CallError> {
+    ///
+    /// A call refused for its expected wait is asked about once more after
+    /// the tasks woken before it have run: a cancellation already delivered
+    /// (an HTTP/2 reset wakes its call's handler, whose drop gives the
+    /// call's place back at once) may not have taken effect yet, and tokio
+    /// runs the task woken last first. Calls sent right after others were
+    /// cancelled are then not refused for work nobody waits for.
+    pub async fn admit(self: &Arc<Self>, call: Call) -> Result<Admitted, CallError> {
         // Labels for a refusal: unknown names are not labels (unbounded).
         let mut labels = ("unknown", "unknown");
-        let admitted = self.admit_labelled(call, &mut labels);
+        let admitted = match self.admit_labelled(call, &mut labels) {
+            Err(Refused { retry: Some(call), .. }) => {
+                tokio::task::yield_now().await;
+                self.admit_labelled(call, &mut labels).map_err(|refused| refused.error)
+            }
+            other => other.map_err(|refused| refused.error),
+        };
         if let Err(err) = &admitted {
             self.metrics.refused(labels.0, labels.1, err.code(), err.rejection());
             if let CallError::PermissionDenied { client, task, .. } = err {
@@ -252,9 +265,9 @@ impl Dispatcher {
         self: &Arc<Self>,
         call: Call,
         labels: &mut (&'static str, &'static str),
-    ) -> Result<Admitted, CallError> {
+    ) -> Result<Admitted, Refused> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(CallError::Draining);
+            return Err(CallError::Draining.into());
         }
         // A task outside an authenticated client's patterns is refused
         // whether it exists or not (which tasks exist is not its business).
@@ -274,7 +287,7 @@ impl Dispatcher {
             Ok(ExecutionMode::Unspecified) => spec.default_mode,
             Ok(ExecutionMode::Pool) => Mode::Pool,
             Ok(ExecutionMode::Isolated) => Mode::Isolated,
-            Err(_) => return Err(CallError::UndefinedMode(call.mode)),
+            Err(_) => return Err(CallError::UndefinedMode(call.mode).into()),
         };
         labels.1 = mode.as_str();
         if !spec.allowed_modes.contains(&mode) {
@@ -282,7 +295,8 @@ impl Dispatcher {
                 task: spec.name,
                 mode: mode.as_str(),
                 allowed: spec.allowed_modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "),
-            });
+            }
+            .into());
         }
         let job = Catalog::prepare(task.as_ref(), &call.params)
             .map_err(|source| CallError::Task { task: spec.name, source })?;
@@ -308,13 +322,16 @@ impl Dispatcher {
             _ => {
                 // Unknown work is charged a millisecond until measured.
                 let cost = expected.unwrap_or(Duration::from_millis(1));
-                let ticket = admission.admit(cost, call.deadline, class.priority).map_err(|refusal| match refusal {
-                    Refusal::QueueFull { capacity } => CallError::QueueFull { mode: mode.as_str(), capacity },
-                    Refusal::WouldMissDeadline { wait, remaining } => {
-                        CallError::WouldMissDeadline { task: spec.name, executor, wait, remaining }
+                match admission.admit(cost, call.deadline, class.priority) {
+                    Ok(ticket) => Placement::Queued(mode, ticket),
+                    Err(Refusal::QueueFull { capacity }) => {
+                        return Err(CallError::QueueFull { mode: mode.as_str(), capacity }.into());
                     }
-                })?;
-                Placement::Queued(mode, ticket)
+                    Err(Refusal::WouldMissDeadline { wait, remaining }) => {
+                        let error = CallError::WouldMissDeadline { task: spec.name, executor, wait, remaining };
+                        return Err(Refused { error, retry: Some(call) });
+                    }
+                }
             }
         };
         // A worker program gets every param, its declared defaults filled in.
@@ -340,6 +357,19 @@ impl Dispatcher {
             client: call.client,
             _in_flight: in_flight,
         })
+    }
+}
+
+/// Why [`Dispatcher::admit_labelled`] refused a call, with the call back
+/// when it was refused only for its expected wait.
+struct Refused {
+    error: CallError,
+    retry: Option<Call>,
+}
+
+impl From<CallError> for Refused {
+    fn from(error: CallError) -> Self {
+        Self { error, retry: None }
     }
 }
 

@@ -39,6 +39,7 @@ pub mod dispatch;
 pub mod error;
 pub mod inflight;
 pub mod isolated;
+pub mod jobs;
 pub mod launch;
 pub mod metrics;
 pub mod pool;

@@ -148,7 +148,7 @@ impl Compute for ComputeService {
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
         let result = async {
-            let outcome = self.dispatcher.admit(call)?.run_unary().await?;
+            let outcome = self.dispatcher.admit(call).await?.run_unary().await?;
             drop(input);
             Ok(Response::new(self.response(id, outcome, &usage)))
         }
@@ -170,7 +170,7 @@ impl Compute for ComputeService {
         let usage = Usage::of(&request);
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
-        let admitted = match span.in_scope(|| self.dispatcher.admit(call)) {
+        let admitted = match self.dispatcher.admit(call).instrument(span.clone()).await {
             Ok(admitted) => admitted,
             Err(err) => {
                 let status = Status::from(err);
@@ -259,7 +259,7 @@ impl Compute for ComputeService {
                                     // Held while the item's input is in use.
                                     let input = usage.claim_input();
                                     let (id, call) = origin.call(request);
-                                    match service.dispatcher.admit(call) {
+                                    match service.dispatcher.admit(call).await {
                                         Ok(admitted) => {
                                             running.push(async move {
                                                 let result = admitted.run(None).await;

@@ -1,0 +1,214 @@
+//! What a job store keeps and the narrow interface every backend offers:
+//! record, look up, list, claim with a lease, renew it, report progress,
+//! finish, hand back, cancel, and expire. Each write by a runner is fenced
+//! by the job's attempt number: a front whose lease expired (and whose job
+//! another front took over) changes nothing.
+//!
+//! Calls block (a database round trip, an fsync): callers run them off the
+//! async runtime (see [`super::Jobs`]).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use bytes::Bytes;
+
+/// A job's state, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Waiting for a front with room.
+    Queued,
+    /// A front runs it.
+    Running,
+    /// Done, with an output.
+    Succeeded,
+    /// Ended in failure.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl State {
+    /// The value stored, equal to the API's JobState number.
+    pub fn number(self) -> i64 {
+        match self {
+            State::Queued => 1,
+            State::Running => 2,
+            State::Succeeded => 3,
+            State::Failed => 4,
+            State::Cancelled => 5,
+        }
+    }
+
+    /// The state stored as `number`.
+    pub fn from_number(number: i64) -> Option<Self> {
+        Some(match number {
+            1 => State::Queued,
+            2 => State::Running,
+            3 => State::Succeeded,
+            4 => State::Failed,
+            5 => State::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether nothing more happens to the job.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+    }
+}
+
+/// A job to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Its id (unguessable).
+    pub id: String,
+    /// Its task.
+    pub task: String,
+    /// The raw ExecutionMode value asked for.
+    pub mode: i32,
+    /// Its params, sorted.
+    pub params: BTreeMap<String, String>,
+    /// Its input.
+    pub input: Bytes,
+    /// The submitting client's name ("" for none in particular).
+    pub client: String,
+    /// Submits with the same key and client return the same job.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewJob {
+    /// Whether `self` asks for the same work as the job `other` records.
+    pub fn same_request(&self, other: &NewJob) -> bool {
+        (self.task.as_str(), self.mode, &self.params, &self.input)
+            == (other.task.as_str(), other.mode, &other.params, &other.input)
+    }
+}
+
+/// Why a job failed or was cancelled: the status its call would have had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFailure {
+    /// The gRPC status code.
+    pub code: i32,
+    /// Its message.
+    pub message: String,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// What was submitted.
+    pub job: NewJob,
+    /// Where it stands.
+    pub state: State,
+    /// Its output, once it succeeded.
+    pub output: Option<Bytes>,
+    /// Why it failed or was cancelled.
+    pub failure: Option<JobFailure>,
+    /// Fraction done, and the task's note.
+    pub progress: f64,
+    /// The task's note with `progress`.
+    pub progress_message: String,
+    /// Runs started so far; also the fence of the current run's writes.
+    pub attempts: u32,
+    /// A cancel was asked while it ran.
+    pub cancel_requested: bool,
+    /// Unix milliseconds: recorded, last run started, finished.
+    pub created_ms: i64,
+    /// When its last run started.
+    pub started_ms: Option<i64>,
+    /// When it reached its terminal state.
+    pub finished_ms: Option<i64>,
+}
+
+/// How a run ended, as its runner reports it.
+#[derive(Debug, Clone)]
+pub enum RunResult {
+    /// The task's output.
+    Succeeded(Bytes),
+    /// The task failed, or the job's cancel stopped it.
+    Ended(State, JobFailure),
+}
+
+/// A page of [`JobStore::list`].
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Newest first, inputs and outputs left out.
+    pub jobs: Vec<JobRecord>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<i64>,
+}
+
+/// What a submit found.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// Recorded now.
+    New(JobRecord),
+    /// The same key's job, already recorded.
+    Existing(JobRecord),
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("job store: {0}")]
+    Database(String),
+}
+
+/// A place jobs are kept. Every method blocks; writes are durable when
+/// they return.
+pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Records `jobs` in one transaction (group commit); for a job whose
+    /// idempotency key is taken by the same client, the job recorded under
+    /// it instead.
+    fn submit(&self, jobs: &[NewJob], now_ms: i64) -> Result<Vec<Submitted>, StoreError>;
+
+    /// The job `id`.
+    fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Up to `limit` jobs (in `state` if given), newest first, from `after`
+    /// (a previous page's `next`) on.
+    fn list(&self, state: Option<State>, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
+
+    /// Takes the oldest queued job for `owner`, leased until `lease_until_ms`.
+    fn claim(&self, owner: &str, now_ms: i64, lease_until_ms: i64) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Extends the lease of run `attempt` of `id`; false if the run is no
+    /// longer this runner's (its lease expired and the job moved on).
+    fn renew(&self, id: &str, attempt: u32, lease_until_ms: i64) -> Result<bool, StoreError>;
+
+    /// Records run `attempt`'s progress (fenced, like every runner's write).
+    fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError>;
+
+    /// Ends run `attempt` of `id` with `result`; false if it was not the
+    /// current run (nothing is written).
+    fn finish(&self, id: &str, attempt: u32, result: &RunResult, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Hands run `attempt` back to the queue unfinished, not counted as an
+    /// attempt (its front is shutting down).
+    fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError>;
+
+    /// Cancels `id`: a queued job at once, a running one by flagging it for
+    /// its runner. Returns the job as it is then.
+    fn cancel(&self, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError>;
+
+    /// The runs of `owner` whose jobs were asked to cancel, as (id, attempt).
+    fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError>;
+
+    /// Running jobs whose lease ended before `now_ms`: queued again if they
+    /// have attempts left (up to `max_attempts`), cancelled if a cancel was
+    /// asked, else failed. Returns how many were queued again.
+    fn expire_leases(&self, now_ms: i64, max_attempts: u32) -> Result<usize, StoreError>;
+
+    /// Deletes jobs that finished before `before_ms`; returns how many.
+    fn delete_finished(&self, before_ms: i64) -> Result<usize, StoreError>;
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `now_ms` plus `lease`.
+pub fn lease_until(now_ms: i64, lease: Duration) -> i64 {
+    now_ms + lease.as_millis() as i64
+}
