@@ -248,7 +248,7 @@ impl Dispatcher {
         let admitted = match self.admit_labelled(call, &mut labels) {
             Err(Refused { retry: Some(call), .. }) => {
                 tokio::task::yield_now().await;
-                self.admit_labelled(call, &mut labels).map_err(|refused| refused.error)
+                self.admit_labelled(*call, &mut labels).map_err(|refused| refused.error)
             }
             other => other.map_err(|refused| refused.error),
         };
@@ -329,7 +329,7 @@ impl Dispatcher {
                     }
                     Err(Refusal::WouldMissDeadline { wait, remaining }) => {
                         let error = CallError::WouldMissDeadline { task: spec.name, executor, wait, remaining };
-                        return Err(Refused { error, retry: Some(call) });
+                        return Err(Refused { error, retry: Some(Box::new(call)) });
                     }
                 }
             }
@@ -364,7 +364,7 @@ impl Dispatcher {
 /// when it was refused only for its expected wait.
 struct Refused {
     error: CallError,
-    retry: Option<Call>,
+    retry: Option<Box<Call>>,
 }
 
 impl From<CallError> for Refused {
