@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    num::NonZeroUsize,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -168,6 +168,30 @@ pub struct Args {
     /// Seconds in-flight calls get to finish after SIGTERM/SIGINT. [default: 30]
     #[arg(long, env = "OFFLOAD_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     pub shutdown_grace_secs: Option<f64>,
+
+    /// Where jobs are kept: a SQLite file path (created if need be).
+    /// [default: $XDG_STATE_HOME/offload/jobs.sqlite3, else
+    /// ~/.local/state/offload/jobs.sqlite3]
+    #[arg(long, env = "OFFLOAD_JOB_STORE", value_name = "PATH")]
+    pub job_store: Option<String>,
+
+    /// Seconds a claimed job's lease lasts; its front renews it every third
+    /// of that, and another front runs the job again once it lapses. [default: 30]
+    #[arg(long, env = "OFFLOAD_JOB_LEASE_SECS", value_name = "SECS")]
+    pub job_lease_secs: Option<f64>,
+
+    /// Runs a job gets before a lost front fails it. [default: 3]
+    #[arg(long, env = "OFFLOAD_JOB_MAX_ATTEMPTS", value_name = "N")]
+    pub job_max_attempts: Option<NonZeroU32>,
+
+    /// Seconds finished jobs are kept. [default: 86400]
+    #[arg(long, env = "OFFLOAD_JOB_RETENTION_SECS", value_name = "SECS")]
+    pub job_retention_secs: Option<u64>,
+
+    /// Largest output a job keeps; over it the job fails RESOURCE_EXHAUSTED.
+    /// [default: --max-message-bytes]
+    #[arg(long, env = "OFFLOAD_MAX_JOB_OUTPUT_BYTES", value_name = "BYTES")]
+    pub max_job_output_bytes: Option<NonZeroUsize>,
 
     /// Name reported in TaskStats.replica. [default: the host name]
     #[arg(long, env = "OFFLOAD_REPLICA_NAME", value_name = "NAME")]
@@ -335,6 +359,11 @@ impl Args {
             batch_concurrency: self.batch_concurrency.or(file.batch_concurrency),
             connection_idle_timeout_secs: self.connection_idle_timeout_secs.or(file.connection_idle_timeout_secs),
             shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
+            job_store: self.job_store.or(file.job_store),
+            job_lease_secs: self.job_lease_secs.or(file.job_lease_secs),
+            job_max_attempts: self.job_max_attempts.or(file.job_max_attempts),
+            job_retention_secs: self.job_retention_secs.or(file.job_retention_secs),
+            max_job_output_bytes: self.max_job_output_bytes.or(file.max_job_output_bytes),
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
@@ -469,6 +498,10 @@ pub struct Config {
     pub connection_idle_timeout: Option<Duration>,
     /// Time in-flight calls get on shutdown.
     pub shutdown_grace: Duration,
+    /// The job store named (None: the default file).
+    pub job_store: Option<String>,
+    /// How jobs are run.
+    pub jobs: crate::jobs::JobOptions,
     /// Name reported in TaskStats.replica.
     pub replica_name: String,
     /// Log format.
@@ -546,6 +579,10 @@ impl Config {
         let max_message_bytes = a.max_message_bytes.map_or(DEFAULT_MAX_MESSAGE_BYTES, NonZeroUsize::get);
         if max_message_bytes > (u32::MAX as usize) / 2 {
             return Err(invalid("max-message-bytes", format!("{max_message_bytes} exceeds {}", u32::MAX / 2)));
+        }
+        let job_lease = a.job_lease_secs.unwrap_or(30.0);
+        if !(0.3..=3600.0).contains(&job_lease) {
+            return Err(invalid("job-lease-secs", format!("{job_lease} is not in 0.3..=3600")));
         }
         let worker_nice = a.worker_nice.unwrap_or(10);
         if !(0..=19).contains(&worker_nice) {
@@ -650,6 +687,13 @@ impl Config {
                 secs => Some(Duration::from_secs(secs)),
             },
             shutdown_grace: Duration::from_secs_f64(grace),
+            job_store: a.job_store.filter(|s| !s.is_empty()),
+            jobs: crate::jobs::JobOptions {
+                lease: Duration::from_secs_f64(job_lease),
+                max_attempts: a.job_max_attempts.map_or(3, NonZeroU32::get),
+                retention: Duration::from_secs(a.job_retention_secs.unwrap_or(86_400)),
+                max_output_bytes: a.max_job_output_bytes.map_or(max_message_bytes, NonZeroUsize::get),
+            },
             replica_name: replica_name.clone(),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),
             tls,

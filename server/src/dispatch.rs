@@ -261,13 +261,17 @@ impl Dispatcher {
         admitted
     }
 
-    fn admit_labelled(
-        self: &Arc<Self>,
-        call: Call,
-        labels: &mut (&'static str, &'static str),
-    ) -> Result<Admitted, Refused> {
+    /// Checks `call` as admission does (permission, task, mode, params)
+    /// without reserving anything: what a job's Submit checks.
+    pub fn check(&self, call: &Call) -> Result<(), CallError> {
+        self.checked(call, &mut ("unknown", "unknown")).map(drop)
+    }
+
+    /// `call`'s task, worker program, mode and prepared job, once every
+    /// check a call goes through before admission has passed.
+    fn checked(&self, call: &Call, labels: &mut (&'static str, &'static str)) -> Result<Checked, CallError> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(CallError::Draining.into());
+            return Err(CallError::Draining);
         }
         // A task outside an authenticated client's patterns is refused
         // whether it exists or not (which tasks exist is not its business).
@@ -287,7 +291,7 @@ impl Dispatcher {
             Ok(ExecutionMode::Unspecified) => spec.default_mode,
             Ok(ExecutionMode::Pool) => Mode::Pool,
             Ok(ExecutionMode::Isolated) => Mode::Isolated,
-            Err(_) => return Err(CallError::UndefinedMode(call.mode).into()),
+            Err(_) => return Err(CallError::UndefinedMode(call.mode)),
         };
         labels.1 = mode.as_str();
         if !spec.allowed_modes.contains(&mode) {
@@ -295,11 +299,21 @@ impl Dispatcher {
                 task: spec.name,
                 mode: mode.as_str(),
                 allowed: spec.allowed_modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "),
-            }
-            .into());
+            });
         }
         let job = Catalog::prepare(task.as_ref(), &call.params)
             .map_err(|source| CallError::Task { task: spec.name, source })?;
+        Ok(Checked { task: Arc::clone(task), program, mode, job })
+    }
+
+    fn admit_labelled(
+        self: &Arc<Self>,
+        call: Call,
+        labels: &mut (&'static str, &'static str),
+    ) -> Result<Admitted, Refused> {
+        let Checked { task, program, mode, job } = self.checked(&call, labels)?;
+        let task = &task;
+        let spec = task.spec();
         let (costs, admission, executor): (&CostModel, &Arc<Admission>, &'static str) = match mode {
             Mode::Pool => (&self.pool_costs, self.pool.admission(), "POOL thread"),
             Mode::Isolated => {
@@ -358,6 +372,14 @@ impl Dispatcher {
             _in_flight: in_flight,
         })
     }
+}
+
+/// A call that passed the checks before admission.
+struct Checked {
+    task: Arc<dyn Task>,
+    program: Option<usize>,
+    mode: Mode,
+    job: Box<dyn Job>,
 }
 
 /// Why [`Dispatcher::admit_labelled`] refused a call, with the call back

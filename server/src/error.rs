@@ -202,6 +202,13 @@ impl From<CallError> for rpc::Status {
     }
 }
 
+impl From<crate::jobs::store::StoreError> for Status {
+    fn from(err: crate::jobs::store::StoreError) -> Self {
+        tracing::warn!(error = %err, "job store failed");
+        Status::unavailable(err.to_string())
+    }
+}
+
 /// A status tonic produced while decoding a request, as the API promises
 /// it: tonic answers an oversized message with OUT_OF_RANGE, the API with
 /// RESOURCE_EXHAUSTED (the server itself never uses OUT_OF_RANGE).

@@ -11,7 +11,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use http::{HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use offload_proto::offload::{admin::v1::admin_server::AdminServer, v1::compute_server::ComputeServer};
+use offload_proto::offload::{
+    admin::v1::admin_server::AdminServer,
+    v1::{compute_server::ComputeServer, jobs_server::JobsServer},
+};
 use offload_worker::{Allowances, Catalog, process::Settings};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -33,6 +36,7 @@ use crate::{
         program::Program,
         sandbox::{Sandbox, SandboxError},
     },
+    jobs::{Jobs, service::JobsService},
     metrics,
     pool::Pool,
     service::ComputeService,
@@ -76,6 +80,14 @@ pub enum ServeError {
     /// The metrics address could not be bound.
     #[error("cannot listen for metrics: {0}")]
     Metrics(#[from] std::io::Error),
+    /// The job store named by --job-store cannot be opened.
+    #[error("cannot open the job store {store}: {source}")]
+    JobStore {
+        /// What was named.
+        store: String,
+        /// Why.
+        source: crate::jobs::store::StoreError,
+    },
 }
 
 /// Serves `catalog` as `config` says on `listener` until `shutdown` fires,
@@ -121,6 +133,23 @@ pub async fn serve(
         // Served until the very end, so the drain can be watched.
         tokio::spawn(metrics::serve(listener, Arc::clone(&dispatcher), metrics_stop.clone()));
     }
+    let jobs = open_jobs(config).await?;
+    // The job runner: claims while serving, then hands back what still runs
+    // when the drain's grace is over.
+    let (stop_claiming, hand_back, job_runs) = (CancellationToken::new(), CancellationToken::new(), TaskTracker::new());
+    let runner = jobs.as_ref().ok().map(|jobs| {
+        let owner = format!("{}-{}", config.replica_name, std::process::id());
+        let capacity = dispatcher.pool().threads() + config.workers;
+        tokio::spawn(crate::jobs::runner::run(
+            Arc::clone(jobs),
+            Arc::clone(&dispatcher),
+            owner,
+            capacity,
+            stop_claiming.clone(),
+            hand_back.clone(),
+            job_runs.clone(),
+        ))
+    });
     let in_flight = TaskTracker::new();
     let compute = ComputeService::new(
         Arc::clone(&dispatcher),
@@ -144,6 +173,11 @@ pub async fn serve(
         .add_service(reflection().build_v1alpha()?)
         .add_service(
             ComputeServer::new(compute)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        )
+        .add_service(
+            JobsServer::new(JobsService::new(jobs, Arc::clone(&dispatcher)))
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         )
@@ -274,11 +308,16 @@ pub async fn serve(
         health.set_service_status(name, ServingStatus::NotServing).await;
     }
     in_flight.close();
+    stop_claiming.cancel();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
-        // Calls first; then connections get a moment to flush their last
-        // responses (a health watch stream never ends on its own, so this
-        // part does not wait for every connection).
+        // Calls and jobs first; then connections get a moment to flush their
+        // last responses (a health watch stream never ends on its own, so
+        // this part does not wait for every connection).
         in_flight.wait().await;
+        if runner.is_some() {
+            job_runs.close();
+            job_runs.wait().await;
+        }
         close_connections.cancel();
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
@@ -290,9 +329,41 @@ pub async fn serve(
             tracing::warn!(still_running = in_flight.len(), "shutdown grace ran out; stopping with calls in flight")
         }
     }
+    // Jobs still running go back to the queue, for another front (or this
+    // one, restarted): not lost, and not counted as a failed attempt.
+    hand_back.cancel();
+    if let Some(runner) = runner
+        && tokio::time::timeout(Duration::from_secs(5), runner).await.is_err()
+    {
+        tracing::warn!("the job runner did not hand its jobs back within 5 s; their leases will lapse");
+    }
     dispatcher.stop_workers(config.worker_kill_grace * 5).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The job store: the one --job-store names (a failure to open it stops the
+/// server), else the default file (a failure leaves jobs unavailable, with
+/// the reason, and serves calls all the same).
+async fn open_jobs(config: &Config) -> Result<Result<Arc<Jobs>, String>, ServeError> {
+    let (named, options) = (config.job_store.clone(), config.jobs.clone());
+    let store = named.clone().unwrap_or_else(|| crate::jobs::default_store_path().display().to_string());
+    let spec = store.clone();
+    let opened = tokio::task::spawn_blocking(move || Jobs::open(&spec, options))
+        .await
+        .unwrap_or_else(|e| Err(crate::jobs::store::StoreError::Database(e.to_string())));
+    match (opened, named) {
+        (Ok(jobs), _) => {
+            tracing::info!(store = %jobs.description, "jobs kept in {}", jobs.description);
+            Ok(Ok(jobs))
+        }
+        (Err(source), Some(_)) => Err(ServeError::JobStore { store, source }),
+        (Err(err), None) => {
+            let why = format!("the default job store {store} cannot be opened ({err}); set --job-store");
+            tracing::warn!("{why}");
+            Ok(Err(why))
+        }
+    }
 }
 
 /// CORS for gRPC-Web callers in browsers: the origins allowed (none: no

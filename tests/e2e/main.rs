@@ -13,6 +13,7 @@ mod discovery;
 mod exec;
 mod grpcweb;
 mod isolated;
+mod jobs;
 mod memory;
 mod metrics;
 mod observability;

@@ -157,6 +157,8 @@ pub struct Server {
     /// Where it serves gRPC.
     pub addr: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Its own job store, unless the test named one.
+    _job_store: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -180,7 +182,15 @@ impl Server {
     /// Starts `program`, a build of Offload, with exactly `args` and the
     /// extra environment `env`.
     pub fn start_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(program)
+        // A job store of its own (in a folder removed with it), so that
+        // servers of parallel tests share no jobs.
+        let job_store = (!env.iter().any(|(key, _)| *key == "OFFLOAD_JOB_STORE"))
+            .then(|| tempfile::tempdir().expect("a temporary folder for the job store"));
+        let mut command = Command::new(program);
+        if let Some(dir) = &job_store {
+            command.env("OFFLOAD_JOB_STORE", dir.path().join("jobs.sqlite3"));
+        }
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .env("OFFLOAD_LOG_FORMAT", "json")
@@ -211,7 +221,7 @@ impl Server {
                 panic!("server did not listen within {START_BOUND:?}; logs:\n{}", logs.lock().unwrap().join("\n"));
             }
         };
-        Self { child, addr, logs }
+        Self { child, addr, logs, _job_store: job_store }
     }
 
     /// The server's URL for tonic channels.

@@ -1,5 +1,179 @@
 //! Jobs: heavy work recorded durably and run by whichever front has room,
-//! outliving the call that asked for it. [`store`] says what is kept and
-//! the narrow interface of a store; [`sqlite`] is the embedded backend.
+//! outliving the call that asked for it.
+//!
+//! - [`store`]: what is kept, and the narrow interface every store offers.
+//! - [`sqlite`]: the embedded store, one SQLite file (the default).
+//! - [`runner`]: a front's runner, which claims jobs when it has room and
+//!   runs them through the dispatcher as batch calls, under a lease.
+//! - [`service`]: the gRPC handlers of `offload.v1.Jobs`.
+//!
+//! [`Jobs`] is what the rest of the front holds: the store, taken off the
+//! async runtime; concurrent submits committed together (one fsync for a
+//! burst); and word of changes made by this front, so that waiters and
+//! the runner hear of them at once (changes made by other fronts are seen
+//! at the next poll).
+
+pub mod runner;
+pub mod service;
 pub mod sqlite;
 pub mod store;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+
+use store::{JobRecord, JobStore, NewJob, Page, State, StoreError, Submitted, now_ms};
+
+/// How jobs are kept and run.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// How long a claimed job's lease lasts without renewal.
+    pub lease: Duration,
+    /// Runs a job gets before a lost front fails it.
+    pub max_attempts: u32,
+    /// How long finished jobs are kept.
+    pub retention: Duration,
+    /// The largest output a job may keep.
+    pub max_output_bytes: usize,
+}
+
+/// Submits waiting for their group commit.
+type Pending = (NewJob, oneshot::Sender<Result<Submitted, String>>);
+
+/// Submits committed in one transaction at most.
+const GROUP_COMMIT_MAX: usize = 256;
+
+/// A front's view of its job store.
+#[derive(Debug)]
+pub struct Jobs {
+    store: Arc<dyn JobStore>,
+    /// Where it is, for the log.
+    pub description: String,
+    /// How jobs are run.
+    pub options: JobOptions,
+    submits: mpsc::Sender<Pending>,
+    /// Ids of jobs this front changed.
+    changed: broadcast::Sender<String>,
+    /// A job was submitted here: the runner may have work.
+    submitted: Notify,
+}
+
+/// Where the embedded store lives by default: the user's state folder
+/// (`$XDG_STATE_HOME/offload`, else `~/.local/state/offload`).
+pub fn default_store_path() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".local/state")));
+    match state {
+        Some(dir) => dir.join("offload/jobs.sqlite3"),
+        None => PathBuf::from("offload-jobs.sqlite3"),
+    }
+}
+
+impl Jobs {
+    /// Opens the store `spec` names (a file path; `sqlite:` may precede it).
+    pub fn open(spec: &str, options: JobOptions) -> Result<Arc<Self>, StoreError> {
+        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            return Err(StoreError::Database(
+                "PostgreSQL job stores are not supported by this version; give a file path".into(),
+            ));
+        }
+        let path = Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
+        let store = sqlite::SqliteStore::open(path)?;
+        let description = format!("SQLite file {}", store.path().display());
+        Ok(Self::with_store(Arc::new(store), description, options))
+    }
+
+    /// Jobs kept in `store`.
+    pub fn with_store(store: Arc<dyn JobStore>, description: String, options: JobOptions) -> Arc<Self> {
+        let (submits, pending) = mpsc::channel(4 * GROUP_COMMIT_MAX);
+        let (changed, _) = broadcast::channel(1024);
+        let jobs = Arc::new(Self { store, description, options, submits, changed, submitted: Notify::new() });
+        tokio::spawn(group_commit(Arc::downgrade(&jobs), pending));
+        jobs
+    }
+
+    /// Runs `work` on the store, off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&dyn JobStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || work(store.as_ref()))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Database(format!("a store call panicked: {e}"))))
+    }
+
+    /// Tells this front's waiters and runner that `id` changed.
+    fn touched(&self, id: &str) {
+        let _ = self.changed.send(id.to_string());
+    }
+
+    /// Records `job` durably (with other submits of the moment).
+    pub async fn submit(&self, job: NewJob) -> Result<Submitted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submits.send((job, reply)).await.map_err(|_| StoreError::Database("the job store closed".into()))?;
+        let submitted = answer
+            .await
+            .map_err(|_| StoreError::Database("the job store closed".into()))?
+            .map_err(StoreError::Database)?;
+        if let Submitted::New(record) = &submitted {
+            self.touched(&record.job.id);
+            self.submitted.notify_one();
+        }
+        Ok(submitted)
+    }
+
+    /// The job `id`.
+    pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |store| store.get(&id)).await
+    }
+
+    /// A page of jobs.
+    pub async fn list(&self, state: Option<State>, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
+        self.blocking(move |store| store.list(state, limit, after)).await
+    }
+
+    /// Cancels `id` (see [`JobStore::cancel`]).
+    pub async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let key = id.to_string();
+        let job = self.blocking(move |store| store.cancel(&key, now_ms())).await?;
+        self.touched(id);
+        Ok(job)
+    }
+
+    /// Word of jobs this front changes from now on.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changed.subscribe()
+    }
+}
+
+/// Commits submits in groups: whatever arrived while the last commit ran
+/// goes into the next one, so a burst of submits costs a few fsyncs, not
+/// one each, and none is acknowledged before it is durable.
+async fn group_commit(jobs: std::sync::Weak<Jobs>, mut pending: mpsc::Receiver<Pending>) {
+    let mut batch = Vec::new();
+    while pending.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
+        let Some(jobs) = jobs.upgrade() else { return };
+        let (new, replies): (Vec<NewJob>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
+        let committed = jobs.blocking(move |store| store.submit(&new, now_ms())).await;
+        match committed {
+            Ok(submitted) => {
+                for (reply, submitted) in replies.into_iter().zip(submitted) {
+                    let _ = reply.send(Ok(submitted));
+                }
+            }
+            Err(err) => {
+                for reply in replies {
+                    let _ = reply.send(Err(err.to_string()));
+                }
+            }
+        }
+    }
+}

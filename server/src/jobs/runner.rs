@@ -1,0 +1,253 @@
+//! A front's job runner. It claims a queued job only when it has room (pull,
+//! not push: an idle front takes work a busy one cannot), runs it through
+//! the dispatcher as a batch call, renews its lease while it runs, reports
+//! its progress, and records how it ended, every write fenced by the run's
+//! attempt number. It also expires other fronts' lapsed leases (their jobs
+//! are queued again, or fail after `max_attempts`) and deletes jobs past
+//! their retention.
+//!
+//! Stopping: once `stop` fires it claims nothing more; runs still going when
+//! `hand_back` fires are stopped and handed back to the queue, not counted
+//! as attempts.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    Jobs,
+    store::{JobFailure, JobRecord, RunResult, State, lease_until, now_ms},
+};
+use crate::{
+    dispatch::{Call, Dispatcher, ProgressState},
+    error::CallError,
+    schedule::Priority,
+};
+
+/// How often the runner looks for work it was not told of (jobs submitted
+/// on other fronts), for cancels of its runs, and for lapsed leases.
+const POLL: Duration = Duration::from_millis(500);
+/// Progress is written at most this often per job.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Finished jobs past their retention are deleted this often.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// Cancel tokens of this runner's runs, by job id.
+type Runs = Arc<Mutex<HashMap<String, CancellationToken>>>;
+
+/// Runs jobs of `jobs` on `dispatcher`, at most `capacity` at once, as
+/// `owner`, until `stop`; runs still going at `hand_back` are handed back.
+/// Returns once every run has ended.
+pub async fn run(
+    jobs: Arc<Jobs>,
+    dispatcher: Arc<Dispatcher>,
+    owner: String,
+    capacity: usize,
+    stop: CancellationToken,
+    hand_back: CancellationToken,
+    runs_tracker: TaskTracker,
+) {
+    let runs: Runs = Runs::default();
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cleaned = Instant::now();
+    loop {
+        // Claim while there is room.
+        while !stop.is_cancelled() && runs_tracker.len() < capacity {
+            let lease = jobs.options.lease;
+            let who = owner.clone();
+            let claimed = jobs.blocking(move |store| store.claim(&who, now_ms(), lease_until(now_ms(), lease))).await;
+            match claimed {
+                Ok(Some(job)) => {
+                    jobs.touched(&job.job.id);
+                    let cancel = CancellationToken::new();
+                    runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
+                    let (jobs, dispatcher, runs, hand_back) =
+                        (Arc::clone(&jobs), Arc::clone(&dispatcher), Arc::clone(&runs), hand_back.clone());
+                    runs_tracker.spawn(async move {
+                        let id = job.job.id.clone();
+                        run_one(&jobs, &dispatcher, job, cancel, hand_back).await;
+                        runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    });
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot claim a job");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = jobs.submitted.notified() => {}
+            _ = poll.tick() => {
+                housekeeping(&jobs, &owner, &runs, &mut cleaned).await;
+            }
+            () = stop.cancelled() => break,
+        }
+    }
+    runs_tracker.close();
+    runs_tracker.wait().await;
+}
+
+/// Cancels of this runner's runs, lapsed leases of any front, retention.
+async fn housekeeping(jobs: &Arc<Jobs>, owner: &str, runs: &Runs, cleaned: &mut Instant) {
+    let who = owner.to_string();
+    if let Ok(cancels) = jobs.blocking(move |store| store.cancel_requests(&who)).await {
+        let wanted: HashSet<String> = cancels.into_iter().map(|(id, _)| id).collect();
+        for (id, token) in runs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if wanted.contains(id) {
+                token.cancel();
+            }
+        }
+    }
+    let max_attempts = jobs.options.max_attempts;
+    match jobs.blocking(move |store| store.expire_leases(now_ms(), max_attempts)).await {
+        Ok(0) => {}
+        Ok(queued) => {
+            tracing::warn!(jobs = queued, "jobs whose front stopped renewing their lease are queued again");
+            jobs.submitted.notify_one();
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot expire job leases"),
+    }
+    if cleaned.elapsed() >= CLEANUP_EVERY {
+        *cleaned = Instant::now();
+        let before = now_ms() - jobs.options.retention.as_millis() as i64;
+        if let Err(err) = jobs.blocking(move |store| store.delete_finished(before)).await {
+            tracing::warn!(error = %err, "cannot delete finished jobs past their retention");
+        }
+    }
+}
+
+/// How a run ended, for the store.
+enum Ending {
+    /// Record this result.
+    Result(RunResult),
+    /// Hand the job back unfinished (the front is stopping, or had no room).
+    HandBack,
+    /// The run is no longer ours (its lease lapsed): write nothing.
+    Lost,
+}
+
+/// Runs one claimed job and records how it ended.
+async fn run_one(
+    jobs: &Arc<Jobs>,
+    dispatcher: &Arc<Dispatcher>,
+    job: JobRecord,
+    cancel: CancellationToken,
+    hand_back: CancellationToken,
+) {
+    let (id, attempt) = (job.job.id.clone(), job.attempts);
+    let ending = execute(jobs, dispatcher, job, &cancel, &hand_back).await;
+    let written = match ending {
+        Ending::Lost => {
+            tracing::warn!(job.id = %id, attempt, "job's lease lapsed while it ran; another front has it");
+            return;
+        }
+        Ending::HandBack => {
+            let key = id.clone();
+            jobs.blocking(move |store| store.release(&key, attempt)).await
+        }
+        Ending::Result(result) => {
+            let key = id.clone();
+            jobs.blocking(move |store| store.finish(&key, attempt, &result, now_ms())).await
+        }
+    };
+    match written {
+        Ok(true) => jobs.touched(&id),
+        Ok(false) => tracing::warn!(job.id = %id, attempt, "job moved on while it ran; its result is dropped"),
+        Err(err) => tracing::warn!(job.id = %id, error = %err, "cannot record how a job ended"),
+    }
+}
+
+async fn execute(
+    jobs: &Arc<Jobs>,
+    dispatcher: &Arc<Dispatcher>,
+    job: JobRecord,
+    cancel: &CancellationToken,
+    hand_back: &CancellationToken,
+) -> Ending {
+    let (id, attempt, task) = (job.job.id.clone(), job.attempts, job.job.task.clone());
+    let call = Call {
+        task: job.job.task,
+        input: job.job.input,
+        params: job.job.params.into_iter().collect(),
+        mode: job.job.mode,
+        deadline: None,
+        client: None,
+        priority: Priority::Batch,
+    };
+    let admitted = match dispatcher.admit(call).await {
+        Ok(admitted) => admitted,
+        // No room after all, or stopping: someone else's turn.
+        Err(CallError::QueueFull { .. } | CallError::Draining | CallError::Unavailable(_)) => return Ending::HandBack,
+        Err(err) => return Ending::Result(failed(err)),
+    };
+    let (progress_tx, mut progress) = watch::channel(ProgressState::default());
+    let running = admitted.run(Some(progress_tx));
+    tokio::pin!(running);
+    let mut renew = tokio::time::interval(jobs.options.lease / 3);
+    renew.tick().await;
+    // Progress is written at most every PROGRESS_EVERY: a change that comes
+    // sooner waits for the next turn (`unwritten`).
+    let mut reported = Instant::now() - PROGRESS_EVERY;
+    let mut unwritten = false;
+    loop {
+        tokio::select! {
+            result = &mut running => {
+                return Ending::Result(match result {
+                    Ok(outcome) if outcome.output.len() > jobs.options.max_output_bytes => RunResult::Ended(
+                        State::Failed,
+                        JobFailure {
+                            code: tonic::Code::ResourceExhausted as i32,
+                            message: format!(
+                                "{task}: its output of {} bytes exceeds --max-job-output-bytes ({})",
+                                outcome.output.len(),
+                                jobs.options.max_output_bytes
+                            ),
+                        },
+                    ),
+                    Ok(outcome) => RunResult::Succeeded(outcome.output),
+                    Err(err) => failed(err),
+                });
+            }
+            Ok(()) = progress.changed(), if !unwritten => unwritten = true,
+            () = tokio::time::sleep_until((reported + PROGRESS_EVERY).into()), if unwritten => {
+                (reported, unwritten) = (Instant::now(), false);
+                let ProgressState { fraction, message, .. } = progress.borrow_and_update().clone();
+                let key = id.clone();
+                if let Ok(true) = jobs.blocking(move |store| store.progress(&key, attempt, fraction, &message)).await {
+                    jobs.touched(&id);
+                }
+            }
+            _ = renew.tick() => {
+                let (key, lease) = (id.clone(), jobs.options.lease);
+                match jobs.blocking(move |store| store.renew(&key, attempt, lease_until(now_ms(), lease))).await {
+                    Ok(true) => {}
+                    // Dropping the run stops its task, as a cancelled call's.
+                    Ok(false) => return Ending::Lost,
+                    Err(err) => tracing::warn!(job.id = %id, error = %err, "cannot renew a job's lease"),
+                }
+            }
+            () = cancel.cancelled() => {
+                let message = format!("{task}: the job was cancelled");
+                return Ending::Result(RunResult::Ended(
+                    State::Cancelled,
+                    JobFailure { code: tonic::Code::Cancelled as i32, message },
+                ));
+            }
+            () = hand_back.cancelled() => return Ending::HandBack,
+        }
+    }
+}
+
+/// A failed run, as its call would have failed.
+fn failed(err: CallError) -> RunResult {
+    let status = tonic::Status::from(err);
+    let state = if status.code() == tonic::Code::Cancelled { State::Cancelled } else { State::Failed };
+    RunResult::Ended(state, JobFailure { code: status.code() as i32, message: status.message().to_string() })
+}

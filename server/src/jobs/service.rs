@@ -1,0 +1,216 @@
+//! The gRPC handlers of `offload.v1.Jobs`: each decodes, checks, asks
+//! [`Jobs`] and encodes; errors become statuses through the one mapping in
+//! [`crate::error`].
+
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Instant};
+
+use futures::Stream;
+use offload_proto::{
+    google::rpc,
+    offload::v1::{
+        CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, SubmitJobRequest,
+        WaitJobRequest, jobs_server,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    Jobs,
+    store::{JobRecord, NewJob, State, Submitted},
+};
+use crate::{
+    auth::Authenticated,
+    dispatch::{Call, Dispatcher},
+    schedule::Priority,
+};
+
+/// Longest idempotency key.
+const MAX_KEY_BYTES: usize = 128;
+/// Largest (and default) page of List.
+const MAX_PAGE: usize = 1000;
+/// How often a waiter looks at its job for changes made by other fronts.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The Jobs service; without a store, every method answers UNAVAILABLE.
+#[derive(Debug, Clone)]
+pub struct JobsService {
+    jobs: Result<Arc<Jobs>, String>,
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl JobsService {
+    /// The service over `jobs` (or why there is no store).
+    pub fn new(jobs: Result<Arc<Jobs>, String>, dispatcher: Arc<Dispatcher>) -> Self {
+        Self { jobs, dispatcher }
+    }
+
+    fn jobs(&self) -> Result<&Arc<Jobs>, Status> {
+        self.jobs.as_ref().map_err(|why| Status::unavailable(format!("jobs are not available: {why}")))
+    }
+
+    async fn found(&self, id: &str) -> Result<JobRecord, Status> {
+        self.jobs()?.get(id).await?.ok_or_else(|| not_found(id))
+    }
+}
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("no job {id:?}"))
+}
+
+/// A fresh job id: 128 random bits.
+fn new_id() -> Result<String, Status> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| Status::internal(format!("no randomness for a job id: {e}")))?;
+    Ok(format!("{:032x}", u128::from_be_bytes(bytes)))
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+/// The API's view of `record`.
+fn job(record: JobRecord) -> Job {
+    Job {
+        id: record.job.id,
+        task: record.job.task,
+        state: record.state.number() as i32,
+        output: record.output.unwrap_or_default(),
+        error: record.failure.map(|f| rpc::Status { code: f.code, message: f.message, details: Vec::new() }),
+        progress: record.progress,
+        progress_message: record.progress_message,
+        attempts: record.attempts,
+        create_time: Some(timestamp(record.created_ms)),
+        start_time: record.started_ms.map(timestamp),
+        finish_time: record.finished_ms.map(timestamp),
+        mode: record.job.mode,
+    }
+}
+
+/// What a waiter is told again only when it changed.
+fn shown(record: &JobRecord) -> (State, u32, u64, &str) {
+    (record.state, record.attempts, record.progress.to_bits(), &record.progress_message)
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl jobs_server::Jobs for JobsService {
+    async fn submit(&self, request: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
+        let jobs = self.jobs()?;
+        let client = request.extensions().get::<Authenticated>().map(|Authenticated(client)| Arc::clone(client));
+        let SubmitJobRequest { task, input, params, mode, idempotency_key } = request.into_inner();
+        if idempotency_key.len() > MAX_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key is {} bytes; at most {MAX_KEY_BYTES}",
+                idempotency_key.len()
+            )));
+        }
+        // Checked now as a call would be: a job that cannot run is refused
+        // before it is recorded.
+        let call = Call {
+            task: task.clone(),
+            input: input.clone(),
+            params: params.clone(),
+            mode,
+            deadline: None,
+            client: client.clone(),
+            priority: Priority::Batch,
+        };
+        self.dispatcher.check(&call)?;
+        let new = NewJob {
+            id: new_id()?,
+            task,
+            mode,
+            params: params.into_iter().collect::<BTreeMap<_, _>>(),
+            input,
+            client: client.map(|c| c.name().to_string()).unwrap_or_default(),
+            idempotency_key: (!idempotency_key.is_empty()).then_some(idempotency_key),
+        };
+        match jobs.submit(new.clone()).await? {
+            Submitted::New(record) => Ok(Response::new(job(record))),
+            Submitted::Existing(record) if record.job.same_request(&new) => Ok(Response::new(job(record))),
+            Submitted::Existing(record) => Err(Status::already_exists(format!(
+                "idempotency_key {:?} names job {} of another request",
+                new.idempotency_key.unwrap_or_default(),
+                record.job.id
+            ))),
+        }
+    }
+
+    async fn get(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(job(self.found(&request.into_inner().id).await?)))
+    }
+
+    async fn cancel(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().id;
+        let record = self.jobs()?.cancel(&id).await?.ok_or_else(|| not_found(&id))?;
+        Ok(Response::new(job(record)))
+    }
+
+    async fn list(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let ListJobsRequest { state, page_size, page_token } = request.into_inner();
+        let state = match JobState::try_from(state) {
+            Ok(JobState::Unspecified) => None,
+            Ok(_) => State::from_number(i64::from(state)),
+            Err(_) => return Err(Status::invalid_argument(format!("state {state} is not a JobState"))),
+        };
+        let after = match page_token.as_str() {
+            "" => None,
+            token => {
+                Some(token.parse::<i64>().map_err(|_| Status::invalid_argument("page_token is not one List gave"))?)
+            }
+        };
+        let limit = match page_size as usize {
+            0 => MAX_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let page = self.jobs()?.list(state, limit, after).await?;
+        Ok(Response::new(ListJobsResponse {
+            jobs: page.jobs.into_iter().map(job).collect(),
+            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    type WaitStream = JobStream;
+
+    async fn wait(&self, request: Request<WaitJobRequest>) -> Result<Response<Self::WaitStream>, Status> {
+        let jobs = Arc::clone(self.jobs()?);
+        let id = request.into_inner().id;
+        // Subscribed before the first look, so that no change is missed.
+        let mut changes = jobs.changes();
+        let first = self.found(&id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(job(last.clone()))).await.is_err() {
+                return;
+            }
+            let mut poll = tokio::time::interval_at((Instant::now() + WAIT_POLL).into(), WAIT_POLL);
+            while !last.state.is_terminal() {
+                tokio::select! {
+                    changed = changes.recv() => match changed {
+                        Ok(changed) if changed != id => continue,
+                        // Lagged or closed: look anyway.
+                        _ => {}
+                    },
+                    _ = poll.tick() => {}
+                    () = tx.closed() => return,
+                }
+                let now = match jobs.get(&id).await {
+                    Ok(Some(now)) => now,
+                    Ok(None) => return drop(tx.send(Err(not_found(&id))).await),
+                    Err(err) => return drop(tx.send(Err(err.into())).await),
+                };
+                if shown(&now) != shown(&last) {
+                    last = now;
+                    if tx.send(Ok(job(last.clone()))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

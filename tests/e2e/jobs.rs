@@ -1,0 +1,223 @@
+//! Jobs (`offload.v1.Jobs`) on the embedded store: submit, wait, get,
+//! list, cancel, idempotency, checks at Submit, failures, and a job that
+//! survives a SIGKILL of its front.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use offload_e2e::Server;
+use offload_proto::offload::v1::{
+    CancelJobRequest, ExecutionMode, GetJobRequest, Job, JobState, ListJobsRequest, SubmitJobRequest, WaitJobRequest,
+    jobs_client::JobsClient,
+};
+use sha2::Digest as _;
+use tonic::{Code, transport::Channel};
+
+async fn jobs(server: &Server) -> JobsClient<Channel> {
+    JobsClient::new(server.channel().await)
+}
+
+fn submit(task: &str, params: &[(&str, &str)], input: &[u8]) -> SubmitJobRequest {
+    SubmitJobRequest {
+        task: task.into(),
+        input: input.to_vec().into(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    }
+}
+
+/// Every state `Wait` streams for `id`, until the stream ends.
+async fn wait(client: &mut JobsClient<Channel>, id: &str) -> Vec<Job> {
+    let mut stream = client.wait(WaitJobRequest { id: id.into() }).await.expect("wait").into_inner();
+    let mut seen = Vec::new();
+    while let Some(job) = stream.message().await.expect("a job") {
+        seen.push(job);
+    }
+    seen
+}
+
+fn state(job: &Job) -> JobState {
+    JobState::try_from(job.state).unwrap()
+}
+
+/// Polls the job until `check` holds (bounded).
+async fn until(client: &mut JobsClient<Channel>, id: &str, check: impl Fn(&Job) -> bool) -> Job {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job = client.get(GetJobRequest { id: id.into() }).await.expect("get").into_inner();
+        if check(&job) || Instant::now() > end {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_is_submitted_waited_for_got_and_listed() {
+    let server = Server::start(&[]);
+    let mut client = jobs(&server).await;
+    let data = vec![7u8; 100_000];
+    let submitted = client.submit(submit("hash.sha256", &[], &data)).await.unwrap().into_inner();
+    assert_eq!(state(&submitted), JobState::Queued);
+    assert_eq!(submitted.id.len(), 32, "128 random bits in hex: {}", submitted.id);
+    assert!(submitted.create_time.is_some());
+
+    let seen = wait(&mut client, &submitted.id).await;
+    let last = seen.last().expect("at least the job as it is");
+    assert_eq!(state(last), JobState::Succeeded, "{seen:#?}");
+    assert_eq!(last.output.as_ref(), sha2::Sha256::digest(&data).as_slice());
+    assert_eq!((last.attempts, last.progress), (1, 1.0));
+    assert!(last.finish_time.is_some() && last.start_time.is_some());
+    // Waiting again, or looking it up, gives the same end.
+    assert_eq!(wait(&mut client, &submitted.id).await, vec![last.clone()]);
+    let got = client.get(GetJobRequest { id: submitted.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(&got, last);
+
+    let listed = client.list(ListJobsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!((listed.jobs[0].id.as_str(), listed.jobs[0].output.is_empty()), (submitted.id.as_str(), true));
+    let none = ListJobsRequest { state: JobState::Queued as i32, ..Default::default() };
+    assert!(client.list(none).await.unwrap().into_inner().jobs.is_empty());
+    let err = client.get(GetJobRequest { id: "no-such-job".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+#[tokio::test]
+async fn submit_checks_the_task_and_keys_are_idempotent() {
+    let server = Server::start(&[]);
+    let mut client = jobs(&server).await;
+    for (request, code, says) in [
+        (submit("no.such", &[], b""), Code::NotFound, "no.such"),
+        (submit("primes.count", &[("limit", "ten")], b""), Code::InvalidArgument, "limit"),
+        (submit("primes.count", &[], b""), Code::InvalidArgument, "missing required param"),
+        (
+            SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.abort", &[], b"") },
+            Code::InvalidArgument,
+            "does not run in mode POOL",
+        ),
+    ] {
+        let err = client.submit(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    assert!(client.list(ListJobsRequest::default()).await.unwrap().into_inner().jobs.is_empty(), "nothing recorded");
+
+    let keyed = SubmitJobRequest { idempotency_key: "order-17".into(), ..submit("hash.sha256", &[], b"abc") };
+    let first = client.submit(keyed.clone()).await.unwrap().into_inner();
+    let again = client.submit(keyed.clone()).await.unwrap().into_inner();
+    assert_eq!(first.id, again.id, "the same key and request: the same job");
+    let other = SubmitJobRequest { input: b"abd".to_vec().into(), ..keyed };
+    let err = client.submit(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains(&first.id), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_failing_job_fails_with_its_calls_status_and_is_not_retried() {
+    let server = Server::start(&[]);
+    let mut client = jobs(&server).await;
+    let panics = client.submit(submit("debug.panic", &[], b"")).await.unwrap().into_inner();
+    let seen = wait(&mut client, &panics.id).await;
+    let last = seen.last().unwrap();
+    assert_eq!(state(last), JobState::Failed);
+    let error = last.error.clone().expect("why");
+    assert_eq!(error.code, Code::Internal as i32, "{error:?}");
+    assert_eq!(last.attempts, 1);
+}
+
+#[tokio::test]
+async fn a_job_is_cancelled_queued_or_running() {
+    // One pool thread: a running spin keeps the next job queued.
+    let server = Server::start(&["--pool-threads", "1", "--workers", "1"]);
+    let mut client = jobs(&server).await;
+    let spin =
+        |ms: &str| SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.spin", &[("ms", ms)], b"") };
+    let running = client.submit(spin("30000")).await.unwrap().into_inner();
+    let job = until(&mut client, &running.id, |j| state(j) == JobState::Running).await;
+    assert_eq!(state(&job), JobState::Running);
+
+    let started = Instant::now();
+    client.cancel(CancelJobRequest { id: running.id.clone() }).await.unwrap();
+    let seen = wait(&mut client, &running.id).await;
+    let last = seen.last().unwrap();
+    assert_eq!(state(last), JobState::Cancelled, "{seen:#?}");
+    assert_eq!(last.error.as_ref().map(|e| e.code), Some(Code::Cancelled as i32));
+    assert!(started.elapsed() < Duration::from_secs(3), "stopped within a second or so: {:?}", started.elapsed());
+
+    // The front takes as many jobs as it has pool threads and workers (two
+    // here); a third waits in the store's queue and is cancelled at once.
+    let blockers = [
+        client.submit(spin("30000")).await.unwrap().into_inner(),
+        client.submit(spin("30000")).await.unwrap().into_inner(),
+    ];
+    for blocker in &blockers {
+        until(&mut client, &blocker.id, |j| state(j) == JobState::Running).await;
+    }
+    let queued = client.submit(spin("10")).await.unwrap().into_inner();
+    let cancelled = client.cancel(CancelJobRequest { id: queued.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(state(&cancelled), JobState::Cancelled, "{cancelled:?}");
+    assert_eq!(cancelled.attempts, 0, "it never ran");
+    for blocker in blockers {
+        client.cancel(CancelJobRequest { id: blocker.id }).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn progress_is_streamed_to_waiters() {
+    let server = Server::start(&[]);
+    let mut client = jobs(&server).await;
+    let job = client.submit(submit("debug.spin", &[("ms", "1500")], b"")).await.unwrap().into_inner();
+    let seen = wait(&mut client, &job.id).await;
+    let progress: Vec<f64> = seen.iter().filter(|j| state(j) == JobState::Running).map(|j| j.progress).collect();
+    assert!(progress.len() >= 3 && progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert_eq!(state(seen.last().unwrap()), JobState::Succeeded);
+}
+
+/// A job whose front is killed mid-run is run again by the next front on
+/// the same store once its lease lapses: it succeeds with 2 attempts.
+#[tokio::test]
+async fn a_job_survives_a_sigkill_of_its_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("jobs.sqlite3");
+    let store = store.to_str().unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--job-lease-secs", "1"];
+    let mut first = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
+    let mut client = jobs(&first).await;
+    let job = client.submit(submit("debug.spin", &[("ms", "1500")], b"")).await.unwrap().into_inner();
+    let queued = client.submit(submit("hash.sha256", &[], b"later")).await.unwrap().into_inner();
+    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    first.signal(Signal::SIGKILL);
+    assert!(first.wait_exit(Duration::from_secs(5)).is_some());
+
+    let second = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
+    let mut client = jobs(&second).await;
+    let seen = wait(&mut client, &job.id).await;
+    let last = seen.last().unwrap();
+    assert_eq!((state(last), last.attempts), (JobState::Succeeded, 2), "{seen:#?}");
+    let other = until(&mut client, &queued.id, |j| state(j) == JobState::Succeeded).await;
+    assert_eq!(other.output.as_ref(), sha2::Sha256::digest(b"later").as_slice());
+}
+
+/// SIGTERM mid-job: the draining front hands its running job back at the
+/// end of its grace, without counting an attempt and without waiting for
+/// the lease (30 s here) to lapse; the next front runs it.
+#[tokio::test]
+async fn a_job_running_at_shutdown_is_handed_back_uncounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("jobs.sqlite3");
+    let store = store.to_str().unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--shutdown-grace-secs", "0.5"];
+    let mut first = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
+    let mut client = jobs(&first).await;
+    let job = client.submit(submit("debug.spin", &[("ms", "3000")], b"")).await.unwrap().into_inner();
+    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+
+    let started = Instant::now();
+    let second = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
+    let mut client = jobs(&second).await;
+    let last = wait(&mut client, &job.id).await.pop().unwrap();
+    assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 1), "the handed-back run is not counted");
+    assert!(started.elapsed() < Duration::from_secs(15), "not left to its lease: {:?}", started.elapsed());
+}
