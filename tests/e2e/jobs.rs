@@ -221,3 +221,52 @@ async fn a_job_running_at_shutdown_is_handed_back_uncounted() {
     assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 1), "the handed-back run is not counted");
     assert!(started.elapsed() < Duration::from_secs(15), "not left to its lease: {:?}", started.elapsed());
 }
+
+/// A request carrying `token` as its bearer credential.
+fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// With authenticated clients, a client sees, waits on and cancels only its
+/// own jobs (another's id is NOT_FOUND), lists only its own, and submits
+/// only tasks it may run; an admin client sees every job.
+#[tokio::test]
+async fn clients_see_only_their_own_jobs_and_admins_see_all() {
+    let (billing, reports, ops) = ("billing-token-0123456789", "reports-token-0123456789", "ops-token-0123456789");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = String::new();
+    for (name, token, tasks, extra) in [
+        ("billing", billing, "[\"*\"]", ""),
+        ("reports", reports, "[\"hash.*\"]", ""),
+        ("ops", ops, "[\"*\"]", "admin = true\n"),
+    ] {
+        let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+        config += &format!("[[client]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\ntasks = {tasks}\n{extra}\n");
+    }
+    let file = dir.path().join("offload.toml");
+    std::fs::write(&file, config).unwrap();
+    let server = Server::start(&["--config", file.to_str().unwrap()]);
+    let mut client = jobs(&server).await;
+
+    let job = client.submit(with_token(billing, submit("hash.sha256", &[], b"abc"))).await.unwrap().into_inner();
+    let get = |token| with_token(token, GetJobRequest { id: job.id.clone() });
+    let list = |token| with_token(token, ListJobsRequest::default());
+    assert_eq!(client.get(get(reports)).await.unwrap_err().code(), Code::NotFound, "another client's job");
+    let waited = client.wait(with_token(reports, WaitJobRequest { id: job.id.clone() })).await;
+    assert_eq!(waited.err().map(|e| e.code()), Some(Code::NotFound));
+    let cancelled = client.cancel(with_token(reports, CancelJobRequest { id: job.id.clone() })).await;
+    assert_eq!(cancelled.err().map(|e| e.code()), Some(Code::NotFound));
+    assert!(client.list(list(reports)).await.unwrap().into_inner().jobs.is_empty());
+    assert_eq!(client.list(list(billing)).await.unwrap().into_inner().jobs.len(), 1);
+    assert_eq!(client.list(list(ops)).await.unwrap().into_inner().jobs.len(), 1, "an admin sees every job");
+    assert_eq!(client.get(get(ops)).await.unwrap().into_inner().id, job.id);
+    assert_eq!(client.get(get(billing)).await.unwrap().into_inner().id, job.id);
+
+    let outside = submit("primes.count", &[("limit", "10")], b"");
+    let outside = client.submit(with_token(reports, outside)).await.unwrap_err();
+    assert_eq!(outside.code(), Code::PermissionDenied, "{outside:?}");
+    let anonymous = client.get(GetJobRequest { id: job.id.clone() }).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+}

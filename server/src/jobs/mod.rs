@@ -26,7 +26,7 @@ use std::{
 
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
-use store::{JobRecord, JobStore, NewJob, Page, State, StoreError, Submitted, now_ms};
+use store::{Filter, JobRecord, JobStore, NewJob, Page, StoreError, Submitted, now_ms};
 
 /// How jobs are kept and run.
 #[derive(Debug, Clone)]
@@ -136,8 +136,8 @@ impl Jobs {
     }
 
     /// A page of jobs.
-    pub async fn list(&self, state: Option<State>, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
-        self.blocking(move |store| store.list(state, limit, after)).await
+    pub async fn list(&self, filter: Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
+        self.blocking(move |store| store.list(&filter, limit, after)).await
     }
 
     /// Cancels `id` (see [`JobStore::cancel`]).

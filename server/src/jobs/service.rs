@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Jobs,
-    store::{JobRecord, NewJob, State, Submitted},
+    store::{Filter, JobRecord, NewJob, State, Submitted},
 };
 use crate::{
     auth::Authenticated,
@@ -50,8 +50,43 @@ impl JobsService {
         self.jobs.as_ref().map_err(|why| Status::unavailable(format!("jobs are not available: {why}")))
     }
 
-    async fn found(&self, id: &str) -> Result<JobRecord, Status> {
-        self.jobs()?.get(id).await?.ok_or_else(|| not_found(id))
+    /// The job `id`, if `viewer` may see it: another client's job is as
+    /// good as missing.
+    async fn found(&self, id: &str, viewer: &Viewer) -> Result<JobRecord, Status> {
+        match self.jobs()?.get(id).await? {
+            Some(record) if viewer.sees(&record) => Ok(record),
+            _ => Err(not_found(id)),
+        }
+    }
+}
+
+/// Whose jobs a caller may see.
+#[derive(Debug, Clone, PartialEq)]
+enum Viewer {
+    /// Every job: an admin client, or an unauthenticated caller on loopback.
+    All,
+    /// Its own: an authenticated client.
+    Client(String),
+    /// Any whose id it knows, none listed: an unauthenticated caller from
+    /// elsewhere (the id is the capability).
+    ById,
+}
+
+impl Viewer {
+    fn of<T>(request: &Request<T>) -> Self {
+        match request.extensions().get::<Authenticated>() {
+            Some(Authenticated(client)) if client.admin() => Viewer::All,
+            Some(Authenticated(client)) => Viewer::Client(client.name().to_string()),
+            None if request.remote_addr().is_some_and(|peer| peer.ip().is_loopback()) => Viewer::All,
+            None => Viewer::ById,
+        }
+    }
+
+    fn sees(&self, record: &JobRecord) -> bool {
+        match self {
+            Viewer::All | Viewer::ById => true,
+            Viewer::Client(name) => record.job.client == *name,
+        }
     }
 }
 
@@ -140,16 +175,29 @@ impl jobs_server::Jobs for JobsService {
     }
 
     async fn get(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(job(self.found(&request.into_inner().id).await?)))
+        let viewer = Viewer::of(&request);
+        Ok(Response::new(job(self.found(&request.into_inner().id, &viewer).await?)))
     }
 
     async fn cancel(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let viewer = Viewer::of(&request);
         let id = request.into_inner().id;
+        self.found(&id, &viewer).await?;
         let record = self.jobs()?.cancel(&id).await?.ok_or_else(|| not_found(&id))?;
         Ok(Response::new(job(record)))
     }
 
     async fn list(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let client = match Viewer::of(&request) {
+            Viewer::All => None,
+            Viewer::Client(name) => Some(name),
+            Viewer::ById => {
+                return Err(Status::permission_denied(
+                    "jobs are listed to callers on loopback, or to authenticated clients (their own); elsewhere a \
+                     job's id is what lets one see it",
+                ));
+            }
+        };
         let ListJobsRequest { state, page_size, page_token } = request.into_inner();
         let state = match JobState::try_from(state) {
             Ok(JobState::Unspecified) => None,
@@ -166,7 +214,7 @@ impl jobs_server::Jobs for JobsService {
             0 => MAX_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let page = self.jobs()?.list(state, limit, after).await?;
+        let page = self.jobs()?.list(Filter { state, client }, limit, after).await?;
         Ok(Response::new(ListJobsResponse {
             jobs: page.jobs.into_iter().map(job).collect(),
             next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
@@ -177,10 +225,11 @@ impl jobs_server::Jobs for JobsService {
 
     async fn wait(&self, request: Request<WaitJobRequest>) -> Result<Response<Self::WaitStream>, Status> {
         let jobs = Arc::clone(self.jobs()?);
+        let viewer = Viewer::of(&request);
         let id = request.into_inner().id;
         // Subscribed before the first look, so that no change is missed.
         let mut changes = jobs.changes();
-        let first = self.found(&id).await?;
+        let first = self.found(&id, &viewer).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut last = first;

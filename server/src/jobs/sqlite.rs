@@ -15,7 +15,7 @@ use std::{
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::store::{JobFailure, JobRecord, JobStore, NewJob, Page, RunResult, State, StoreError, Submitted};
+use super::store::{Filter, JobFailure, JobRecord, JobStore, NewJob, Page, RunResult, State, StoreError, Submitted};
 
 impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
@@ -179,15 +179,15 @@ impl JobStore for SqliteStore {
         by_id(&self.db(), id)
     }
 
-    fn list(&self, state: Option<State>, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
+    fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
         let db = self.db();
         let mut statement = db.prepare(&format!(
-            "SELECT {LIST_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+            "SELECT {LIST_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?4 IS NULL OR client = ?4)
+                 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
         ))?;
-        let rows = statement
-            .query_map(params![state.map(State::number), after.unwrap_or(i64::MAX), limit as i64 + 1], |row| {
-                Ok((record(row)?, row.get::<_, i64>(18)?))
-            })?;
+        let bounds =
+            params![filter.state.map(State::number), after.unwrap_or(i64::MAX), limit as i64 + 1, filter.client];
+        let rows = statement.query_map(bounds, |row| Ok((record(row)?, row.get::<_, i64>(18)?)))?;
         let mut jobs: Vec<(JobRecord, i64)> = rows.collect::<Result<_, _>>()?;
         let next = (jobs.len() > limit).then(|| jobs[limit - 1].1);
         jobs.truncate(limit);
@@ -388,12 +388,16 @@ mod tests {
         let back = store.get("b").unwrap().unwrap();
         assert_eq!((back.state, back.attempts), (State::Queued, 0));
         // Listing, newest first, in pages.
-        let first = store.list(None, 2, None).unwrap();
+        let all = Filter::default();
+        let first = store.list(&all, 2, None).unwrap();
         assert_eq!(first.jobs.iter().map(|j| j.job.id.as_str()).collect::<Vec<_>>(), ["c", "b"]);
-        let rest = store.list(None, 2, first.next).unwrap();
+        let rest = store.list(&all, 2, first.next).unwrap();
         assert_eq!((rest.jobs.len(), rest.next), (1, None));
         assert!(rest.jobs[0].job.input.is_empty(), "inputs are left out");
-        assert_eq!(store.list(Some(State::Cancelled), 10, None).unwrap().jobs.len(), 1);
+        let cancelled = Filter { state: Some(State::Cancelled), ..Filter::default() };
+        assert_eq!(store.list(&cancelled, 10, None).unwrap().jobs.len(), 1);
+        let theirs = Filter { client: Some("billing".into()), ..Filter::default() };
+        assert!(store.list(&theirs, 10, None).unwrap().jobs.is_empty(), "another client's");
         assert_eq!(store.delete_finished(now + 10).unwrap(), 2, "a and c");
     }
 

@@ -137,6 +137,15 @@ pub struct Page {
     pub next: Option<i64>,
 }
 
+/// Which jobs [`JobStore::list`] gives.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only jobs in this state.
+    pub state: Option<State>,
+    /// Only jobs this client submitted.
+    pub client: Option<String>,
+}
+
 /// What a submit found.
 #[derive(Debug, Clone)]
 pub enum Submitted {
@@ -165,9 +174,9 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// The job `id`.
     fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
 
-    /// Up to `limit` jobs (in `state` if given), newest first, from `after`
-    /// (a previous page's `next`) on.
-    fn list(&self, state: Option<State>, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
+    /// Up to `limit` jobs (in `state`, of `client`, if given), newest
+    /// first, from `after` (a previous page's `next`) on.
+    fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
 
     /// Takes the oldest queued job for `owner`, leased until `lease_until_ms`.
     fn claim(&self, owner: &str, now_ms: i64, lease_until_ms: i64) -> Result<Option<JobRecord>, StoreError>;
