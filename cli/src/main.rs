@@ -1,7 +1,8 @@
 //! `offload`: the command-line client. Lists the server's tasks and runs one,
 //! with input from a file, stdin or the command line, params as `k=v`, a mode
 //! and a deadline; shows a progress bar on a terminal (via ExecuteStream)
-//! and prints binary output as hex on a terminal.
+//! and prints binary output as hex on a terminal. Submits, waits for, lists
+//! and cancels jobs ([`jobs`]), and shows the admin view ([`top`]).
 
 use std::{
     collections::HashMap,
@@ -137,6 +138,19 @@ enum Command {
         /// The worker's pid (see `offload workers`).
         pid: u32,
     },
+    /// Submits a job (kept by the server until done, whatever becomes of
+    /// this client) and prints its id; with --wait, waits for it as `wait`.
+    Submit(jobs::SubmitArgs),
+    /// Waits for a job, with a progress bar on a terminal, and writes its
+    /// output; fails with the job's status if it failed or was cancelled.
+    Wait(jobs::WaitArgs),
+    /// Lists jobs, newest first.
+    Jobs(jobs::ListArgs),
+    /// Cancels a job.
+    Cancel {
+        /// The job's id.
+        id: String,
+    },
     /// Sets how many worker processes a pool keeps.
     Scale {
         /// Worker processes, 1..=256.
@@ -151,18 +165,8 @@ enum Command {
 struct RunArgs {
     /// Task name, e.g. hash.sha256.
     task: String,
-    /// Param as NAME=VALUE; repeat for several.
-    #[arg(short, long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
-    params: Vec<(String, String)>,
-    /// Read the input from FILE ('-' for stdin).
-    #[arg(short, long, value_name = "FILE", conflicts_with = "data")]
-    input: Option<PathBuf>,
-    /// Use TEXT as the input.
-    #[arg(short, long, value_name = "TEXT")]
-    data: Option<String>,
-    /// Where to run it. [default: the task's default]
-    #[arg(short, long, value_enum)]
-    mode: Option<ModeArg>,
+    #[command(flatten)]
+    work: WorkArgs,
     /// Deadline in seconds (sent as grpc-timeout).
     #[arg(short, long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -178,6 +182,51 @@ struct RunArgs {
     /// Print the run's stats to stderr.
     #[arg(long, short = 'v')]
     verbose: bool,
+}
+
+/// What to run: params, input and mode (for `run` and `submit`).
+#[derive(Debug, clap::Args)]
+struct WorkArgs {
+    /// Param as NAME=VALUE; repeat for several.
+    #[arg(short, long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    /// Read the input from FILE ('-' for stdin).
+    #[arg(short, long, value_name = "FILE", conflicts_with = "data")]
+    input: Option<PathBuf>,
+    /// Use TEXT as the input.
+    #[arg(short, long, value_name = "TEXT")]
+    data: Option<String>,
+    /// Where to run it. [default: the task's default]
+    #[arg(short, long, value_enum)]
+    mode: Option<ModeArg>,
+}
+
+impl WorkArgs {
+    /// The input, from the file, stdin or the text given (none: empty).
+    fn input(&self) -> anyhow::Result<Bytes> {
+        Ok(Bytes::from(match (&self.input, &self.data) {
+            (Some(path), _) if path.as_os_str() == "-" => {
+                let mut buf = Vec::new();
+                std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+                buf
+            }
+            (Some(path), _) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            (None, Some(text)) => text.clone().into_bytes(),
+            (None, None) => Vec::new(),
+        }))
+    }
+
+    fn params(&self) -> HashMap<String, String> {
+        self.params.iter().cloned().collect()
+    }
+
+    fn mode(&self) -> ExecutionMode {
+        match self.mode {
+            None => ExecutionMode::Unspecified,
+            Some(ModeArg::Pool) => ExecutionMode::Pool,
+            Some(ModeArg::Isolated) => ExecutionMode::Isolated,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -204,6 +253,7 @@ fn main() -> ExitCode {
     }
 }
 
+mod jobs;
 mod top;
 
 /// Adds the bearer token, if any, to every call.
@@ -229,6 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let credentials = Credentials(token);
     let mut admin = AdminClient::with_interceptor(channel.clone(), credentials.clone());
+    let mut jobs_client = jobs::client(channel.clone(), credentials.clone());
     let mut client =
         ComputeClient::with_interceptor(channel.clone(), credentials).max_decoding_message_size(usize::MAX);
     match cli.command {
@@ -240,6 +291,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             top::top(&mut admin, interval, iterations).await
         }
         Command::Workers => top::workers(&mut admin).await,
+        Command::Submit(args) => jobs::submit(&mut jobs_client, args).await,
+        Command::Wait(args) => jobs::wait(&mut jobs_client, args).await,
+        Command::Jobs(args) => jobs::list(&mut jobs_client, args).await,
+        Command::Cancel { id } => jobs::cancel(&mut jobs_client, &id).await,
         Command::Recycle { pid } => {
             admin.recycle_worker(RecycleWorkerRequest { pid }).await.map_err(status_error)?;
             println!("worker {pid} is being replaced");
@@ -288,26 +343,11 @@ async fn list(client: &mut Client) -> anyhow::Result<()> {
 }
 
 async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
-    let input = match (&args.input, &args.data) {
-        (Some(path), _) if path.as_os_str() == "-" => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
-            buf
-        }
-        (Some(path), _) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        (None, Some(text)) => text.clone().into_bytes(),
-        (None, None) => Vec::new(),
-    };
-    let mode = match args.mode {
-        None => ExecutionMode::Unspecified,
-        Some(ModeArg::Pool) => ExecutionMode::Pool,
-        Some(ModeArg::Isolated) => ExecutionMode::Isolated,
-    };
     let body = ExecuteRequest {
         task: args.task.clone(),
-        input: Bytes::from(input),
-        params: args.params.iter().cloned().collect::<HashMap<_, _>>(),
-        mode: mode as i32,
+        input: args.work.input()?,
+        params: args.work.params(),
+        mode: args.work.mode() as i32,
         id: String::new(),
     };
     let mut request = tonic::Request::new(body);
@@ -341,11 +381,8 @@ async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
     write_output(&response.output, args.output.as_deref(), args.hex)
 }
 
-/// Runs the call through ExecuteStream, drawing its progress on stderr.
-async fn with_progress(
-    client: &mut Client,
-    request: tonic::Request<ExecuteRequest>,
-) -> anyhow::Result<ExecuteResponse> {
+/// A progress bar on stderr.
+fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(1000);
     bar.set_style(
         ProgressStyle::with_template("{spinner} {prefix:8} [{bar:40}] {percent:>3}% {elapsed} {msg}")
@@ -353,6 +390,15 @@ async fn with_progress(
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+/// Runs the call through ExecuteStream, drawing its progress on stderr.
+async fn with_progress(
+    client: &mut Client,
+    request: tonic::Request<ExecuteRequest>,
+) -> anyhow::Result<ExecuteResponse> {
+    let bar = progress_bar();
     let mut events = client.execute_stream(request).await.map_err(status_error)?.into_inner();
     while let Some(event) = events.message().await.map_err(|s| {
         bar.abandon();

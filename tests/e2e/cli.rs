@@ -69,3 +69,33 @@ async fn the_cli_lists_runs_and_reports_errors() {
     let out = offload(&server, &["health", "--service", "no.such.Service"], None);
     assert!(!out.status.success(), "an unknown service is not healthy");
 }
+
+#[tokio::test]
+async fn the_cli_submits_waits_for_lists_and_cancels_jobs() {
+    let server = Server::start(&[]);
+    let text = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let out = offload(&server, &["submit", "hash.sha256", "--input", "-", "--wait", "--hex"], Some(b"abc"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text(&out), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+
+    let out = offload(&server, &["submit", "debug.spin", "-p", "ms=30000", "--key", "long-one"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = text(&out);
+    assert_eq!(id.len(), 32, "{id}");
+    let again = offload(&server, &["submit", "debug.spin", "-p", "ms=30000", "--key", "long-one"], None);
+    assert_eq!(text(&again), id, "the same key: the same job");
+
+    let listed = text(&offload(&server, &["jobs"], None));
+    assert!(listed.lines().any(|l| l.starts_with(&id) && l.ends_with("debug.spin")), "{listed}");
+    assert!(listed.lines().any(|l| l.contains("SUCCEEDED") && l.ends_with("hash.sha256")), "{listed}");
+    let succeeded = text(&offload(&server, &["jobs", "--state", "succeeded"], None));
+    assert_eq!(succeeded.lines().count(), 1, "{succeeded}");
+
+    let out = offload(&server, &["cancel", &id], None);
+    assert!(out.status.success() && text(&out).starts_with(&id), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = offload(&server, &["wait", &id], None);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(&format!("job {id} cancelled: Cancelled")), "{said}");
+}
