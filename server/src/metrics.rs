@@ -48,6 +48,16 @@ struct ModeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -102,6 +112,10 @@ pub struct Metrics {
     program_live_workers: Family<ProgramLabels, Gauge>,
     program_restarts: Family<ProgramReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    jobs: Family<StateLabels, Gauge>,
+    oldest_queued_job: Gauge<f64, AtomicU64>,
+    job_runs: Family<OutcomeLabels, Counter>,
+    job_lease_expiries: Counter,
     inflight_bytes: Gauge,
     inflight_budget: Gauge,
     /// Totals by task and mode, for the admin API's live view.
@@ -231,8 +245,37 @@ impl Default for Metrics {
             "The in-flight bytes budget (--max-inflight-bytes)",
             inflight_budget.clone(),
         );
+        let jobs = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "jobs",
+            "Jobs in the job store now, by state (every front sharing it sees the same)",
+            jobs.clone(),
+        );
+        let oldest_queued_job = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_queued_job_age_seconds",
+            "Age of the oldest job waiting for a front (0 with none queued)",
+            oldest_queued_job.clone(),
+        );
+        let job_runs = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "job_runs",
+            "Job runs this front ended, by outcome: succeeded, failed, cancelled, handed_back (at shutdown), \
+             lost (its lease lapsed while it ran)",
+            job_runs.clone(),
+        );
+        let job_lease_expiries = Counter::default();
+        registry.register(
+            "job_lease_expiries",
+            "Running jobs this front found with a lapsed lease (their front was lost) and queued again",
+            job_lease_expiries.clone(),
+        );
         Self {
             registry,
+            jobs,
+            oldest_queued_job,
+            job_runs,
+            job_lease_expiries,
             calls,
             duration,
             queue_wait,
@@ -312,8 +355,28 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with gauges read from `dispatcher` now.
-    pub fn render(&self, dispatcher: &Dispatcher) -> String {
+    /// Counts a job run this front ended, by `outcome`.
+    pub fn job_run(&self, outcome: &'static str) {
+        self.job_runs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts `jobs` found with a lapsed lease.
+    pub fn job_leases_expired(&self, jobs: usize) {
+        self.job_lease_expiries.inc_by(jobs as u64);
+    }
+
+    /// The text exposition, with gauges read from `dispatcher` and the job
+    /// store's `jobs` statistics now.
+    pub fn render(&self, dispatcher: &Dispatcher, jobs: Option<&crate::jobs::store::Stats>) -> String {
+        if let Some(stats) = jobs {
+            for state in crate::jobs::store::State::ALL {
+                let count = stats.by_state.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+                self.jobs.get_or_create(&StateLabels { state: state.label() }).set(count as i64);
+            }
+            let now = crate::jobs::store::now_ms();
+            let age = stats.oldest_queued_ms.map_or(0.0, |created| (now - created).max(0) as f64 / 1000.0);
+            self.oldest_queued_job.set(age);
+        }
         // ISOLATED covers Offload's own workers and the worker programs'
         // together; the program_* families break the programs out.
         let programs = dispatcher.programs();
@@ -387,7 +450,12 @@ pub fn code_name(code: Code) -> &'static str {
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` fires.
-pub async fn serve(listener: TcpListener, dispatcher: std::sync::Arc<Dispatcher>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    dispatcher: std::sync::Arc<Dispatcher>,
+    jobs: Option<std::sync::Arc<crate::jobs::Jobs>>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -400,15 +468,21 @@ pub async fn serve(listener: TcpListener, dispatcher: std::sync::Arc<Dispatcher>
             },
             () = stop.cancelled() => return,
         };
-        let dispatcher = std::sync::Arc::clone(&dispatcher);
+        let (dispatcher, jobs) = (std::sync::Arc::clone(&dispatcher), jobs.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let dispatcher = std::sync::Arc::clone(&dispatcher);
+                let (dispatcher, jobs) = (std::sync::Arc::clone(&dispatcher), jobs.clone());
                 async move {
                     let response = if request.uri().path() == "/metrics" {
+                        let stats = match &jobs {
+                            Some(jobs) => jobs.stats().await.ok(),
+                            None => None,
+                        };
                         Response::builder()
                             .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                            .body(Full::new(bytes::Bytes::from(dispatcher.metrics().render(&dispatcher))))
+                            .body(Full::new(bytes::Bytes::from(
+                                dispatcher.metrics().render(&dispatcher, stats.as_ref()),
+                            )))
                     } else {
                         Response::builder()
                             .status(404)

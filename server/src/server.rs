@@ -128,12 +128,13 @@ pub async fn serve(
     );
     let metrics_stop = CancellationToken::new();
     let _stop_metrics = metrics_stop.clone().drop_guard();
+    let jobs = open_jobs(config).await?;
     if let Some(addr) = config.metrics_listen {
         let listener = metrics::bind(addr).await?;
         // Served until the very end, so the drain can be watched.
-        tokio::spawn(metrics::serve(listener, Arc::clone(&dispatcher), metrics_stop.clone()));
+        let store = jobs.as_ref().ok().cloned();
+        tokio::spawn(metrics::serve(listener, Arc::clone(&dispatcher), store, metrics_stop.clone()));
     }
-    let jobs = open_jobs(config).await?;
     // The job runner: claims while serving, then hands back what still runs
     // when the drain's grace is over.
     let (stop_claiming, hand_back, job_runs) = (CancellationToken::new(), CancellationToken::new(), TaskTracker::new());

@@ -189,13 +189,23 @@ async fn a_job_survives_a_sigkill_of_its_front() {
     first.signal(Signal::SIGKILL);
     assert!(first.wait_exit(Duration::from_secs(5)).is_some());
 
-    let second = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
+    let with_metrics = [&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat();
+    let second = Server::start_with_env(&with_metrics, &[("OFFLOAD_JOB_STORE", store)]);
     let mut client = jobs(&second).await;
     let seen = wait(&mut client, &job.id).await;
     let last = seen.last().unwrap();
     assert_eq!((state(last), last.attempts), (JobState::Succeeded, 2), "{seen:#?}");
     let other = until(&mut client, &queued.id, |j| state(j) == JobState::Succeeded).await;
     assert_eq!(other.output.as_ref(), sha2::Sha256::digest(b"later").as_slice());
+
+    let metrics = second.scrape();
+    let value = |series: &str| offload_e2e::metric_value(&metrics, series);
+    assert_eq!(value("offload_jobs{state=\"succeeded\"}"), 2.0, "{metrics}");
+    assert_eq!(value("offload_jobs{state=\"queued\"}"), 0.0);
+    assert_eq!(value("offload_oldest_queued_job_age_seconds"), 0.0);
+    // The killed front may have run the tiny job itself before it died.
+    assert!(value("offload_job_runs_total{outcome=\"succeeded\"}") >= 1.0, "{metrics}");
+    assert!(value("offload_job_lease_expiries_total") >= 1.0, "the killed front's lease lapsed: {metrics}");
 }
 
 /// SIGTERM mid-job: the draining front hands its running job back at the

@@ -148,6 +148,11 @@ impl Jobs {
         Ok(job)
     }
 
+    /// What the metrics show of the store.
+    pub async fn stats(&self) -> Result<store::Stats, StoreError> {
+        self.blocking(|store| store.stats()).await
+    }
+
     /// Word of jobs this front changes from now on.
     pub fn changes(&self) -> broadcast::Receiver<String> {
         self.changed.subscribe()

@@ -85,7 +85,7 @@ pub async fn run(
         tokio::select! {
             () = jobs.submitted.notified() => {}
             _ = poll.tick() => {
-                housekeeping(&jobs, &owner, &runs, &mut cleaned).await;
+                housekeeping(&jobs, &dispatcher, &owner, &runs, &mut cleaned).await;
             }
             () = stop.cancelled() => break,
         }
@@ -95,7 +95,7 @@ pub async fn run(
 }
 
 /// Cancels of this runner's runs, lapsed leases of any front, retention.
-async fn housekeeping(jobs: &Arc<Jobs>, owner: &str, runs: &Runs, cleaned: &mut Instant) {
+async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, owner: &str, runs: &Runs, cleaned: &mut Instant) {
     let who = owner.to_string();
     if let Ok(cancels) = jobs.blocking(move |store| store.cancel_requests(&who)).await {
         let wanted: HashSet<String> = cancels.into_iter().map(|(id, _)| id).collect();
@@ -110,6 +110,7 @@ async fn housekeeping(jobs: &Arc<Jobs>, owner: &str, runs: &Runs, cleaned: &mut 
         Ok(0) => {}
         Ok(queued) => {
             tracing::warn!(jobs = queued, "jobs whose front stopped renewing their lease are queued again");
+            dispatcher.metrics().job_leases_expired(queued);
             jobs.submitted.notify_one();
         }
         Err(err) => tracing::warn!(error = %err, "cannot expire job leases"),
@@ -143,6 +144,13 @@ async fn run_one(
 ) {
     let (id, attempt) = (job.job.id.clone(), job.attempts);
     let ending = execute(jobs, dispatcher, job, &cancel, &hand_back).await;
+    dispatcher.metrics().job_run(match &ending {
+        Ending::Result(RunResult::Succeeded(_)) => "succeeded",
+        Ending::Result(RunResult::Ended(State::Cancelled, _)) => "cancelled",
+        Ending::Result(RunResult::Ended(..)) => "failed",
+        Ending::HandBack => "handed_back",
+        Ending::Lost => "lost",
+    });
     let written = match ending {
         Ending::Lost => {
             tracing::warn!(job.id = %id, attempt, "job's lease lapsed while it ran; another front has it");

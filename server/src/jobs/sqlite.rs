@@ -15,7 +15,9 @@ use std::{
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::store::{Filter, JobFailure, JobRecord, JobStore, NewJob, Page, RunResult, State, StoreError, Submitted};
+use super::store::{
+    Filter, JobFailure, JobRecord, JobStore, NewJob, Page, RunResult, State, Stats, StoreError, Submitted,
+};
 
 impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
@@ -310,6 +312,20 @@ impl JobStore for SqliteStore {
         Ok(queued)
     }
 
+    fn stats(&self) -> Result<Stats, StoreError> {
+        let db = self.db();
+        let mut statement = db.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let rows = statement.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
+        let mut by_state = Vec::new();
+        for row in rows {
+            let (state, count) = row?;
+            by_state.extend(State::from_number(state).map(|state| (state, count as u64)));
+        }
+        let oldest_queued_ms =
+            db.query_row("SELECT MIN(created_ms) FROM jobs WHERE state = ?1", [QUEUED], |row| row.get(0))?;
+        Ok(Stats { by_state, oldest_queued_ms })
+    }
+
     fn delete_finished(&self, before_ms: i64) -> Result<usize, StoreError> {
         Ok(self.db().execute("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1", [before_ms])?)
     }
@@ -398,6 +414,9 @@ mod tests {
         assert_eq!(store.list(&cancelled, 10, None).unwrap().jobs.len(), 1);
         let theirs = Filter { client: Some("billing".into()), ..Filter::default() };
         assert!(store.list(&theirs, 10, None).unwrap().jobs.is_empty(), "another client's");
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.by_state, [(State::Queued, 1), (State::Failed, 1), (State::Cancelled, 1)]);
+        assert_eq!(stats.oldest_queued_ms, Some(now));
         assert_eq!(store.delete_finished(now + 10).unwrap(), 2, "a and c");
     }
 

@@ -27,6 +27,20 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the API's order.
+    pub const ALL: [State; 5] = [State::Queued, State::Running, State::Succeeded, State::Failed, State::Cancelled];
+
+    /// The metrics' label.
+    pub fn label(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
     /// The value stored, equal to the API's JobState number.
     pub fn number(self) -> i64 {
         match self {
@@ -210,6 +224,19 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes jobs that finished before `before_ms`; returns how many.
     fn delete_finished(&self, before_ms: i64) -> Result<usize, StoreError>;
+
+    /// How many jobs are in each state, and when the oldest queued one was
+    /// recorded (for the metrics).
+    fn stats(&self) -> Result<Stats, StoreError>;
+}
+
+/// What the metrics show of a store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Jobs by state.
+    pub by_state: Vec<(State, u64)>,
+    /// Unix milliseconds the oldest queued job was recorded at.
+    pub oldest_queued_ms: Option<i64>,
 }
 
 /// Unix milliseconds now.
