@@ -289,6 +289,15 @@ impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
 /// RPC conventions, continuing the caller's trace when its metadata carries
 /// a `traceparent`.
 pub fn rpc_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    service_rpc_span("offload.v1.Compute", method, metadata)
+}
+
+/// The span of an RPC of `service`, as [`rpc_span`] for Compute's.
+pub fn service_rpc_span(
+    service: &'static str,
+    method: &'static str,
+    metadata: &tonic::metadata::MetadataMap,
+) -> tracing::Span {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     if !exporting() {
@@ -296,10 +305,10 @@ pub fn rpc_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -
     }
     let span = tracing::info_span!(
         "rpc",
-        otel.name = format!("offload.v1.Compute/{method}"),
+        otel.name = format!("{service}/{method}"),
         otel.kind = "server",
         rpc.system = "grpc",
-        rpc.service = "offload.v1.Compute",
+        rpc.service = service,
         rpc.method = method,
         rpc.grpc.status_code = Empty,
         offload.client = Empty,
@@ -339,6 +348,27 @@ pub fn traceparent(span: &tracing::Span) -> String {
     let mut carrier = HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&span.context(), &mut carrier));
     carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// The span of a job's run, continuing the trace of the Submit that
+/// recorded it (`traceparent`, W3C; empty: a trace of its own).
+pub fn job_span(id: &str, task: &str, attempt: u32, traceparent: &str) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "job",
+        otel.name = format!("job {task}"),
+        job.id = id,
+        job.attempt = attempt,
+        task.name = task,
+    );
+    if !traceparent.is_empty() {
+        let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+        let _ = span.set_parent(opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier)));
+    }
+    span
 }
 
 /// The span of a task's run, under `parent` (the RPC's span, or the batch

@@ -321,3 +321,34 @@ async fn worker_spans_survive_a_shutdown_right_after_the_call() {
         );
     }
 }
+
+/// A job's run continues the trace of the Submit that recorded it: the
+/// Submit's RPC span is a child of the caller's, the run's `job` span a
+/// child of the Submit's, and the task's execution span a child of that.
+#[tokio::test]
+async fn a_jobs_run_continues_the_submitters_trace() {
+    use offload_proto::offload::v1::{SubmitJobRequest, WaitJobRequest, jobs_client::JobsClient};
+    let (server, received) = traced_server().await;
+    let mut jobs = JobsClient::new(server.channel().await);
+    let mut submit = tonic::Request::new(SubmitJobRequest {
+        task: "hash.sha256".into(),
+        input: b"abc".to_vec().into(),
+        ..Default::default()
+    });
+    submit.metadata_mut().insert("traceparent", format!("00-{TRACE_ID}-00f067aa0ba905a1-01").parse().unwrap());
+    let job = jobs.submit(submit).await.unwrap().into_inner();
+    let mut waited = jobs.wait(WaitJobRequest { id: job.id }).await.unwrap().into_inner();
+    while waited.message().await.unwrap().is_some() {}
+
+    let chain = || {
+        let spans: Vec<Span> = received.spans().into_iter().map(|(_, s)| s).collect();
+        let submit = spans.iter().find(|s| hex::encode(&s.parent_span_id) == "00f067aa0ba905a1")?;
+        let run = spans.iter().find(|s| s.parent_span_id == submit.span_id && s.name == "job hash.sha256")?;
+        let exec = spans.iter().find(|s| s.parent_span_id == run.span_id && s.name == "execute hash.sha256")?;
+        Some((submit.clone(), exec.trace_id.clone()))
+    };
+    assert!(wait_for(Duration::from_secs(10), || chain().is_some()).await, "{:#?}", received.spans());
+    let (submit, trace) = chain().unwrap();
+    assert_eq!(submit.name, "offload.v1.Jobs/Submit");
+    assert_eq!(hex::encode(trace), TRACE_ID);
+}

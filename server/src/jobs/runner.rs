@@ -27,7 +27,9 @@ use crate::{
     dispatch::{Call, Dispatcher, ProgressState},
     error::CallError,
     schedule::Priority,
+    telemetry,
 };
+use tracing::Instrument as _;
 
 /// How often the runner looks for work it was not told of (jobs submitted
 /// on other fronts), for cancels of its runs, and for lapsed leases.
@@ -143,7 +145,9 @@ async fn run_one(
     hand_back: CancellationToken,
 ) {
     let (id, attempt) = (job.job.id.clone(), job.attempts);
-    let ending = execute(jobs, dispatcher, job, &cancel, &hand_back).await;
+    // The run's spans continue the Submit's trace.
+    let span = telemetry::job_span(&id, &job.job.task, attempt, &job.job.traceparent);
+    let ending = execute(jobs, dispatcher, job, &cancel, &hand_back).instrument(span).await;
     dispatcher.metrics().job_run(match &ending {
         Ending::Result(RunResult::Succeeded(_)) => "succeeded",
         Ending::Result(RunResult::Ended(State::Cancelled, _)) => "cancelled",

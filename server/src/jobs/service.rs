@@ -15,6 +15,7 @@ use offload_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::{
     Jobs,
@@ -24,6 +25,7 @@ use crate::{
     auth::Authenticated,
     dispatch::{Call, Dispatcher},
     schedule::Priority,
+    telemetry,
 };
 
 /// Longest idempotency key.
@@ -48,6 +50,50 @@ impl JobsService {
 
     fn jobs(&self) -> Result<&Arc<Jobs>, Status> {
         self.jobs.as_ref().map_err(|why| Status::unavailable(format!("jobs are not available: {why}")))
+    }
+
+    /// Checks and records the job `request` asks for.
+    async fn record(&self, request: Request<SubmitJobRequest>, traceparent: String) -> Result<Response<Job>, Status> {
+        let jobs = self.jobs()?;
+        let client = request.extensions().get::<Authenticated>().map(|Authenticated(client)| Arc::clone(client));
+        let SubmitJobRequest { task, input, params, mode, idempotency_key } = request.into_inner();
+        if idempotency_key.len() > MAX_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key is {} bytes; at most {MAX_KEY_BYTES}",
+                idempotency_key.len()
+            )));
+        }
+        // Checked now as a call would be: a job that cannot run is refused
+        // before it is recorded.
+        let call = Call {
+            task: task.clone(),
+            input: input.clone(),
+            params: params.clone(),
+            mode,
+            deadline: None,
+            client: client.clone(),
+            priority: Priority::Batch,
+        };
+        self.dispatcher.check(&call)?;
+        let new = NewJob {
+            id: new_id()?,
+            task,
+            mode,
+            params: params.into_iter().collect::<BTreeMap<_, _>>(),
+            input,
+            client: client.map(|c| c.name().to_string()).unwrap_or_default(),
+            idempotency_key: (!idempotency_key.is_empty()).then_some(idempotency_key),
+            traceparent,
+        };
+        match jobs.submit(new.clone()).await? {
+            Submitted::New(record) => Ok(Response::new(job(record))),
+            Submitted::Existing(record) if record.job.same_request(&new) => Ok(Response::new(job(record))),
+            Submitted::Existing(record) => Err(Status::already_exists(format!(
+                "idempotency_key {:?} names job {} of another request",
+                new.idempotency_key.unwrap_or_default(),
+                record.job.id
+            ))),
+        }
     }
 
     /// The job `id`, if `viewer` may see it: another client's job is as
@@ -133,45 +179,12 @@ type JobStream = Pin<Box<dyn Stream<Item = Result<Job, Status>> + Send>>;
 #[tonic::async_trait]
 impl jobs_server::Jobs for JobsService {
     async fn submit(&self, request: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
-        let jobs = self.jobs()?;
-        let client = request.extensions().get::<Authenticated>().map(|Authenticated(client)| Arc::clone(client));
-        let SubmitJobRequest { task, input, params, mode, idempotency_key } = request.into_inner();
-        if idempotency_key.len() > MAX_KEY_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "idempotency_key is {} bytes; at most {MAX_KEY_BYTES}",
-                idempotency_key.len()
-            )));
-        }
-        // Checked now as a call would be: a job that cannot run is refused
-        // before it is recorded.
-        let call = Call {
-            task: task.clone(),
-            input: input.clone(),
-            params: params.clone(),
-            mode,
-            deadline: None,
-            client: client.clone(),
-            priority: Priority::Batch,
-        };
-        self.dispatcher.check(&call)?;
-        let new = NewJob {
-            id: new_id()?,
-            task,
-            mode,
-            params: params.into_iter().collect::<BTreeMap<_, _>>(),
-            input,
-            client: client.map(|c| c.name().to_string()).unwrap_or_default(),
-            idempotency_key: (!idempotency_key.is_empty()).then_some(idempotency_key),
-        };
-        match jobs.submit(new.clone()).await? {
-            Submitted::New(record) => Ok(Response::new(job(record))),
-            Submitted::Existing(record) if record.job.same_request(&new) => Ok(Response::new(job(record))),
-            Submitted::Existing(record) => Err(Status::already_exists(format!(
-                "idempotency_key {:?} names job {} of another request",
-                new.idempotency_key.unwrap_or_default(),
-                record.job.id
-            ))),
-        }
+        // The job's runs continue this span's trace, wherever they run.
+        let span = telemetry::service_rpc_span("offload.v1.Jobs", "Submit", request.metadata());
+        let traceparent = telemetry::traceparent(&span);
+        let result = self.record(request, traceparent).instrument(span.clone()).await;
+        telemetry::record_status(&span, result.as_ref().err());
+        result
     }
 
     async fn get(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {

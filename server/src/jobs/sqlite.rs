@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_ms INTEGER NOT NULL,
     started_ms INTEGER,
     finished_ms INTEGER,
+    traceparent TEXT NOT NULL DEFAULT '',
     UNIQUE (client, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
@@ -64,11 +65,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner) WHERE owner IS NOT NULL
 /// Every column of a record, in [`record`]'s order.
 const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
                        error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                       started_ms, finished_ms, seq";
+                       started_ms, finished_ms, seq, traceparent";
 /// The same, inputs and outputs left out (for listing).
 const LIST_COLUMNS: &str = "id, task, mode, params, X'', client, idempotency_key, state, NULL, error_code, \
                             error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                            started_ms, finished_ms, seq";
+                            started_ms, finished_ms, seq, traceparent";
 
 const QUEUED: i64 = 1;
 const RUNNING: i64 = 2;
@@ -87,6 +88,15 @@ impl SqliteStore {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.execute_batch(SCHEMA)?;
+        // Columns added since the table was first made (a file kept across
+        // upgrades): none is ever removed or renamed.
+        let has_traceparent: bool =
+            db.query_row("SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'traceparent'", [], |row| {
+                row.get(0)
+            })?;
+        if !has_traceparent {
+            db.execute_batch("ALTER TABLE jobs ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''")?;
+        }
         Ok(Self { path: path.to_owned(), db: Mutex::new(db) })
     }
 
@@ -113,6 +123,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             input: Bytes::from(row.get::<_, Vec<u8>>(4)?),
             client: row.get(5)?,
             idempotency_key: row.get(6)?,
+            traceparent: row.get(19)?,
         },
         state: State::from_number(state).unwrap_or(State::Failed),
         output: row.get::<_, Option<Vec<u8>>>(8)?.map(Bytes::from),
@@ -155,8 +166,8 @@ impl JobStore for SqliteStore {
             }
             let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
             tx.execute(
-                "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms, traceparent)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     job.id,
                     job.task,
@@ -166,7 +177,8 @@ impl JobStore for SqliteStore {
                     job.client,
                     job.idempotency_key,
                     QUEUED,
-                    now_ms
+                    now_ms,
+                    job.traceparent
                 ],
             )?;
             let recorded =
@@ -345,6 +357,7 @@ mod tests {
             input: Bytes::from_static(b"abc"),
             client: String::new(),
             idempotency_key: key.map(String::from),
+            traceparent: String::new(),
         }
     }
 
@@ -418,6 +431,18 @@ mod tests {
         assert_eq!(stats.by_state, [(State::Queued, 1), (State::Failed, 1), (State::Cancelled, 1)]);
         assert_eq!(stats.oldest_queued_ms, Some(now));
         assert_eq!(store.delete_finished(now + 10).unwrap(), 2, "a and c");
+    }
+
+    #[test]
+    fn a_file_made_before_a_column_was_added_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite3");
+        let old = SCHEMA.replace("    traceparent TEXT NOT NULL DEFAULT '',\n", "");
+        assert_ne!(old, SCHEMA);
+        Connection::open(&path).unwrap().execute_batch(&old).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        store.submit(&[job("a", None)], now_ms()).unwrap();
+        assert_eq!(store.get("a").unwrap().unwrap().job.traceparent, "");
     }
 
     #[test]

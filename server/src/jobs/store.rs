@@ -87,6 +87,8 @@ pub struct NewJob {
     pub client: String,
     /// Submits with the same key and client return the same job.
     pub idempotency_key: Option<String>,
+    /// The Submit's trace context (W3C), which the runs continue.
+    pub traceparent: String,
 }
 
 impl NewJob {
