@@ -80,7 +80,7 @@ pub struct Args {
     pub config: Option<PathBuf>,
 
     /// Check the configuration, start one of Offload's worker processes and
-    /// one worker of each [[worker_program]] through its handshake (in the
+    /// one worker of each `[[worker_program]]` through its handshake (in the
     /// worker sandbox), print how each went, and exit: 0 if all started, 1
     /// if one failed, 64 for a bad configuration. Serves nothing.
     #[arg(long)]
