@@ -260,8 +260,8 @@ impl Default for Metrics {
         let job_runs = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "job_runs",
-            "Job runs this front ended, by outcome: succeeded, failed, cancelled, handed_back (at shutdown), \
-             lost (its lease lapsed while it ran)",
+            "Job runs this front ended, by outcome: succeeded, failed, cancelled, handed_back (at shutdown, or \
+             refused by its executor: queued again), lost (its lease lapsed while it ran)",
             job_runs.clone(),
         );
         let job_lease_expiries = Counter::default();

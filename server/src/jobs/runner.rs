@@ -195,8 +195,17 @@ async fn execute(
     };
     let admitted = match dispatcher.admit(call).await {
         Ok(admitted) => admitted,
-        // No room after all, or stopping: someone else's turn.
-        Err(CallError::QueueFull { .. } | CallError::Draining | CallError::Unavailable(_)) => return Ending::HandBack,
+        // No room after all (a full queue, no worker process can start), or
+        // stopping: handed back for a later turn, this front's or another's.
+        // The slot stays taken for a poll's time, so that a refusing executor
+        // is not asked again in a tight loop.
+        Err(CallError::QueueFull { .. } | CallError::Draining | CallError::Unavailable(_)) => {
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = hand_back.cancelled() => {}
+            }
+            return Ending::HandBack;
+        }
         Err(err) => return Ending::Result(failed(err)),
     };
     let (progress_tx, mut progress) = watch::channel(ProgressState::default());
