@@ -1,7 +1,7 @@
 //! `offload submit`, `wait`, `jobs` and `cancel`: jobs (`offload.v1.Jobs`)
 //! from the command line.
 
-use std::{io::IsTerminal, path::PathBuf};
+use std::io::IsTerminal;
 
 use anyhow::bail;
 use offload_proto::offload::v1::{
@@ -9,7 +9,7 @@ use offload_proto::offload::v1::{
 };
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-use crate::{Credentials, WorkArgs, progress_bar, status_error, write_output};
+use crate::{Credentials, OutputArgs, WorkArgs, progress_bar, status_error, write_output};
 
 type Client = JobsClient<InterceptedService<Channel, Credentials>>;
 
@@ -41,20 +41,6 @@ pub struct WaitArgs {
     id: String,
     #[command(flatten)]
     out: OutputArgs,
-}
-
-/// Where a job's output goes.
-#[derive(Debug, clap::Args)]
-struct OutputArgs {
-    /// Write the output to FILE instead of stdout.
-    #[arg(short, long, value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Print the output as hex even when not on a terminal.
-    #[arg(long)]
-    hex: bool,
-    /// Never show a progress bar.
-    #[arg(long)]
-    no_progress: bool,
 }
 
 #[derive(Debug, clap::Args)]

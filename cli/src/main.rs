@@ -170,6 +170,17 @@ struct RunArgs {
     /// Deadline in seconds (sent as grpc-timeout).
     #[arg(short, long, value_name = "SECS")]
     timeout: Option<f64>,
+    #[command(flatten)]
+    out: OutputArgs,
+    /// Print the run's stats to stderr.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+/// Where an output goes, and whether progress is drawn (for `run`,
+/// `submit --wait` and `wait`).
+#[derive(Debug, clap::Args)]
+struct OutputArgs {
     /// Write the output to FILE instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -179,9 +190,6 @@ struct RunArgs {
     /// Never show a progress bar.
     #[arg(long)]
     no_progress: bool,
-    /// Print the run's stats to stderr.
-    #[arg(long, short = 'v')]
-    verbose: bool,
 }
 
 /// What to run: params, input and mode (for `run` and `submit`).
@@ -360,7 +368,7 @@ async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
         let header = grpc_timeout(Duration::from_secs_f64(secs)).parse().expect("ascii header");
         request.metadata_mut().insert("grpc-timeout", header);
     }
-    let show_progress = !args.no_progress && std::io::stderr().is_terminal();
+    let show_progress = !args.out.no_progress && std::io::stderr().is_terminal();
     let response = if show_progress {
         with_progress(client, request).await?
     } else {
@@ -378,7 +386,7 @@ async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
             stats.replica
         );
     }
-    write_output(&response.output, args.output.as_deref(), args.hex)
+    write_output(&response.output, args.out.output.as_deref(), args.out.hex)
 }
 
 /// A progress bar on stderr.
