@@ -257,10 +257,13 @@ async fn clients_see_only_their_own_jobs_and_admins_see_all() {
     }
     let file = dir.path().join("offload.toml");
     std::fs::write(&file, config).unwrap();
-    let server = Server::start(&["--config", file.to_str().unwrap()]);
+    let server = Server::start(&["--config", file.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"]);
     let mut client = jobs(&server).await;
 
-    let job = client.submit(with_token(billing, submit("hash.sha256", &[], b"abc"))).await.unwrap().into_inner();
+    // (A spin: a call this cheap would run inline, unscheduled.)
+    let mut interactive = with_token(billing, submit("debug.spin", &[("ms", "20")], b""));
+    interactive.metadata_mut().insert("offload-priority", "interactive".parse().unwrap());
+    let job = client.submit(interactive).await.unwrap().into_inner();
     let get = |token| with_token(token, GetJobRequest { id: job.id.clone() });
     let list = |token| with_token(token, ListJobsRequest::default());
     assert_eq!(client.get(get(reports)).await.unwrap_err().code(), Code::NotFound, "another client's job");
@@ -273,6 +276,15 @@ async fn clients_see_only_their_own_jobs_and_admins_see_all() {
     assert_eq!(client.list(list(ops)).await.unwrap().into_inner().jobs.len(), 1, "an admin sees every job");
     assert_eq!(client.get(get(ops)).await.unwrap().into_inner().id, job.id);
     assert_eq!(client.get(get(billing)).await.unwrap().into_inner().id, job.id);
+
+    // Its run was scheduled as a call of its submitter, at the priority
+    // its Submit asked for.
+    let mut waited =
+        client.wait(with_token(billing, WaitJobRequest { id: job.id.clone() })).await.unwrap().into_inner();
+    while waited.message().await.unwrap().is_some() {}
+    let metrics = server.scrape();
+    let waits = "offload_class_queue_wait_seconds_count{priority=\"interactive\",client=\"billing\"}";
+    assert_eq!(offload_e2e::metric_value(&metrics, waits), 1.0, "{metrics}");
 
     let outside = submit("primes.count", &[("limit", "10")], b"");
     let outside = client.submit(with_token(reports, outside)).await.unwrap_err();

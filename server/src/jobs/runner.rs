@@ -26,7 +26,6 @@ use super::{
 use crate::{
     dispatch::{Call, Dispatcher, ProgressState},
     error::CallError,
-    schedule::Priority,
     telemetry,
 };
 use tracing::Instrument as _;
@@ -190,8 +189,9 @@ async fn execute(
         params: job.job.params.into_iter().collect(),
         mode: job.job.mode,
         deadline: None,
-        client: None,
-        priority: Priority::Batch,
+        // Scheduled as its submitter's call (fair share, weight, priority).
+        client: Some(dispatcher.clients().named(&job.job.client)),
+        priority: job.job.priority,
     };
     let admitted = match dispatcher.admit(call).await {
         Ok(admitted) => admitted,
@@ -199,7 +199,12 @@ async fn execute(
         // stopping: handed back for a later turn, this front's or another's.
         // The slot stays taken for a poll's time, so that a refusing executor
         // is not asked again in a tight loop.
-        Err(CallError::QueueFull { .. } | CallError::Draining | CallError::Unavailable(_)) => {
+        Err(
+            CallError::QueueFull { .. }
+            | CallError::Draining
+            | CallError::Unavailable(_)
+            | CallError::ClientLimit { .. },
+        ) => {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
                 () = hand_back.cancelled() => {}

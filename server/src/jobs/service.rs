@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     auth::Authenticated,
+    clients,
     dispatch::{Call, Dispatcher},
     schedule::Priority,
     telemetry,
@@ -55,7 +56,15 @@ impl JobsService {
     /// Checks and records the job `request` asks for.
     async fn record(&self, request: Request<SubmitJobRequest>, traceparent: String) -> Result<Response<Job>, Status> {
         let jobs = self.jobs()?;
-        let client = request.extensions().get::<Authenticated>().map(|Authenticated(client)| Arc::clone(client));
+        // Its runs are scheduled as calls of its submitter (fair share, at
+        // the priority it asked for): the authenticated client, else the
+        // one `offload-client` names (not the peer's address, which a
+        // retried Submit from another network would not share).
+        let client = match request.extensions().get::<Authenticated>() {
+            Some(Authenticated(client)) => Arc::clone(client),
+            None => self.dispatcher.clients().identify(request.metadata(), None)?,
+        };
+        let priority = clients::priority(request.metadata(), Priority::Batch)?;
         let SubmitJobRequest { task, input, params, mode, idempotency_key } = request.into_inner();
         if idempotency_key.len() > MAX_KEY_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -71,8 +80,8 @@ impl JobsService {
             params: params.clone(),
             mode,
             deadline: None,
-            client: client.clone(),
-            priority: Priority::Batch,
+            client: Some(Arc::clone(&client)),
+            priority,
         };
         self.dispatcher.check(&call)?;
         let new = NewJob {
@@ -81,7 +90,8 @@ impl JobsService {
             mode,
             params: params.into_iter().collect::<BTreeMap<_, _>>(),
             input,
-            client: client.map(|c| c.name().to_string()).unwrap_or_default(),
+            client: client.name().to_string(),
+            priority,
             idempotency_key: (!idempotency_key.is_empty()).then_some(idempotency_key),
             traceparent,
         };

@@ -15,6 +15,8 @@ use std::{
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::schedule::Priority;
+
 use super::store::{
     Filter, JobFailure, JobRecord, JobStore, NewJob, Page, RunResult, State, Stats, StoreError, Submitted,
 };
@@ -56,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_ms INTEGER,
     finished_ms INTEGER,
     traceparent TEXT NOT NULL DEFAULT '',
+    interactive INTEGER NOT NULL DEFAULT 0,
     UNIQUE (client, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
@@ -65,11 +68,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner) WHERE owner IS NOT NULL
 /// Every column of a record, in [`record`]'s order.
 const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
                        error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                       started_ms, finished_ms, seq, traceparent";
+                       started_ms, finished_ms, seq, traceparent, interactive";
 /// The same, inputs and outputs left out (for listing).
 const LIST_COLUMNS: &str = "id, task, mode, params, X'', client, idempotency_key, state, NULL, error_code, \
                             error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                            started_ms, finished_ms, seq, traceparent";
+                            started_ms, finished_ms, seq, traceparent, interactive";
 
 const QUEUED: i64 = 1;
 const RUNNING: i64 = 2;
@@ -90,12 +93,16 @@ impl SqliteStore {
         db.execute_batch(SCHEMA)?;
         // Columns added since the table was first made (a file kept across
         // upgrades): none is ever removed or renamed.
-        let has_traceparent: bool =
-            db.query_row("SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'traceparent'", [], |row| {
-                row.get(0)
-            })?;
-        if !has_traceparent {
-            db.execute_batch("ALTER TABLE jobs ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''")?;
+        for (column, definition) in
+            [("traceparent", "TEXT NOT NULL DEFAULT ''"), ("interactive", "INTEGER NOT NULL DEFAULT 0")]
+        {
+            let present: bool =
+                db.query_row("SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = ?1", [column], |row| {
+                    row.get(0)
+                })?;
+            if !present {
+                db.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {definition}"))?;
+            }
         }
         Ok(Self { path: path.to_owned(), db: Mutex::new(db) })
     }
@@ -124,6 +131,10 @@ fn record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             client: row.get(5)?,
             idempotency_key: row.get(6)?,
             traceparent: row.get(19)?,
+            priority: match row.get::<_, bool>(20)? {
+                true => Priority::Interactive,
+                false => Priority::Batch,
+            },
         },
         state: State::from_number(state).unwrap_or(State::Failed),
         output: row.get::<_, Option<Vec<u8>>>(8)?.map(Bytes::from),
@@ -166,8 +177,9 @@ impl JobStore for SqliteStore {
             }
             let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
             tx.execute(
-                "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms, traceparent)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms, traceparent,
+                     interactive)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     job.id,
                     job.task,
@@ -178,7 +190,8 @@ impl JobStore for SqliteStore {
                     job.idempotency_key,
                     QUEUED,
                     now_ms,
-                    job.traceparent
+                    job.traceparent,
+                    job.priority == Priority::Interactive
                 ],
             )?;
             let recorded =
@@ -358,6 +371,7 @@ mod tests {
             client: String::new(),
             idempotency_key: key.map(String::from),
             traceparent: String::new(),
+            priority: Priority::Batch,
         }
     }
 
@@ -437,7 +451,9 @@ mod tests {
     fn a_file_made_before_a_column_was_added_gets_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.sqlite3");
-        let old = SCHEMA.replace("    traceparent TEXT NOT NULL DEFAULT '',\n", "");
+        let old = SCHEMA
+            .replace("    traceparent TEXT NOT NULL DEFAULT '',\n", "")
+            .replace("    interactive INTEGER NOT NULL DEFAULT 0,\n", "");
         assert_ne!(old, SCHEMA);
         Connection::open(&path).unwrap().execute_batch(&old).unwrap();
         let store = SqliteStore::open(&path).unwrap();

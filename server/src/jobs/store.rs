@@ -83,8 +83,11 @@ pub struct NewJob {
     pub params: BTreeMap<String, String>,
     /// Its input.
     pub input: Bytes,
-    /// The submitting client's name ("" for none in particular).
+    /// The submitting client's name: the authenticated client's, else the
+    /// one its call claimed (`offload-client`, else its IP address).
     pub client: String,
+    /// Runs are scheduled as its submitter's calls, at this priority.
+    pub priority: crate::schedule::Priority,
     /// Submits with the same key and client return the same job.
     pub idempotency_key: Option<String>,
     /// The Submit's trace context (W3C), which the runs continue.
