@@ -19,8 +19,16 @@ fi
 addr=$1
 fail() { echo "grpcurl check failed: $*" >&2; exit 1; }
 
-"$grpcurl" -plaintext "$addr" list | grep -qx 'offload.v1.Compute' || fail "list lacks offload.v1.Compute"
-"$grpcurl" -plaintext "$addr" describe offload.v1.Compute | grep -q 'rpc ExecuteBatch' || fail "describe"
+# Each output is read whole before it is searched: grep -q stops reading at
+# its first match, and grpcurl (writing line by line) would fail on the
+# closed pipe under pipefail.
+out=$("$grpcurl" -plaintext "$addr" list)
+grep -qx 'offload.v1.Compute' <<<"$out" || fail "list lacks offload.v1.Compute: $out"
+grep -qx 'offload.v1.Jobs' <<<"$out" || fail "list lacks offload.v1.Jobs: $out"
+out=$("$grpcurl" -plaintext "$addr" describe offload.v1.Compute)
+grep -q 'rpc ExecuteBatch' <<<"$out" || fail "describe: $out"
+out=$("$grpcurl" -plaintext "$addr" describe offload.v1.Jobs)
+grep -q 'rpc Wait ( .offload.v1.WaitJobRequest ) returns ( stream .offload.v1.Job )' <<<"$out" || fail "describe Jobs: $out"
 # SHA-256 of "abc", base64 in JSON.
 out=$("$grpcurl" -plaintext -d '{"task":"hash.sha256","input":"YWJj","id":"g1"}' "$addr" offload.v1.Compute/Execute)
 echo "$out" | grep -q '"output": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="' || fail "Execute: $out"
@@ -33,6 +41,7 @@ echo "$out" | grep -q 'STAGE_QUEUED' || fail "stream: $out"
 echo "$out" | grep -q '"output": "MTY4"' || fail "stream result: $out"
 out=$("$grpcurl" -plaintext -d '{"task":"no.such"}' "$addr" offload.v1.Compute/Execute 2>&1 || true)
 echo "$out" | grep -q 'Code: NotFound' || fail "unknown task: $out"
-"$grpcurl" -plaintext -d '{"service":"offload.v1.Compute"}' "$addr" grpc.health.v1.Health/Check | grep -q SERVING \
+out=$("$grpcurl" -plaintext -d '{"service":"offload.v1.Compute"}' "$addr" grpc.health.v1.Health/Check)
+grep -q SERVING <<<"$out" \
   || fail "health"
 echo "grpcurl: ok"
