@@ -52,6 +52,10 @@ pub struct ClientSpec {
     /// Calls it may have admitted and unfinished at once; more are refused
     /// with RESOURCE_EXHAUSTED. Default: no limit.
     pub max_in_flight: Option<usize>,
+    /// Jobs it may have queued at once; a Submit over it is refused with
+    /// RESOURCE_EXHAUSTED. Default: no limit.
+    #[serde(default)]
+    pub max_queued_jobs: Option<usize>,
     /// Hex SHA-256 of the bearer token it authenticates with.
     #[serde(default)]
     pub token_sha256: Option<String>,
@@ -80,9 +84,9 @@ pub enum ClientSpecError {
     /// Weight 0 or too large.
     #[error("client {0:?}: weight {1} is not in 1..=1000")]
     Weight(String, u32),
-    /// max_in_flight = 0.
-    #[error("client {0:?}: max_in_flight must be at least 1")]
-    Limit(String),
+    /// max_in_flight or max_queued_jobs = 0.
+    #[error("client {0:?}: {1} must be at least 1")]
+    Limit(String, &'static str),
     /// The same name twice.
     #[error("client {0:?} is declared twice")]
     Twice(String),
@@ -112,6 +116,7 @@ pub struct Client {
     name: Arc<str>,
     weight: u32,
     max_in_flight: Option<usize>,
+    max_queued_jobs: Option<usize>,
     in_flight: AtomicUsize,
     declared: bool,
     /// SHA-256 of its bearer token.
@@ -140,6 +145,11 @@ impl Client {
     /// Its metrics label: its name if declared, else [`OTHER_CLIENTS`].
     pub fn label(&self) -> &str {
         if self.declared { &self.name } else { OTHER_CLIENTS }
+    }
+
+    /// How many jobs it may have queued at once, if it is limited.
+    pub fn max_queued_jobs(&self) -> Option<usize> {
+        self.max_queued_jobs
     }
 
     /// The scheduling class of its calls of `priority`.
@@ -226,7 +236,10 @@ impl Clients {
                 return Err(ClientSpecError::Weight(name.clone(), spec.weight));
             }
             if spec.max_in_flight == Some(0) {
-                return Err(ClientSpecError::Limit(name.clone()));
+                return Err(ClientSpecError::Limit(name.clone(), "max_in_flight"));
+            }
+            if spec.max_queued_jobs == Some(0) {
+                return Err(ClientSpecError::Limit(name.clone(), "max_queued_jobs"));
             }
             let auth = |why: String| ClientSpecError::Auth(name.clone(), why);
             let token = spec.token_sha256.as_deref().map(parse_token_hash).transpose().map_err(auth)?;
@@ -260,6 +273,7 @@ impl Clients {
                 name: Arc::from(name.as_str()),
                 weight: spec.weight,
                 max_in_flight: spec.max_in_flight,
+                max_queued_jobs: spec.max_queued_jobs,
                 in_flight: AtomicUsize::new(0),
                 declared: true,
                 token,
@@ -345,6 +359,7 @@ impl Clients {
             name: Arc::from(name),
             weight: 1,
             max_in_flight: None,
+            max_queued_jobs: None,
             in_flight: AtomicUsize::new(0),
             declared: false,
             token: None,
@@ -395,6 +410,7 @@ mod tests {
             name: name.into(),
             weight,
             max_in_flight,
+            max_queued_jobs: None,
             token_sha256: None,
             cert_san: None,
             tasks: None,
@@ -446,7 +462,9 @@ mod tests {
     #[test]
     fn bad_tables_and_priorities_are_refused() {
         assert!(matches!(Clients::new(&[spec("a", 0, None)]), Err(ClientSpecError::Weight(..))));
-        assert!(matches!(Clients::new(&[spec("a", 1, Some(0))]), Err(ClientSpecError::Limit(_))));
+        assert!(matches!(Clients::new(&[spec("a", 1, Some(0))]), Err(ClientSpecError::Limit(_, "max_in_flight"))));
+        let no_jobs = ClientSpec { max_queued_jobs: Some(0), ..spec("a", 1, None) };
+        assert!(matches!(Clients::new(&[no_jobs]), Err(ClientSpecError::Limit(_, "max_queued_jobs"))));
         assert!(matches!(Clients::new(&[spec("a", 1, None), spec("a", 2, None)]), Err(ClientSpecError::Twice(_))));
         assert!(matches!(Clients::new(&[spec("other", 1, None)]), Err(ClientSpecError::Name(..))));
         assert_eq!(priority(&MetadataMap::new(), Priority::Batch).unwrap(), Priority::Batch);

@@ -292,3 +292,37 @@ async fn clients_see_only_their_own_jobs_and_admins_see_all() {
     let anonymous = client.get(GetJobRequest { id: job.id.clone() }).await.unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
 }
+
+/// A declared client's `max_queued_jobs` bounds its jobs waiting for a
+/// front: one over it is refused at Submit, naming the limit.
+#[tokio::test]
+async fn a_clients_queued_jobs_are_bounded_by_its_max_queued_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("offload.toml");
+    std::fs::write(&file, "[[client]]\nname = \"batchy\"\nmax_queued_jobs = 1\n").unwrap();
+    // One pool thread and one worker: the front runs two jobs at once.
+    let server = Server::start(&["--config", file.to_str().unwrap(), "--pool-threads", "1", "--workers", "1"]);
+    let mut client = jobs(&server).await;
+    let as_batchy = |body: SubmitJobRequest| {
+        let mut request = tonic::Request::new(body);
+        request.metadata_mut().insert("offload-client", "batchy".parse().unwrap());
+        request
+    };
+    let spin =
+        || SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.spin", &[("ms", "30000")], b"") };
+    let mut submitted = Vec::new();
+    for _ in 0..2 {
+        let job = client.submit(as_batchy(spin())).await.unwrap().into_inner();
+        until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+        submitted.push(job.id);
+    }
+    submitted.push(client.submit(as_batchy(spin())).await.unwrap().into_inner().id);
+    let err = client.submit(as_batchy(spin())).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("already has 1 jobs queued, its max_queued_jobs"), "{err:?}");
+    // Another client is not held to it.
+    assert!(client.submit(spin()).await.is_ok());
+    for id in submitted {
+        client.cancel(CancelJobRequest { id }).await.unwrap();
+    }
+}

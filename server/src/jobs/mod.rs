@@ -148,6 +148,12 @@ impl Jobs {
         Ok(job)
     }
 
+    /// How many jobs `client` has queued.
+    pub async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
+        let client = client.to_string();
+        self.blocking(move |store| store.queued_of(&client)).await
+    }
+
     /// What the metrics show of the store.
     pub async fn stats(&self) -> Result<store::Stats, StoreError> {
         self.blocking(|store| store.stats()).await

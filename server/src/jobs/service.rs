@@ -84,6 +84,16 @@ impl JobsService {
             priority,
         };
         self.dispatcher.check(&call)?;
+        // Checked before recording; concurrent submits of one client may
+        // pass it together and overshoot by their number.
+        if let Some(limit) = client.max_queued_jobs()
+            && jobs.queued_of(client.name()).await? >= limit
+        {
+            return Err(Status::resource_exhausted(format!(
+                "client {:?} already has {limit} jobs queued, its max_queued_jobs; submit again when one starts",
+                client.name()
+            )));
+        }
         let new = NewJob {
             id: new_id()?,
             task,

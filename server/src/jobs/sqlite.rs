@@ -337,6 +337,15 @@ impl JobStore for SqliteStore {
         Ok(queued)
     }
 
+    fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
+        let count: i64 = self.db().query_row(
+            "SELECT COUNT(*) FROM jobs WHERE client = ?1 AND state = ?2",
+            params![client, QUEUED],
+            |row| row.get(0),
+        )?;
+        Ok(count as usize)
+    }
+
     fn stats(&self) -> Result<Stats, StoreError> {
         let db = self.db();
         let mut statement = db.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;

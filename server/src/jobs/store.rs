@@ -230,6 +230,9 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes jobs that finished before `before_ms`; returns how many.
     fn delete_finished(&self, before_ms: i64) -> Result<usize, StoreError>;
 
+    /// How many jobs `client` has queued.
+    fn queued_of(&self, client: &str) -> Result<usize, StoreError>;
+
     /// How many jobs are in each state, and when the oldest queued one was
     /// recorded (for the metrics).
     fn stats(&self) -> Result<Stats, StoreError>;
