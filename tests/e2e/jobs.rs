@@ -326,3 +326,23 @@ async fn a_clients_queued_jobs_are_bounded_by_its_max_queued_jobs() {
         client.cancel(CancelJobRequest { id }).await.unwrap();
     }
 }
+
+/// `--job-store` names the file (it is created), and an output over
+/// `--max-job-output-bytes` fails the job with RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn the_job_store_flag_and_the_output_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("nested/jobs.sqlite3");
+    let args = ["--job-store", store.to_str().unwrap(), "--max-job-output-bytes", "16", "--job-max-attempts", "2"];
+    let server = Server::start(&args);
+    let kept = format!("jobs kept in SQLite file {}", store.display());
+    assert!(server.wait_logged(&kept).await, "{:?}", server.logs());
+    let mut client = jobs(&server).await;
+    let job = client.submit(submit("hash.sha256", &[], b"abc")).await.unwrap().into_inner();
+    let last = wait(&mut client, &job.id).await.pop().unwrap();
+    assert_eq!(state(&last), JobState::Failed);
+    let error = last.error.unwrap();
+    assert_eq!(error.code, Code::ResourceExhausted as i32, "{error:?}");
+    assert!(error.message.contains("its output of 32 bytes exceeds --max-job-output-bytes (16)"), "{error:?}");
+    assert!(store.is_file());
+}
