@@ -312,7 +312,6 @@ impl Dispatcher {
         labels: &mut (&'static str, &'static str),
     ) -> Result<Admitted, Refused> {
         let Checked { task, program, mode, job } = self.checked(&call, labels)?;
-        let task = &task;
         let spec = task.spec();
         let (costs, admission, executor): (&CostModel, &Arc<Admission>, &'static str) = match mode {
             Mode::Pool => (&self.pool_costs, self.pool.admission(), "POOL thread"),
@@ -355,7 +354,7 @@ impl Dispatcher {
         };
         Ok(Admitted {
             dispatcher: Arc::clone(self),
-            task: Arc::clone(task),
+            task: Arc::clone(&task),
             program,
             job,
             params,

@@ -19,7 +19,7 @@ fn sha256_hex(text: &str) -> String {
 }
 
 /// `body` carrying `authorization: <value>` when given.
-fn authorized<T>(value: Option<&str>, body: T) -> tonic::Request<T> {
+pub(crate) fn authorized<T>(value: Option<&str>, body: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(body);
     if let Some(value) = value {
         request.metadata_mut().insert("authorization", value.parse().unwrap());
@@ -27,7 +27,7 @@ fn authorized<T>(value: Option<&str>, body: T) -> tonic::Request<T> {
     request
 }
 
-fn bearer(token: &str) -> String {
+pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 

@@ -173,6 +173,17 @@ async fn progress_is_streamed_to_waiters() {
     assert_eq!(state(seen.last().unwrap()), JobState::Succeeded);
 }
 
+/// A front with `args` on the job store file `store`, running a job that
+/// spins for `ms`.
+async fn front_running_a_spin(store: &str, args: &[&str], ms: &str) -> (Server, Job) {
+    let front = Server::start_with_env(args, &[("OFFLOAD_JOB_STORE", store)]);
+    let mut client = jobs(&front).await;
+    let job = client.submit(submit("debug.spin", &[("ms", ms)], b"")).await.unwrap().into_inner();
+    let job = until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    assert_eq!(state(&job), JobState::Running, "{job:?}");
+    (front, job)
+}
+
 /// A job whose front is killed mid-run is run again by the next front on
 /// the same store once its lease lapses: it succeeds with 2 attempts.
 #[tokio::test]
@@ -181,11 +192,8 @@ async fn a_job_survives_a_sigkill_of_its_front() {
     let store = dir.path().join("jobs.sqlite3");
     let store = store.to_str().unwrap();
     let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--job-lease-secs", "1"];
-    let mut first = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
-    let mut client = jobs(&first).await;
-    let job = client.submit(submit("debug.spin", &[("ms", "1500")], b"")).await.unwrap().into_inner();
-    let queued = client.submit(submit("hash.sha256", &[], b"later")).await.unwrap().into_inner();
-    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    let (mut first, job) = front_running_a_spin(store, &args, "1500").await;
+    let queued = jobs(&first).await.submit(submit("hash.sha256", &[], b"later")).await.unwrap().into_inner();
     first.signal(Signal::SIGKILL);
     assert!(first.wait_exit(Duration::from_secs(5)).is_some());
 
@@ -217,10 +225,7 @@ async fn a_job_running_at_shutdown_is_handed_back_uncounted() {
     let store = dir.path().join("jobs.sqlite3");
     let store = store.to_str().unwrap();
     let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--shutdown-grace-secs", "0.5"];
-    let mut first = Server::start_with_env(&args, &[("OFFLOAD_JOB_STORE", store)]);
-    let mut client = jobs(&first).await;
-    let job = client.submit(submit("debug.spin", &[("ms", "3000")], b"")).await.unwrap().into_inner();
-    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    let (mut first, job) = front_running_a_spin(store, &args, "3000").await;
     first.signal(Signal::SIGTERM);
     assert!(first.wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
 
@@ -234,9 +239,7 @@ async fn a_job_running_at_shutdown_is_handed_back_uncounted() {
 
 /// A request carrying `token` as its bearer credential.
 fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(body);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
+    crate::auth::authorized(Some(&crate::auth::bearer(token)), body)
 }
 
 /// With authenticated clients, a client sees, waits on and cancels only its
@@ -345,4 +348,22 @@ async fn the_job_store_flag_and_the_output_cap() {
     assert_eq!(error.code, Code::ResourceExhausted as i32, "{error:?}");
     assert!(error.message.contains("its output of 32 bytes exceeds --max-job-output-bytes (16)"), "{error:?}");
     assert!(store.is_file());
+}
+
+/// A finished job is deleted once `--job-retention-secs` has passed.
+#[tokio::test]
+async fn finished_jobs_are_deleted_after_their_retention() {
+    let server = Server::start(&["--job-retention-secs", "1"]);
+    let mut client = jobs(&server).await;
+    let job = client.submit(submit("hash.sha256", &[], b"abc")).await.unwrap().into_inner();
+    assert_eq!(state(&wait(&mut client, &job.id).await.pop().unwrap()), JobState::Succeeded);
+    let end = Instant::now() + Duration::from_secs(10);
+    let gone = loop {
+        match client.get(GetJobRequest { id: job.id.clone() }).await {
+            Err(err) if err.code() == Code::NotFound => break true,
+            Ok(_) if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other.is_err(),
+        }
+    };
+    assert!(gone, "still kept 10 s after it finished");
 }

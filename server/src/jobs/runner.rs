@@ -35,7 +35,8 @@ use tracing::Instrument as _;
 const POLL: Duration = Duration::from_millis(500);
 /// Progress is written at most this often per job.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-/// Finished jobs past their retention are deleted this often.
+/// Finished jobs past their retention are deleted this often (or as often
+/// as the retention, if it is shorter).
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// Cancel tokens of this runner's runs, by job id.
@@ -116,7 +117,7 @@ async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, owner: &str, ru
         }
         Err(err) => tracing::warn!(error = %err, "cannot expire job leases"),
     }
-    if cleaned.elapsed() >= CLEANUP_EVERY {
+    if cleaned.elapsed() >= CLEANUP_EVERY.min(jobs.options.retention) {
         *cleaned = Instant::now();
         let before = now_ms() - jobs.options.retention.as_millis() as i64;
         if let Err(err) = jobs.blocking(move |store| store.delete_finished(before)).await {
