@@ -373,8 +373,7 @@ impl Metrics {
                 let count = stats.by_state.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
                 self.jobs.get_or_create(&StateLabels { state: state.label() }).set(count as i64);
             }
-            let now = crate::jobs::store::now_ms();
-            let age = stats.oldest_queued_ms.map_or(0.0, |created| (now - created).max(0) as f64 / 1000.0);
+            let age = stats.oldest_queued_age.map_or(0.0, |age| age.as_secs_f64());
             self.oldest_queued_job.set(age);
         }
         // ISOLATED covers Offload's own workers and the worker programs'

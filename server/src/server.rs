@@ -139,7 +139,10 @@ pub async fn serve(
     // when the drain's grace is over.
     let (stop_claiming, hand_back, job_runs) = (CancellationToken::new(), CancellationToken::new(), TaskTracker::new());
     let runner = jobs.as_ref().ok().map(|jobs| {
-        let owner = format!("{}-{}", config.replica_name, std::process::id());
+        // Unique among every front sharing the store, even replicas of one
+        // name whose pid is the same (1, in containers).
+        let owner =
+            format!("{}-{}-{:08x}", config.replica_name, std::process::id(), getrandom::u32().unwrap_or_default());
         let capacity = dispatcher.pool().threads() + config.workers;
         tokio::spawn(crate::jobs::runner::run(
             Arc::clone(jobs),
@@ -349,10 +352,7 @@ pub async fn serve(
 async fn open_jobs(config: &Config) -> Result<Result<Arc<Jobs>, String>, ServeError> {
     let (named, options) = (config.job_store.clone(), config.jobs.clone());
     let store = named.clone().unwrap_or_else(|| crate::jobs::default_store_path().display().to_string());
-    let spec = store.clone();
-    let opened = tokio::task::spawn_blocking(move || Jobs::open(&spec, options))
-        .await
-        .unwrap_or_else(|e| Err(crate::jobs::store::StoreError::Database(e.to_string())));
+    let opened = Jobs::open(&store, options).await;
     match (opened, named) {
         (Ok(jobs), _) => {
             tracing::info!(store = %jobs.description, "jobs kept in {}", jobs.description);

@@ -13,11 +13,11 @@ use offload_proto::offload::v1::{
 use sha2::Digest as _;
 use tonic::{Code, transport::Channel};
 
-async fn jobs(server: &Server) -> JobsClient<Channel> {
+pub(crate) async fn jobs(server: &Server) -> JobsClient<Channel> {
     JobsClient::new(server.channel().await)
 }
 
-fn submit(task: &str, params: &[(&str, &str)], input: &[u8]) -> SubmitJobRequest {
+pub(crate) fn submit(task: &str, params: &[(&str, &str)], input: &[u8]) -> SubmitJobRequest {
     SubmitJobRequest {
         task: task.into(),
         input: input.to_vec().into(),
@@ -27,7 +27,7 @@ fn submit(task: &str, params: &[(&str, &str)], input: &[u8]) -> SubmitJobRequest
 }
 
 /// Every state `Wait` streams for `id`, until the stream ends.
-async fn wait(client: &mut JobsClient<Channel>, id: &str) -> Vec<Job> {
+pub(crate) async fn wait(client: &mut JobsClient<Channel>, id: &str) -> Vec<Job> {
     let mut stream = client.wait(WaitJobRequest { id: id.into() }).await.expect("wait").into_inner();
     let mut seen = Vec::new();
     while let Some(job) = stream.message().await.expect("a job") {
@@ -36,12 +36,12 @@ async fn wait(client: &mut JobsClient<Channel>, id: &str) -> Vec<Job> {
     seen
 }
 
-fn state(job: &Job) -> JobState {
+pub(crate) fn state(job: &Job) -> JobState {
     JobState::try_from(job.state).unwrap()
 }
 
 /// Polls the job until `check` holds (bounded).
-async fn until(client: &mut JobsClient<Channel>, id: &str, check: impl Fn(&Job) -> bool) -> Job {
+pub(crate) async fn until(client: &mut JobsClient<Channel>, id: &str, check: impl Fn(&Job) -> bool) -> Job {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let job = client.get(GetJobRequest { id: id.into() }).await.expect("get").into_inner();
@@ -175,7 +175,7 @@ async fn progress_is_streamed_to_waiters() {
 
 /// A front with `args` on the job store file `store`, running a job that
 /// spins for `ms`.
-async fn front_running_a_spin(store: &str, args: &[&str], ms: &str) -> (Server, Job) {
+pub(crate) async fn front_running_a_spin(store: &str, args: &[&str], ms: &str) -> (Server, Job) {
     let front = Server::start_with_env(args, &[("OFFLOAD_JOB_STORE", store)]);
     let mut client = jobs(&front).await;
     let job = client.submit(submit("debug.spin", &[("ms", ms)], b"")).await.unwrap().into_inner();

@@ -21,6 +21,7 @@ mod programs;
 mod python;
 mod sandbox;
 mod scheduling;
+mod shared_jobs;
 mod shutdown;
 mod statuses;
 mod stream;

@@ -460,6 +460,8 @@ pub async fn wait_for(bound: Duration, mut check: impl FnMut() -> bool) -> bool 
 
 /// An OTLP/gRPC trace receiver (the collector side of the protocol Jaeger
 /// speaks), keeping every span it is sent.
+pub mod postgres;
+
 pub mod otlp {
     use std::{
         net::SocketAddr,

@@ -3,16 +3,21 @@
 //!
 //! - [`store`]: what is kept, and the narrow interface every store offers.
 //! - [`sqlite`]: the embedded store, one SQLite file (the default).
+//! - [`postgres`]: a PostgreSQL database shared by fronts on any number of
+//!   hosts.
+//! - [`conformance`]: what every store must do, checked by each one's tests.
 //! - [`runner`]: a front's runner, which claims jobs when it has room and
 //!   runs them through the dispatcher as batch calls, under a lease.
 //! - [`service`]: the gRPC handlers of `offload.v1.Jobs`.
 //!
-//! [`Jobs`] is what the rest of the front holds: the store, taken off the
-//! async runtime; concurrent submits committed together (one fsync for a
-//! burst); and word of changes made by this front, so that waiters and
-//! the runner hear of them at once (changes made by other fronts are seen
-//! at the next poll).
+//! [`Jobs`] is what the rest of the front holds: the store; concurrent
+//! submits committed together (one fsync for a burst); and word of changes,
+//! so that waiters and the runner hear of them at once: changes made by
+//! this front, and those of other fronts when the store tells of them
+//! (PostgreSQL's LISTEN/NOTIFY); else they are seen at the next poll.
 
+pub mod conformance;
+pub mod postgres;
 pub mod runner;
 pub mod service;
 pub mod sqlite;
@@ -26,7 +31,7 @@ use std::{
 
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
-use store::{Filter, JobRecord, JobStore, NewJob, Page, StoreError, Submitted, now_ms};
+use store::{Filter, JobRecord, JobStore, NewJob, Notice, Page, StoreError, Submitted};
 
 /// How jobs are kept and run.
 #[derive(Debug, Clone)]
@@ -50,7 +55,8 @@ const GROUP_COMMIT_MAX: usize = 256;
 /// A front's view of its job store.
 #[derive(Debug)]
 pub struct Jobs {
-    store: Arc<dyn JobStore>,
+    /// Where jobs are kept.
+    pub store: Arc<dyn JobStore>,
     /// Where it is, for the log.
     pub description: String,
     /// How jobs are run.
@@ -76,15 +82,18 @@ pub fn default_store_path() -> PathBuf {
 }
 
 impl Jobs {
-    /// Opens the store `spec` names (a file path; `sqlite:` may precede it).
-    pub fn open(spec: &str, options: JobOptions) -> Result<Arc<Self>, StoreError> {
-        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-            return Err(StoreError::Database(
-                "PostgreSQL job stores are not supported by this version; give a file path".into(),
-            ));
+    /// Opens the store `spec` names: a `postgres://` (or `postgresql://`)
+    /// URL, else a file path (`sqlite:` may precede it).
+    pub async fn open(spec: &str, options: JobOptions) -> Result<Arc<Self>, StoreError> {
+        if postgres::is_url(spec) {
+            let store = postgres::PgStore::connect(spec).await?;
+            let description = format!("PostgreSQL database {}", store.describe());
+            return Ok(Self::with_store(Arc::new(store), description, options));
         }
-        let path = Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
-        let store = sqlite::SqliteStore::open(path)?;
+        let path = PathBuf::from(spec.strip_prefix("sqlite:").unwrap_or(spec));
+        let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
+            .await
+            .map_err(|e| StoreError::Database(e.to_string()))??;
         let description = format!("SQLite file {}", store.path().display());
         Ok(Self::with_store(Arc::new(store), description, options))
     }
@@ -93,20 +102,13 @@ impl Jobs {
     pub fn with_store(store: Arc<dyn JobStore>, description: String, options: JobOptions) -> Arc<Self> {
         let (submits, pending) = mpsc::channel(4 * GROUP_COMMIT_MAX);
         let (changed, _) = broadcast::channel(1024);
+        let notices = store.notices();
         let jobs = Arc::new(Self { store, description, options, submits, changed, submitted: Notify::new() });
         tokio::spawn(group_commit(Arc::downgrade(&jobs), pending));
+        if let Some(notices) = notices {
+            tokio::spawn(relay(Arc::downgrade(&jobs), notices));
+        }
         jobs
-    }
-
-    /// Runs `work` on the store, off the async runtime.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&dyn JobStore) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || work(store.as_ref()))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Database(format!("a store call panicked: {e}"))))
     }
 
     /// Tells this front's waiters and runner that `id` changed.
@@ -131,32 +133,29 @@ impl Jobs {
 
     /// The job `id`.
     pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let id = id.to_string();
-        self.blocking(move |store| store.get(&id)).await
+        self.store.get(id).await
     }
 
     /// A page of jobs.
     pub async fn list(&self, filter: Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
-        self.blocking(move |store| store.list(&filter, limit, after)).await
+        self.store.list(&filter, limit, after).await
     }
 
     /// Cancels `id` (see [`JobStore::cancel`]).
     pub async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let key = id.to_string();
-        let job = self.blocking(move |store| store.cancel(&key, now_ms())).await?;
+        let job = self.store.cancel(id).await?;
         self.touched(id);
         Ok(job)
     }
 
     /// How many jobs `client` has queued.
     pub async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
-        let client = client.to_string();
-        self.blocking(move |store| store.queued_of(&client)).await
+        self.store.queued_of(client).await
     }
 
     /// What the metrics show of the store.
     pub async fn stats(&self) -> Result<store::Stats, StoreError> {
-        self.blocking(|store| store.stats()).await
+        self.store.stats().await
     }
 
     /// Word of jobs this front changes from now on.
@@ -173,7 +172,7 @@ async fn group_commit(jobs: std::sync::Weak<Jobs>, mut pending: mpsc::Receiver<P
     while pending.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
         let Some(jobs) = jobs.upgrade() else { return };
         let (new, replies): (Vec<NewJob>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
-        let committed = jobs.blocking(move |store| store.submit(&new, now_ms())).await;
+        let committed = jobs.store.submit(new).await;
         match committed {
             Ok(submitted) => {
                 for (reply, submitted) in replies.into_iter().zip(submitted) {
@@ -185,6 +184,18 @@ async fn group_commit(jobs: std::sync::Weak<Jobs>, mut pending: mpsc::Receiver<P
                     let _ = reply.send(Err(err.to_string()));
                 }
             }
+        }
+    }
+}
+
+/// Passes word of other fronts' changes on to this front's waiters, and to
+/// its runner when a job is queued.
+async fn relay(jobs: std::sync::Weak<Jobs>, mut notices: mpsc::Receiver<Notice>) {
+    while let Some(Notice { id, queued }) = notices.recv().await {
+        let Some(jobs) = jobs.upgrade() else { return };
+        jobs.touched(&id);
+        if queued {
+            jobs.submitted.notify_one();
         }
     }
 }

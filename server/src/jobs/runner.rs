@@ -21,7 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     Jobs,
-    store::{JobFailure, JobRecord, RunResult, State, lease_until, now_ms},
+    store::{JobFailure, JobRecord, RunResult, State},
 };
 use crate::{
     dispatch::{Call, Dispatcher, ProgressState},
@@ -58,13 +58,14 @@ pub async fn run(
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cleaned = Instant::now();
+    // A change to one of its runs may be a cancel, from this front or
+    // another: looked for at once rather than at the next poll.
+    let mut changes = jobs.changes();
     loop {
         // Claim while there is room.
         while !stop.is_cancelled() && runs_tracker.len() < capacity {
-            let lease = jobs.options.lease;
-            let who = owner.clone();
-            let claimed = jobs.blocking(move |store| store.claim(&who, now_ms(), lease_until(now_ms(), lease))).await;
-            match claimed {
+            let asked = Instant::now();
+            match jobs.store.claim(&owner, jobs.options.lease).await {
                 Ok(Some(job)) => {
                     jobs.touched(&job.job.id);
                     let cancel = CancellationToken::new();
@@ -73,7 +74,7 @@ pub async fn run(
                         (Arc::clone(&jobs), Arc::clone(&dispatcher), Arc::clone(&runs), hand_back.clone());
                     runs_tracker.spawn(async move {
                         let id = job.job.id.clone();
-                        run_one(&jobs, &dispatcher, job, cancel, hand_back).await;
+                        run_one(&jobs, &dispatcher, job, asked, cancel, hand_back).await;
                         runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                     });
                 }
@@ -87,7 +88,17 @@ pub async fn run(
         tokio::select! {
             () = jobs.submitted.notified() => {}
             _ = poll.tick() => {
-                housekeeping(&jobs, &dispatcher, &owner, &runs, &mut cleaned).await;
+                cancel_asked(&jobs, &owner, &runs).await;
+                housekeeping(&jobs, &dispatcher, &mut cleaned).await;
+            }
+            changed = changes.recv() => {
+                let ours = match changed {
+                    Ok(id) => runs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id),
+                    Err(_) => true,
+                };
+                if ours {
+                    cancel_asked(&jobs, &owner, &runs).await;
+                }
             }
             () = stop.cancelled() => break,
         }
@@ -96,10 +107,9 @@ pub async fn run(
     runs_tracker.wait().await;
 }
 
-/// Cancels of this runner's runs, lapsed leases of any front, retention.
-async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, owner: &str, runs: &Runs, cleaned: &mut Instant) {
-    let who = owner.to_string();
-    if let Ok(cancels) = jobs.blocking(move |store| store.cancel_requests(&who)).await {
+/// Stops this runner's runs whose jobs were asked to cancel.
+async fn cancel_asked(jobs: &Jobs, owner: &str, runs: &Runs) {
+    if let Ok(cancels) = jobs.store.cancel_requests(owner).await {
         let wanted: HashSet<String> = cancels.into_iter().map(|(id, _)| id).collect();
         for (id, token) in runs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if wanted.contains(id) {
@@ -107,8 +117,11 @@ async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, owner: &str, ru
             }
         }
     }
-    let max_attempts = jobs.options.max_attempts;
-    match jobs.blocking(move |store| store.expire_leases(now_ms(), max_attempts)).await {
+}
+
+/// Lapsed leases of any front, and retention.
+async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, cleaned: &mut Instant) {
+    match jobs.store.expire_leases(jobs.options.max_attempts).await {
         Ok(0) => {}
         Ok(queued) => {
             tracing::warn!(jobs = queued, "jobs whose front stopped renewing their lease are queued again");
@@ -119,8 +132,7 @@ async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, owner: &str, ru
     }
     if cleaned.elapsed() >= CLEANUP_EVERY.min(jobs.options.retention) {
         *cleaned = Instant::now();
-        let before = now_ms() - jobs.options.retention.as_millis() as i64;
-        if let Err(err) = jobs.blocking(move |store| store.delete_finished(before)).await {
+        if let Err(err) = jobs.store.delete_finished(jobs.options.retention).await {
             tracing::warn!(error = %err, "cannot delete finished jobs past their retention");
         }
     }
@@ -141,13 +153,14 @@ async fn run_one(
     jobs: &Arc<Jobs>,
     dispatcher: &Arc<Dispatcher>,
     job: JobRecord,
+    claimed: Instant,
     cancel: CancellationToken,
     hand_back: CancellationToken,
 ) {
     let (id, attempt) = (job.job.id.clone(), job.attempts);
     // The run's spans continue the Submit's trace.
     let span = telemetry::job_span(&id, &job.job.task, attempt, &job.job.traceparent);
-    let ending = execute(jobs, dispatcher, job, &cancel, &hand_back).instrument(span).await;
+    let ending = execute(jobs, dispatcher, job, claimed, &cancel, &hand_back).instrument(span).await;
     dispatcher.metrics().job_run(match &ending {
         Ending::Result(RunResult::Succeeded(_)) => "succeeded",
         Ending::Result(RunResult::Ended(State::Cancelled, _)) => "cancelled",
@@ -160,14 +173,8 @@ async fn run_one(
             tracing::warn!(job.id = %id, attempt, "job's lease lapsed while it ran; another front has it");
             return;
         }
-        Ending::HandBack => {
-            let key = id.clone();
-            jobs.blocking(move |store| store.release(&key, attempt)).await
-        }
-        Ending::Result(result) => {
-            let key = id.clone();
-            jobs.blocking(move |store| store.finish(&key, attempt, &result, now_ms())).await
-        }
+        Ending::HandBack => jobs.store.release(&id, attempt).await,
+        Ending::Result(result) => jobs.store.finish(&id, attempt, result).await,
     };
     match written {
         Ok(true) => jobs.touched(&id),
@@ -180,6 +187,7 @@ async fn execute(
     jobs: &Arc<Jobs>,
     dispatcher: &Arc<Dispatcher>,
     job: JobRecord,
+    claimed: Instant,
     cancel: &CancellationToken,
     hand_back: &CancellationToken,
 ) -> Ending {
@@ -217,8 +225,15 @@ async fn execute(
     let (progress_tx, mut progress) = watch::channel(ProgressState::default());
     let running = admitted.run(Some(progress_tx));
     tokio::pin!(running);
-    let mut renew = tokio::time::interval(jobs.options.lease / 3);
+    let lease = jobs.options.lease;
+    let mut renew = tokio::time::interval(lease / 3);
     renew.tick().await;
+    // The run stops by itself once its lease may have lapsed unrenewed (the
+    // store out of reach): another front may take the job then, and two runs
+    // of one job must never overlap. Counted from before the claim (or the
+    // renewal) was asked, less a margin for the stop's own time.
+    let margin = lease / 6;
+    let mut held_until = claimed + lease - margin;
     // Progress is written at most every PROGRESS_EVERY: a change that comes
     // sooner waits for the next turn (`unwritten`).
     let mut reported = Instant::now() - PROGRESS_EVERY;
@@ -246,20 +261,21 @@ async fn execute(
             () = tokio::time::sleep_until((reported + PROGRESS_EVERY).into()), if unwritten => {
                 (reported, unwritten) = (Instant::now(), false);
                 let ProgressState { fraction, message, .. } = progress.borrow_and_update().clone();
-                let key = id.clone();
-                if let Ok(true) = jobs.blocking(move |store| store.progress(&key, attempt, fraction, &message)).await {
+                if let Ok(true) = jobs.store.progress(&id, attempt, fraction, &message).await {
                     jobs.touched(&id);
                 }
             }
             _ = renew.tick() => {
-                let (key, lease) = (id.clone(), jobs.options.lease);
-                match jobs.blocking(move |store| store.renew(&key, attempt, lease_until(now_ms(), lease))).await {
-                    Ok(true) => {}
+                let asked = Instant::now();
+                match tokio::time::timeout_at(held_until.into(), jobs.store.renew(&id, attempt, lease)).await {
+                    Ok(Ok(true)) => held_until = asked + lease - margin,
                     // Dropping the run stops its task, as a cancelled call's.
-                    Ok(false) => return Ending::Lost,
-                    Err(err) => tracing::warn!(job.id = %id, error = %err, "cannot renew a job's lease"),
+                    Ok(Ok(false)) => return Ending::Lost,
+                    Ok(Err(err)) => tracing::warn!(job.id = %id, error = %err, "cannot renew a job's lease"),
+                    Err(_) => return unrenewed(&id),
                 }
             }
+            () = tokio::time::sleep_until(held_until.into()) => return unrenewed(&id),
             () = cancel.cancelled() => {
                 let message = format!("{task}: the job was cancelled");
                 return Ending::Result(RunResult::Ended(
@@ -270,6 +286,12 @@ async fn execute(
             () = hand_back.cancelled() => return Ending::HandBack,
         }
     }
+}
+
+/// A run stopped because its lease could not be renewed in time.
+fn unrenewed(id: &str) -> Ending {
+    tracing::warn!(job.id = %id, "stopping a job whose lease could not be renewed: the store is out of reach");
+    Ending::Lost
 }
 
 /// A failed run, as its call would have failed.

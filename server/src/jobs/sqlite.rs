@@ -8,7 +8,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -18,7 +18,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::schedule::Priority;
 
 use super::store::{
-    Filter, JobFailure, JobRecord, JobStore, NewJob, Page, RunResult, State, Stats, StoreError, Submitted,
+    CANCELLED_LOST, CANCELLED_QUEUED, Filter, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob, Page,
+    RunResult, State, Stats, StoreError, Submitted, millis, now_ms,
 };
 
 impl From<rusqlite::Error> for StoreError {
@@ -31,7 +32,7 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    db: Mutex<Connection>,
+    db: Arc<Mutex<Connection>>,
 }
 
 const SCHEMA: &str = "
@@ -104,7 +105,7 @@ impl SqliteStore {
                 db.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {definition}"))?;
             }
         }
-        Ok(Self { path: path.to_owned(), db: Mutex::new(db) })
+        Ok(Self { path: path.to_owned(), db: Arc::new(Mutex::new(db)) })
     }
 
     /// The file.
@@ -112,8 +113,16 @@ impl SqliteStore {
         &self.path
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `work` on the connection off the async runtime: every call
+    /// blocks on the disk (a commit waits for its fsync).
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || work(&mut db.lock().unwrap_or_else(|e| e.into_inner()), now_ms()))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Database(format!("a store call panicked: {e}"))))
     }
 }
 
@@ -156,233 +165,262 @@ fn by_id(db: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
     Ok(db.query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"), [id], record).optional()?)
 }
 
+#[async_trait::async_trait]
 impl JobStore for SqliteStore {
-    fn submit(&self, jobs: &[NewJob], now_ms: i64) -> Result<Vec<Submitted>, StoreError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if let Some(key) = &job.idempotency_key {
-                let existing = tx
-                    .query_row(
-                        &format!("SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND idempotency_key = ?2"),
-                        params![job.client, key],
-                        record,
-                    )
-                    .optional()?;
-                if let Some(existing) = existing {
-                    out.push(Submitted::Existing(existing));
-                    continue;
+    async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+        self.with(move |db, now| {
+            let tx = db.transaction()?;
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                if let Some(key) = &job.idempotency_key {
+                    let existing = tx
+                        .query_row(
+                            &format!("SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND idempotency_key = ?2"),
+                            params![job.client, key],
+                            record,
+                        )
+                        .optional()?;
+                    if let Some(existing) = existing {
+                        out.push(Submitted::Existing(existing));
+                        continue;
+                    }
                 }
+                let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
+                tx.execute(
+                    "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
+                         traceparent, interactive)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    params![
+                        job.id,
+                        job.task,
+                        job.mode,
+                        params,
+                        job.input.as_ref(),
+                        job.client,
+                        job.idempotency_key,
+                        QUEUED,
+                        now,
+                        job.traceparent,
+                        job.priority == Priority::Interactive
+                    ],
+                )?;
+                let recorded =
+                    by_id(&tx, &job.id)?.ok_or_else(|| StoreError::Database("a job just recorded is gone".into()))?;
+                out.push(Submitted::New(recorded));
             }
-            let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
-            tx.execute(
-                "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms, traceparent,
-                     interactive)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let id = id.to_string();
+        self.with(move |db, _| by_id(db, &id)).await
+    }
+
+    async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
+        let filter = filter.clone();
+        self.with(move |db, _| {
+            let mut statement = db.prepare(&format!(
+                "SELECT {LIST_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?4 IS NULL OR client = ?4)
+                     AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+            ))?;
+            let bounds =
+                params![filter.state.map(State::number), after.unwrap_or(i64::MAX), limit as i64 + 1, filter.client];
+            let rows = statement.query_map(bounds, |row| Ok((record(row)?, row.get::<_, i64>(18)?)))?;
+            Ok(Page::of(rows.collect::<Result<_, _>>()?, limit))
+        })
+        .await
+    }
+
+    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<JobRecord>, StoreError> {
+        let owner = owner.to_string();
+        self.with(move |db, now| {
+            let claimed: Option<String> = db
+                .query_row(
+                    "UPDATE jobs SET state = ?1, attempts = attempts + 1, owner = ?2, lease_until = ?3, started_ms = ?4
+                     WHERE seq = (SELECT seq FROM jobs WHERE state = ?5 ORDER BY seq LIMIT 1)
+                     RETURNING id",
+                    params![RUNNING, owner, now + millis(lease), now, QUEUED],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            match claimed {
+                Some(id) => by_id(db, &id),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn renew(&self, id: &str, attempt: u32, lease: Duration) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with(move |db, now| {
+            let changed = db.execute(
+                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND attempts = ?3 AND state = ?4",
+                params![now + millis(lease), id, attempt, RUNNING],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError> {
+        let (id, message) = (id.to_string(), message.to_string());
+        self.with(move |db, _| {
+            let changed = db.execute(
+                "UPDATE jobs SET progress = ?1, progress_message = ?2 WHERE id = ?3 AND attempts = ?4 AND state = ?5",
+                params![fraction, message, id, attempt, RUNNING],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn finish(&self, id: &str, attempt: u32, result: RunResult) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with(move |db, now| {
+            let (state, output, failure) = result.columns();
+            let changed = db.execute(
+                "UPDATE jobs SET state = ?1, output = ?2, error_code = ?3, error_message = ?4, finished_ms = ?5,
+                     owner = NULL, lease_until = NULL, progress = CASE WHEN ?1 = 3 THEN 1.0 ELSE progress END
+                 WHERE id = ?6 AND attempts = ?7 AND state = ?8",
                 params![
-                    job.id,
-                    job.task,
-                    job.mode,
-                    params,
-                    job.input.as_ref(),
-                    job.client,
-                    job.idempotency_key,
-                    QUEUED,
-                    now_ms,
-                    job.traceparent,
-                    job.priority == Priority::Interactive
+                    state.number(),
+                    output,
+                    failure.map(|f| f.code),
+                    failure.map(|f| f.message.as_str()),
+                    now,
+                    id,
+                    attempt,
+                    RUNNING
                 ],
             )?;
-            let recorded =
-                by_id(&tx, &job.id)?.ok_or_else(|| StoreError::Database("a job just recorded is gone".into()))?;
-            out.push(Submitted::New(recorded));
-        }
-        tx.commit()?;
-        Ok(out)
+            Ok(changed == 1)
+        })
+        .await
     }
 
-    fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        by_id(&self.db(), id)
+    async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with(move |db, _| {
+            let changed = db.execute(
+                "UPDATE jobs SET state = ?1, attempts = attempts - 1, owner = NULL, lease_until = NULL
+                 WHERE id = ?2 AND attempts = ?3 AND state = ?4",
+                params![QUEUED, id, attempt, RUNNING],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
     }
 
-    fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
-        let db = self.db();
-        let mut statement = db.prepare(&format!(
-            "SELECT {LIST_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?4 IS NULL OR client = ?4)
-                 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
-        ))?;
-        let bounds =
-            params![filter.state.map(State::number), after.unwrap_or(i64::MAX), limit as i64 + 1, filter.client];
-        let rows = statement.query_map(bounds, |row| Ok((record(row)?, row.get::<_, i64>(18)?)))?;
-        let mut jobs: Vec<(JobRecord, i64)> = rows.collect::<Result<_, _>>()?;
-        let next = (jobs.len() > limit).then(|| jobs[limit - 1].1);
-        jobs.truncate(limit);
-        Ok(Page { jobs: jobs.into_iter().map(|(job, _)| job).collect(), next })
+    async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let id = id.to_string();
+        self.with(move |db, now| {
+            let tx = db.transaction()?;
+            tx.execute(
+                "UPDATE jobs SET state = ?1, error_code = ?2, error_message = ?3, finished_ms = ?4
+                 WHERE id = ?5 AND state = ?6",
+                params![State::Cancelled.number(), tonic::Code::Cancelled as i32, CANCELLED_QUEUED, now, id, QUEUED],
+            )?;
+            tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = ?2", params![id, RUNNING])?;
+            let job = by_id(&tx, &id)?;
+            tx.commit()?;
+            Ok(job)
+        })
+        .await
     }
 
-    fn claim(&self, owner: &str, now_ms: i64, lease_until_ms: i64) -> Result<Option<JobRecord>, StoreError> {
-        let db = self.db();
-        let claimed: Option<String> = db
-            .query_row(
-                "UPDATE jobs SET state = ?1, attempts = attempts + 1, owner = ?2, lease_until = ?3, started_ms = ?4
-                 WHERE seq = (SELECT seq FROM jobs WHERE state = ?5 ORDER BY seq LIMIT 1)
-                 RETURNING id",
-                params![RUNNING, owner, lease_until_ms, now_ms, QUEUED],
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let owner = owner.to_string();
+        self.with(move |db, _| {
+            let mut statement =
+                db.prepare("SELECT id, attempts FROM jobs WHERE owner = ?1 AND state = ?2 AND cancel_requested = 1")?;
+            let rows = statement.query_map(params![owner, RUNNING], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn expire_leases(&self, max_attempts: u32) -> Result<usize, StoreError> {
+        self.with(move |db, now| {
+            let tx = db.transaction()?;
+            let expired = "state = ?1 AND lease_until <= ?2";
+            tx.execute(
+                &format!(
+                    "UPDATE jobs SET state = ?3, error_code = ?4, error_message = ?5,
+                         finished_ms = ?2, owner = NULL, lease_until = NULL
+                     WHERE {expired} AND cancel_requested = 1"
+                ),
+                params![RUNNING, now, State::Cancelled.number(), tonic::Code::Cancelled as i32, CANCELLED_LOST],
+            )?;
+            tx.execute(
+                &format!(
+                    "UPDATE jobs SET state = ?3, error_code = ?4,
+                         error_message = ?6 || attempts || ' of ' || ?5,
+                         finished_ms = ?2, owner = NULL, lease_until = NULL
+                     WHERE {expired} AND attempts >= ?5"
+                ),
+                params![
+                    RUNNING,
+                    now,
+                    State::Failed.number(),
+                    tonic::Code::Unavailable as i32,
+                    max_attempts,
+                    LOST_ON_ATTEMPT
+                ],
+            )?;
+            let queued = tx.execute(
+                &format!("UPDATE jobs SET state = ?3, owner = NULL, lease_until = NULL WHERE {expired}"),
+                params![RUNNING, now, QUEUED],
+            )?;
+            tx.commit()?;
+            Ok(queued)
+        })
+        .await
+    }
+
+    async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
+        let client = client.to_string();
+        self.with(move |db, _| {
+            let count: i64 = db.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE client = ?1 AND state = ?2",
+                params![client, QUEUED],
                 |row| row.get(0),
-            )
-            .optional()?;
-        match claimed {
-            Some(id) => by_id(&db, &id),
-            None => Ok(None),
-        }
+            )?;
+            Ok(count as usize)
+        })
+        .await
     }
 
-    fn renew(&self, id: &str, attempt: u32, lease_until_ms: i64) -> Result<bool, StoreError> {
-        let changed = self.db().execute(
-            "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND attempts = ?3 AND state = ?4",
-            params![lease_until_ms, id, attempt, RUNNING],
-        )?;
-        Ok(changed == 1)
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        self.with(move |db, now| {
+            let mut statement = db.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")?;
+            let rows = statement.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
+            let counts = rows.collect::<Result<Vec<_>, _>>()?;
+            let oldest: Option<i64> =
+                db.query_row("SELECT MIN(created_ms) FROM jobs WHERE state = ?1", [QUEUED], |row| row.get(0))?;
+            Ok(Stats::of(counts, oldest.map(|created| now - created)))
+        })
+        .await
     }
 
-    fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError> {
-        let changed = self.db().execute(
-            "UPDATE jobs SET progress = ?1, progress_message = ?2 WHERE id = ?3 AND attempts = ?4 AND state = ?5",
-            params![fraction, message, id, attempt, RUNNING],
-        )?;
-        Ok(changed == 1)
-    }
-
-    fn finish(&self, id: &str, attempt: u32, result: &RunResult, now_ms: i64) -> Result<bool, StoreError> {
-        let (state, output, failure) = match result {
-            RunResult::Succeeded(output) => (State::Succeeded, Some(output.as_ref()), None),
-            RunResult::Ended(state, failure) => (*state, None, Some(failure)),
-        };
-        let changed = self.db().execute(
-            "UPDATE jobs SET state = ?1, output = ?2, error_code = ?3, error_message = ?4, finished_ms = ?5,
-                 owner = NULL, lease_until = NULL, progress = CASE WHEN ?1 = 3 THEN 1.0 ELSE progress END
-             WHERE id = ?6 AND attempts = ?7 AND state = ?8",
-            params![
-                state.number(),
-                output,
-                failure.map(|f| f.code),
-                failure.map(|f| f.message.as_str()),
-                now_ms,
-                id,
-                attempt,
-                RUNNING
-            ],
-        )?;
-        Ok(changed == 1)
-    }
-
-    fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError> {
-        let changed = self.db().execute(
-            "UPDATE jobs SET state = ?1, attempts = attempts - 1, owner = NULL, lease_until = NULL
-             WHERE id = ?2 AND attempts = ?3 AND state = ?4",
-            params![QUEUED, id, attempt, RUNNING],
-        )?;
-        Ok(changed == 1)
-    }
-
-    fn cancel(&self, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        tx.execute(
-            "UPDATE jobs SET state = ?1, error_code = ?2, error_message = 'cancelled before it ran', finished_ms = ?3
-             WHERE id = ?4 AND state = ?5",
-            params![State::Cancelled.number(), tonic::Code::Cancelled as i32, now_ms, id, QUEUED],
-        )?;
-        tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = ?2", params![id, RUNNING])?;
-        let job = by_id(&tx, id)?;
-        tx.commit()?;
-        Ok(job)
-    }
-
-    fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError> {
-        let db = self.db();
-        let mut statement =
-            db.prepare("SELECT id, attempts FROM jobs WHERE owner = ?1 AND state = ?2 AND cancel_requested = 1")?;
-        let rows = statement.query_map(params![owner, RUNNING], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    fn expire_leases(&self, now_ms: i64, max_attempts: u32) -> Result<usize, StoreError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let expired = "state = ?1 AND lease_until < ?2";
-        tx.execute(
-            &format!(
-                "UPDATE jobs SET state = ?3, error_code = ?4, error_message = 'cancelled while its front was lost',
-                     finished_ms = ?2, owner = NULL, lease_until = NULL
-                 WHERE {expired} AND cancel_requested = 1"
-            ),
-            params![RUNNING, now_ms, State::Cancelled.number(), tonic::Code::Cancelled as i32],
-        )?;
-        tx.execute(
-            &format!(
-                "UPDATE jobs SET state = ?3, error_code = ?4,
-                     error_message = 'its front stopped renewing its lease on attempt ' || attempts || ' of ' || ?5,
-                     finished_ms = ?2, owner = NULL, lease_until = NULL
-                 WHERE {expired} AND attempts >= ?5"
-            ),
-            params![RUNNING, now_ms, State::Failed.number(), tonic::Code::Unavailable as i32, max_attempts],
-        )?;
-        let queued = tx.execute(
-            &format!("UPDATE jobs SET state = ?3, owner = NULL, lease_until = NULL WHERE {expired}"),
-            params![RUNNING, now_ms, QUEUED],
-        )?;
-        tx.commit()?;
-        Ok(queued)
-    }
-
-    fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
-        let count: i64 = self.db().query_row(
-            "SELECT COUNT(*) FROM jobs WHERE client = ?1 AND state = ?2",
-            params![client, QUEUED],
-            |row| row.get(0),
-        )?;
-        Ok(count as usize)
-    }
-
-    fn stats(&self) -> Result<Stats, StoreError> {
-        let db = self.db();
-        let mut statement = db.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
-        let rows = statement.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
-        let mut by_state = Vec::new();
-        for row in rows {
-            let (state, count) = row?;
-            by_state.extend(State::from_number(state).map(|state| (state, count as u64)));
-        }
-        let oldest_queued_ms =
-            db.query_row("SELECT MIN(created_ms) FROM jobs WHERE state = ?1", [QUEUED], |row| row.get(0))?;
-        Ok(Stats { by_state, oldest_queued_ms })
-    }
-
-    fn delete_finished(&self, before_ms: i64) -> Result<usize, StoreError> {
-        Ok(self.db().execute("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1", [before_ms])?)
+    async fn delete_finished(&self, retention: Duration) -> Result<usize, StoreError> {
+        self.with(move |db, now| {
+            Ok(db.execute(
+                "DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms <= ?1",
+                [now - millis(retention)],
+            )?)
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::store::{lease_until, now_ms};
-
-    fn job(id: &str, key: Option<&str>) -> NewJob {
-        NewJob {
-            id: id.into(),
-            task: "hash.sha256".into(),
-            mode: 0,
-            params: [("a".to_string(), "1".to_string())].into(),
-            input: Bytes::from_static(b"abc"),
-            client: String::new(),
-            idempotency_key: key.map(String::from),
-            traceparent: String::new(),
-            priority: Priority::Batch,
-        }
-    }
+    use crate::jobs::conformance;
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -390,74 +428,14 @@ mod tests {
         (dir, store)
     }
 
-    #[test]
-    fn a_job_is_claimed_once_run_fenced_and_finished() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keeps_the_job_store_contract() {
         let (_dir, store) = store();
-        let now = now_ms();
-        let submitted = store.submit(&[job("a", None), job("b", Some("k"))], now).unwrap();
-        assert!(matches!(&submitted[0], Submitted::New(r) if r.state == State::Queued && r.attempts == 0));
-        let again = store.submit(&[job("c", Some("k"))], now).unwrap();
-        assert!(matches!(&again[0], Submitted::Existing(r) if r.job.id == "b"), "the key's job");
-
-        let claimed = store.claim("front-1", now, now + 1000).unwrap().expect("the oldest");
-        assert_eq!((claimed.job.id.as_str(), claimed.state, claimed.attempts), ("a", State::Running, 1));
-        assert!(store.renew("a", 1, now + 2000).unwrap());
-        assert!(store.progress("a", 1, 0.5, "half").unwrap());
-        // Its lease runs out: the job is queued again, and the old run's
-        // writes are refused once another run has it.
-        assert_eq!(store.expire_leases(now + 3000, 3).unwrap(), 1);
-        let retaken = store.claim("front-2", now + 3000, now + 4000).unwrap().unwrap();
-        assert_eq!((retaken.job.id.as_str(), retaken.attempts), ("a", 2));
-        let output = RunResult::Succeeded(Bytes::from_static(b"out"));
-        assert!(!store.finish("a", 1, &output, now).unwrap(), "the stale run changes nothing");
-        assert!(!store.renew("a", 1, now + 9000).unwrap());
-        assert!(store.finish("a", 2, &output, now).unwrap());
-        let done = store.get("a").unwrap().unwrap();
-        assert_eq!((done.state, done.output.as_deref(), done.progress), (State::Succeeded, Some(&b"out"[..]), 1.0));
+        conformance::check_all(&store).await;
     }
 
-    #[test]
-    fn attempts_run_out_cancels_and_hand_backs() {
-        let (_dir, store) = store();
-        let now = now_ms();
-        store.submit(&[job("a", None), job("b", None), job("c", None)], now).unwrap();
-        // "a" loses its front three times: then it fails, naming why.
-        for attempt in 1..=3 {
-            let claimed = store.claim("f", now, now).unwrap().unwrap();
-            assert_eq!((claimed.job.id.as_str(), claimed.attempts), ("a", attempt));
-            store.expire_leases(now + 1, 3).unwrap();
-        }
-        let failed = store.get("a").unwrap().unwrap();
-        assert_eq!(failed.state, State::Failed);
-        assert!(failed.failure.unwrap().message.contains("attempt 3 of 3"));
-        // A queued job is cancelled at once; a running one is flagged.
-        let b = store.claim("f", now, lease_until(now, Duration::from_secs(30))).unwrap().unwrap();
-        assert_eq!(store.cancel("c", now).unwrap().unwrap().state, State::Cancelled);
-        assert!(store.cancel("b", now).unwrap().unwrap().cancel_requested);
-        assert_eq!(store.cancel_requests("f").unwrap(), vec![("b".to_string(), b.attempts)]);
-        // Handed back by a draining front: queued, the attempt not counted.
-        assert!(store.release("b", b.attempts).unwrap());
-        let back = store.get("b").unwrap().unwrap();
-        assert_eq!((back.state, back.attempts), (State::Queued, 0));
-        // Listing, newest first, in pages.
-        let all = Filter::default();
-        let first = store.list(&all, 2, None).unwrap();
-        assert_eq!(first.jobs.iter().map(|j| j.job.id.as_str()).collect::<Vec<_>>(), ["c", "b"]);
-        let rest = store.list(&all, 2, first.next).unwrap();
-        assert_eq!((rest.jobs.len(), rest.next), (1, None));
-        assert!(rest.jobs[0].job.input.is_empty(), "inputs are left out");
-        let cancelled = Filter { state: Some(State::Cancelled), ..Filter::default() };
-        assert_eq!(store.list(&cancelled, 10, None).unwrap().jobs.len(), 1);
-        let theirs = Filter { client: Some("billing".into()), ..Filter::default() };
-        assert!(store.list(&theirs, 10, None).unwrap().jobs.is_empty(), "another client's");
-        let stats = store.stats().unwrap();
-        assert_eq!(stats.by_state, [(State::Queued, 1), (State::Failed, 1), (State::Cancelled, 1)]);
-        assert_eq!(stats.oldest_queued_ms, Some(now));
-        assert_eq!(store.delete_finished(now + 10).unwrap(), 2, "a and c");
-    }
-
-    #[test]
-    fn a_file_made_before_a_column_was_added_gets_it() {
+    #[tokio::test]
+    async fn a_file_made_before_a_column_was_added_gets_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.sqlite3");
         let old = SCHEMA
@@ -466,16 +444,16 @@ mod tests {
         assert_ne!(old, SCHEMA);
         Connection::open(&path).unwrap().execute_batch(&old).unwrap();
         let store = SqliteStore::open(&path).unwrap();
-        store.submit(&[job("a", None)], now_ms()).unwrap();
-        assert_eq!(store.get("a").unwrap().unwrap().job.traceparent, "");
+        store.submit(vec![conformance::job("a", None)]).await.unwrap();
+        assert_eq!(store.get("a").await.unwrap().unwrap().job.traceparent, conformance::job("a", None).traceparent);
     }
 
-    #[test]
-    fn jobs_survive_reopening() {
+    #[tokio::test]
+    async fn jobs_survive_reopening() {
         let (dir, store) = store();
-        store.submit(&[job("a", None)], now_ms()).unwrap();
+        store.submit(vec![conformance::job("a", None)]).await.unwrap();
         drop(store);
         let reopened = SqliteStore::open(&dir.path().join("jobs.sqlite3")).unwrap();
-        assert_eq!(reopened.get("a").unwrap().unwrap().job.input.as_ref(), b"abc");
+        assert_eq!(reopened.get("a").await.unwrap().unwrap().job.input.as_ref(), b"abc");
     }
 }

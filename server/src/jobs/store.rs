@@ -147,6 +147,24 @@ pub enum RunResult {
     Ended(State, JobFailure),
 }
 
+impl RunResult {
+    /// The state, output and failure it records.
+    pub fn columns(&self) -> (State, Option<&[u8]>, Option<&JobFailure>) {
+        match self {
+            RunResult::Succeeded(output) => (State::Succeeded, Some(output.as_ref()), None),
+            RunResult::Ended(state, failure) => (*state, None, Some(failure)),
+        }
+    }
+}
+
+/// The message of a job cancelled while queued.
+pub const CANCELLED_QUEUED: &str = "cancelled before it ran";
+/// The message of a job whose cancel was asked and whose front was lost.
+pub const CANCELLED_LOST: &str = "cancelled while its front was lost";
+/// The start of the message of a job whose last attempt's front was lost;
+/// the store appends "N of M".
+pub const LOST_ON_ATTEMPT: &str = "its front stopped renewing its lease on attempt ";
+
 /// A page of [`JobStore::list`].
 #[derive(Debug, Clone, Default)]
 pub struct Page {
@@ -154,6 +172,17 @@ pub struct Page {
     pub jobs: Vec<JobRecord>,
     /// Where the next page starts, if there is one.
     pub next: Option<i64>,
+}
+
+impl Page {
+    /// The page of `limit` jobs from `rows`, the jobs and their sequence
+    /// numbers fetched with one more than `limit` (whose presence says
+    /// there is a next page).
+    pub fn of(mut rows: Vec<(JobRecord, i64)>, limit: usize) -> Self {
+        let next = (rows.len() > limit).then(|| rows[limit - 1].1);
+        rows.truncate(limit);
+        Page { jobs: rows.into_iter().map(|(job, _)| job).collect(), next }
+    }
 }
 
 /// Which jobs [`JobStore::list`] gives.
@@ -182,60 +211,81 @@ pub enum StoreError {
     Database(String),
 }
 
-/// A place jobs are kept. Every method blocks; writes are durable when
-/// they return.
+/// A place jobs are kept. Writes are durable when they return. Times are
+/// the store's own clock (the database server's, for a store shared by
+/// several hosts), so that fronts on hosts whose clocks disagree still
+/// agree on when a lease lapsed.
+#[async_trait::async_trait]
 pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records `jobs` in one transaction (group commit); for a job whose
     /// idempotency key is taken by the same client, the job recorded under
     /// it instead.
-    fn submit(&self, jobs: &[NewJob], now_ms: i64) -> Result<Vec<Submitted>, StoreError>;
+    async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError>;
 
     /// The job `id`.
-    fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
 
     /// Up to `limit` jobs (in `state`, of `client`, if given), newest
     /// first, from `after` (a previous page's `next`) on.
-    fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
+    async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
 
-    /// Takes the oldest queued job for `owner`, leased until `lease_until_ms`.
-    fn claim(&self, owner: &str, now_ms: i64, lease_until_ms: i64) -> Result<Option<JobRecord>, StoreError>;
+    /// Takes the oldest queued job for `owner`, leased for `lease`. Two
+    /// fronts claiming at once never get the same job.
+    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<JobRecord>, StoreError>;
 
-    /// Extends the lease of run `attempt` of `id`; false if the run is no
-    /// longer this runner's (its lease expired and the job moved on).
-    fn renew(&self, id: &str, attempt: u32, lease_until_ms: i64) -> Result<bool, StoreError>;
+    /// Extends the lease of run `attempt` of `id` to `lease` from now;
+    /// false if the run is no longer this runner's (its lease lapsed and
+    /// the job moved on).
+    async fn renew(&self, id: &str, attempt: u32, lease: Duration) -> Result<bool, StoreError>;
 
     /// Records run `attempt`'s progress (fenced, like every runner's write).
-    fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError>;
+    async fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError>;
 
     /// Ends run `attempt` of `id` with `result`; false if it was not the
     /// current run (nothing is written).
-    fn finish(&self, id: &str, attempt: u32, result: &RunResult, now_ms: i64) -> Result<bool, StoreError>;
+    async fn finish(&self, id: &str, attempt: u32, result: RunResult) -> Result<bool, StoreError>;
 
     /// Hands run `attempt` back to the queue unfinished, not counted as an
     /// attempt (its front is shutting down).
-    fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError>;
+    async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError>;
 
     /// Cancels `id`: a queued job at once, a running one by flagging it for
     /// its runner. Returns the job as it is then.
-    fn cancel(&self, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError>;
+    async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
 
     /// The runs of `owner` whose jobs were asked to cancel, as (id, attempt).
-    fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError>;
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError>;
 
-    /// Running jobs whose lease ended before `now_ms`: queued again if they
-    /// have attempts left (up to `max_attempts`), cancelled if a cancel was
+    /// Running jobs whose lease has ended: queued again if they have
+    /// attempts left (up to `max_attempts`), cancelled if a cancel was
     /// asked, else failed. Returns how many were queued again.
-    fn expire_leases(&self, now_ms: i64, max_attempts: u32) -> Result<usize, StoreError>;
+    async fn expire_leases(&self, max_attempts: u32) -> Result<usize, StoreError>;
 
-    /// Deletes jobs that finished before `before_ms`; returns how many.
-    fn delete_finished(&self, before_ms: i64) -> Result<usize, StoreError>;
+    /// Deletes jobs that finished `retention` ago or longer; returns how many.
+    async fn delete_finished(&self, retention: Duration) -> Result<usize, StoreError>;
 
     /// How many jobs `client` has queued.
-    fn queued_of(&self, client: &str) -> Result<usize, StoreError>;
+    async fn queued_of(&self, client: &str) -> Result<usize, StoreError>;
 
-    /// How many jobs are in each state, and when the oldest queued one was
-    /// recorded (for the metrics).
-    fn stats(&self) -> Result<Stats, StoreError>;
+    /// How many jobs are in each state, and how long the oldest queued one
+    /// has waited (for the metrics).
+    async fn stats(&self) -> Result<Stats, StoreError>;
+
+    /// Word of changes made by other fronts sharing the store, from a store
+    /// that can tell (none: waiters and runners poll for them).
+    fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<Notice>> {
+        None
+    }
+}
+
+/// A change to a job made by another front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The job.
+    pub id: String,
+    /// It is queued (new, handed back, or its front was lost): a runner
+    /// with room may claim it.
+    pub queued: bool,
 }
 
 /// What the metrics show of a store.
@@ -243,8 +293,21 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
 pub struct Stats {
     /// Jobs by state.
     pub by_state: Vec<(State, u64)>,
-    /// Unix milliseconds the oldest queued job was recorded at.
-    pub oldest_queued_ms: Option<i64>,
+    /// How long the oldest queued job has waited.
+    pub oldest_queued_age: Option<Duration>,
+}
+
+impl Stats {
+    /// The stats of `counts` (state numbers and how many jobs are in each)
+    /// and the oldest queued job's age in milliseconds.
+    pub fn of(counts: Vec<(i64, i64)>, oldest_queued_ms: Option<i64>) -> Self {
+        let by_state = counts
+            .into_iter()
+            .filter_map(|(state, count)| Some((State::from_number(state)?, count.max(0) as u64)))
+            .collect();
+        let oldest_queued_age = oldest_queued_ms.map(|ms| Duration::from_millis(ms.max(0) as u64));
+        Stats { by_state, oldest_queued_age }
+    }
 }
 
 /// Unix milliseconds now.
@@ -252,7 +315,7 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// `now_ms` plus `lease`.
-pub fn lease_until(now_ms: i64, lease: Duration) -> i64 {
-    now_ms + lease.as_millis() as i64
+/// `duration` in whole milliseconds, as stored.
+pub fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

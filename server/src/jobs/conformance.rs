@@ -1,0 +1,168 @@
+//! What every [`JobStore`] must do, as checks any backend's tests run on an
+//! empty store of theirs: the SQLite store's unit tests, and the PostgreSQL
+//! store's end-to-end tests against a real server. One set of checks keeps
+//! the backends interchangeable.
+//!
+//! Each check panics, saying what was wrong, on the first broken promise.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::store::{Filter, JobFailure, JobStore, NewJob, RunResult, State, Submitted};
+use crate::schedule::Priority;
+
+/// A lease that lapses at once (for checks of what follows a lost front).
+const LAPSED: Duration = Duration::ZERO;
+/// A lease that does not lapse while a check runs.
+const HELD: Duration = Duration::from_secs(600);
+
+/// A job of id `id` (with idempotency key `key`) for the checks.
+pub fn job(id: &str, key: Option<&str>) -> NewJob {
+    NewJob {
+        id: id.into(),
+        task: "hash.sha256".into(),
+        mode: 0,
+        params: [("a".to_string(), "1".to_string())].into(),
+        input: Bytes::from_static(b"abc"),
+        client: String::new(),
+        idempotency_key: key.map(String::from),
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        priority: Priority::Interactive,
+    }
+}
+
+/// Every check, each on a store emptied of the previous one's jobs.
+pub async fn check_all(store: &dyn JobStore) {
+    claimed_once_fenced_and_finished(store).await;
+    empty(store).await;
+    attempts_cancels_hand_backs_and_listing(store).await;
+    empty(store).await;
+    concurrent_claims_never_share_a_job(store).await;
+}
+
+/// Deletes every job (each check starts from an empty store).
+async fn empty(store: &dyn JobStore) {
+    // Queued and running jobs are cancelled, then every finished one goes.
+    loop {
+        let page = store.list(&Filter::default(), 1000, None).await.unwrap();
+        if page.jobs.is_empty() {
+            break;
+        }
+        for job in page.jobs {
+            if let Some(record) = store.cancel(&job.job.id).await.unwrap()
+                && record.state == State::Running
+            {
+                let ended = RunResult::Ended(State::Cancelled, JobFailure { code: 1, message: String::new() });
+                store.finish(&job.job.id, record.attempts, ended).await.unwrap();
+            }
+        }
+        store.delete_finished(Duration::ZERO).await.unwrap();
+    }
+}
+
+/// Submit (with idempotency keys), claim, renew, progress, a lapsed lease
+/// taken over by another front, and fencing of the stale run's writes.
+pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
+    let submitted = store.submit(vec![job("a", None), job("b", Some("k"))]).await.unwrap();
+    let Submitted::New(a) = &submitted[0] else { panic!("a new job: {submitted:?}") };
+    assert_eq!((a.state, a.attempts, a.job.priority), (State::Queued, 0, Priority::Interactive));
+    assert_eq!(a.job, job("a", None), "recorded as submitted");
+    let again = store.submit(vec![job("c", Some("k"))]).await.unwrap();
+    assert!(matches!(&again[0], Submitted::Existing(r) if r.job.id == "b"), "the key's job: {again:?}");
+    let mut other = job("c", Some("k"));
+    other.client = "billing".into();
+    assert!(matches!(&store.submit(vec![other]).await.unwrap()[0], Submitted::New(_)), "keys are per client");
+
+    let claimed = store.claim("front-1", HELD).await.unwrap().expect("the oldest");
+    assert_eq!((claimed.job.id.as_str(), claimed.state, claimed.attempts), ("a", State::Running, 1));
+    assert!(claimed.started_ms.is_some());
+    assert!(store.renew("a", 1, LAPSED).await.unwrap());
+    assert!(store.progress("a", 1, 0.5, "half").await.unwrap());
+    let halfway = store.get("a").await.unwrap().unwrap();
+    assert_eq!((halfway.progress, halfway.progress_message.as_str()), (0.5, "half"));
+    // Its lease ran out: the job is queued again, and the old run's writes
+    // are refused once another run has it.
+    assert_eq!(store.expire_leases(3).await.unwrap(), 1);
+    let retaken = store.claim("front-2", HELD).await.unwrap().unwrap();
+    assert_eq!((retaken.job.id.as_str(), retaken.attempts), ("a", 2));
+    let output = RunResult::Succeeded(Bytes::from_static(b"out"));
+    assert!(!store.finish("a", 1, output.clone()).await.unwrap(), "the stale run changes nothing");
+    assert!(!store.renew("a", 1, HELD).await.unwrap());
+    assert!(!store.progress("a", 1, 0.9, "stale").await.unwrap());
+    assert!(store.finish("a", 2, output).await.unwrap());
+    let done = store.get("a").await.unwrap().unwrap();
+    assert_eq!((done.state, done.output.as_deref(), done.progress), (State::Succeeded, Some(&b"out"[..]), 1.0));
+    assert!(done.finished_ms.is_some_and(|f| f >= done.created_ms));
+    assert!(store.get("nope").await.unwrap().is_none());
+}
+
+/// Attempts running out, cancels of queued and running jobs, hand-backs,
+/// listing in pages, stats and retention.
+pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
+    store.submit(vec![job("a", None), job("b", None), job("c", None)]).await.unwrap();
+    // "a" loses its front three times: then it fails, naming why.
+    for attempt in 1..=3 {
+        let claimed = store.claim("f", LAPSED).await.unwrap().unwrap();
+        assert_eq!((claimed.job.id.as_str(), claimed.attempts), ("a", attempt));
+        store.expire_leases(3).await.unwrap();
+    }
+    let failed = store.get("a").await.unwrap().unwrap();
+    assert_eq!(failed.state, State::Failed);
+    let failure = failed.failure.unwrap();
+    assert_eq!(failure.code, tonic::Code::Unavailable as i32);
+    assert!(failure.message.contains("attempt 3 of 3"), "{}", failure.message);
+    // A queued job is cancelled at once; a running one is flagged.
+    let b = store.claim("f", HELD).await.unwrap().unwrap();
+    assert_eq!(store.cancel("c").await.unwrap().unwrap().state, State::Cancelled);
+    assert!(store.cancel("b").await.unwrap().unwrap().cancel_requested);
+    assert_eq!(store.cancel_requests("f").await.unwrap(), vec![("b".to_string(), b.attempts)]);
+    assert!(store.cancel_requests("g").await.unwrap().is_empty(), "another front's");
+    assert!(store.cancel("nope").await.unwrap().is_none());
+    // Handed back by a draining front: queued, the attempt not counted.
+    assert!(store.release("b", b.attempts).await.unwrap());
+    let back = store.get("b").await.unwrap().unwrap();
+    assert_eq!((back.state, back.attempts), (State::Queued, 0));
+    assert_eq!(store.queued_of("").await.unwrap(), 1);
+    assert_eq!(store.queued_of("billing").await.unwrap(), 0);
+    // Listing, newest first, in pages, inputs left out.
+    let all = Filter::default();
+    let first = store.list(&all, 2, None).await.unwrap();
+    assert_eq!(first.jobs.iter().map(|j| j.job.id.as_str()).collect::<Vec<_>>(), ["c", "b"]);
+    let rest = store.list(&all, 2, first.next).await.unwrap();
+    assert_eq!((rest.jobs.len(), rest.next), (1, None));
+    assert!(rest.jobs[0].job.input.is_empty(), "inputs are left out");
+    let cancelled = Filter { state: Some(State::Cancelled), ..Filter::default() };
+    assert_eq!(store.list(&cancelled, 10, None).await.unwrap().jobs.len(), 1);
+    let theirs = Filter { client: Some("billing".into()), ..Filter::default() };
+    assert!(store.list(&theirs, 10, None).await.unwrap().jobs.is_empty(), "another client's");
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.by_state, [(State::Queued, 1), (State::Failed, 1), (State::Cancelled, 1)]);
+    assert!(stats.oldest_queued_age.is_some_and(|age| age < HELD));
+    assert_eq!(store.delete_finished(HELD).await.unwrap(), 0, "within their retention");
+    assert_eq!(store.delete_finished(Duration::ZERO).await.unwrap(), 2, "a and c");
+    // A cancel asked of a run whose front is then lost cancels the job.
+    let b = store.claim("f", HELD).await.unwrap().unwrap();
+    store.cancel("b").await.unwrap();
+    assert!(store.renew("b", b.attempts, LAPSED).await.unwrap());
+    assert_eq!(store.expire_leases(3).await.unwrap(), 0);
+    assert_eq!(store.get("b").await.unwrap().unwrap().state, State::Cancelled);
+}
+
+/// Fronts claiming at the same moment each get a job of their own.
+pub async fn concurrent_claims_never_share_a_job(store: &dyn JobStore) {
+    let ids: Vec<String> = (0..40).map(|n| format!("j{n}")).collect();
+    store.submit(ids.iter().map(|id| job(id, None)).collect()).await.unwrap();
+    let claims = (0..8).map(|front| async move {
+        let mut mine = Vec::new();
+        while let Some(job) = store.claim(&format!("front-{front}"), HELD).await.unwrap() {
+            mine.push(job.job.id);
+        }
+        mine
+    });
+    let mut claimed: Vec<String> = futures::future::join_all(claims).await.into_iter().flatten().collect();
+    claimed.sort();
+    let mut expected = ids;
+    expected.sort();
+    assert_eq!(claimed, expected, "every job claimed exactly once");
+}

@@ -1,0 +1,660 @@
+//! The shared store: a PostgreSQL database that any number of fronts on any
+//! number of hosts use at once. This is how jobs outgrow one host: the
+//! database teams already run, back up and inspect (`SELECT * FROM
+//! offload_jobs`), and no consensus of Offload's own.
+//!
+//! - Claiming takes the oldest queued row with `FOR UPDATE SKIP LOCKED`:
+//!   fronts claiming at once each get a different job, and none waits for
+//!   another's transaction.
+//! - Every write that changes a job also sends `NOTIFY offload_jobs` in its
+//!   transaction; each front LISTENs on a connection of its own, so a wait on
+//!   one front hears of progress made on another at once, and an idle front
+//!   hears of a job queued elsewhere (polls remain, for notices lost while a
+//!   connection was down).
+//! - Times (leases, ages, retention) are the database server's clock, so
+//!   fronts on hosts whose clocks disagree still agree on when a lease lapsed.
+//! - A commit is durable as PostgreSQL's settings make it: with `fsync` and
+//!   `synchronous_commit` on (its defaults), an acknowledged Submit survives
+//!   a power loss of the database host.
+
+use std::{str::FromStr, sync::Mutex, time::Duration};
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::store::{
+    CANCELLED_LOST, CANCELLED_QUEUED, Filter, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob, Notice, Page,
+    RunResult, State, Stats, StoreError, Submitted, millis,
+};
+use crate::schedule::Priority;
+
+/// Whether `spec` names a PostgreSQL database.
+pub fn is_url(spec: &str) -> bool {
+    spec.starts_with("postgres://") || spec.starts_with("postgresql://")
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        // The server's own message (a constraint, a missing permission) says
+        // more than the driver's summary "db error".
+        match err.as_db_error() {
+            Some(db) => StoreError::Database(format!("PostgreSQL: {}", db.message())),
+            None => StoreError::Database(format!("PostgreSQL: {err}")),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        StoreError::Database(format!("PostgreSQL: {err}"))
+    }
+}
+
+/// The channel of LISTEN/NOTIFY.
+const CHANNEL: &str = "offload_jobs";
+/// Connections a front holds at most.
+const POOL_SIZE: usize = 16;
+/// The longest any one store call may take: a database that stopped
+/// answering (a cut link) fails calls rather than hanging them.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the first connection may take to come up (the database may
+/// start with the fronts, as in docker-compose).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Notices held for the front before the oldest are dropped (a poll then
+/// finds what they said).
+const NOTICE_BUFFER: usize = 1024;
+
+/// The database server's clock, in Unix milliseconds.
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS offload_jobs (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    task TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    params TEXT NOT NULL,
+    input BYTEA NOT NULL,
+    client TEXT NOT NULL,
+    idempotency_key TEXT,
+    state INTEGER NOT NULL,
+    output BYTEA,
+    error_code INTEGER,
+    error_message TEXT,
+    progress DOUBLE PRECISION NOT NULL DEFAULT 0,
+    progress_message TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until BIGINT,
+    cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+    created_ms BIGINT NOT NULL,
+    started_ms BIGINT,
+    finished_ms BIGINT,
+    traceparent TEXT NOT NULL DEFAULT '',
+    interactive BOOLEAN NOT NULL DEFAULT FALSE,
+    UNIQUE (client, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS offload_jobs_by_state ON offload_jobs (state, seq);
+CREATE INDEX IF NOT EXISTS offload_jobs_by_owner ON offload_jobs (owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS offload_jobs_finished ON offload_jobs (finished_ms) WHERE finished_ms IS NOT NULL;
+";
+
+/// Every column of a record, in [`record`]'s order.
+const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
+                       error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
+                       started_ms, finished_ms, seq, traceparent, interactive";
+/// The same, inputs and outputs left out (for listing).
+const LIST_COLUMNS: &str = "id, task, mode, params, ''::bytea, client, idempotency_key, state, NULL::bytea, \
+                            error_code, error_message, progress, progress_message, attempts, cancel_requested, \
+                            created_ms, started_ms, finished_ms, seq, traceparent, interactive";
+
+const QUEUED: i32 = 1;
+const RUNNING: i32 = 2;
+
+/// Jobs in a PostgreSQL database.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: Pool,
+    /// Where, for the log (no password).
+    described: String,
+    /// Tags this front's notices, so that it skips its own.
+    origin: String,
+    notices: Mutex<Option<mpsc::Receiver<Notice>>>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl PgStore {
+    /// Connects to the database `url` names, making its table if need be,
+    /// and starts listening for other fronts' notices.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Database(format!("{} is not a PostgreSQL URL: {e}", redacted(url))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        // A peer gone without a word (a host lost, a link cut) is noticed
+        // within about half a minute rather than the kernel's two hours.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(10)).keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+        if config.get_application_name().is_none() {
+            config.application_name("offload");
+        }
+        let described = describe(&config);
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CALL_TIMEOUT))
+            .create_timeout(Some(CALL_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Database(format!("PostgreSQL: {e}")))?;
+        let started = tokio::time::Instant::now();
+        loop {
+            match make_schema(&pool).await {
+                Ok(()) => break,
+                Err(err) if started.elapsed() < START_TIMEOUT => {
+                    tracing::warn!(database = %described, error = %err, "waiting for the job database");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| StoreError::Database(format!("no randomness: {e}")))?;
+        let origin = hex::encode(random);
+        let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
+        let (listening, listened) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen(config, origin.clone(), tx, listening));
+        // Returned once it listens, so that no change made after this is
+        // missed; a LISTEN that fails now is retried in the background.
+        let _ = tokio::time::timeout(CALL_TIMEOUT, listened).await;
+        Ok(Self { pool, described, origin, notices: Mutex::new(Some(rx)), listener })
+    }
+
+    /// The database, for the log: host, port and name, never the password.
+    pub fn describe(&self) -> &str {
+        &self.described
+    }
+
+    /// Runs `work` with a pooled connection, bounded by [`CALL_TIMEOUT`].
+    async fn with<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let call = async {
+            let mut client = self.pool.get().await?;
+            work(&mut client).await
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call).await.unwrap_or_else(|_| {
+            Err(StoreError::Database(format!(
+                "PostgreSQL at {} did not answer within {} s",
+                self.described,
+                CALL_TIMEOUT.as_secs()
+            )))
+        })
+    }
+
+    /// `pg_notify(...)` telling other fronts that the row's job changed
+    /// (`queued`: it waits for a front).
+    fn notify(&self, queued: bool) -> String {
+        format!("pg_notify('{CHANNEL}', '{}:{}:' || id)", self.origin, if queued { 'q' } else { 'c' })
+    }
+}
+
+/// Makes the table and its indexes, once among fronts starting together.
+async fn make_schema(pool: &Pool) -> Result<(), StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    // `CREATE ... IF NOT EXISTS` run by two sessions at once can still
+    // collide: the lock (an arbitrary constant of Offload's) orders them.
+    tx.execute("SELECT pg_advisory_xact_lock(7301554207614285647)", &[]).await?;
+    tx.batch_execute(SCHEMA).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `url` with its password hidden.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+/// "host:port/dbname" of `config`.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("");
+    format!("{host}:{port}/{}", config.get_dbname().unwrap_or(user))
+}
+
+/// Listens for other fronts' notices, reconnecting after a lost connection,
+/// until the front stops taking them.
+async fn listen(
+    config: tokio_postgres::Config,
+    origin: String,
+    notices: mpsc::Sender<Notice>,
+    listening: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut listening = Some(listening);
+    let mut lost = false;
+    while !notices.is_closed() {
+        match config.connect(NoTls).await {
+            Ok((client, connection)) => {
+                // The connection is driven (and its notices passed on) while
+                // LISTEN is sent, and until it ends.
+                let mut forwarding = std::pin::pin!(forward(connection, &origin, &notices));
+                let command = format!("LISTEN {CHANNEL}");
+                tokio::select! {
+                    listened = client.batch_execute(&command) => match listened {
+                        Ok(()) => {
+                            if let Some(listening) = listening.take() {
+                                let _ = listening.send(());
+                            }
+                            if std::mem::take(&mut lost) {
+                                tracing::info!("listening for job changes again");
+                            }
+                            forwarding.await;
+                        }
+                        Err(err) => tracing::warn!(error = %err, "cannot LISTEN for job changes; retrying"),
+                    },
+                    () = &mut forwarding => {}
+                }
+            }
+            Err(err) if !lost => tracing::warn!(error = %err, "cannot connect to listen for job changes; retrying"),
+            Err(_) => {}
+        }
+        lost = true;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Drives `connection`, passing other fronts' notices on, until it ends or
+/// the front stops taking them.
+async fn forward<S, T>(mut connection: tokio_postgres::Connection<S, T>, origin: &str, notices: &mpsc::Sender<Notice>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(AsyncMessage::Notification(note)) => {
+                if let Some(notice) = parse(note.payload(), origin) {
+                    // Full: the front is behind, and its polls will find it.
+                    let _ = notices.try_send(notice);
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "lost the connection listening for job changes");
+                return;
+            }
+        }
+        if notices.is_closed() {
+            return;
+        }
+    }
+}
+
+/// The notice `payload` ("origin:kind:id") gives, unless this front sent it.
+fn parse(payload: &str, origin: &str) -> Option<Notice> {
+    let mut parts = payload.splitn(3, ':');
+    let (from, kind, id) = (parts.next()?, parts.next()?, parts.next()?);
+    (from != origin).then(|| Notice { id: id.to_string(), queued: kind == "q" })
+}
+
+fn record(row: &Row) -> Result<JobRecord, StoreError> {
+    let get = |e: tokio_postgres::Error| StoreError::from(e);
+    let params: String = row.try_get(3).map_err(get)?;
+    let code: Option<i32> = row.try_get(9).map_err(get)?;
+    let attempts: i32 = row.try_get(13).map_err(get)?;
+    Ok(JobRecord {
+        job: NewJob {
+            id: row.try_get(0).map_err(get)?,
+            task: row.try_get(1).map_err(get)?,
+            mode: row.try_get(2).map_err(get)?,
+            params: serde_json::from_str(&params).unwrap_or_default(),
+            input: Bytes::from(row.try_get::<_, Vec<u8>>(4).map_err(get)?),
+            client: row.try_get(5).map_err(get)?,
+            idempotency_key: row.try_get(6).map_err(get)?,
+            traceparent: row.try_get(19).map_err(get)?,
+            priority: match row.try_get::<_, bool>(20).map_err(get)? {
+                true => Priority::Interactive,
+                false => Priority::Batch,
+            },
+        },
+        state: State::from_number(row.try_get::<_, i32>(7).map_err(get)?.into()).unwrap_or(State::Failed),
+        output: row.try_get::<_, Option<Vec<u8>>>(8).map_err(get)?.map(Bytes::from),
+        failure: match code {
+            Some(code) => Some(JobFailure {
+                code,
+                message: row.try_get::<_, Option<String>>(10).map_err(get)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+        progress: row.try_get(11).map_err(get)?,
+        progress_message: row.try_get(12).map_err(get)?,
+        attempts: attempts.max(0) as u32,
+        cancel_requested: row.try_get(14).map_err(get)?,
+        created_ms: row.try_get(15).map_err(get)?,
+        started_ms: row.try_get(16).map_err(get)?,
+        finished_ms: row.try_get(17).map_err(get)?,
+    })
+}
+
+/// A run's attempt number as stored.
+fn attempt_number(attempt: u32) -> i32 {
+    i32::try_from(attempt).unwrap_or(i32::MAX)
+}
+
+#[async_trait::async_trait]
+impl JobStore for PgStore {
+    async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+        let insert = format!(
+            "INSERT INTO offload_jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
+                 traceparent, interactive)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {QUEUED}, {NOW_MS}, $8, $9)
+             ON CONFLICT DO NOTHING
+             RETURNING {COLUMNS}, {}",
+            self.notify(true)
+        );
+        let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
+        self.with(async |client| {
+            let tx = client.transaction().await?;
+            let (insert, existing) = (tx.prepare_cached(&insert).await?, tx.prepare_cached(&existing).await?);
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in &jobs {
+                let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
+                let interactive = job.priority == Priority::Interactive;
+                let row = tx
+                    .query_opt(
+                        &insert,
+                        &[
+                            &job.id,
+                            &job.task,
+                            &job.mode,
+                            &params,
+                            &job.input.as_ref(),
+                            &job.client,
+                            &job.idempotency_key,
+                            &job.traceparent,
+                            &interactive,
+                        ],
+                    )
+                    .await?;
+                // Nothing inserted: the client's key is taken (perhaps by a
+                // Submit on another front a moment ago, whose commit the
+                // insert waited for).
+                out.push(match (row, &job.idempotency_key) {
+                    (Some(row), _) => Submitted::New(record(&row)?),
+                    (None, Some(key)) => match tx.query_opt(&existing, &[&job.client, key]).await? {
+                        Some(row) => Submitted::Existing(record(&row)?),
+                        None => return Err(StoreError::Database("a job's idempotency key is taken and gone".into())),
+                    },
+                    (None, None) => return Err(StoreError::Database(format!("job id {} is taken", job.id))),
+                });
+            }
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM offload_jobs WHERE id = $1");
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            client.query_opt(&statement, &[&id]).await?.as_ref().map(record).transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
+        let sql = format!(
+            "SELECT {LIST_COLUMNS} FROM offload_jobs
+             WHERE ($1::integer IS NULL OR state = $1) AND ($2::text IS NULL OR client = $2) AND seq < $3
+             ORDER BY seq DESC LIMIT $4"
+        );
+        let state = filter.state.map(|s| s.number() as i32);
+        let (after, fetch) = (after.unwrap_or(i64::MAX), limit as i64 + 1);
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            let rows = client.query(&statement, &[&state, &filter.client, &after, &fetch]).await?;
+            let rows = rows
+                .iter()
+                .map(|row| Ok((record(row)?, row.try_get::<_, i64>(18).map_err(StoreError::from)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Page::of(rows, limit))
+        })
+        .await
+    }
+
+    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<JobRecord>, StoreError> {
+        let sql = format!(
+            "UPDATE offload_jobs SET state = {RUNNING}, attempts = attempts + 1, owner = $1,
+                 lease_until = {NOW_MS} + $2, started_ms = {NOW_MS}
+             WHERE seq = (SELECT seq FROM offload_jobs WHERE state = {QUEUED} ORDER BY seq LIMIT 1
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING {COLUMNS}, {}",
+            self.notify(false)
+        );
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            client.query_opt(&statement, &[&owner, &millis(lease)]).await?.as_ref().map(record).transpose()
+        })
+        .await
+    }
+
+    async fn renew(&self, id: &str, attempt: u32, lease: Duration) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE offload_jobs SET lease_until = {NOW_MS} + $1
+             WHERE id = $2 AND attempts = $3 AND state = {RUNNING}"
+        );
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            Ok(client.execute(&statement, &[&millis(lease), &id, &attempt_number(attempt)]).await? == 1)
+        })
+        .await
+    }
+
+    async fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE offload_jobs SET progress = $1, progress_message = $2
+             WHERE id = $3 AND attempts = $4 AND state = {RUNNING}
+             RETURNING {}",
+            self.notify(false)
+        );
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            Ok(client.execute(&statement, &[&fraction, &message, &id, &attempt_number(attempt)]).await? == 1)
+        })
+        .await
+    }
+
+    async fn finish(&self, id: &str, attempt: u32, result: RunResult) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE offload_jobs SET state = $1, output = $2, error_code = $3, error_message = $4,
+                 finished_ms = {NOW_MS}, owner = NULL, lease_until = NULL,
+                 progress = CASE WHEN $1 = 3 THEN 1.0 ELSE progress END
+             WHERE id = $5 AND attempts = $6 AND state = {RUNNING}
+             RETURNING {}",
+            self.notify(false)
+        );
+        let (state, output, failure) = result.columns();
+        let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
+        let state = state.number() as i32;
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&state, &output, &code, &message, &id, &attempt_number(attempt)];
+            Ok(client.execute(&statement, &values).await? == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE offload_jobs SET state = {QUEUED}, attempts = attempts - 1, owner = NULL, lease_until = NULL
+             WHERE id = $1 AND attempts = $2 AND state = {RUNNING}
+             RETURNING {}",
+            self.notify(true)
+        );
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            Ok(client.execute(&statement, &[&id, &attempt_number(attempt)]).await? == 1)
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let queued = format!(
+            "UPDATE offload_jobs SET state = {}, error_code = {}, error_message = $1, finished_ms = {NOW_MS}
+             WHERE id = $2 AND state = {QUEUED}
+             RETURNING {}",
+            State::Cancelled.number(),
+            tonic::Code::Cancelled as i32,
+            self.notify(false)
+        );
+        let running = format!(
+            "UPDATE offload_jobs SET cancel_requested = TRUE WHERE id = $1 AND state = {RUNNING} RETURNING {}",
+            self.notify(false)
+        );
+        let now = format!("SELECT {COLUMNS} FROM offload_jobs WHERE id = $1");
+        self.with(async |client| {
+            let tx = client.transaction().await?;
+            tx.execute(&queued, &[&CANCELLED_QUEUED, &id]).await?;
+            tx.execute(&running, &[&id]).await?;
+            let job = tx.query_opt(&now, &[&id]).await?.as_ref().map(record).transpose()?;
+            tx.commit().await?;
+            Ok(job)
+        })
+        .await
+    }
+
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let sql = format!(
+            "SELECT id, attempts FROM offload_jobs WHERE owner = $1 AND state = {RUNNING} AND cancel_requested"
+        );
+        self.with(async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            let rows = client.query(&statement, &[&owner]).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get::<_, i32>(1)?.max(0) as u32)))
+                .collect::<Result<_, tokio_postgres::Error>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn expire_leases(&self, max_attempts: u32) -> Result<usize, StoreError> {
+        let expired = format!("state = {RUNNING} AND lease_until <= {NOW_MS}");
+        let cancelled = format!(
+            "UPDATE offload_jobs SET state = {}, error_code = {}, error_message = $1, finished_ms = {NOW_MS},
+                 owner = NULL, lease_until = NULL
+             WHERE {expired} AND cancel_requested
+             RETURNING {}",
+            State::Cancelled.number(),
+            tonic::Code::Cancelled as i32,
+            self.notify(false)
+        );
+        let failed = format!(
+            "UPDATE offload_jobs SET state = {}, error_code = {},
+                 error_message = $1 || attempts::text || ' of ' || $2, finished_ms = {NOW_MS},
+                 owner = NULL, lease_until = NULL
+             WHERE {expired} AND attempts >= $3
+             RETURNING {}",
+            State::Failed.number(),
+            tonic::Code::Unavailable as i32,
+            self.notify(false)
+        );
+        let queued = format!(
+            "UPDATE offload_jobs SET state = {QUEUED}, owner = NULL, lease_until = NULL WHERE {expired}
+             RETURNING {}",
+            self.notify(true)
+        );
+        let (limit, max) = (max_attempts.to_string(), attempt_number(max_attempts));
+        self.with(async |client| {
+            let tx = client.transaction().await?;
+            tx.execute(&cancelled, &[&CANCELLED_LOST]).await?;
+            tx.execute(&failed, &[&LOST_ON_ATTEMPT, &limit, &max]).await?;
+            let queued = tx.execute(&queued, &[]).await?;
+            tx.commit().await?;
+            Ok(queued as usize)
+        })
+        .await
+    }
+
+    async fn delete_finished(&self, retention: Duration) -> Result<usize, StoreError> {
+        let sql = format!("DELETE FROM offload_jobs WHERE finished_ms IS NOT NULL AND finished_ms <= {NOW_MS} - $1");
+        self.with(async |client| Ok(client.execute(&sql, &[&millis(retention)]).await? as usize)).await
+    }
+
+    async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
+        let sql = format!("SELECT COUNT(*) FROM offload_jobs WHERE client = $1 AND state = {QUEUED}");
+        self.with(async |db| {
+            let statement = db.prepare_cached(&sql).await?;
+            let count: i64 = db.query_one(&statement, &[&client]).await?.try_get(0)?;
+            Ok(count.max(0) as usize)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let oldest = format!("SELECT {NOW_MS} - MIN(created_ms) FROM offload_jobs WHERE state = {QUEUED}");
+        self.with(async |client| {
+            let rows =
+                client.query("SELECT state, COUNT(*) FROM offload_jobs GROUP BY state ORDER BY state", &[]).await?;
+            let counts = rows
+                .iter()
+                .map(|row| Ok((i64::from(row.try_get::<_, i32>(0)?), row.try_get::<_, i64>(1)?)))
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+            let oldest: Option<i64> = client.query_one(&oldest, &[]).await?.try_get(0)?;
+            Ok(Stats::of(counts, oldest))
+        })
+        .await
+    }
+
+    fn notices(&self) -> Option<mpsc::Receiver<Notice>> {
+        self.notices.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_kept_out_of_the_log() {
+        assert_eq!(redacted("postgres://offload:s3cret@db:5432/jobs"), "postgres://offload:***@db:5432/jobs");
+        assert_eq!(redacted("postgres://db/jobs"), "postgres://db/jobs");
+        let config = tokio_postgres::Config::from_str("postgres://offload:s3cret@db:6543/jobs").unwrap();
+        assert_eq!(describe(&config), "db:6543/jobs");
+    }
+
+    #[test]
+    fn a_front_skips_its_own_notices() {
+        assert_eq!(parse("aa:q:job1", "bb"), Some(Notice { id: "job1".into(), queued: true }));
+        assert_eq!(parse("aa:c:job:with:colons", "bb"), Some(Notice { id: "job:with:colons".into(), queued: false }));
+        assert_eq!(parse("bb:q:job1", "bb"), None);
+        assert_eq!(parse("garbage", "bb"), None);
+    }
+}

@@ -1,0 +1,152 @@
+//! Jobs shared by several fronts on one real PostgreSQL server (started by
+//! the harness): the store's contract, word of changes between fronts,
+//! waits and cancels from another front, idle fronts taking queued work,
+//! hand-backs at shutdown, and fencing of a front that comes back after its
+//! lease lapsed.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use offload_e2e::{Server, metric_value, postgres::Postgres};
+use offload_proto::offload::v1::{CancelJobRequest, ExecutionMode, JobState, SubmitJobRequest, WaitJobRequest};
+use offload_server::jobs::{
+    conformance,
+    postgres::PgStore,
+    store::{JobStore, Notice},
+};
+
+use crate::jobs::{front_running_a_spin, jobs, state, submit, until, wait};
+
+/// A front on the job store `url`, with `args` after the usual ones.
+fn front(url: &str, args: &[&str]) -> Server {
+    let all = [&["--listen", "127.0.0.1:0", "--debug-tasks", "--metrics-listen", "127.0.0.1:0"], args].concat();
+    Server::start_with_env(&all, &[("OFFLOAD_JOB_STORE", url)])
+}
+
+/// How many of a front's job runs ended with `outcome` (none before the
+/// first, whose series is absent until then).
+fn runs(front: &Server, outcome: &str) -> f64 {
+    let metrics = front.scrape();
+    let series = format!("offload_job_runs_total{{outcome=\"{outcome}\"}}");
+    if metrics.lines().any(|line| line.starts_with(&series)) { metric_value(&metrics, &series) } else { 0.0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_the_job_store_contract_and_tells_other_fronts() {
+    let db = Postgres::start();
+    let store = PgStore::connect(&db.url()).await.expect("connect");
+    conformance::check_all(&store).await;
+
+    // Another front's store hears of each change, through LISTEN/NOTIFY.
+    let other = PgStore::connect(&db.url()).await.expect("connect");
+    let mut notices = other.notices().expect("a PostgreSQL store tells of other fronts' changes");
+    let next = async |notices: &mut tokio::sync::mpsc::Receiver<Notice>| {
+        tokio::time::timeout(Duration::from_secs(10), notices.recv()).await.expect("a notice within 10 s")
+    };
+    store.submit(vec![conformance::job("n1", None)]).await.unwrap();
+    assert_eq!(next(&mut notices).await, Some(Notice { id: "n1".into(), queued: true }));
+    let run = store.claim("front-1", Duration::from_secs(60)).await.unwrap().unwrap();
+    assert_eq!(next(&mut notices).await, Some(Notice { id: "n1".into(), queued: false }));
+    assert!(store.release("n1", run.attempts).await.unwrap());
+    assert_eq!(next(&mut notices).await, Some(Notice { id: "n1".into(), queued: true }));
+
+    // What is kept can be inspected with the database's own tools.
+    assert_eq!(db.psql("SELECT state, attempts FROM offload_jobs WHERE id = 'n1'"), "1|0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_waited_on_and_cancelled_from_another_front_within_a_second() {
+    let db = Postgres::start();
+    let url = db.url();
+    let args = ["--listen", "127.0.0.1:0", "--debug-tasks"];
+    let (_runner, job) = front_running_a_spin(&url, &args, "30000").await;
+    let other = front(&url, &[]);
+    let mut client = jobs(&other).await;
+
+    // The wait on the other front streams the progress made on the first.
+    let mut stream = client.wait(WaitJobRequest { id: job.id.clone() }).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("the job now");
+    assert_eq!(state(&first), JobState::Running);
+    let later = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    assert!(later.progress > first.progress, "{first:?} then {later:?}");
+
+    let asked = Instant::now();
+    let answer = client.cancel(CancelJobRequest { id: job.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(state(&answer), JobState::Running, "a running job stops through its front");
+    let done = until(&mut client, &job.id, |j| state(j) == JobState::Cancelled).await;
+    let took = asked.elapsed();
+    assert_eq!(state(&done), JobState::Cancelled, "{done:?}");
+    assert!(took < Duration::from_secs(1), "the run on the other front stopped after {took:?}");
+    // The waiter's stream ends with it.
+    let mut last = later;
+    while let Some(job) = stream.message().await.unwrap() {
+        last = job;
+    }
+    assert_eq!(state(&last), JobState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_fronts_take_queued_work_and_no_job_runs_twice() {
+    let db = Postgres::start();
+    let url = db.url();
+    let small = ["--pool-threads", "1", "--workers", "1"];
+    let (a, b) = (front(&url, &small), front(&url, &small));
+    let mut client = jobs(&a).await;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let spin = SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.spin", &[("ms", "400")], b"") };
+        ids.push(client.submit(spin).await.unwrap().into_inner().id);
+    }
+    for id in &ids {
+        let last = wait(&mut client, id).await.pop().unwrap();
+        assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 1), "{last:?}");
+    }
+    let (on_a, on_b) = (runs(&a, "succeeded"), runs(&b, "succeeded"));
+    assert_eq!(on_a + on_b, 8.0, "each job ran once: {on_a} + {on_b}");
+    assert!(on_b >= 1.0, "the front the jobs were not submitted to took some: {on_a} + {on_b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_at_shutdown_is_handed_to_a_live_front_uncounted() {
+    let db = Postgres::start();
+    let url = db.url();
+    let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--shutdown-grace-secs", "0.5"];
+    let (mut draining, job) = front_running_a_spin(&url, &args, "2000").await;
+    let other = front(&url, &[]);
+    draining.signal(Signal::SIGTERM);
+    assert!(draining.wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    let mut client = jobs(&other).await;
+    let last = wait(&mut client, &job.id).await.pop().unwrap();
+    assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 1), "the handed-back run is not counted");
+    assert_eq!(runs(&other, "succeeded"), 1.0);
+}
+
+/// A front frozen (SIGSTOP) past its lease is replaced by another; when it
+/// wakes it stops its stale run and writes nothing over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_back_after_its_lease_lapsed_cannot_overwrite_the_newer_run() {
+    let db = Postgres::start();
+    let url = db.url();
+    let lease = ["--job-lease-secs", "1"];
+    let stale = front(&url, &lease);
+    let mut client = jobs(&stale).await;
+    let job = client.submit(submit("debug.spin", &[("ms", "3000")], b"")).await.unwrap().into_inner();
+    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    stale.signal(Signal::SIGSTOP);
+
+    let newer = front(&url, &lease);
+    let mut client = jobs(&newer).await;
+    let retaken = until(&mut client, &job.id, |j| j.attempts == 2).await;
+    assert_eq!((state(&retaken), retaken.attempts), (JobState::Running, 2), "{retaken:?}");
+    stale.signal(Signal::SIGCONT);
+    assert!(
+        offload_e2e::wait_for(Duration::from_secs(10), || runs(&stale, "lost") == 1.0).await,
+        "the woken front stops its stale run: {}",
+        stale.scrape()
+    );
+
+    let last = wait(&mut client, &job.id).await.pop().unwrap();
+    assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 2), "{last:?}");
+    assert_eq!(runs(&newer, "succeeded"), 1.0);
+    assert_eq!(runs(&stale, "succeeded"), 0.0, "the stale run recorded nothing");
+}
