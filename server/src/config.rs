@@ -169,10 +169,11 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     pub shutdown_grace_secs: Option<f64>,
 
-    /// Where jobs are kept: a SQLite file path (created if need be).
+    /// Where jobs are kept: a SQLite file path (created if need be), or a
+    /// postgres:// URL of a database shared by fronts on any hosts.
     /// [default: $XDG_STATE_HOME/offload/jobs.sqlite3, else
     /// ~/.local/state/offload/jobs.sqlite3]
-    #[arg(long, env = "OFFLOAD_JOB_STORE", value_name = "PATH")]
+    #[arg(long, env = "OFFLOAD_JOB_STORE", value_name = "PATH|URL")]
     pub job_store: Option<String>,
 
     /// Seconds a claimed job's lease lasts; its front renews it every third

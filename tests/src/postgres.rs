@@ -11,6 +11,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -39,17 +40,21 @@ fn bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
-/// The server's programs, installed with apt the first time if need be.
-/// Where they cannot be had the test fails, saying so.
-fn programs() -> PathBuf {
-    if let Some(found) = bin_dir() {
-        return found;
-    }
-    let installed = Command::new("sh")
-        .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql"])
-        .status();
-    bin_dir().unwrap_or_else(|| {
-        panic!("PostgreSQL is not installed and `apt-get install postgresql` did not work ({installed:?}); install it")
+/// The server's programs, installed with apt the first time if need be
+/// (once, for every test of the run). Where they cannot be had the test
+/// fails, saying so.
+fn programs() -> &'static Path {
+    static PROGRAMS: OnceLock<PathBuf> = OnceLock::new();
+    PROGRAMS.get_or_init(|| {
+        if let Some(found) = bin_dir() {
+            return found;
+        }
+        let installed = Command::new("sh")
+            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql"])
+            .status();
+        bin_dir().unwrap_or_else(|| {
+            panic!("PostgreSQL is not installed and `apt-get install postgresql` did not work ({installed:?})")
+        })
     })
 }
 
@@ -84,7 +89,7 @@ impl Postgres {
                 .expect("give the cluster's folder to postgres");
         }
         let data = dir.path().join("data");
-        let initdb = command(&bin, "initdb", user.as_ref())
+        let initdb = command(bin, "initdb", user.as_ref())
             .args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"])
             .stdout(Stdio::null())
             .output()
@@ -95,7 +100,7 @@ impl Postgres {
         if let Some(user) = &user {
             std::os::unix::fs::chown(dir.path().join("server.log"), Some(user.uid.as_raw()), None).unwrap();
         }
-        let child = command(&bin, "postgres", user.as_ref())
+        let child = command(bin, "postgres", user.as_ref())
             .args(["-D", data.to_str().unwrap(), "-p", &port.to_string(), "-k", dir.path().to_str().unwrap()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
             .stdin(Stdio::null())
