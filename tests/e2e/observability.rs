@@ -17,7 +17,7 @@ use std::{
 };
 
 use offload_e2e::{Server, http_get, request};
-use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode};
+use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, SubmitJobRequest};
 use serde_json::Value;
 
 fn deploy(file: &str) -> PathBuf {
@@ -62,14 +62,17 @@ fn free_port() -> u16 {
 }
 
 /// Starts Prometheus in `dir` scraping `targets` every second with the
-/// deployed alert rules, their `for` durations cut to 2 s so that a test
-/// need not wait minutes.
+/// deployed alert rules, their durations cut so that a test need not wait
+/// minutes: each `for` to 2 s, and the queued jobs' age to 3 s.
 fn start_prometheus(dir: &Path, targets: &[String]) -> Prometheus {
     let rules: String = std::fs::read_to_string(deploy("prometheus/alerts.yml"))
         .unwrap()
         .lines()
         .map(|line| match line.trim_start().strip_prefix("for:") {
             Some(_) => format!("{}for: 2s\n", &line[..line.len() - line.trim_start().len()]),
+            None if line.contains("offload_oldest_queued_job_age_seconds) > 300") => {
+                format!("{}\n", line.replace("> 300", "> 3"))
+            }
             None => format!("{line}\n"),
         })
         .collect();
@@ -166,10 +169,20 @@ async fn every_alert_fires_and_every_dashboard_query_returns_series_in_a_real_pr
         "--workers",
         "1",
     ]);
+    // A front running jobs, with more queued than it has room for: one
+    // sleeps in its pool, one waits for the pool, the rest wait for it.
+    let jobs_front = Server::start(&["--metrics-listen", "127.0.0.1:0", "--pool-threads", "1", "--workers", "1"]);
+    let mut jobs = crate::jobs::jobs(&jobs_front).await;
+    let done = jobs.submit(crate::jobs::submit("hash.sha256", &[], b"")).await.unwrap().into_inner();
+    crate::jobs::wait(&mut jobs, &done.id).await;
+    for _ in 0..3 {
+        let sleep = crate::jobs::submit("debug.sleep", &[("ms", "600000")], b"");
+        jobs.submit(SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..sleep }).await.unwrap();
+    }
     let dir = tempfile::tempdir().unwrap();
     // A second replica that is down.
     let down = format!("127.0.0.1:{}", free_port());
-    let prometheus = start_prometheus(dir.path(), &[server.metrics_addr(), down]);
+    let prometheus = start_prometheus(dir.path(), &[server.metrics_addr(), jobs_front.metrics_addr(), down]);
     let ready = Instant::now() + Duration::from_secs(30);
     while api(&prometheus.addr, "/api/v1/status/buildinfo".into()).await.is_none() {
         assert!(Instant::now() < ready, "Prometheus did not start within 30 s");
@@ -188,6 +201,7 @@ async fn every_alert_fires_and_every_dashboard_query_returns_series_in_a_real_pr
         "OffloadWorkersRestarting",
         "OffloadRefusingCalls",
         "OffloadReplicaDown",
+        "OffloadJobsWaiting",
     ];
     let watched = async {
         let bound = Instant::now() + Duration::from_secs(120);
