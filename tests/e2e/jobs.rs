@@ -367,3 +367,32 @@ async fn finished_jobs_are_deleted_after_their_retention() {
     };
     assert!(gone, "still kept 10 s after it finished");
 }
+
+/// With `OFFLOAD_JOB_MAX_ATTEMPTS=1` (and the lease from the environment
+/// too), a job whose front is killed is not run again: it fails UNAVAILABLE,
+/// saying which attempt was lost.
+#[tokio::test]
+async fn a_job_out_of_attempts_fails_naming_the_lost_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("jobs.sqlite3");
+    let env = [
+        ("OFFLOAD_JOB_STORE", store.to_str().unwrap()),
+        ("OFFLOAD_JOB_LEASE_SECS", "1"),
+        ("OFFLOAD_JOB_MAX_ATTEMPTS", "1"),
+    ];
+    let args = ["--listen", "127.0.0.1:0", "--debug-tasks"];
+    let mut first = Server::start_with_env(&args, &env);
+    let mut client = jobs(&first).await;
+    let job = client.submit(submit("debug.spin", &[("ms", "5000")], b"")).await.unwrap().into_inner();
+    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    first.signal(Signal::SIGKILL);
+    assert!(first.wait_exit(Duration::from_secs(5)).is_some());
+
+    let second = Server::start_with_env(&args, &env);
+    let mut client = jobs(&second).await;
+    let last = wait(&mut client, &job.id).await.pop().unwrap();
+    assert_eq!((state(&last), last.attempts), (JobState::Failed, 1), "{last:?}");
+    let error = last.error.unwrap();
+    assert_eq!(error.code, Code::Unavailable as i32);
+    assert!(error.message.contains("stopped renewing its lease on attempt 1 of 1"), "{}", error.message);
+}
