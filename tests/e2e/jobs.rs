@@ -40,14 +40,16 @@ pub(crate) fn state(job: &Job) -> JobState {
     JobState::try_from(job.state).unwrap()
 }
 
-/// Polls the job until `check` holds (bounded).
+/// Polls the job until `check` holds, and returns it then; fails the test,
+/// showing the job, if it does not within 20 s.
 pub(crate) async fn until(client: &mut JobsClient<Channel>, id: &str, check: impl Fn(&Job) -> bool) -> Job {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let job = client.get(GetJobRequest { id: id.into() }).await.expect("get").into_inner();
-        if check(&job) || Instant::now() > end {
+        if check(&job) {
             return job;
         }
+        assert!(Instant::now() < end, "the job did not get there within 20 s: {job:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

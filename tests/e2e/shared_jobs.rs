@@ -1,13 +1,14 @@
 //! Jobs shared by several fronts on one real PostgreSQL server (started by
 //! the harness): the store's contract, word of changes between fronts,
 //! waits and cancels from another front, idle fronts taking queued work,
-//! hand-backs at shutdown, and fencing of a front that comes back after its
-//! lease lapsed.
+//! hand-backs at shutdown, fencing of a front that comes back after its
+//! lease lapsed, and a front on another host (a network namespace) whose
+//! link is cut mid-job.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use offload_e2e::{Server, metric_value, postgres::Postgres};
+use offload_e2e::{Server, metric_value, netns::Host, postgres::Postgres};
 use offload_proto::offload::v1::{CancelJobRequest, ExecutionMode, JobState, SubmitJobRequest, WaitJobRequest};
 use offload_server::jobs::{
     conformance,
@@ -149,4 +150,44 @@ async fn a_front_back_after_its_lease_lapsed_cannot_overwrite_the_newer_run() {
     assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 2), "{last:?}");
     assert_eq!(runs(&newer, "succeeded"), 1.0);
     assert_eq!(runs(&stale, "succeeded"), 0.0, "the stale run recorded nothing");
+}
+
+/// Fronts on two hosts share a database on one of them. The link of the
+/// other host is cut while its front runs a job: that front stops the run
+/// itself before its lease can lapse, the front across the cut runs the job
+/// again, and once the link is back the cut-off front writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cut_off_mid_job_loses_it_to_another_host_and_cannot_write_back() {
+    let host = Host::new();
+    let db = Postgres::start_on(&[host.gateway]);
+    let at = format!("{}:0", host.addr);
+    let remote_args = ["--listen", &at, "--metrics-listen", &at, "--debug-tasks", "--job-lease-secs", "2"];
+    let remote = Server::start_in(&host, &remote_args, &[("OFFLOAD_JOB_STORE", &db.url_at(host.gateway))]);
+    let mut client = jobs(&remote).await;
+    let job = client.submit(submit("debug.spin", &[("ms", "4000")], b"")).await.unwrap().into_inner();
+    until(&mut client, &job.id, |j| state(j) == JobState::Running).await;
+    let local = front(&db.url(), &["--job-lease-secs", "2"]);
+
+    host.cut();
+    assert!(
+        offload_e2e::wait_for(Duration::from_secs(10), || remote
+            .logged("stopping a job whose lease could not be renewed"))
+        .await,
+        "the cut-off front stops its run; it logged:\n{}",
+        remote.logs().join("\n")
+    );
+    let mut client = jobs(&local).await;
+    let retaken = until(&mut client, &job.id, |j| j.attempts == 2).await;
+    assert_eq!((state(&retaken), retaken.attempts), (JobState::Running, 2), "{retaken:?}");
+    host.restore();
+
+    let last = wait(&mut client, &job.id).await.pop().unwrap();
+    assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 2), "{last:?}");
+    assert_eq!(runs(&local, "succeeded"), 1.0);
+    assert!(
+        offload_e2e::wait_for(Duration::from_secs(10), || runs(&remote, "lost") == 1.0).await,
+        "{}",
+        remote.scrape()
+    );
+    assert_eq!(runs(&remote, "succeeded"), 0.0, "the cut-off run recorded nothing");
 }

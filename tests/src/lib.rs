@@ -179,6 +179,16 @@ impl Server {
         Self::start_program(&bin_dir().join("offload-server"), args, env)
     }
 
+    /// Starts the server inside `host` (its own network namespace), with
+    /// exactly `args` and the extra environment `env`.
+    pub fn start_in(host: &netns::Host, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let server = bin_dir().join("offload-server");
+        let all = [&host.exec_prefix()[..], &[server.to_str().expect("a UTF-8 path")], args].concat();
+        // `ip netns exec` enters the namespace and execs the server: the
+        // child is the server itself, for signals and exit statuses.
+        Self::start_program(Path::new("ip"), &all, env)
+    }
+
     /// Starts `program`, a build of Offload, with exactly `args` and the
     /// extra environment `env`.
     pub fn start_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
@@ -460,6 +470,7 @@ pub async fn wait_for(bound: Duration, mut check: impl FnMut() -> bool) -> bool 
 
 /// An OTLP/gRPC trace receiver (the collector side of the protocol Jaeger
 /// speaks), keeping every span it is sent.
+pub mod netns;
 pub mod postgres;
 
 pub mod otlp {

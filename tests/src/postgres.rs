@@ -78,9 +78,15 @@ fn command(bin: &Path, program: &str, user: Option<&nix::unistd::User>) -> Comma
 }
 
 impl Postgres {
-    /// Makes a cluster and starts its server; returns once it accepts
-    /// connections.
+    /// Makes a cluster and starts its server on 127.0.0.1; returns once it
+    /// accepts connections.
     pub fn start() -> Self {
+        Self::start_on(&[])
+    }
+
+    /// [`Postgres::start`], also listening on `addresses` (and accepting
+    /// connections from anywhere it listens).
+    pub fn start_on(addresses: &[std::net::Ipv4Addr]) -> Self {
         let bin = programs();
         let user = server_user();
         let dir = tempfile::tempdir().expect("a folder for the cluster");
@@ -95,6 +101,14 @@ impl Postgres {
             .output()
             .expect("run initdb");
         assert!(initdb.status.success(), "initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+        if !addresses.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+            rules.push_str("host all all 0.0.0.0/0 trust\n");
+            std::fs::write(&hba, rules).expect("write pg_hba.conf");
+        }
+        let listen: Vec<String> =
+            std::iter::once("127.0.0.1".to_string()).chain(addresses.iter().map(|a| a.to_string())).collect();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = std::fs::File::create(dir.path().join("server.log")).expect("the server's log");
         if let Some(user) = &user {
@@ -102,7 +116,7 @@ impl Postgres {
         }
         let child = command(bin, "postgres", user.as_ref())
             .args(["-D", data.to_str().unwrap(), "-p", &port.to_string(), "-k", dir.path().to_str().unwrap()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
+            .args(["-c", &format!("listen_addresses={}", listen.join(",")), "-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -129,7 +143,12 @@ impl Postgres {
 
     /// The URL of its `postgres` database.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_at(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// The URL of its `postgres` database at `address` (one it listens on).
+    pub fn url_at(&self, address: std::net::Ipv4Addr) -> String {
+        format!("postgres://postgres@{address}:{}/postgres", self.port)
     }
 
     /// What the server logged.

@@ -261,8 +261,12 @@ async fn execute(
             () = tokio::time::sleep_until((reported + PROGRESS_EVERY).into()), if unwritten => {
                 (reported, unwritten) = (Instant::now(), false);
                 let ProgressState { fraction, message, .. } = progress.borrow_and_update().clone();
-                if let Ok(true) = jobs.store.progress(&id, attempt, fraction, &message).await {
-                    jobs.touched(&id);
+                // Bounded like a renewal: a write the store never answers
+                // must not hold the run past its lease.
+                match tokio::time::timeout_at(held_until.into(), jobs.store.progress(&id, attempt, fraction, &message)).await {
+                    Ok(Ok(true)) => jobs.touched(&id),
+                    Ok(_) => {}
+                    Err(_) => return unrenewed(&id),
                 }
             }
             _ = renew.tick() => {
