@@ -1,11 +1,13 @@
-//! Jobs (`offload.v1.Jobs`) on the embedded store: submit, wait, get,
-//! list, cancel, idempotency, checks at Submit, failures, and a job that
-//! survives a SIGKILL of its front.
+//! Jobs (`offload.v1.Jobs`): submit, wait, get, list, cancel, idempotency,
+//! checks at Submit, failures, permissions, retention, and jobs that survive
+//! a SIGKILL, a SIGTERM or a SIGHUP of their front. Each test that does not
+//! depend on the store runs twice: on the embedded SQLite file and on a real
+//! PostgreSQL server started for it.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use offload_e2e::Server;
+use offload_e2e::{Server, postgres::Postgres};
 use offload_proto::offload::v1::{
     CancelJobRequest, ExecutionMode, GetJobRequest, Job, JobState, ListJobsRequest, SubmitJobRequest, WaitJobRequest,
     jobs_client::JobsClient,
@@ -54,9 +56,73 @@ pub(crate) async fn until(client: &mut JobsClient<Channel>, id: &str, check: imp
     }
 }
 
-#[tokio::test]
-async fn a_job_is_submitted_waited_for_got_and_listed() {
-    let server = Server::start(&[]);
+/// Where a test's fronts keep their jobs.
+pub(crate) enum Store {
+    /// A SQLite file of its own (in a folder removed with it).
+    Sqlite(tempfile::TempDir),
+    /// A PostgreSQL server of its own.
+    Postgres(Postgres),
+}
+
+impl Store {
+    fn sqlite() -> Self {
+        Store::Sqlite(tempfile::tempdir().expect("a folder for the store"))
+    }
+
+    fn postgres() -> Self {
+        Store::Postgres(Postgres::start())
+    }
+
+    /// What `--job-store` (`OFFLOAD_JOB_STORE`) is given.
+    pub(crate) fn spec(&self) -> String {
+        match self {
+            Store::Sqlite(dir) => dir.path().join("jobs.sqlite3").display().to_string(),
+            Store::Postgres(db) => db.url(),
+        }
+    }
+
+    /// A front on this store with the debug tasks and `args`.
+    pub(crate) fn front(&self, args: &[&str]) -> Server {
+        let all = [&["--listen", "127.0.0.1:0", "--debug-tasks"], args].concat();
+        Server::start_with_env(&all, &[("OFFLOAD_JOB_STORE", &self.spec())])
+    }
+}
+
+/// Makes each test named (an async fn taking a `&Store`) two tests, `sqlite`
+/// and `postgres`, in a module of its name: one per store.
+macro_rules! on_each_store {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$test(&super::Store::sqlite()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(&super::Store::postgres()).await
+            }
+        }
+    )*};
+}
+
+on_each_store!(
+    a_job_is_submitted_waited_for_got_and_listed,
+    submit_checks_the_task_and_keys_are_idempotent,
+    a_failing_job_fails_with_its_calls_status_and_is_not_retried,
+    a_job_is_cancelled_queued_or_running,
+    progress_is_streamed_to_waiters,
+    a_job_survives_a_sigkill_of_its_front,
+    a_job_running_at_shutdown_is_handed_back_uncounted,
+    a_sighup_rolling_restart_loses_and_repeats_no_job,
+    clients_see_only_their_own_jobs_and_admins_see_all,
+    a_clients_queued_jobs_are_bounded_by_its_max_queued_jobs,
+    finished_jobs_are_deleted_after_their_retention,
+    a_job_out_of_attempts_fails_naming_the_lost_front,
+);
+
+async fn a_job_is_submitted_waited_for_got_and_listed(store: &Store) {
+    let server = store.front(&[]);
     let mut client = jobs(&server).await;
     let data = vec![7u8; 100_000];
     let submitted = client.submit(submit("hash.sha256", &[], &data)).await.unwrap().into_inner();
@@ -84,9 +150,8 @@ async fn a_job_is_submitted_waited_for_got_and_listed() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
 
-#[tokio::test]
-async fn submit_checks_the_task_and_keys_are_idempotent() {
-    let server = Server::start(&[]);
+async fn submit_checks_the_task_and_keys_are_idempotent(store: &Store) {
+    let server = store.front(&[]);
     let mut client = jobs(&server).await;
     for (request, code, says) in [
         (submit("no.such", &[], b""), Code::NotFound, "no.such"),
@@ -114,9 +179,8 @@ async fn submit_checks_the_task_and_keys_are_idempotent() {
     assert!(err.message().contains(&first.id), "{err:?}");
 }
 
-#[tokio::test]
-async fn a_failing_job_fails_with_its_calls_status_and_is_not_retried() {
-    let server = Server::start(&[]);
+async fn a_failing_job_fails_with_its_calls_status_and_is_not_retried(store: &Store) {
+    let server = store.front(&[]);
     let mut client = jobs(&server).await;
     let panics = client.submit(submit("debug.panic", &[], b"")).await.unwrap().into_inner();
     let seen = wait(&mut client, &panics.id).await;
@@ -127,10 +191,9 @@ async fn a_failing_job_fails_with_its_calls_status_and_is_not_retried() {
     assert_eq!(last.attempts, 1);
 }
 
-#[tokio::test]
-async fn a_job_is_cancelled_queued_or_running() {
+async fn a_job_is_cancelled_queued_or_running(store: &Store) {
     // One pool thread: a running spin keeps the next job queued.
-    let server = Server::start(&["--pool-threads", "1", "--workers", "1"]);
+    let server = store.front(&["--pool-threads", "1", "--workers", "1"]);
     let mut client = jobs(&server).await;
     let spin =
         |ms: &str| SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.spin", &[("ms", ms)], b"") };
@@ -164,9 +227,8 @@ async fn a_job_is_cancelled_queued_or_running() {
     }
 }
 
-#[tokio::test]
-async fn progress_is_streamed_to_waiters() {
-    let server = Server::start(&[]);
+async fn progress_is_streamed_to_waiters(store: &Store) {
+    let server = store.front(&[]);
     let mut client = jobs(&server).await;
     let job = client.submit(submit("debug.spin", &[("ms", "1500")], b"")).await.unwrap().into_inner();
     let seen = wait(&mut client, &job.id).await;
@@ -188,11 +250,8 @@ pub(crate) async fn front_running_a_spin(store: &str, args: &[&str], ms: &str) -
 
 /// A job whose front is killed mid-run is run again by the next front on
 /// the same store once its lease lapses: it succeeds with 2 attempts.
-#[tokio::test]
-async fn a_job_survives_a_sigkill_of_its_front() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("jobs.sqlite3");
-    let store = store.to_str().unwrap();
+async fn a_job_survives_a_sigkill_of_its_front(store: &Store) {
+    let store = &store.spec();
     let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--job-lease-secs", "1"];
     let (mut first, job) = front_running_a_spin(store, &args, "1500").await;
     let queued = jobs(&first).await.submit(submit("hash.sha256", &[], b"later")).await.unwrap().into_inner();
@@ -221,11 +280,8 @@ async fn a_job_survives_a_sigkill_of_its_front() {
 /// SIGTERM mid-job: the draining front hands its running job back at the
 /// end of its grace, without counting an attempt and without waiting for
 /// the lease (30 s here) to lapse; the next front runs it.
-#[tokio::test]
-async fn a_job_running_at_shutdown_is_handed_back_uncounted() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("jobs.sqlite3");
-    let store = store.to_str().unwrap();
+async fn a_job_running_at_shutdown_is_handed_back_uncounted(store: &Store) {
+    let store = &store.spec();
     let args = ["--listen", "127.0.0.1:0", "--debug-tasks", "--shutdown-grace-secs", "0.5"];
     let (mut first, job) = front_running_a_spin(store, &args, "3000").await;
     first.signal(Signal::SIGTERM);
@@ -239,6 +295,43 @@ async fn a_job_running_at_shutdown_is_handed_back_uncounted() {
     assert!(started.elapsed() < Duration::from_secs(15), "not left to its lease: {:?}", started.elapsed());
 }
 
+/// SIGHUP to a front of two replicas rolls them one at a time: jobs running
+/// on a replica that drains are handed back at the end of its grace and
+/// run by another. Every job succeeds, none with an attempt counted twice.
+async fn a_sighup_rolling_restart_loses_and_repeats_no_job(store: &Store) {
+    let server = store.front(&["--replicas", "2", "--shutdown-grace-secs", "0.5", "--pool-threads", "1"]);
+    // The supervisor says where it listens before its replicas serve.
+    let serving = || server.logs().iter().filter(|l| l.contains(" serving")).count() >= 2;
+    assert!(offload_e2e::wait_for(Duration::from_secs(30), serving).await, "{:?}", server.logs());
+    let mut client = jobs(&server).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let spin =
+            SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.spin", &[("ms", "1500")], b"") };
+        ids.push(client.submit(spin).await.unwrap().into_inner().id);
+    }
+    until(&mut client, &ids[0], |j| state(j) == JobState::Running).await;
+    server.signal(Signal::SIGHUP);
+    assert!(server.wait_logged("SIGHUP: rolling restart").await);
+    // A draining replica answers UNAVAILABLE (and a channel to it may
+    // break): asked again, as a client retries, until each job has ended.
+    let end = Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        let last = loop {
+            match client.get(GetJobRequest { id: id.clone() }).await {
+                Ok(job) if state(job.get_ref()) == JobState::Succeeded || state(job.get_ref()) == JobState::Failed => {
+                    break job.into_inner();
+                }
+                Ok(_) => {}
+                Err(err) => assert_eq!(err.code(), Code::Unavailable, "{err:?}"),
+            }
+            assert!(Instant::now() < end, "jobs still unfinished 30 s after the SIGHUP");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 1), "{last:?}");
+    }
+}
+
 /// A request carrying `token` as its bearer credential.
 fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
     crate::auth::authorized(Some(&crate::auth::bearer(token)), body)
@@ -247,8 +340,7 @@ fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
 /// With authenticated clients, a client sees, waits on and cancels only its
 /// own jobs (another's id is NOT_FOUND), lists only its own, and submits
 /// only tasks it may run; an admin client sees every job.
-#[tokio::test]
-async fn clients_see_only_their_own_jobs_and_admins_see_all() {
+async fn clients_see_only_their_own_jobs_and_admins_see_all(store: &Store) {
     let (billing, reports, ops) = ("billing-token-0123456789", "reports-token-0123456789", "ops-token-0123456789");
     let dir = tempfile::tempdir().unwrap();
     let mut config = String::new();
@@ -262,7 +354,7 @@ async fn clients_see_only_their_own_jobs_and_admins_see_all() {
     }
     let file = dir.path().join("offload.toml");
     std::fs::write(&file, config).unwrap();
-    let server = Server::start(&["--config", file.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"]);
+    let server = store.front(&["--config", file.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0"]);
     let mut client = jobs(&server).await;
 
     // (A spin: a call this cheap would run inline, unscheduled.)
@@ -300,13 +392,12 @@ async fn clients_see_only_their_own_jobs_and_admins_see_all() {
 
 /// A declared client's `max_queued_jobs` bounds its jobs waiting for a
 /// front: one over it is refused at Submit, naming the limit.
-#[tokio::test]
-async fn a_clients_queued_jobs_are_bounded_by_its_max_queued_jobs() {
+async fn a_clients_queued_jobs_are_bounded_by_its_max_queued_jobs(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("offload.toml");
     std::fs::write(&file, "[[client]]\nname = \"batchy\"\nmax_queued_jobs = 1\n").unwrap();
     // One pool thread and one worker: the front runs two jobs at once.
-    let server = Server::start(&["--config", file.to_str().unwrap(), "--pool-threads", "1", "--workers", "1"]);
+    let server = store.front(&["--config", file.to_str().unwrap(), "--pool-threads", "1", "--workers", "1"]);
     let mut client = jobs(&server).await;
     let as_batchy = |body: SubmitJobRequest| {
         let mut request = tonic::Request::new(body);
@@ -353,9 +444,8 @@ async fn the_job_store_flag_and_the_output_cap() {
 }
 
 /// A finished job is deleted once `--job-retention-secs` has passed.
-#[tokio::test]
-async fn finished_jobs_are_deleted_after_their_retention() {
-    let server = Server::start(&["--job-retention-secs", "1"]);
+async fn finished_jobs_are_deleted_after_their_retention(store: &Store) {
+    let server = store.front(&["--job-retention-secs", "1"]);
     let mut client = jobs(&server).await;
     let job = client.submit(submit("hash.sha256", &[], b"abc")).await.unwrap().into_inner();
     assert_eq!(state(&wait(&mut client, &job.id).await.pop().unwrap()), JobState::Succeeded);
@@ -373,15 +463,10 @@ async fn finished_jobs_are_deleted_after_their_retention() {
 /// With `OFFLOAD_JOB_MAX_ATTEMPTS=1` (and the lease from the environment
 /// too), a job whose front is killed is not run again: it fails UNAVAILABLE,
 /// saying which attempt was lost.
-#[tokio::test]
-async fn a_job_out_of_attempts_fails_naming_the_lost_front() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("jobs.sqlite3");
-    let env = [
-        ("OFFLOAD_JOB_STORE", store.to_str().unwrap()),
-        ("OFFLOAD_JOB_LEASE_SECS", "1"),
-        ("OFFLOAD_JOB_MAX_ATTEMPTS", "1"),
-    ];
+async fn a_job_out_of_attempts_fails_naming_the_lost_front(store: &Store) {
+    let spec = store.spec();
+    let env =
+        [("OFFLOAD_JOB_STORE", spec.as_str()), ("OFFLOAD_JOB_LEASE_SECS", "1"), ("OFFLOAD_JOB_MAX_ATTEMPTS", "1")];
     let args = ["--listen", "127.0.0.1:0", "--debug-tasks"];
     let mut first = Server::start_with_env(&args, &env);
     let mut client = jobs(&first).await;
