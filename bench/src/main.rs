@@ -3,6 +3,7 @@
 //!
 //! - [`load`]: closed- and open-loop load with HDR histograms.
 //! - [`flood`]: many concurrent large calls, counted by status, for the memory budget.
+//! - [`jobs`]: jobs submitted and awaited (scenario 14), and the baselines' Redis.
 //! - [`baseline`]: the inline and spawn_blocking servers, the socket ping-pong.
 //! - [`procstat`]: the server's CPU time and memory from /proc.
 //! - [`suite`]: the scenarios and the report; [`charts`]: its SVG charts.
@@ -10,6 +11,7 @@
 mod baseline;
 mod charts;
 mod flood;
+mod jobs;
 mod load;
 mod procstat;
 mod programs;
@@ -46,7 +48,7 @@ enum Command {
         out: PathBuf,
         /// Runs only these scenarios (by number, e.g. `--only 3,9`); the
         /// report then holds only their rows.
-        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=13))]
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=14))]
         only: Vec<u8>,
     },
     /// Puts load on a running server and prints a JSON report and a summary.

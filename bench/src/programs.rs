@@ -1,9 +1,10 @@
-//! Scenario 9's set-up: worker programs in Python and Node under Offload,
-//! against what their teams would otherwise run, a grpcio server with a
-//! `ProcessPoolExecutor` and a grpc-js server with piscina, all running the
-//! same functions (`bench/programs/`). This module makes their toolchains (a
-//! venv, node_modules, the grpcio stubs: all under target/, from the
-//! registries), writes Offload's config and starts the baselines.
+//! The set-up of the scenarios that compare Offload with what Python and
+//! Node teams run (`bench/programs/`). Scenario 9: worker programs under
+//! Offload against a grpcio server with a `ProcessPoolExecutor` and a
+//! grpc-js server with piscina, running the same functions. Scenario 14:
+//! jobs against BullMQ and Celery on Redis. This module makes their
+//! toolchains (a venv, node_modules, the grpcio stubs: all under target/,
+//! from the registries), writes Offload's config and starts the baselines.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -81,7 +82,7 @@ pub fn prepare() -> anyhow::Result<Toolchains> {
             .current_dir(&node)
             .args(["install", "--install-links", "--no-audit", "--no-fund", "--no-save", "--loglevel=error"])
             .arg(root.join("sdk/node")),
-        "installing grpc-js, piscina and sdk/node (node with npm is needed)",
+        "installing grpc-js, piscina, BullMQ and sdk/node (node with npm is needed)",
     )?;
     Ok(Toolchains { python, stubs, node_modules: node.join("node_modules"), root })
 }
@@ -124,6 +125,51 @@ impl Toolchains {
             .arg(self.root.join("proto"))
             .env("NODE_PATH", &self.node_modules);
         listening(command, "piscina_server.js")
+    }
+
+    /// A BullMQ worker process taking one job at a time from the Redis
+    /// server on `port`.
+    pub fn bullmq_worker(&self, port: u16) -> anyhow::Result<Child> {
+        let mut command = Command::new("node");
+        command.arg(self.program("bullmq_jobs.js")).args(["worker", &port.to_string()]);
+        command.env("NODE_PATH", &self.node_modules);
+        listening(command, "a BullMQ worker")
+    }
+
+    /// A Celery prefork worker of `processes` on the Redis server on `port`.
+    pub fn celery_worker(&self, port: u16, processes: usize) -> anyhow::Result<Child> {
+        let mut command = Command::new(&self.python);
+        command.arg(self.program("celery_jobs.py")).args(["worker", &port.to_string(), &processes.to_string()]);
+        listening(command, "a Celery worker")
+    }
+
+    /// `count` jobs of `kind` through `queue` ("bullmq" or "celery") on the
+    /// Redis server on `port`, `in_flight` at a time, each awaited.
+    pub fn queue_bench(
+        &self,
+        queue: &str,
+        port: u16,
+        kind: &str,
+        count: usize,
+        in_flight: usize,
+    ) -> anyhow::Result<crate::jobs::JobsResult> {
+        let mut command = match queue {
+            "bullmq" => {
+                let mut command = Command::new("node");
+                command.arg(self.program("bullmq_jobs.js")).env("NODE_PATH", &self.node_modules);
+                command
+            }
+            "celery" => {
+                let mut command = Command::new(&self.python);
+                command.arg(self.program("celery_jobs.py"));
+                command
+            }
+            other => bail!("no bench for {other}"),
+        };
+        command.args(["bench", &port.to_string(), kind, &count.to_string(), &in_flight.to_string()]);
+        let out = run(&mut command, &format!("the {queue} bench"))?;
+        let last = out.lines().last().unwrap_or_default();
+        serde_json::from_str(last).with_context(|| format!("the {queue} bench's report: {out}"))
     }
 
     /// The median round trip of 1 KiB between two processes of `language`

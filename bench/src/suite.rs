@@ -883,6 +883,116 @@ impl Suite {
         Ok(())
     }
 
+    /// Scenario 14: jobs, against what Node and Python teams run for
+    /// background work: BullMQ and Celery, each on Redis, with as many
+    /// processes as Offload has workers (Offload's jobs run on its pool, as
+    /// many threads), all doing the same work. Offload runs once on its
+    /// embedded store and once on PostgreSQL. Each system gets a short
+    /// warm-up, then: `tiny` SHA-256 of 1 KiB and `spins` jobs of 50 ms of
+    /// CPU, 64 in flight, and `lone` SHA-256 jobs one at a time for the
+    /// submit-to-done latency.
+    async fn jobs(&mut self, workers: usize) -> anyhow::Result<()> {
+        use crate::jobs::{self, JobsResult, Kind};
+        let (tiny, spins, lone) = if self.options.quick { (400, 40, 50) } else { (20_000, 1_000, 1_000) };
+        let tools = programs::prepare()?;
+        let db = offload_e2e::postgres::Postgres::start();
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("jobs.sqlite3").display().to_string();
+        let n = workers.to_string();
+        // [throughput of tiny jobs, throughput of spins, latency one at a time]
+        let mut measured: Vec<(&str, [JobsResult; 3])> = Vec::new();
+        for (system, store) in [("Offload, SQLite", file), ("Offload, PostgreSQL", db.url())] {
+            let server = offload(&["--job-store", &store, "--workers", &n, "--pool-threads", &n])?;
+            jobs::offload(&server.url, Kind::Sha256, 20, 4).await?;
+            let figures = [
+                jobs::offload(&server.url, Kind::Sha256, tiny, 64).await?,
+                jobs::offload(&server.url, Kind::Spin, spins, 64).await?,
+                jobs::offload(&server.url, Kind::Sha256, lone, 1).await?,
+            ];
+            measured.push((system, figures));
+        }
+        let redis = jobs::Redis::start()?;
+        for (system, queue) in [("BullMQ", "bullmq"), ("Celery", "celery")] {
+            let _workers: Vec<Proc> = match queue {
+                "bullmq" => (0..workers)
+                    .map(|_| Ok(Proc::listening(tools.bullmq_worker(redis.port)?, redis.port)))
+                    .collect::<anyhow::Result<_>>()?,
+                _ => vec![Proc::listening(tools.celery_worker(redis.port, workers)?, redis.port)],
+            };
+            tools.queue_bench(queue, redis.port, "sha256", 20, 4)?;
+            let figures = [
+                tools.queue_bench(queue, redis.port, Kind::Sha256.name(), tiny, 64)?,
+                tools.queue_bench(queue, redis.port, Kind::Spin.name(), spins, 64)?,
+                tools.queue_bench(queue, redis.port, Kind::Sha256.name(), lone, 1)?,
+            ];
+            measured.push((system, figures));
+        }
+        for (system, figures) in &measured {
+            for (what, r) in
+                ["SHA-256 1 KiB, 64 in flight", "50 ms spins, 64 in flight", "SHA-256 1 KiB, one at a time"]
+                    .iter()
+                    .zip(figures)
+            {
+                writeln!(
+                    self.details,
+                    "- 14. {system}, {what}: {} done, {} failed in {:.2} s ({:.0} jobs/s); submit-to-done p50 {:.2} ms, p99 {:.2} ms",
+                    r.done,
+                    r.failed,
+                    r.seconds,
+                    r.per_sec(),
+                    r.p50_us / 1e3,
+                    r.p99_us / 1e3
+                )
+                .expect("string");
+            }
+        }
+        writeln!(
+            self.details,
+            "- 14. durability: Offload SQLite WAL with synchronous = FULL; Offload PostgreSQL fsync and \
+             synchronous_commit on (its defaults); BullMQ and Celery: {}; Celery's defaults otherwise (tasks \
+             acknowledged when taken, prefetch 4).",
+            jobs::REDIS_DURABILITY
+        )
+        .expect("string");
+        let baselines = &measured[2..];
+        let theirs = |i: usize| {
+            baselines.iter().map(|(name, f)| format!("{name} {:.0}/s", f[i].per_sec())).collect::<Vec<_>>().join(", ")
+        };
+        let best = |i: usize| baselines.iter().map(|(_, f)| f[i].per_sec()).fold(0.0, f64::max);
+        for (system, figures) in &measured[..2] {
+            for (i, what) in [(0, format!("{tiny} SHA-256 1 KiB jobs")), (1, format!("{spins} jobs of 50 ms CPU"))] {
+                let ratio = figures[i].per_sec() / best(i);
+                self.row(
+                    &format!(
+                        "14. jobs ({system}): {what}, 64 in flight, throughput vs the better of BullMQ and Celery"
+                    ),
+                    format!("{:.0} jobs/s", figures[i].per_sec()),
+                    theirs(i),
+                    ratio,
+                    ">= 1.0x",
+                    ratio >= 1.0 && figures[i].failed == 0,
+                );
+            }
+            let lowest = baselines.iter().map(|(_, f)| f[2].p99_us).fold(f64::INFINITY, f64::min);
+            let lower = lowest / figures[2].p99_us;
+            self.row(
+                &format!(
+                    "14. jobs ({system}): SHA-256 1 KiB one at a time, submit-to-done p99 (the lower of theirs / ours)"
+                ),
+                format!("{:.2} ms", figures[2].p99_us / 1e3),
+                baselines
+                    .iter()
+                    .map(|(name, f)| format!("{name} {:.2} ms", f[2].p99_us / 1e3))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                lower,
+                "> 1.0 (lower p99)",
+                lower > 1.0,
+            );
+        }
+        Ok(())
+    }
+
     /// A row comparing the first contender's throughput with the second's
     /// (`baseline`), met at `floor` times it or more.
     fn throughput_row(&mut self, scenario: &str, m: &Measured, baseline: &str, floor: f64) {
@@ -1015,6 +1125,9 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     }
     if runs(13) {
         suite.sandbox_cost().await?;
+    }
+    if runs(14) {
+        suite.jobs(workers).await?;
     }
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();
