@@ -13,7 +13,7 @@ use offload_proto::offload::v1::{CancelJobRequest, ExecutionMode, JobState, Subm
 use offload_server::jobs::{
     conformance,
     postgres::PgStore,
-    store::{JobStore, Notice},
+    store::{JobStore, Notice, NoticeKind},
 };
 
 use crate::jobs::{front_running_a_spin, jobs, state, submit, until, wait};
@@ -45,14 +45,18 @@ async fn the_postgres_store_keeps_the_job_store_contract_and_tells_other_fronts(
         tokio::time::timeout(Duration::from_secs(10), notices.recv()).await.expect("a notice within 10 s")
     };
     store.submit(vec![conformance::job("n1", None)]).await.unwrap();
-    assert_eq!(next(&mut notices).await, Some(Notice { id: "n1".into(), queued: true }));
-    let run = store.claim("front-1", Duration::from_secs(60)).await.unwrap().unwrap();
-    assert_eq!(next(&mut notices).await, Some(Notice { id: "n1".into(), queued: false }));
+    let notice = |kind| Some(Notice { id: "n1".into(), kind });
+    assert_eq!(next(&mut notices).await, notice(NoticeKind::Queued));
+    let run = store.claim("front-1", Duration::from_secs(60), 1).await.unwrap().pop().unwrap();
+    assert_eq!(next(&mut notices).await, notice(NoticeKind::Changed));
+    store.cancel("n1").await.unwrap();
+    assert_eq!(next(&mut notices).await, notice(NoticeKind::CancelAsked));
     assert!(store.release("n1", run.attempts).await.unwrap());
-    assert_eq!(next(&mut notices).await, Some(Notice { id: "n1".into(), queued: true }));
+    assert_eq!(next(&mut notices).await, notice(NoticeKind::Queued));
 
-    // What is kept can be inspected with the database's own tools.
-    assert_eq!(db.psql("SELECT state, attempts FROM offload_jobs WHERE id = 'n1'"), "1|0");
+    // What is kept can be inspected with the database's own tools: handed
+    // back with its cancel asked, the job was cancelled.
+    assert_eq!(db.psql("SELECT state, attempts, error_code FROM offload_jobs WHERE id = 'n1'"), "5|0|1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

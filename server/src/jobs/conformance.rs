@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::store::{Filter, JobFailure, JobStore, NewJob, RunResult, State, Submitted};
+use super::store::{Filter, Finished, JobFailure, JobRecord, JobStore, NewJob, RunResult, State, Submitted};
 use crate::schedule::Priority;
 
 /// A lease that lapses at once (for checks of what follows a lost front).
@@ -30,6 +30,18 @@ pub fn job(id: &str, key: Option<&str>) -> NewJob {
         traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
         priority: Priority::Interactive,
     }
+}
+
+/// The oldest queued job, claimed for `owner`.
+async fn claim(store: &dyn JobStore, owner: &str, lease: Duration) -> Option<JobRecord> {
+    let mut claimed = store.claim(owner, lease, 1).await.unwrap();
+    assert!(claimed.len() <= 1, "at most the limit: {claimed:?}");
+    claimed.pop()
+}
+
+/// Ends run `attempt` of `id` with `result`: whether it was written.
+async fn finish(store: &dyn JobStore, id: &str, attempt: u32, result: RunResult) -> bool {
+    store.finish(vec![Finished { id: id.into(), attempt, result }]).await.unwrap()[0]
 }
 
 /// Every check, each on a store emptied of the previous one's jobs.
@@ -54,7 +66,7 @@ async fn empty(store: &dyn JobStore) {
                 && record.state == State::Running
             {
                 let ended = RunResult::Ended(State::Cancelled, JobFailure { code: 1, message: String::new() });
-                store.finish(&job.job.id, record.attempts, ended).await.unwrap();
+                finish(store, &job.job.id, record.attempts, ended).await;
             }
         }
         store.delete_finished(Duration::ZERO).await.unwrap();
@@ -74,7 +86,7 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
     other.client = "billing".into();
     assert!(matches!(&store.submit(vec![other]).await.unwrap()[0], Submitted::New(_)), "keys are per client");
 
-    let claimed = store.claim("front-1", HELD).await.unwrap().expect("the oldest");
+    let claimed = claim(store, "front-1", HELD).await.expect("the oldest");
     assert_eq!((claimed.job.id.as_str(), claimed.state, claimed.attempts), ("a", State::Running, 1));
     assert!(claimed.started_ms.is_some());
     assert!(store.renew("a", 1, LAPSED).await.unwrap());
@@ -84,13 +96,13 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
     // Its lease ran out: the job is queued again, and the old run's writes
     // are refused once another run has it.
     assert_eq!(store.expire_leases(3).await.unwrap(), 1);
-    let retaken = store.claim("front-2", HELD).await.unwrap().unwrap();
+    let retaken = claim(store, "front-2", HELD).await.unwrap();
     assert_eq!((retaken.job.id.as_str(), retaken.attempts), ("a", 2));
     let output = RunResult::Succeeded(Bytes::from_static(b"out"));
-    assert!(!store.finish("a", 1, output.clone()).await.unwrap(), "the stale run changes nothing");
+    assert!(!finish(store, "a", 1, output.clone()).await, "the stale run changes nothing");
     assert!(!store.renew("a", 1, HELD).await.unwrap());
     assert!(!store.progress("a", 1, 0.9, "stale").await.unwrap());
-    assert!(store.finish("a", 2, output).await.unwrap());
+    assert!(finish(store, "a", 2, output).await);
     let done = store.get("a").await.unwrap().unwrap();
     assert_eq!((done.state, done.output.as_deref(), done.progress), (State::Succeeded, Some(&b"out"[..]), 1.0));
     assert!(done.finished_ms.is_some_and(|f| f >= done.created_ms));
@@ -101,9 +113,24 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
 /// listing in pages, stats and retention.
 pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
     store.submit(vec![job("a", None), job("b", None), job("c", None)]).await.unwrap();
+    // Claims of several at once take the oldest, in order; a group of
+    // finishes writes the current runs' ends and refuses stale ones.
+    let two = store.claim("f", HELD, 2).await.unwrap();
+    assert_eq!(two.iter().map(|j| (j.job.id.as_str(), j.attempts)).collect::<Vec<_>>(), [("a", 1), ("b", 1)]);
+    for id in ["a", "b"] {
+        assert!(store.release(id, 1).await.unwrap());
+    }
+    let a = claim(store, "f", HELD).await.unwrap();
+    let ended = RunResult::Ended(State::Failed, JobFailure { code: 13, message: "x".into() });
+    let group = vec![
+        Finished { id: "a".into(), attempt: a.attempts + 1, result: ended.clone() },
+        Finished { id: "nope".into(), attempt: 1, result: ended },
+    ];
+    assert_eq!(store.finish(group).await.unwrap(), [false, false], "neither is a current run");
+    assert!(store.release("a", a.attempts).await.unwrap());
     // "a" loses its front three times: then it fails, naming why.
     for attempt in 1..=3 {
-        let claimed = store.claim("f", LAPSED).await.unwrap().unwrap();
+        let claimed = claim(store, "f", LAPSED).await.unwrap();
         assert_eq!((claimed.job.id.as_str(), claimed.attempts), ("a", attempt));
         store.expire_leases(3).await.unwrap();
     }
@@ -112,19 +139,20 @@ pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
     let failure = failed.failure.unwrap();
     assert_eq!(failure.code, tonic::Code::Unavailable as i32);
     assert!(failure.message.contains("attempt 3 of 3"), "{}", failure.message);
+    // Handed back by a draining front: queued, the attempt not counted.
+    let b = claim(store, "f", HELD).await.unwrap();
+    assert!(store.release("b", b.attempts).await.unwrap());
+    let back = store.get("b").await.unwrap().unwrap();
+    assert_eq!((back.state, back.attempts), (State::Queued, 0));
+    assert_eq!(store.queued_of("").await.unwrap(), 2, "b and c");
+    assert_eq!(store.queued_of("billing").await.unwrap(), 0);
     // A queued job is cancelled at once; a running one is flagged.
-    let b = store.claim("f", HELD).await.unwrap().unwrap();
+    let b = claim(store, "f", HELD).await.unwrap();
     assert_eq!(store.cancel("c").await.unwrap().unwrap().state, State::Cancelled);
     assert!(store.cancel("b").await.unwrap().unwrap().cancel_requested);
     assert_eq!(store.cancel_requests("f").await.unwrap(), vec![("b".to_string(), b.attempts)]);
     assert!(store.cancel_requests("g").await.unwrap().is_empty(), "another front's");
     assert!(store.cancel("nope").await.unwrap().is_none());
-    // Handed back by a draining front: queued, the attempt not counted.
-    assert!(store.release("b", b.attempts).await.unwrap());
-    let back = store.get("b").await.unwrap().unwrap();
-    assert_eq!((back.state, back.attempts), (State::Queued, 0));
-    assert_eq!(store.queued_of("").await.unwrap(), 1);
-    assert_eq!(store.queued_of("billing").await.unwrap(), 0);
     // Listing, newest first, in pages, inputs left out.
     let all = Filter::default();
     let first = store.list(&all, 2, None).await.unwrap();
@@ -137,16 +165,26 @@ pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
     let theirs = Filter { client: Some("billing".into()), ..Filter::default() };
     assert!(store.list(&theirs, 10, None).await.unwrap().jobs.is_empty(), "another client's");
     let stats = store.stats().await.unwrap();
-    assert_eq!(stats.by_state, [(State::Queued, 1), (State::Failed, 1), (State::Cancelled, 1)]);
-    assert!(stats.oldest_queued_age.is_some_and(|age| age < HELD));
+    assert_eq!(stats.by_state, [(State::Running, 1), (State::Failed, 1), (State::Cancelled, 1)]);
+    assert_eq!(stats.oldest_queued_age, None, "none queued");
     assert_eq!(store.delete_finished(HELD).await.unwrap(), 0, "within their retention");
     assert_eq!(store.delete_finished(Duration::ZERO).await.unwrap(), 2, "a and c");
     // A cancel asked of a run whose front is then lost cancels the job.
-    let b = store.claim("f", HELD).await.unwrap().unwrap();
-    store.cancel("b").await.unwrap();
     assert!(store.renew("b", b.attempts, LAPSED).await.unwrap());
     assert_eq!(store.expire_leases(3).await.unwrap(), 0);
     assert_eq!(store.get("b").await.unwrap().unwrap().state, State::Cancelled);
+    // A cancel asked of a run whose front then hands it back cancels it.
+    store.submit(vec![job("d", None)]).await.unwrap();
+    let d = claim(store, "f", HELD).await.unwrap();
+    assert_eq!(d.job.id, "d");
+    assert!(store.stats().await.unwrap().oldest_queued_age.is_none());
+    store.cancel("d").await.unwrap();
+    assert!(store.release("d", d.attempts).await.unwrap());
+    let d = store.get("d").await.unwrap().unwrap();
+    assert_eq!((d.state, d.failure.map(|f| f.code)), (State::Cancelled, Some(tonic::Code::Cancelled as i32)));
+    // The oldest queued job's age.
+    store.submit(vec![job("e", None)]).await.unwrap();
+    assert!(store.stats().await.unwrap().oldest_queued_age.is_some_and(|age| age < HELD));
 }
 
 /// Fronts claiming at the same moment each get a job of their own.
@@ -155,7 +193,7 @@ pub async fn concurrent_claims_never_share_a_job(store: &dyn JobStore) {
     store.submit(ids.iter().map(|id| job(id, None)).collect()).await.unwrap();
     let claims = (0..8).map(|front| async move {
         let mut mine = Vec::new();
-        while let Some(job) = store.claim(&format!("front-{front}"), HELD).await.unwrap() {
+        while let Some(job) = claim(store, &format!("front-{front}"), HELD).await {
             mine.push(job.job.id);
         }
         mine

@@ -31,7 +31,7 @@ use std::{
 
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
-use store::{Filter, JobRecord, JobStore, NewJob, Notice, Page, StoreError, Submitted};
+use store::{Filter, Finished, JobRecord, JobStore, NewJob, Notice, NoticeKind, Page, StoreError, Submitted};
 
 /// How jobs are kept and run.
 #[derive(Debug, Clone)]
@@ -46,10 +46,11 @@ pub struct JobOptions {
     pub max_output_bytes: usize,
 }
 
-/// Submits waiting for their group commit.
-type Pending = (NewJob, oneshot::Sender<Result<Submitted, String>>);
+/// Writes of one kind waiting for their group commit, each with where its
+/// outcome goes.
+type Pending<T, R> = mpsc::Sender<(T, oneshot::Sender<Result<R, String>>)>;
 
-/// Submits committed in one transaction at most.
+/// Writes committed in one transaction at most.
 const GROUP_COMMIT_MAX: usize = 256;
 
 /// A front's view of its job store.
@@ -61,9 +62,12 @@ pub struct Jobs {
     pub description: String,
     /// How jobs are run.
     pub options: JobOptions,
-    submits: mpsc::Sender<Pending>,
+    submits: Pending<NewJob, Submitted>,
+    finishes: Pending<Finished, bool>,
     /// Ids of jobs this front changed.
     changed: broadcast::Sender<String>,
+    /// Ids of running jobs whose cancel was asked (here or on another front).
+    cancels: broadcast::Sender<String>,
     /// A job was submitted here: the runner may have work.
     submitted: Notify,
 }
@@ -100,11 +104,14 @@ impl Jobs {
 
     /// Jobs kept in `store`.
     pub fn with_store(store: Arc<dyn JobStore>, description: String, options: JobOptions) -> Arc<Self> {
-        let (submits, pending) = mpsc::channel(4 * GROUP_COMMIT_MAX);
+        let submits = group_commit(Arc::clone(&store), |store, jobs| Box::pin(async move { store.submit(jobs).await }));
+        let finishes =
+            group_commit(Arc::clone(&store), |store, runs| Box::pin(async move { store.finish(runs).await }));
         let (changed, _) = broadcast::channel(1024);
+        let (cancels, _) = broadcast::channel(1024);
         let notices = store.notices();
-        let jobs = Arc::new(Self { store, description, options, submits, changed, submitted: Notify::new() });
-        tokio::spawn(group_commit(Arc::downgrade(&jobs), pending));
+        let submitted = Notify::new();
+        let jobs = Arc::new(Self { store, description, options, submits, finishes, changed, cancels, submitted });
         if let Some(notices) = notices {
             tokio::spawn(relay(Arc::downgrade(&jobs), notices));
         }
@@ -118,12 +125,7 @@ impl Jobs {
 
     /// Records `job` durably (with other submits of the moment).
     pub async fn submit(&self, job: NewJob) -> Result<Submitted, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.submits.send((job, reply)).await.map_err(|_| StoreError::Database("the job store closed".into()))?;
-        let submitted = answer
-            .await
-            .map_err(|_| StoreError::Database("the job store closed".into()))?
-            .map_err(StoreError::Database)?;
+        let submitted = committed(&self.submits, job).await?;
         if let Submitted::New(record) = &submitted {
             self.touched(&record.job.id);
             self.submitted.notify_one();
@@ -141,11 +143,29 @@ impl Jobs {
         self.store.list(&filter, limit, after).await
     }
 
+    /// Records how run `attempt` of `id` ended (with other runs ending at
+    /// the moment): false if it is no longer the job's current run.
+    pub async fn finish(&self, id: &str, attempt: u32, result: store::RunResult) -> Result<bool, StoreError> {
+        let written = committed(&self.finishes, Finished { id: id.to_string(), attempt, result }).await?;
+        if written {
+            self.touched(id);
+        }
+        Ok(written)
+    }
+
     /// Cancels `id` (see [`JobStore::cancel`]).
     pub async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let job = self.store.cancel(id).await?;
         self.touched(id);
+        if job.as_ref().is_some_and(|job| job.cancel_requested && job.state == store::State::Running) {
+            let _ = self.cancels.send(id.to_string());
+        }
         Ok(job)
+    }
+
+    /// Word of running jobs whose cancel is asked from now on.
+    pub fn cancels(&self) -> broadcast::Receiver<String> {
+        self.cancels.subscribe()
     }
 
     /// How many jobs `client` has queued.
@@ -164,38 +184,60 @@ impl Jobs {
     }
 }
 
-/// Commits submits in groups: whatever arrived while the last commit ran
-/// goes into the next one, so a burst of submits costs a few fsyncs, not
-/// one each, and none is acknowledged before it is durable.
-async fn group_commit(jobs: std::sync::Weak<Jobs>, mut pending: mpsc::Receiver<Pending>) {
-    let mut batch = Vec::new();
-    while pending.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
-        let Some(jobs) = jobs.upgrade() else { return };
-        let (new, replies): (Vec<NewJob>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
-        let committed = jobs.store.submit(new).await;
-        match committed {
-            Ok(submitted) => {
-                for (reply, submitted) in replies.into_iter().zip(submitted) {
-                    let _ = reply.send(Ok(submitted));
+/// Commits writes in groups: whatever arrived while the last commit ran goes
+/// into the next one, so a burst costs a few syncs to disk, not one each,
+/// and none is acknowledged before it is durable. The writer stops when the
+/// front drops its sender.
+fn group_commit<T, R>(
+    store: Arc<dyn JobStore>,
+    commit: impl Fn(Arc<dyn JobStore>, Vec<T>) -> futures::future::BoxFuture<'static, Result<Vec<R>, StoreError>>
+    + Send
+    + 'static,
+) -> Pending<T, R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let (sender, mut pending) = mpsc::channel::<(T, oneshot::Sender<Result<R, String>>)>(4 * GROUP_COMMIT_MAX);
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while pending.recv_many(&mut batch, GROUP_COMMIT_MAX).await > 0 {
+            let (writes, replies): (Vec<T>, Vec<_>) = std::mem::take(&mut batch).into_iter().unzip();
+            match commit(Arc::clone(&store), writes).await {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
                 }
-            }
-            Err(err) => {
-                for reply in replies {
-                    let _ = reply.send(Err(err.to_string()));
+                Err(err) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(err.to_string()));
+                    }
                 }
             }
         }
-    }
+    });
+    sender
+}
+
+/// `write`'s outcome once its group is committed.
+async fn committed<T, R>(pending: &Pending<T, R>, write: T) -> Result<R, StoreError> {
+    let closed = || StoreError::Database("the job store closed".into());
+    let (reply, answer) = oneshot::channel();
+    pending.send((write, reply)).await.map_err(|_| closed())?;
+    answer.await.map_err(|_| closed())?.map_err(StoreError::Database)
 }
 
 /// Passes word of other fronts' changes on to this front's waiters, and to
 /// its runner when a job is queued.
 async fn relay(jobs: std::sync::Weak<Jobs>, mut notices: mpsc::Receiver<Notice>) {
-    while let Some(Notice { id, queued }) = notices.recv().await {
+    while let Some(Notice { id, kind }) = notices.recv().await {
         let Some(jobs) = jobs.upgrade() else { return };
         jobs.touched(&id);
-        if queued {
-            jobs.submitted.notify_one();
+        match kind {
+            NoticeKind::Queued => jobs.submitted.notify_one(),
+            NoticeKind::CancelAsked => drop(jobs.cancels.send(id)),
+            NoticeKind::Changed => {}
         }
     }
 }

@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::store::{
-    CANCELLED_LOST, CANCELLED_QUEUED, Filter, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob, Notice, Page,
-    RunResult, State, Stats, StoreError, Submitted, millis,
+    CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob,
+    Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submitted, millis,
 };
 use crate::schedule::Priority;
 
@@ -204,10 +204,14 @@ impl PgStore {
         })
     }
 
-    /// `pg_notify(...)` telling other fronts that the row's job changed
-    /// (`queued`: it waits for a front).
-    fn notify(&self, queued: bool) -> String {
-        format!("pg_notify('{CHANNEL}', '{}:{}:' || id)", self.origin, if queued { 'q' } else { 'c' })
+    /// `pg_notify(...)` telling other fronts what changed of the row's job.
+    fn notify(&self, kind: Kind) -> String {
+        let tag = match kind {
+            Kind::Queued => 'q',
+            Kind::CancelAsked => 'x',
+            Kind::Changed => 'c',
+        };
+        format!("pg_notify('{CHANNEL}', '{}:{tag}:' || id)", self.origin)
     }
 }
 
@@ -319,7 +323,12 @@ where
 fn parse(payload: &str, origin: &str) -> Option<Notice> {
     let mut parts = payload.splitn(3, ':');
     let (from, kind, id) = (parts.next()?, parts.next()?, parts.next()?);
-    (from != origin).then(|| Notice { id: id.to_string(), queued: kind == "q" })
+    let kind = match kind {
+        "q" => Kind::Queued,
+        "x" => Kind::CancelAsked,
+        _ => Kind::Changed,
+    };
+    (from != origin).then(|| Notice { id: id.to_string(), kind })
 }
 
 fn record(row: &Row) -> Result<JobRecord, StoreError> {
@@ -375,7 +384,7 @@ impl JobStore for PgStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7, {QUEUED}, {NOW_MS}, $8, $9)
              ON CONFLICT DO NOTHING
              RETURNING {COLUMNS}, {}",
-            self.notify(true)
+            self.notify(Kind::Queued)
         );
         let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
         self.with(async |client| {
@@ -448,18 +457,25 @@ impl JobStore for PgStore {
         .await
     }
 
-    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<JobRecord>, StoreError> {
+    async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         let sql = format!(
             "UPDATE offload_jobs SET state = {RUNNING}, attempts = attempts + 1, owner = $1,
                  lease_until = {NOW_MS} + $2, started_ms = {NOW_MS}
-             WHERE seq = (SELECT seq FROM offload_jobs WHERE state = {QUEUED} ORDER BY seq LIMIT 1
-                          FOR UPDATE SKIP LOCKED)
+             WHERE seq IN (SELECT seq FROM offload_jobs WHERE state = {QUEUED} ORDER BY seq LIMIT $3
+                           FOR UPDATE SKIP LOCKED)
              RETURNING {COLUMNS}, {}",
-            self.notify(false)
+            self.notify(Kind::Changed)
         );
+        let limit = limit as i64;
         self.with(async |client| {
             let statement = client.prepare_cached(&sql).await?;
-            client.query_opt(&statement, &[&owner, &millis(lease)]).await?.as_ref().map(record).transpose()
+            let rows = client.query(&statement, &[&owner, &millis(lease), &limit]).await?;
+            let mut claimed = rows
+                .iter()
+                .map(|row| Ok((row.try_get::<_, i64>(18)?, record(row)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            claimed.sort_by_key(|(seq, _)| *seq);
+            Ok(claimed.into_iter().map(|(_, job)| job).collect())
         })
         .await
     }
@@ -481,7 +497,7 @@ impl JobStore for PgStore {
             "UPDATE offload_jobs SET progress = $1, progress_message = $2
              WHERE id = $3 AND attempts = $4 AND state = {RUNNING}
              RETURNING {}",
-            self.notify(false)
+            self.notify(Kind::Changed)
         );
         self.with(async |client| {
             let statement = client.prepare_cached(&sql).await?;
@@ -490,37 +506,52 @@ impl JobStore for PgStore {
         .await
     }
 
-    async fn finish(&self, id: &str, attempt: u32, result: RunResult) -> Result<bool, StoreError> {
+    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<bool>, StoreError> {
         let sql = format!(
             "UPDATE offload_jobs SET state = $1, output = $2, error_code = $3, error_message = $4,
                  finished_ms = {NOW_MS}, owner = NULL, lease_until = NULL,
                  progress = CASE WHEN $1 = 3 THEN 1.0 ELSE progress END
              WHERE id = $5 AND attempts = $6 AND state = {RUNNING}
              RETURNING {}",
-            self.notify(false)
+            self.notify(Kind::Changed)
         );
-        let (state, output, failure) = result.columns();
-        let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
-        let state = state.number() as i32;
         self.with(async |client| {
-            let statement = client.prepare_cached(&sql).await?;
-            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&state, &output, &code, &message, &id, &attempt_number(attempt)];
-            Ok(client.execute(&statement, &values).await? == 1)
+            let tx = client.transaction().await?;
+            let statement = tx.prepare_cached(&sql).await?;
+            // Sent together (tokio-postgres pipelines them): one round trip
+            // and one commit for the group.
+            let writes = runs.iter().map(|Finished { id, attempt, result }| {
+                let (tx, statement) = (&tx, &statement);
+                async move {
+                    let (state, output, failure) = result.columns();
+                    let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
+                    let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                        [&(state.number() as i32), &output, &code, &message, id, &attempt_number(*attempt)];
+                    Ok::<_, StoreError>(tx.execute(statement, &values).await? == 1)
+                }
+            });
+            let written = futures::future::try_join_all(writes).await?;
+            tx.commit().await?;
+            Ok(written)
         })
         .await
     }
 
     async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError> {
         let sql = format!(
-            "UPDATE offload_jobs SET state = {QUEUED}, attempts = attempts - 1, owner = NULL, lease_until = NULL
+            "UPDATE offload_jobs SET state = CASE WHEN cancel_requested THEN {} ELSE {QUEUED} END,
+                 attempts = attempts - 1, error_code = CASE WHEN cancel_requested THEN {} END,
+                 error_message = CASE WHEN cancel_requested THEN $3 END,
+                 finished_ms = CASE WHEN cancel_requested THEN {NOW_MS} END, owner = NULL, lease_until = NULL
              WHERE id = $1 AND attempts = $2 AND state = {RUNNING}
              RETURNING {}",
-            self.notify(true)
+            State::Cancelled.number(),
+            tonic::Code::Cancelled as i32,
+            self.notify(Kind::Queued)
         );
         self.with(async |client| {
             let statement = client.prepare_cached(&sql).await?;
-            Ok(client.execute(&statement, &[&id, &attempt_number(attempt)]).await? == 1)
+            Ok(client.execute(&statement, &[&id, &attempt_number(attempt), &CANCELLED_HANDED_BACK]).await? == 1)
         })
         .await
     }
@@ -532,11 +563,11 @@ impl JobStore for PgStore {
              RETURNING {}",
             State::Cancelled.number(),
             tonic::Code::Cancelled as i32,
-            self.notify(false)
+            self.notify(Kind::Changed)
         );
         let running = format!(
             "UPDATE offload_jobs SET cancel_requested = TRUE WHERE id = $1 AND state = {RUNNING} RETURNING {}",
-            self.notify(false)
+            self.notify(Kind::CancelAsked)
         );
         let now = format!("SELECT {COLUMNS} FROM offload_jobs WHERE id = $1");
         self.with(async |client| {
@@ -574,7 +605,7 @@ impl JobStore for PgStore {
              RETURNING {}",
             State::Cancelled.number(),
             tonic::Code::Cancelled as i32,
-            self.notify(false)
+            self.notify(Kind::Changed)
         );
         let failed = format!(
             "UPDATE offload_jobs SET state = {}, error_code = {},
@@ -584,12 +615,12 @@ impl JobStore for PgStore {
              RETURNING {}",
             State::Failed.number(),
             tonic::Code::Unavailable as i32,
-            self.notify(false)
+            self.notify(Kind::Changed)
         );
         let queued = format!(
             "UPDATE offload_jobs SET state = {QUEUED}, owner = NULL, lease_until = NULL WHERE {expired}
              RETURNING {}",
-            self.notify(true)
+            self.notify(Kind::Queued)
         );
         let (limit, max) = (max_attempts.to_string(), attempt_number(max_attempts));
         self.with(async |client| {
@@ -652,8 +683,10 @@ mod tests {
 
     #[test]
     fn a_front_skips_its_own_notices() {
-        assert_eq!(parse("aa:q:job1", "bb"), Some(Notice { id: "job1".into(), queued: true }));
-        assert_eq!(parse("aa:c:job:with:colons", "bb"), Some(Notice { id: "job:with:colons".into(), queued: false }));
+        assert_eq!(parse("aa:q:job1", "bb"), Some(Notice { id: "job1".into(), kind: Kind::Queued }));
+        assert_eq!(parse("aa:x:job1", "bb"), Some(Notice { id: "job1".into(), kind: Kind::CancelAsked }));
+        let colons = Notice { id: "job:with:colons".into(), kind: Kind::Changed };
+        assert_eq!(parse("aa:c:job:with:colons", "bb"), Some(colons));
         assert_eq!(parse("bb:q:job1", "bb"), None);
         assert_eq!(parse("garbage", "bb"), None);
     }

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
@@ -58,48 +58,62 @@ pub async fn run(
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cleaned = Instant::now();
-    // A change to one of its runs may be a cancel, from this front or
-    // another: looked for at once rather than at the next poll.
-    let mut changes = jobs.changes();
+    // A cancel of one of its runs, asked on this front or another, stops it
+    // at once rather than at the next poll.
+    let mut cancels = jobs.cancels();
+    // A run that ends makes room for the next job.
+    let ended = Arc::new(Notify::new());
     loop {
-        // Claim while there is room.
+        // Claim while there is room: every job there is room for, at once.
         while !stop.is_cancelled() && runs_tracker.len() < capacity {
+            let room = capacity - runs_tracker.len();
             let asked = Instant::now();
-            match jobs.store.claim(&owner, jobs.options.lease).await {
-                Ok(Some(job)) => {
-                    jobs.touched(&job.job.id);
-                    let cancel = CancellationToken::new();
-                    runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
-                    let (jobs, dispatcher, runs, hand_back) =
-                        (Arc::clone(&jobs), Arc::clone(&dispatcher), Arc::clone(&runs), hand_back.clone());
-                    runs_tracker.spawn(async move {
-                        let id = job.job.id.clone();
-                        run_one(&jobs, &dispatcher, job, asked, cancel, hand_back).await;
-                        runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                    });
-                }
-                Ok(None) => break,
+            let claimed = match jobs.store.claim(&owner, jobs.options.lease, room).await {
+                Ok(claimed) => claimed,
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot claim a job");
+                    tracing::warn!(error = %err, "cannot claim jobs");
                     break;
                 }
+            };
+            let all_there_was = claimed.len() < room;
+            for job in claimed {
+                jobs.touched(&job.job.id);
+                let cancel = CancellationToken::new();
+                runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
+                let (jobs, dispatcher, runs, hand_back, ended) = (
+                    Arc::clone(&jobs),
+                    Arc::clone(&dispatcher),
+                    Arc::clone(&runs),
+                    hand_back.clone(),
+                    Arc::clone(&ended),
+                );
+                runs_tracker.spawn(async move {
+                    let id = job.job.id.clone();
+                    run_one(&jobs, &dispatcher, job, asked, cancel, hand_back).await;
+                    runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    ended.notify_one();
+                });
+            }
+            if all_there_was {
+                break;
             }
         }
         tokio::select! {
             () = jobs.submitted.notified() => {}
+            () = ended.notified() => {}
             _ = poll.tick() => {
                 cancel_asked(&jobs, &owner, &runs).await;
                 housekeeping(&jobs, &dispatcher, &mut cleaned).await;
             }
-            changed = changes.recv() => {
-                let ours = match changed {
-                    Ok(id) => runs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id),
-                    Err(_) => true,
-                };
-                if ours {
-                    cancel_asked(&jobs, &owner, &runs).await;
+            cancelled = cancels.recv() => match cancelled {
+                Ok(id) => {
+                    if let Some(token) = runs.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                        token.cancel();
+                    }
                 }
-            }
+                // Missed some: ask the store.
+                Err(_) => cancel_asked(&jobs, &owner, &runs).await,
+            },
             () = stop.cancelled() => break,
         }
     }
@@ -174,7 +188,7 @@ async fn run_one(
             return;
         }
         Ending::HandBack => jobs.store.release(&id, attempt).await,
-        Ending::Result(result) => jobs.store.finish(&id, attempt, result).await,
+        Ending::Result(result) => jobs.finish(&id, attempt, result).await,
     };
     match written {
         Ok(true) => jobs.touched(&id),

@@ -18,8 +18,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::schedule::Priority;
 
 use super::store::{
-    CANCELLED_LOST, CANCELLED_QUEUED, Filter, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob, Page,
-    RunResult, State, Stats, StoreError, Submitted, millis, now_ms,
+    CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob, Page,
+    State, Stats, StoreError, Submitted, millis, now_ms,
 };
 
 impl From<rusqlite::Error> for StoreError {
@@ -234,22 +234,27 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<JobRecord>, StoreError> {
+    async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         let owner = owner.to_string();
         self.with(move |db, now| {
-            let claimed: Option<String> = db
-                .query_row(
+            let tx = db.transaction()?;
+            let mut claimed: Vec<(i64, String)> = tx
+                .prepare(
                     "UPDATE jobs SET state = ?1, attempts = attempts + 1, owner = ?2, lease_until = ?3, started_ms = ?4
-                     WHERE seq = (SELECT seq FROM jobs WHERE state = ?5 ORDER BY seq LIMIT 1)
-                     RETURNING id",
-                    params![RUNNING, owner, now + millis(lease), now, QUEUED],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            match claimed {
-                Some(id) => by_id(db, &id),
-                None => Ok(None),
-            }
+                     WHERE seq IN (SELECT seq FROM jobs WHERE state = ?5 ORDER BY seq LIMIT ?6)
+                     RETURNING seq, id",
+                )?
+                .query_map(params![RUNNING, owner, now + millis(lease), now, QUEUED, limit as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            claimed.sort();
+            let records = claimed
+                .iter()
+                .map(|(_, id)| by_id(&tx, id)?.ok_or_else(|| StoreError::Database("a claimed job is gone".into())))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok(records)
         })
         .await
     }
@@ -278,37 +283,56 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn finish(&self, id: &str, attempt: u32, result: RunResult) -> Result<bool, StoreError> {
-        let id = id.to_string();
+    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<bool>, StoreError> {
         self.with(move |db, now| {
-            let (state, output, failure) = result.columns();
-            let changed = db.execute(
-                "UPDATE jobs SET state = ?1, output = ?2, error_code = ?3, error_message = ?4, finished_ms = ?5,
-                     owner = NULL, lease_until = NULL, progress = CASE WHEN ?1 = 3 THEN 1.0 ELSE progress END
-                 WHERE id = ?6 AND attempts = ?7 AND state = ?8",
-                params![
-                    state.number(),
-                    output,
-                    failure.map(|f| f.code),
-                    failure.map(|f| f.message.as_str()),
-                    now,
-                    id,
-                    attempt,
-                    RUNNING
-                ],
-            )?;
-            Ok(changed == 1)
+            let tx = db.transaction()?;
+            let mut written = Vec::with_capacity(runs.len());
+            {
+                let mut statement = tx.prepare(
+                    "UPDATE jobs SET state = ?1, output = ?2, error_code = ?3, error_message = ?4, finished_ms = ?5,
+                         owner = NULL, lease_until = NULL, progress = CASE WHEN ?1 = 3 THEN 1.0 ELSE progress END
+                     WHERE id = ?6 AND attempts = ?7 AND state = ?8",
+                )?;
+                for Finished { id, attempt, result } in &runs {
+                    let (state, output, failure) = result.columns();
+                    let changed = statement.execute(params![
+                        state.number(),
+                        output,
+                        failure.map(|f| f.code),
+                        failure.map(|f| f.message.as_str()),
+                        now,
+                        id,
+                        attempt,
+                        RUNNING
+                    ])?;
+                    written.push(changed == 1);
+                }
+            }
+            tx.commit()?;
+            Ok(written)
         })
         .await
     }
 
     async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError> {
         let id = id.to_string();
-        self.with(move |db, _| {
+        self.with(move |db, now| {
             let changed = db.execute(
-                "UPDATE jobs SET state = ?1, attempts = attempts - 1, owner = NULL, lease_until = NULL
+                "UPDATE jobs SET state = CASE WHEN cancel_requested THEN ?5 ELSE ?1 END, attempts = attempts - 1,
+                     error_code = CASE WHEN cancel_requested THEN ?6 END,
+                     error_message = CASE WHEN cancel_requested THEN ?7 END,
+                     finished_ms = CASE WHEN cancel_requested THEN ?8 END, owner = NULL, lease_until = NULL
                  WHERE id = ?2 AND attempts = ?3 AND state = ?4",
-                params![QUEUED, id, attempt, RUNNING],
+                params![
+                    QUEUED,
+                    id,
+                    attempt,
+                    RUNNING,
+                    State::Cancelled.number(),
+                    tonic::Code::Cancelled as i32,
+                    CANCELLED_HANDED_BACK,
+                    now
+                ],
             )?;
             Ok(changed == 1)
         })

@@ -159,6 +159,8 @@ impl RunResult {
 
 /// The message of a job cancelled while queued.
 pub const CANCELLED_QUEUED: &str = "cancelled before it ran";
+/// The message of a job whose cancel was asked as its front handed it back.
+pub const CANCELLED_HANDED_BACK: &str = "cancelled as its front stopped";
 /// The message of a job whose cancel was asked and whose front was lost.
 pub const CANCELLED_LOST: &str = "cancelled while its front was lost";
 /// The start of the message of a job whose last attempt's front was lost;
@@ -229,9 +231,10 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// first, from `after` (a previous page's `next`) on.
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
 
-    /// Takes the oldest queued job for `owner`, leased for `lease`. Two
-    /// fronts claiming at once never get the same job.
-    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<JobRecord>, StoreError>;
+    /// Takes up to `limit` of the oldest queued jobs for `owner`, leased
+    /// for `lease`, oldest first. Two fronts claiming at once never get the
+    /// same job.
+    async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
 
     /// Extends the lease of run `attempt` of `id` to `lease` from now;
     /// false if the run is no longer this runner's (its lease lapsed and
@@ -241,12 +244,13 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records run `attempt`'s progress (fenced, like every runner's write).
     async fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError>;
 
-    /// Ends run `attempt` of `id` with `result`; false if it was not the
-    /// current run (nothing is written).
-    async fn finish(&self, id: &str, attempt: u32, result: RunResult) -> Result<bool, StoreError>;
+    /// Ends `runs` in one transaction (group commit); for each, false if it
+    /// was not the job's current run (nothing is written for it).
+    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<bool>, StoreError>;
 
     /// Hands run `attempt` back to the queue unfinished, not counted as an
-    /// attempt (its front is shutting down).
+    /// attempt (its front is shutting down); a job whose cancel was asked
+    /// is cancelled instead.
     async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError>;
 
     /// Cancels `id`: a queued job at once, a running one by flagging it for
@@ -283,9 +287,31 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
 pub struct Notice {
     /// The job.
     pub id: String,
+    /// What changed.
+    pub kind: NoticeKind,
+}
+
+/// What a [`Notice`] says changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
     /// It is queued (new, handed back, or its front was lost): a runner
     /// with room may claim it.
-    pub queued: bool,
+    Queued,
+    /// It runs and its cancel was asked: its runner stops it.
+    CancelAsked,
+    /// Anything else (its state, its progress).
+    Changed,
+}
+
+/// How one run ended, for [`JobStore::finish`].
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The job.
+    pub id: String,
+    /// The run (its attempt number).
+    pub attempt: u32,
+    /// How it ended.
+    pub result: RunResult,
 }
 
 /// What the metrics show of a store.
