@@ -20,7 +20,7 @@
 use std::{str::FromStr, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
@@ -370,6 +370,63 @@ fn record(row: &Row) -> Result<JobRecord, StoreError> {
     })
 }
 
+/// Records `jobs` with the statements `insert` and `existing` (see
+/// [`PgStore::submit`]) through `client`, a connection or a transaction.
+async fn submit_rows(
+    client: &impl GenericClient,
+    insert: &str,
+    existing: &str,
+    jobs: &[NewJob],
+) -> Result<Vec<Submitted>, StoreError> {
+    let (insert, existing) = (client.prepare_cached(insert).await?, client.prepare_cached(existing).await?);
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
+        let interactive = job.priority == Priority::Interactive;
+        let values: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &job.id,
+            &job.task,
+            &job.mode,
+            &params,
+            &job.input.as_ref(),
+            &job.client,
+            &job.idempotency_key,
+            &job.traceparent,
+            &interactive,
+        ];
+        let row = client.query_opt(&insert, &values).await?;
+        // Nothing inserted: the client's key is taken (perhaps by a Submit on
+        // another front a moment ago, whose commit the insert waited for).
+        out.push(match (row, &job.idempotency_key) {
+            (Some(row), _) => Submitted::New(record(&row)?),
+            (None, Some(key)) => match client.query_opt(&existing, &[&job.client, key]).await? {
+                Some(row) => Submitted::Existing(record(&row)?),
+                None => return Err(StoreError::Database("a job's idempotency key is taken and gone".into())),
+            },
+            (None, None) => return Err(StoreError::Database(format!("job id {} is taken", job.id))),
+        });
+    }
+    Ok(out)
+}
+
+/// Ends `runs` with the statement `sql` (see [`PgStore::finish`]) through
+/// `client`, a connection or a transaction: the writes are sent together
+/// (tokio-postgres pipelines them), one round trip for the group.
+async fn finish_rows(client: &impl GenericClient, sql: &str, runs: &[Finished]) -> Result<Vec<bool>, StoreError> {
+    let statement = client.prepare_cached(sql).await?;
+    let writes = runs.iter().map(|Finished { id, attempt, result }| {
+        let statement = &statement;
+        async move {
+            let (state, output, failure) = result.columns();
+            let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
+            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&(state.number() as i32), &output, &code, &message, id, &attempt_number(*attempt)];
+            Ok::<_, StoreError>(client.execute(statement, &values).await? == 1)
+        }
+    });
+    futures::future::try_join_all(writes).await
+}
+
 /// A run's attempt number as stored.
 fn attempt_number(attempt: u32) -> i32 {
     i32::try_from(attempt).unwrap_or(i32::MAX)
@@ -388,40 +445,13 @@ impl JobStore for PgStore {
         );
         let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
         self.with(async |client| {
-            let tx = client.transaction().await?;
-            let (insert, existing) = (tx.prepare_cached(&insert).await?, tx.prepare_cached(&existing).await?);
-            let mut out = Vec::with_capacity(jobs.len());
-            for job in &jobs {
-                let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
-                let interactive = job.priority == Priority::Interactive;
-                let row = tx
-                    .query_opt(
-                        &insert,
-                        &[
-                            &job.id,
-                            &job.task,
-                            &job.mode,
-                            &params,
-                            &job.input.as_ref(),
-                            &job.client,
-                            &job.idempotency_key,
-                            &job.traceparent,
-                            &interactive,
-                        ],
-                    )
-                    .await?;
-                // Nothing inserted: the client's key is taken (perhaps by a
-                // Submit on another front a moment ago, whose commit the
-                // insert waited for).
-                out.push(match (row, &job.idempotency_key) {
-                    (Some(row), _) => Submitted::New(record(&row)?),
-                    (None, Some(key)) => match tx.query_opt(&existing, &[&job.client, key]).await? {
-                        Some(row) => Submitted::Existing(record(&row)?),
-                        None => return Err(StoreError::Database("a job's idempotency key is taken and gone".into())),
-                    },
-                    (None, None) => return Err(StoreError::Database(format!("job id {} is taken", job.id))),
-                });
+            // A group is one transaction (one commit); a lone submit is its
+            // own, without the round trips of BEGIN and COMMIT.
+            if jobs.len() == 1 {
+                return submit_rows(&*client, &insert, &existing, &jobs).await;
             }
+            let tx = client.transaction().await?;
+            let out = submit_rows(&tx, &insert, &existing, &jobs).await?;
             tx.commit().await?;
             Ok(out)
         })
@@ -516,21 +546,11 @@ impl JobStore for PgStore {
             self.notify(Kind::Changed)
         );
         self.with(async |client| {
+            if runs.len() == 1 {
+                return finish_rows(&*client, &sql, &runs).await;
+            }
             let tx = client.transaction().await?;
-            let statement = tx.prepare_cached(&sql).await?;
-            // Sent together (tokio-postgres pipelines them): one round trip
-            // and one commit for the group.
-            let writes = runs.iter().map(|Finished { id, attempt, result }| {
-                let (tx, statement) = (&tx, &statement);
-                async move {
-                    let (state, output, failure) = result.columns();
-                    let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
-                    let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                        [&(state.number() as i32), &output, &code, &message, id, &attempt_number(*attempt)];
-                    Ok::<_, StoreError>(tx.execute(statement, &values).await? == 1)
-                }
-            });
-            let written = futures::future::try_join_all(writes).await?;
+            let written = finish_rows(&tx, &sql, &runs).await?;
             tx.commit().await?;
             Ok(written)
         })

@@ -252,6 +252,9 @@ async fn execute(
     // sooner waits for the next turn (`unwritten`).
     let mut reported = Instant::now() - PROGRESS_EVERY;
     let mut unwritten = false;
+    // What the job's record holds: a change of stage alone (queued to
+    // running) is not worth a write.
+    let mut written = (job.progress, job.progress_message.clone());
     loop {
         tokio::select! {
             result = &mut running => {
@@ -275,10 +278,17 @@ async fn execute(
             () = tokio::time::sleep_until((reported + PROGRESS_EVERY).into()), if unwritten => {
                 (reported, unwritten) = (Instant::now(), false);
                 let ProgressState { fraction, message, .. } = progress.borrow_and_update().clone();
+                if (fraction, &message) == (written.0, &written.1) {
+                    continue;
+                }
                 // Bounded like a renewal: a write the store never answers
                 // must not hold the run past its lease.
-                match tokio::time::timeout_at(held_until.into(), jobs.store.progress(&id, attempt, fraction, &message)).await {
-                    Ok(Ok(true)) => jobs.touched(&id),
+                let write = jobs.store.progress(&id, attempt, fraction, &message);
+                match tokio::time::timeout_at(held_until.into(), write).await {
+                    Ok(Ok(true)) => {
+                        jobs.touched(&id);
+                        written = (fraction, message);
+                    }
                     Ok(_) => {}
                     Err(_) => return unrenewed(&id),
                 }
