@@ -40,7 +40,8 @@ async function bench() {
       const t0 = process.hrtime.bigint();
       try {
         const job = await queue.add(kind, { input }, { removeOnComplete: { age: 3600 }, removeOnFail: { age: 3600 } });
-        await job.waitUntilFinished(events);
+        // Bounded: a job not answered within two minutes counts as lost.
+        await job.waitUntilFinished(events, 120_000);
         latencies.push(Number(process.hrtime.bigint() - t0) / 1000);
       } catch (err) {
         failed++;
