@@ -106,6 +106,10 @@ CREATE INDEX IF NOT EXISTS offload_jobs_finished ON offload_jobs (finished_ms) W
 const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
                        error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
                        started_ms, finished_ms, seq, traceparent, interactive";
+/// The same, the input left out (for looking a job up).
+const GET_COLUMNS: &str = "id, task, mode, params, ''::bytea, client, idempotency_key, state, output, error_code, \
+                           error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
+                           started_ms, finished_ms, seq, traceparent, interactive";
 /// The same, inputs and outputs left out (for listing).
 const LIST_COLUMNS: &str = "id, task, mode, params, ''::bytea, client, idempotency_key, state, NULL::bytea, \
                             error_code, error_message, progress, progress_message, attempts, cancel_requested, \
@@ -459,7 +463,7 @@ impl JobStore for PgStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM offload_jobs WHERE id = $1");
+        let sql = format!("SELECT {GET_COLUMNS} FROM offload_jobs WHERE id = $1");
         self.with(async |client| {
             let statement = client.prepare_cached(&sql).await?;
             client.query_opt(&statement, &[&id]).await?.as_ref().map(record).transpose()

@@ -72,6 +72,10 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner) WHERE owner IS NOT NULL
 const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
                        error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
                        started_ms, finished_ms, seq, traceparent, interactive";
+/// The same, the input left out (for looking a job up).
+const GET_COLUMNS: &str = "id, task, mode, params, X'', client, idempotency_key, state, output, error_code, \
+                           error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
+                           started_ms, finished_ms, seq, traceparent, interactive";
 /// The same, inputs and outputs left out (for listing).
 const LIST_COLUMNS: &str = "id, task, mode, params, X'', client, idempotency_key, state, NULL, error_code, \
                             error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
@@ -238,7 +242,10 @@ impl JobStore for SqliteStore {
 
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let id = id.to_string();
-        self.with(move |db, _| by_id(db, &id)).await
+        self.with(move |db, _| {
+            Ok(db.query_row(&format!("SELECT {GET_COLUMNS} FROM jobs WHERE id = ?1"), [id], record).optional()?)
+        })
+        .await
     }
 
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
@@ -500,6 +507,7 @@ mod tests {
         store.submit(vec![conformance::job("a", None)]).await.unwrap();
         drop(store);
         let reopened = SqliteStore::open(&dir.path().join("jobs.sqlite3")).unwrap();
-        assert_eq!(reopened.get("a").await.unwrap().unwrap().job.input.as_ref(), b"abc");
+        let claimed = reopened.claim("f", Duration::from_secs(60), 1).await.unwrap();
+        assert_eq!(claimed[0].job.input.as_ref(), b"abc");
     }
 }

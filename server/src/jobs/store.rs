@@ -224,7 +224,8 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// it instead.
     async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError>;
 
-    /// The job `id`.
+    /// The job `id`, its input left out (only the runner that claims a job
+    /// reads its input, which may be large).
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
 
     /// Up to `limit` jobs (in `state`, of `client`, if given), newest
