@@ -29,19 +29,9 @@ fn find_prometheus() -> Option<PathBuf> {
         .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join("prometheus")).find(|p| p.is_file()))
 }
 
-/// The prometheus binary, from Debian's package (installed here the first
-/// time, as the tests' venvs are). Where it cannot be had the test fails,
-/// saying so, rather than passing without checking anything.
+/// The prometheus binary, from Debian's package.
 fn prometheus_binary() -> PathBuf {
-    if let Some(found) = find_prometheus() {
-        return found;
-    }
-    let installed = Command::new("sh")
-        .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus"])
-        .status();
-    find_prometheus().unwrap_or_else(|| {
-        panic!("prometheus is not installed and `apt-get install prometheus` did not work ({installed:?}); install it")
-    })
+    offload_e2e::from_debian("prometheus", find_prometheus)
 }
 
 /// A Prometheus process, killed when dropped.

@@ -470,6 +470,21 @@ pub async fn wait_for(bound: Duration, mut check: impl FnMut() -> bool) -> bool 
 
 /// An OTLP/gRPC trace receiver (the collector side of the protocol Jaeger
 /// speaks), keeping every span it is sent.
+/// What `find` finds, after installing Debian's `package` with apt if it
+/// finds nothing (the first time, as the tests' venvs are made). Where it
+/// cannot be had the test fails, saying so, rather than passing without
+/// checking anything.
+pub fn from_debian(package: &str, find: impl Fn() -> Option<PathBuf>) -> PathBuf {
+    if let Some(found) = find() {
+        return found;
+    }
+    let script = format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}");
+    let installed = Command::new("sh").args(["-c", &script]).status();
+    find().unwrap_or_else(|| {
+        panic!("{package} is not installed and `apt-get install {package}` did not work ({installed:?})")
+    })
+}
+
 pub mod netns;
 pub mod postgres;
 

@@ -40,22 +40,10 @@ fn bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
-/// The server's programs, installed with apt the first time if need be
-/// (once, for every test of the run). Where they cannot be had the test
-/// fails, saying so.
+/// The server's programs, from Debian's package (looked for once per run).
 fn programs() -> &'static Path {
     static PROGRAMS: OnceLock<PathBuf> = OnceLock::new();
-    PROGRAMS.get_or_init(|| {
-        if let Some(found) = bin_dir() {
-            return found;
-        }
-        let installed = Command::new("sh")
-            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql"])
-            .status();
-        bin_dir().unwrap_or_else(|| {
-            panic!("PostgreSQL is not installed and `apt-get install postgresql` did not work ({installed:?})")
-        })
-    })
+    PROGRAMS.get_or_init(|| crate::from_debian("postgresql", bin_dir))
 }
 
 /// The user the server runs as: the package's `postgres` as root, else

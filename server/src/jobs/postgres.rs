@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::store::{
-    CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob,
-    Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submitted, millis,
+    CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
+    LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submitted, millis,
 };
 use crate::schedule::Priority;
 

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::schedule::Priority;
 
 use super::store::{
-    CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore, LOST_ON_ATTEMPT, NewJob, Page,
-    State, Stats, StoreError, Submitted, millis, now_ms,
+    CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
+    LOST_ON_ATTEMPT, NewJob, Page, State, Stats, StoreError, Submitted, millis, now_ms,
 };
 
 impl From<rusqlite::Error> for StoreError {
