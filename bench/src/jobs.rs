@@ -50,7 +50,7 @@ impl Kind {
 }
 
 /// How a batch of jobs went, in every system's terms.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct JobsResult {
     /// Jobs that ended successfully.
     pub done: usize,

@@ -118,6 +118,23 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Submits jobs to a running server, each awaited to its end (Wait), and
+    /// prints how they went as JSON (scenario 14's measure).
+    Jobs {
+        /// Server URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// The work: `sha256` (SHA-256 of 1 KiB) or `spin` (50 ms of CPU;
+        /// needs --debug-tasks).
+        #[arg(long, default_value = "sha256")]
+        kind: String,
+        /// Jobs to submit.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Jobs submitted and awaited at once.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+    },
     /// Serves the baseline (same proto and task code, no dispatcher).
     Baseline {
         /// Address to listen on.
@@ -210,6 +227,16 @@ async fn main() -> anyhow::Result<()> {
             let duration = Duration::from_secs_f64(seconds);
             let report = flood::run(&addr, pid, &request, connections, streams, duration).await?;
             println!("{}", report.summary());
+            Ok(())
+        }
+        Command::Jobs { server, kind, count, in_flight } => {
+            let kind = match kind.as_str() {
+                "sha256" => jobs::Kind::Sha256,
+                "spin" => jobs::Kind::Spin,
+                other => anyhow::bail!("no job kind {other:?}: sha256 or spin"),
+            };
+            let result = jobs::offload(&server, kind, count, in_flight).await?;
+            println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
         Command::Baseline { listen, style } => baseline::serve(listen, style).await,

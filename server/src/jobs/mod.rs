@@ -24,12 +24,13 @@ pub mod sqlite;
 pub mod store;
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use store::{Filter, Finished, JobRecord, JobStore, NewJob, Notice, NoticeKind, Page, StoreError, Submitted};
 
@@ -64,8 +65,10 @@ pub struct Jobs {
     pub options: JobOptions,
     submits: Pending<NewJob, Submitted>,
     finishes: Pending<Finished, bool>,
-    /// Ids of jobs this front changed.
-    changed: broadcast::Sender<String>,
+    /// The waiters of each job being waited on: a change wakes only its
+    /// own job's waiters (a version counter, so none is missed between
+    /// looks).
+    waiting: Arc<std::sync::Mutex<HashMap<String, watch::Sender<u64>>>>,
     /// Ids of running jobs whose cancel was asked (here or on another front).
     cancels: broadcast::Sender<String>,
     /// A job was submitted here: the runner may have work.
@@ -107,11 +110,11 @@ impl Jobs {
         let submits = group_commit(Arc::clone(&store), |store, jobs| Box::pin(async move { store.submit(jobs).await }));
         let finishes =
             group_commit(Arc::clone(&store), |store, runs| Box::pin(async move { store.finish(runs).await }));
-        let (changed, _) = broadcast::channel(1024);
+        let waiting = Arc::default();
         let (cancels, _) = broadcast::channel(1024);
         let notices = store.notices();
         let submitted = Notify::new();
-        let jobs = Arc::new(Self { store, description, options, submits, finishes, changed, cancels, submitted });
+        let jobs = Arc::new(Self { store, description, options, submits, finishes, waiting, cancels, submitted });
         if let Some(notices) = notices {
             tokio::spawn(relay(Arc::downgrade(&jobs), notices));
         }
@@ -120,7 +123,9 @@ impl Jobs {
 
     /// Tells this front's waiters and runner that `id` changed.
     fn touched(&self, id: &str) {
-        let _ = self.changed.send(id.to_string());
+        if let Some(waiters) = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            waiters.send_modify(|version| *version += 1);
+        }
     }
 
     /// Records `job` durably (with other submits of the moment).
@@ -178,9 +183,41 @@ impl Jobs {
         self.store.stats().await
     }
 
-    /// Word of jobs this front changes from now on.
-    pub fn changes(&self) -> broadcast::Receiver<String> {
-        self.changed.subscribe()
+    /// Word of changes to job `id` from now on (made here, or told of by
+    /// the store).
+    pub fn watch(&self, id: &str) -> Watch {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let changes = waiting.entry(id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe();
+        Watch { id: id.to_string(), changes, waiting: Arc::clone(&self.waiting) }
+    }
+}
+
+/// A waiter's view of one job's changes; the job is forgotten once its last
+/// waiter is gone.
+#[derive(Debug)]
+pub struct Watch {
+    id: String,
+    changes: watch::Receiver<u64>,
+    waiting: Arc<std::sync::Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+impl Watch {
+    /// Returns once the job changed since the last call (or since the
+    /// watch began).
+    pub async fn changed(&mut self) {
+        // The sender lives while this receiver does (it is removed only
+        // when the last receiver goes), so this never fails.
+        let _ = self.changes.changed().await;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        // This receiver still counts: the last one sees a count of one.
+        if waiting.get(&self.id).is_some_and(|waiters| waiters.receiver_count() <= 1) {
+            waiting.remove(&self.id);
+        }
     }
 }
 
@@ -239,5 +276,32 @@ async fn relay(jobs: std::sync::Weak<Jobs>, mut notices: mpsc::Receiver<Notice>)
             NoticeKind::CancelAsked => drop(jobs.cancels.send(id)),
             NoticeKind::Changed => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_hears_only_its_own_job_and_is_forgotten_when_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JobOptions {
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+            retention: Duration::from_secs(60),
+            max_output_bytes: 1 << 20,
+        };
+        let jobs = Jobs::open(dir.path().join("jobs.sqlite3").to_str().unwrap(), options).await.unwrap();
+        let (mut a, mut also_a) = (jobs.watch("a"), jobs.watch("a"));
+        let mut b = jobs.watch("b");
+        jobs.touched("a");
+        // A change made before the waiter looks again is not lost.
+        tokio::time::timeout(Duration::from_secs(5), a.changed()).await.expect("a's change");
+        tokio::time::timeout(Duration::from_secs(5), also_a.changed()).await.expect("a's change, for each waiter");
+        let nothing = tokio::time::timeout(Duration::from_millis(50), b.changed()).await;
+        assert!(nothing.is_err(), "b did not change");
+        drop((a, also_a));
+        assert_eq!(jobs.waiting.lock().unwrap().keys().collect::<Vec<_>>(), ["b"], "a is forgotten");
     }
 }

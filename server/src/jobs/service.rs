@@ -261,7 +261,7 @@ impl jobs_server::Jobs for JobsService {
         let viewer = Viewer::of(&request);
         let id = request.into_inner().id;
         // Subscribed before the first look, so that no change is missed.
-        let mut changes = jobs.changes();
+        let mut changes = jobs.watch(&id);
         let first = self.found(&id, &viewer).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -272,11 +272,7 @@ impl jobs_server::Jobs for JobsService {
             let mut poll = tokio::time::interval_at((Instant::now() + WAIT_POLL).into(), WAIT_POLL);
             while !last.state.is_terminal() {
                 tokio::select! {
-                    changed = changes.recv() => match changed {
-                        Ok(changed) if changed != id => continue,
-                        // Lagged or closed: look anyway.
-                        _ => {}
-                    },
+                    () = changes.changed() => {}
                     _ = poll.tick() => {}
                     () = tx.closed() => return,
                 }

@@ -34,7 +34,17 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    db: Arc<Mutex<Connection>>,
+    db: Arc<Mutex<Connections>>,
+}
+
+/// Two connections to the file, used one at a time (so they never wait for
+/// each other's locks): one whose commits are synced to disk, one whose
+/// commits are not (see `SqliteStore::unsynced`). The setting is per
+/// connection, and changing it per transaction cost more than the rest.
+#[derive(Debug)]
+struct Connections {
+    synced: Connection,
+    unsynced: Connection,
 }
 
 const SCHEMA: &str = "
@@ -91,12 +101,19 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Connection::open(path)?;
-        // Several processes (replicas) may share the file: writers wait for
-        // each other rather than fail.
-        db.busy_timeout(Duration::from_secs(10))?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
+        let connect = |synchronous: &str| -> Result<Connection, StoreError> {
+            let db = Connection::open(path)?;
+            // Several processes (replicas) may share the file: writers wait
+            // for each other rather than fail.
+            db.busy_timeout(Duration::from_secs(10))?;
+            // Every statement the store runs stays prepared (parsing them
+            // each time cost more than running them).
+            db.set_prepared_statement_cache_capacity(64);
+            db.pragma_update(None, "journal_mode", "WAL")?;
+            db.pragma_update(None, "synchronous", synchronous)?;
+            Ok(db)
+        };
+        let db = connect("FULL")?;
         db.execute_batch(SCHEMA)?;
         // Columns added since the table was first made (a file kept across
         // upgrades): none is ever removed or renamed.
@@ -111,7 +128,8 @@ impl SqliteStore {
                 db.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {definition}"))?;
             }
         }
-        Ok(Self { path: path.to_owned(), db: Arc::new(Mutex::new(db)) })
+        let unsynced = connect("NORMAL")?;
+        Ok(Self { path: path.to_owned(), db: Arc::new(Mutex::new(Connections { synced: db, unsynced })) })
     }
 
     /// The file.
@@ -119,22 +137,31 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `work` on the connection off the async runtime: every call
-    /// blocks on the disk (a commit waits for its fsync).
+    /// Runs `work` on the synced connection off the async runtime: every
+    /// call blocks on the disk (a commit waits for its fsync).
     async fn with<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.on(|db| &mut db.synced, work).await
+    }
+
+    /// Runs `work` on the connection `pick` picks, off the async runtime.
+    async fn on<T: Send + 'static>(
+        &self,
+        pick: fn(&mut Connections) -> &mut Connection,
+        work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || work(&mut db.lock().unwrap_or_else(|e| e.into_inner()), now_ms()))
+        tokio::task::spawn_blocking(move || work(pick(&mut db.lock().unwrap_or_else(|e| e.into_inner())), now_ms()))
             .await
             .unwrap_or_else(|e| Err(StoreError::Database(format!("a store call panicked: {e}"))))
     }
 
     /// [`SqliteStore::with`] for a write whose loss in a power cut would be
     /// harmless: a claim, a renewal, progress. Its commit is not synced
-    /// (`synchronous = NORMAL`); the next synced commit (a submit, a finish)
-    /// syncs it with it. A crash of the process loses nothing either way
+    /// (a connection with `synchronous = NORMAL`); the next synced commit (a
+    /// submit, a finish) syncs the shared log, this commit with it. A crash of the process loses nothing either way
     /// (the operating system holds the file), and a power cut that loses a
     /// claim or a renewal also stopped every front of this host, whose runs
     /// the lapsed leases give back.
@@ -142,13 +169,7 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.with(move |db, now| {
-            db.pragma_update(None, "synchronous", "NORMAL")?;
-            let done = work(db, now);
-            db.pragma_update(None, "synchronous", "FULL")?;
-            done
-        })
-        .await
+        self.on(|db| &mut db.unsynced, work).await
     }
 }
 
@@ -188,7 +209,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 }
 
 fn by_id(db: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
-    Ok(db.query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"), [id], record).optional()?)
+    Ok(db.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?.query_row([id], record).optional()?)
 }
 
 #[async_trait::async_trait]
@@ -200,11 +221,10 @@ impl JobStore for SqliteStore {
             for job in jobs {
                 if let Some(key) = &job.idempotency_key {
                     let existing = tx
-                        .query_row(
-                            &format!("SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND idempotency_key = ?2"),
-                            params![job.client, key],
-                            record,
-                        )
+                        .prepare_cached(&format!(
+                            "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND idempotency_key = ?2"
+                        ))?
+                        .query_row(params![job.client, key], record)
                         .optional()?;
                     if let Some(existing) = existing {
                         out.push(Submitted::Existing(existing));
@@ -212,24 +232,24 @@ impl JobStore for SqliteStore {
                     }
                 }
                 let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
                          traceparent, interactive)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                    params![
-                        job.id,
-                        job.task,
-                        job.mode,
-                        params,
-                        job.input.as_ref(),
-                        job.client,
-                        job.idempotency_key,
-                        QUEUED,
-                        now,
-                        job.traceparent,
-                        job.priority == Priority::Interactive
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    job.id,
+                    job.task,
+                    job.mode,
+                    params,
+                    job.input.as_ref(),
+                    job.client,
+                    job.idempotency_key,
+                    QUEUED,
+                    now,
+                    job.traceparent,
+                    job.priority == Priority::Interactive
+                ])?;
                 let recorded =
                     by_id(&tx, &job.id)?.ok_or_else(|| StoreError::Database("a job just recorded is gone".into()))?;
                 out.push(Submitted::New(recorded));
@@ -243,7 +263,10 @@ impl JobStore for SqliteStore {
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let id = id.to_string();
         self.with(move |db, _| {
-            Ok(db.query_row(&format!("SELECT {GET_COLUMNS} FROM jobs WHERE id = ?1"), [id], record).optional()?)
+            Ok(db
+                .prepare_cached(&format!("SELECT {GET_COLUMNS} FROM jobs WHERE id = ?1"))?
+                .query_row([id], record)
+                .optional()?)
         })
         .await
     }
@@ -251,7 +274,7 @@ impl JobStore for SqliteStore {
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
         let filter = filter.clone();
         self.with(move |db, _| {
-            let mut statement = db.prepare(&format!(
+            let mut statement = db.prepare_cached(&format!(
                 "SELECT {LIST_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?4 IS NULL OR client = ?4)
                      AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
             ))?;
@@ -268,7 +291,7 @@ impl JobStore for SqliteStore {
         self.unsynced(move |db, now| {
             let tx = db.transaction()?;
             let mut claimed: Vec<(i64, String)> = tx
-                .prepare(
+                .prepare_cached(
                     "UPDATE jobs SET state = ?1, attempts = attempts + 1, owner = ?2, lease_until = ?3, started_ms = ?4
                      WHERE seq IN (SELECT seq FROM jobs WHERE state = ?5 ORDER BY seq LIMIT ?6)
                      RETURNING seq, id",
@@ -291,10 +314,9 @@ impl JobStore for SqliteStore {
     async fn renew(&self, id: &str, attempt: u32, lease: Duration) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.unsynced(move |db, now| {
-            let changed = db.execute(
-                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND attempts = ?3 AND state = ?4",
-                params![now + millis(lease), id, attempt, RUNNING],
-            )?;
+            let changed = db
+                .prepare_cached("UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND attempts = ?3 AND state = ?4")?
+                .execute(params![now + millis(lease), id, attempt, RUNNING])?;
             Ok(changed == 1)
         })
         .await
@@ -303,10 +325,11 @@ impl JobStore for SqliteStore {
     async fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError> {
         let (id, message) = (id.to_string(), message.to_string());
         self.unsynced(move |db, _| {
-            let changed = db.execute(
-                "UPDATE jobs SET progress = ?1, progress_message = ?2 WHERE id = ?3 AND attempts = ?4 AND state = ?5",
-                params![fraction, message, id, attempt, RUNNING],
-            )?;
+            let changed = db
+                .prepare_cached(
+                    "UPDATE jobs SET progress = ?1, progress_message = ?2 WHERE id = ?3 AND attempts = ?4 AND state = ?5",
+                )?
+                .execute(params![fraction, message, id, attempt, RUNNING])?;
             Ok(changed == 1)
         })
         .await
@@ -317,7 +340,7 @@ impl JobStore for SqliteStore {
             let tx = db.transaction()?;
             let mut written = Vec::with_capacity(runs.len());
             {
-                let mut statement = tx.prepare(
+                let mut statement = tx.prepare_cached(
                     "UPDATE jobs SET state = ?1, output = ?2, error_code = ?3, error_message = ?4, finished_ms = ?5,
                          owner = NULL, lease_until = NULL, progress = CASE WHEN ?1 = 3 THEN 1.0 ELSE progress END
                      WHERE id = ?6 AND attempts = ?7 AND state = ?8",
@@ -346,13 +369,15 @@ impl JobStore for SqliteStore {
     async fn release(&self, id: &str, attempt: u32) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.with(move |db, now| {
-            let changed = db.execute(
-                "UPDATE jobs SET state = CASE WHEN cancel_requested THEN ?5 ELSE ?1 END, attempts = attempts - 1,
-                     error_code = CASE WHEN cancel_requested THEN ?6 END,
-                     error_message = CASE WHEN cancel_requested THEN ?7 END,
-                     finished_ms = CASE WHEN cancel_requested THEN ?8 END, owner = NULL, lease_until = NULL
-                 WHERE id = ?2 AND attempts = ?3 AND state = ?4",
-                params![
+            let changed = db
+                .prepare_cached(
+                    "UPDATE jobs SET state = CASE WHEN cancel_requested THEN ?5 ELSE ?1 END, attempts = attempts - 1,
+                         error_code = CASE WHEN cancel_requested THEN ?6 END,
+                         error_message = CASE WHEN cancel_requested THEN ?7 END,
+                         finished_ms = CASE WHEN cancel_requested THEN ?8 END, owner = NULL, lease_until = NULL
+                     WHERE id = ?2 AND attempts = ?3 AND state = ?4",
+                )?
+                .execute(params![
                     QUEUED,
                     id,
                     attempt,
@@ -361,8 +386,7 @@ impl JobStore for SqliteStore {
                     tonic::Code::Cancelled as i32,
                     CANCELLED_HANDED_BACK,
                     now
-                ],
-            )?;
+                ])?;
             Ok(changed == 1)
         })
         .await
@@ -372,12 +396,20 @@ impl JobStore for SqliteStore {
         let id = id.to_string();
         self.with(move |db, now| {
             let tx = db.transaction()?;
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE jobs SET state = ?1, error_code = ?2, error_message = ?3, finished_ms = ?4
                  WHERE id = ?5 AND state = ?6",
-                params![State::Cancelled.number(), tonic::Code::Cancelled as i32, CANCELLED_QUEUED, now, id, QUEUED],
-            )?;
-            tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = ?2", params![id, RUNNING])?;
+            )?
+            .execute(params![
+                State::Cancelled.number(),
+                tonic::Code::Cancelled as i32,
+                CANCELLED_QUEUED,
+                now,
+                id,
+                QUEUED
+            ])?;
+            tx.prepare_cached("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = ?2")?
+                .execute(params![id, RUNNING])?;
             let job = by_id(&tx, &id)?;
             tx.commit()?;
             Ok(job)
@@ -388,8 +420,9 @@ impl JobStore for SqliteStore {
     async fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError> {
         let owner = owner.to_string();
         self.with(move |db, _| {
-            let mut statement =
-                db.prepare("SELECT id, attempts FROM jobs WHERE owner = ?1 AND state = ?2 AND cancel_requested = 1")?;
+            let mut statement = db.prepare_cached(
+                "SELECT id, attempts FROM jobs WHERE owner = ?1 AND state = ?2 AND cancel_requested = 1",
+            )?;
             let rows = statement.query_map(params![owner, RUNNING], |row| Ok((row.get(0)?, row.get(1)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -400,34 +433,37 @@ impl JobStore for SqliteStore {
         self.with(move |db, now| {
             let tx = db.transaction()?;
             let expired = "state = ?1 AND lease_until <= ?2";
-            tx.execute(
-                &format!(
-                    "UPDATE jobs SET state = ?3, error_code = ?4, error_message = ?5,
+            tx.prepare_cached(&format!(
+                "UPDATE jobs SET state = ?3, error_code = ?4, error_message = ?5,
                          finished_ms = ?2, owner = NULL, lease_until = NULL
                      WHERE {expired} AND cancel_requested = 1"
-                ),
-                params![RUNNING, now, State::Cancelled.number(), tonic::Code::Cancelled as i32, CANCELLED_LOST],
-            )?;
-            tx.execute(
-                &format!(
-                    "UPDATE jobs SET state = ?3, error_code = ?4,
+            ))?
+            .execute(params![
+                RUNNING,
+                now,
+                State::Cancelled.number(),
+                tonic::Code::Cancelled as i32,
+                CANCELLED_LOST
+            ])?;
+            tx.prepare_cached(&format!(
+                "UPDATE jobs SET state = ?3, error_code = ?4,
                          error_message = ?6 || attempts || ' of ' || ?5,
                          finished_ms = ?2, owner = NULL, lease_until = NULL
                      WHERE {expired} AND attempts >= ?5"
-                ),
-                params![
-                    RUNNING,
-                    now,
-                    State::Failed.number(),
-                    tonic::Code::Unavailable as i32,
-                    max_attempts,
-                    LOST_ON_ATTEMPT
-                ],
-            )?;
-            let queued = tx.execute(
-                &format!("UPDATE jobs SET state = ?3, owner = NULL, lease_until = NULL WHERE {expired}"),
-                params![RUNNING, now, QUEUED],
-            )?;
+            ))?
+            .execute(params![
+                RUNNING,
+                now,
+                State::Failed.number(),
+                tonic::Code::Unavailable as i32,
+                max_attempts,
+                LOST_ON_ATTEMPT
+            ])?;
+            let queued = tx
+                .prepare_cached(&format!(
+                    "UPDATE jobs SET state = ?3, owner = NULL, lease_until = NULL WHERE {expired}"
+                ))?
+                .execute(params![RUNNING, now, QUEUED])?;
             tx.commit()?;
             Ok(queued)
         })
@@ -437,11 +473,9 @@ impl JobStore for SqliteStore {
     async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
         let client = client.to_string();
         self.with(move |db, _| {
-            let count: i64 = db.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE client = ?1 AND state = ?2",
-                params![client, QUEUED],
-                |row| row.get(0),
-            )?;
+            let count: i64 = db
+                .prepare_cached("SELECT COUNT(*) FROM jobs WHERE client = ?1 AND state = ?2")?
+                .query_row(params![client, QUEUED], |row| row.get(0))?;
             Ok(count as usize)
         })
         .await
@@ -449,11 +483,12 @@ impl JobStore for SqliteStore {
 
     async fn stats(&self) -> Result<Stats, StoreError> {
         self.with(move |db, now| {
-            let mut statement = db.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")?;
+            let mut statement = db.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")?;
             let rows = statement.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
             let counts = rows.collect::<Result<Vec<_>, _>>()?;
-            let oldest: Option<i64> =
-                db.query_row("SELECT MIN(created_ms) FROM jobs WHERE state = ?1", [QUEUED], |row| row.get(0))?;
+            let oldest: Option<i64> = db
+                .prepare_cached("SELECT MIN(created_ms) FROM jobs WHERE state = ?1")?
+                .query_row([QUEUED], |row| row.get(0))?;
             Ok(Stats::of(counts, oldest.map(|created| now - created)))
         })
         .await
@@ -461,10 +496,9 @@ impl JobStore for SqliteStore {
 
     async fn delete_finished(&self, retention: Duration) -> Result<usize, StoreError> {
         self.with(move |db, now| {
-            Ok(db.execute(
-                "DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms <= ?1",
-                [now - millis(retention)],
-            )?)
+            Ok(db
+                .prepare_cached("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms <= ?1")?
+                .execute([now - millis(retention)])?)
         })
         .await
     }
