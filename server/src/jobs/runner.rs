@@ -65,8 +65,11 @@ pub async fn run(
     let ended = Arc::new(Notify::new());
     loop {
         // Claim while there is room: every job there is room for, at once.
-        while !stop.is_cancelled() && runs_tracker.len() < capacity {
-            let room = capacity - runs_tracker.len();
+        // Counted by `runs`, from which a run is gone before it says it
+        // ended (the tracker still counts its task for a moment after).
+        let running = || runs.lock().unwrap_or_else(|e| e.into_inner()).len();
+        while !stop.is_cancelled() && running() < capacity {
+            let room = capacity - running();
             let asked = Instant::now();
             let claimed = match jobs.store.claim(&owner, jobs.options.lease, room).await {
                 Ok(claimed) => claimed,
