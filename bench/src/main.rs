@@ -134,6 +134,10 @@ enum Command {
         /// Jobs submitted and awaited at once.
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
+        /// Server pid: also report the CPU time it (with its workers) spent
+        /// per job.
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Serves the baseline (same proto and task code, no dispatcher).
     Baseline {
@@ -229,14 +233,20 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", report.summary());
             Ok(())
         }
-        Command::Jobs { server, kind, count, in_flight } => {
+        Command::Jobs { server, kind, count, in_flight, pid } => {
             let kind = match kind.as_str() {
                 "sha256" => jobs::Kind::Sha256,
                 "spin" => jobs::Kind::Spin,
                 other => anyhow::bail!("no job kind {other:?}: sha256 or spin"),
             };
+            let before = pid.map(procstat::tree);
             let result = jobs::offload(&server, kind, count, in_flight).await?;
             println!("{}", serde_json::to_string(&result)?);
+            if let (Some(pid), Some(before)) = (pid, before) {
+                let cpu = procstat::tree(pid).cpu.saturating_sub(before.cpu);
+                let per_job = cpu.as_secs_f64() * 1e6 / result.done.max(1) as f64;
+                println!("server CPU: {:.2} s, {per_job:.0} us per job", cpu.as_secs_f64());
+            }
             Ok(())
         }
         Command::Baseline { listen, style } => baseline::serve(listen, style).await,
