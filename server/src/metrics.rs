@@ -474,7 +474,7 @@ pub async fn serve(
                 async move {
                     let response = if request.uri().path() == "/metrics" {
                         let stats = match &jobs {
-                            Some(jobs) => jobs.stats().await.ok(),
+                            Some(jobs) => jobs.store.stats().await.ok(),
                             None => None,
                         };
                         Response::builder()

@@ -98,4 +98,13 @@ async fn the_cli_submits_waits_for_lists_and_cancels_jobs() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains(&format!("job {id} cancelled: Cancelled")), "{said}");
+
+    // `offload wait ID -o FILE` writes the output of a job submitted without --wait.
+    let out = offload(&server, &["submit", "compress.zstd", "-d", "hello hello hello"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("packed.zst");
+    let waited = offload(&server, &["wait", &text(&out), "-o", file.to_str().unwrap()], None);
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    assert_eq!(zstd::decode_all(&std::fs::read(&file).unwrap()[..]).unwrap(), b"hello hello hello");
 }

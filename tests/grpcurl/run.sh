@@ -29,6 +29,14 @@ out=$("$grpcurl" -plaintext "$addr" describe offload.v1.Compute)
 grep -q 'rpc ExecuteBatch' <<<"$out" || fail "describe: $out"
 out=$("$grpcurl" -plaintext "$addr" describe offload.v1.Jobs)
 grep -q 'rpc Wait ( .offload.v1.WaitJobRequest ) returns ( stream .offload.v1.Job )' <<<"$out" || fail "describe Jobs: $out"
+# A job through reflection, with the API's state names: queued at Submit,
+# then Wait ends with the job succeeded and its output.
+out=$("$grpcurl" -plaintext -d '{"task":"hash.sha256","input":"YWJj"}' "$addr" offload.v1.Jobs/Submit)
+grep -q '"state": "JOB_STATE_QUEUED"' <<<"$out" || fail "Jobs/Submit: $out"
+job=$(sed -n 's/^ *"id": "\([0-9a-f]*\)".*/\1/p' <<<"$out")
+out=$("$grpcurl" -plaintext -d "{\"id\":\"$job\"}" "$addr" offload.v1.Jobs/Wait)
+grep -q '"state": "JOB_STATE_SUCCEEDED"' <<<"$out" || fail "Jobs/Wait: $out"
+grep -q '"output": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="' <<<"$out" || fail "Jobs/Wait output: $out"
 # SHA-256 of "abc", base64 in JSON.
 out=$("$grpcurl" -plaintext -d '{"task":"hash.sha256","input":"YWJj","id":"g1"}' "$addr" offload.v1.Compute/Execute)
 echo "$out" | grep -q '"output": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="' || fail "Execute: $out"

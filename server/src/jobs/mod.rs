@@ -32,7 +32,7 @@ use std::{
 
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
-use store::{Filter, Finished, JobRecord, JobStore, NewJob, Notice, NoticeKind, Page, StoreError, Submitted};
+use store::{Finished, JobRecord, JobStore, NewJob, Notice, NoticeKind, StoreError, Submitted};
 
 /// How jobs are kept and run.
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ impl Jobs {
         jobs
     }
 
-    /// Tells this front's waiters and runner that `id` changed.
+    /// Tells this front's waiters of `id` that it changed.
     fn touched(&self, id: &str) {
         if let Some(waiters) = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
             waiters.send_modify(|version| *version += 1);
@@ -138,24 +138,10 @@ impl Jobs {
         Ok(submitted)
     }
 
-    /// The job `id`.
-    pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        self.store.get(id).await
-    }
-
-    /// A page of jobs.
-    pub async fn list(&self, filter: Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
-        self.store.list(&filter, limit, after).await
-    }
-
     /// Records how run `attempt` of `id` ended (with other runs ending at
     /// the moment): false if it is no longer the job's current run.
     pub async fn finish(&self, id: &str, attempt: u32, result: store::RunResult) -> Result<bool, StoreError> {
-        let written = committed(&self.finishes, Finished { id: id.to_string(), attempt, result }).await?;
-        if written {
-            self.touched(id);
-        }
-        Ok(written)
+        committed(&self.finishes, Finished { id: id.to_string(), attempt, result }).await
     }
 
     /// Cancels `id` (see [`JobStore::cancel`]).
@@ -171,16 +157,6 @@ impl Jobs {
     /// Word of running jobs whose cancel is asked from now on.
     pub fn cancels(&self) -> broadcast::Receiver<String> {
         self.cancels.subscribe()
-    }
-
-    /// How many jobs `client` has queued.
-    pub async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
-        self.store.queued_of(client).await
-    }
-
-    /// What the metrics show of the store.
-    pub async fn stats(&self) -> Result<store::Stats, StoreError> {
-        self.store.stats().await
     }
 
     /// Word of changes to job `id` from now on (made here, or told of by

@@ -28,6 +28,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
     LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submitted, millis,
+    record_columns,
 };
 use crate::schedule::Priority;
 
@@ -103,17 +104,11 @@ CREATE INDEX IF NOT EXISTS offload_jobs_finished ON offload_jobs (finished_ms) W
 ";
 
 /// Every column of a record, in [`record`]'s order.
-const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
-                       error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                       started_ms, finished_ms, seq, traceparent, interactive";
+const COLUMNS: &str = record_columns!("input", "output");
 /// The same, the input left out (for looking a job up).
-const GET_COLUMNS: &str = "id, task, mode, params, ''::bytea, client, idempotency_key, state, output, error_code, \
-                           error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                           started_ms, finished_ms, seq, traceparent, interactive";
+const GET_COLUMNS: &str = record_columns!("''::bytea", "output");
 /// The same, inputs and outputs left out (for listing).
-const LIST_COLUMNS: &str = "id, task, mode, params, ''::bytea, client, idempotency_key, state, NULL::bytea, \
-                            error_code, error_message, progress, progress_message, attempts, cancel_requested, \
-                            created_ms, started_ms, finished_ms, seq, traceparent, interactive";
+const LIST_COLUMNS: &str = record_columns!("''::bytea", "NULL::bytea");
 
 const QUEUED: i32 = 1;
 const RUNNING: i32 = 2;
@@ -142,6 +137,15 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Database(format!("{} is not a PostgreSQL URL: {e}", redacted(url))))?;
+        // Refused now, saying why, rather than retried until the start-up
+        // bound runs out on a handshake that cannot succeed.
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(StoreError::Database(format!(
+                "{}: sslmode=require asks for TLS, which this version does not speak to PostgreSQL; \
+                 reach the database over a private network or a local TLS proxy, with sslmode=disable or prefer",
+                redacted(url)
+            )));
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -173,9 +177,8 @@ impl PgStore {
                 Err(err) => return Err(err),
             }
         }
-        let mut random = [0u8; 8];
-        getrandom::fill(&mut random).map_err(|e| StoreError::Database(format!("no randomness: {e}")))?;
-        let origin = hex::encode(random);
+        let origin = getrandom::u64().map_err(|e| StoreError::Database(format!("no randomness: {e}")))?;
+        let origin = format!("{origin:016x}");
         let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
         let (listening, listened) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen(config, origin.clone(), tx, listening));
@@ -402,7 +405,13 @@ async fn submit_rows(
         // Nothing inserted: the client's key is taken (perhaps by a Submit on
         // another front a moment ago, whose commit the insert waited for).
         out.push(match (row, &job.idempotency_key) {
-            (Some(row), _) => Submitted::New(record(&row)?),
+            // Read back as recorded, but for the input: the caller's own,
+            // perhaps large, is not sent back over the wire.
+            (Some(row), _) => {
+                let mut recorded = record(&row)?;
+                recorded.job.input = job.input.clone();
+                Submitted::New(recorded)
+            }
             (None, Some(key)) => match client.query_opt(&existing, &[&job.client, key]).await? {
                 Some(row) => Submitted::Existing(record(&row)?),
                 None => return Err(StoreError::Database("a job's idempotency key is taken and gone".into())),
@@ -444,7 +453,7 @@ impl JobStore for PgStore {
                  traceparent, interactive)
              VALUES ($1, $2, $3, $4, $5, $6, $7, {QUEUED}, {NOW_MS}, $8, $9)
              ON CONFLICT DO NOTHING
-             RETURNING {COLUMNS}, {}",
+             RETURNING {GET_COLUMNS}, {}",
             self.notify(Kind::Queued)
         );
         let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
@@ -703,6 +712,13 @@ mod tests {
         assert_eq!(redacted("postgres://db/jobs"), "postgres://db/jobs");
         let config = tokio_postgres::Config::from_str("postgres://offload:s3cret@db:6543/jobs").unwrap();
         assert_eq!(describe(&config), "db:6543/jobs");
+    }
+
+    #[tokio::test]
+    async fn a_url_asking_for_tls_is_refused_saying_so() {
+        let err = PgStore::connect("postgres://offload:s3cret@127.0.0.1:1/jobs?sslmode=require").await.unwrap_err();
+        let said = err.to_string();
+        assert!(said.contains("sslmode=require asks for TLS") && !said.contains("s3cret"), "{said}");
     }
 
     #[test]

@@ -87,7 +87,7 @@ impl JobsService {
         // Checked before recording; concurrent submits of one client may
         // pass it together and overshoot by their number.
         if let Some(limit) = client.max_queued_jobs()
-            && jobs.queued_of(client.name()).await? >= limit
+            && jobs.store.queued_of(client.name()).await? >= limit
         {
             return Err(Status::resource_exhausted(format!(
                 "client {:?} already has {limit} jobs queued, its max_queued_jobs; submit again when one starts",
@@ -119,7 +119,7 @@ impl JobsService {
     /// The job `id`, if `viewer` may see it: another client's job is as
     /// good as missing.
     async fn found(&self, id: &str, viewer: &Viewer) -> Result<JobRecord, Status> {
-        match self.jobs()?.get(id).await? {
+        match self.jobs()?.store.get(id).await? {
             Some(record) if viewer.sees(&record) => Ok(record),
             _ => Err(not_found(id)),
         }
@@ -247,7 +247,7 @@ impl jobs_server::Jobs for JobsService {
             0 => MAX_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let page = self.jobs()?.list(Filter { state, client }, limit, after).await?;
+        let page = self.jobs()?.store.list(&Filter { state, client }, limit, after).await?;
         Ok(Response::new(ListJobsResponse {
             jobs: page.jobs.into_iter().map(job).collect(),
             next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
@@ -276,7 +276,7 @@ impl jobs_server::Jobs for JobsService {
                     _ = poll.tick() => {}
                     () = tx.closed() => return,
                 }
-                let now = match jobs.get(&id).await {
+                let now = match jobs.store.get(&id).await {
                     Ok(Some(now)) => now,
                     Ok(None) => return drop(tx.send(Err(not_found(&id))).await),
                     Err(err) => return drop(tx.send(Err(err.into())).await),

@@ -21,7 +21,7 @@ use crate::schedule::Priority;
 
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
-    LOST_ON_ATTEMPT, NewJob, Page, State, Stats, StoreError, Submitted, millis, now_ms,
+    LOST_ON_ATTEMPT, NewJob, Page, State, Stats, StoreError, Submitted, millis, now_ms, record_columns,
 };
 
 impl From<rusqlite::Error> for StoreError {
@@ -79,17 +79,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner) WHERE owner IS NOT NULL
 ";
 
 /// Every column of a record, in [`record`]'s order.
-const COLUMNS: &str = "id, task, mode, params, input, client, idempotency_key, state, output, error_code, \
-                       error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                       started_ms, finished_ms, seq, traceparent, interactive";
+const COLUMNS: &str = record_columns!("input", "output");
 /// The same, the input left out (for looking a job up).
-const GET_COLUMNS: &str = "id, task, mode, params, X'', client, idempotency_key, state, output, error_code, \
-                           error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                           started_ms, finished_ms, seq, traceparent, interactive";
+const GET_COLUMNS: &str = record_columns!("X''", "output");
 /// The same, inputs and outputs left out (for listing).
-const LIST_COLUMNS: &str = "id, task, mode, params, X'', client, idempotency_key, state, NULL, error_code, \
-                            error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
-                            started_ms, finished_ms, seq, traceparent, interactive";
+const LIST_COLUMNS: &str = record_columns!("X''", "NULL");
 
 const QUEUED: i64 = 1;
 const RUNNING: i64 = 2;
@@ -159,12 +153,13 @@ impl SqliteStore {
     }
 
     /// [`SqliteStore::with`] for a write whose loss in a power cut would be
-    /// harmless: a claim, a renewal, progress. Its commit is not synced
-    /// (a connection with `synchronous = NORMAL`); the next synced commit (a
-    /// submit, a finish) syncs the shared log, this commit with it. A crash of the process loses nothing either way
-    /// (the operating system holds the file), and a power cut that loses a
-    /// claim or a renewal also stopped every front of this host, whose runs
-    /// the lapsed leases give back.
+    /// harmless: a claim, a renewal, progress. Its commit is not synced (a
+    /// connection with `synchronous = NORMAL`); the next synced commit (a
+    /// submit, a finish) syncs the shared log, this commit with it. A crash
+    /// of the process loses nothing either way (the operating system holds
+    /// the file), and a power cut that loses a claim or a renewal also
+    /// stopped every front of this host, whose runs the lapsed leases give
+    /// back.
     async fn unsynced<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
@@ -232,26 +227,32 @@ impl JobStore for SqliteStore {
                     }
                 }
                 let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
-                tx.prepare_cached(
-                    "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
-                         traceparent, interactive)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?
-                .execute(params![
-                    job.id,
-                    job.task,
-                    job.mode,
-                    params,
-                    job.input.as_ref(),
-                    job.client,
-                    job.idempotency_key,
-                    QUEUED,
-                    now,
-                    job.traceparent,
-                    job.priority == Priority::Interactive
-                ])?;
-                let recorded =
-                    by_id(&tx, &job.id)?.ok_or_else(|| StoreError::Database("a job just recorded is gone".into()))?;
+                // Read back as recorded, but for the input (the caller's own,
+                // perhaps large).
+                let mut recorded = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
+                             traceparent, interactive)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         RETURNING {GET_COLUMNS}"
+                    ))?
+                    .query_row(
+                        params![
+                            job.id,
+                            job.task,
+                            job.mode,
+                            params,
+                            job.input.as_ref(),
+                            job.client,
+                            job.idempotency_key,
+                            QUEUED,
+                            now,
+                            job.traceparent,
+                            job.priority == Priority::Interactive
+                        ],
+                        record,
+                    )?;
+                recorded.job.input = job.input;
                 out.push(Submitted::New(recorded));
             }
             tx.commit()?;
@@ -290,23 +291,20 @@ impl JobStore for SqliteStore {
         let owner = owner.to_string();
         self.unsynced(move |db, now| {
             let tx = db.transaction()?;
-            let mut claimed: Vec<(i64, String)> = tx
-                .prepare_cached(
+            let mut claimed: Vec<(i64, JobRecord)> = tx
+                .prepare_cached(&format!(
                     "UPDATE jobs SET state = ?1, attempts = attempts + 1, owner = ?2, lease_until = ?3, started_ms = ?4
                      WHERE seq IN (SELECT seq FROM jobs WHERE state = ?5 ORDER BY seq LIMIT ?6)
-                     RETURNING seq, id",
-                )?
+                     RETURNING {COLUMNS}"
+                ))?
                 .query_map(params![RUNNING, owner, now + millis(lease), now, QUEUED, limit as i64], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
+                    Ok((row.get(18)?, record(row)?))
                 })?
                 .collect::<Result<_, _>>()?;
-            claimed.sort();
-            let records = claimed
-                .iter()
-                .map(|(_, id)| by_id(&tx, id)?.ok_or_else(|| StoreError::Database("a claimed job is gone".into())))
-                .collect::<Result<Vec<_>, _>>()?;
             tx.commit()?;
-            Ok(records)
+            // RETURNING gives rows in no particular order.
+            claimed.sort_by_key(|(seq, _)| *seq);
+            Ok(claimed.into_iter().map(|(_, job)| job).collect())
         })
         .await
     }

@@ -4,10 +4,28 @@
 //! by the job's attempt number: a front whose lease expired (and whose job
 //! another front took over) changes nothing.
 //!
-//! Calls block (a database round trip, an fsync): callers run them off the
-//! async runtime (see [`super::Jobs`]).
+//! Every backend reads a record from the same columns, in the same order
+//! (`record_columns!`), and decodes them with its own driver.
 
 use std::{collections::BTreeMap, time::Duration};
+
+/// The columns a record is read from, in the order every backend's decoder
+/// takes them, with `$input` and `$output` read in their places: the columns
+/// themselves, or an empty value in the store's dialect when a lookup leaves
+/// them out.
+macro_rules! record_columns {
+    ($input:literal, $output:literal) => {
+        concat!(
+            "id, task, mode, params, ",
+            $input,
+            ", client, idempotency_key, state, ",
+            $output,
+            ", error_code, error_message, progress, progress_message, attempts, cancel_requested, created_ms, \
+             started_ms, finished_ms, seq, traceparent, interactive"
+        )
+    };
+}
+pub(crate) use record_columns;
 
 use bytes::Bytes;
 
