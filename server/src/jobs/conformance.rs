@@ -40,8 +40,8 @@ async fn claim(store: &dyn JobStore, owner: &str, lease: Duration) -> Option<Job
 }
 
 /// Ends run `attempt` of `id` with `result`: whether it was written.
-async fn finish(store: &dyn JobStore, id: &str, attempt: u32, result: RunResult) -> bool {
-    store.finish(vec![Finished { id: id.into(), attempt, result }]).await.unwrap()[0]
+async fn finish(store: &dyn JobStore, id: &str, attempt: u32, result: RunResult) -> Option<JobRecord> {
+    store.finish(vec![Finished { id: id.into(), attempt, result }]).await.unwrap().remove(0)
 }
 
 /// Every check, each on a store emptied of the previous one's jobs.
@@ -101,11 +101,12 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
     let retaken = claim(store, "front-2", HELD).await.unwrap();
     assert_eq!((retaken.job.id.as_str(), retaken.attempts), ("a", 2));
     let output = RunResult::Succeeded(Bytes::from_static(b"out"));
-    assert!(!finish(store, "a", 1, output.clone()).await, "the stale run changes nothing");
+    assert!(finish(store, "a", 1, output.clone()).await.is_none(), "the stale run changes nothing");
     assert!(!store.renew("a", 1, HELD).await.unwrap());
     assert!(!store.progress("a", 1, 0.9, "stale").await.unwrap());
-    assert!(finish(store, "a", 2, output).await);
+    let ended = finish(store, "a", 2, output).await.expect("the current run's end is written");
     let done = store.get("a").await.unwrap().unwrap();
+    assert_eq!(ended, done, "a finish reads back the job as a lookup would");
     assert_eq!((done.state, done.output.as_deref(), done.progress), (State::Succeeded, Some(&b"out"[..]), 1.0));
     assert!(done.finished_ms.is_some_and(|f| f >= done.created_ms));
     assert!(store.get("nope").await.unwrap().is_none());
@@ -128,7 +129,7 @@ pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
         Finished { id: "a".into(), attempt: a.attempts + 1, result: ended.clone() },
         Finished { id: "nope".into(), attempt: 1, result: ended },
     ];
-    assert_eq!(store.finish(group).await.unwrap(), [false, false], "neither is a current run");
+    assert!(store.finish(group).await.unwrap().iter().all(Option::is_none), "neither is a current run");
     assert!(store.release("a", a.attempts).await.unwrap());
     // "a" loses its front three times: then it fails, naming why.
     for attempt in 1..=3 {

@@ -64,16 +64,20 @@ pub struct Jobs {
     /// How jobs are run.
     pub options: JobOptions,
     submits: Pending<NewJob, Submitted>,
-    finishes: Pending<Finished, bool>,
+    finishes: Pending<Finished, Option<JobRecord>>,
     /// The waiters of each job being waited on: a change wakes only its
-    /// own job's waiters (a version counter, so none is missed between
-    /// looks).
-    waiting: Arc<std::sync::Mutex<HashMap<String, watch::Sender<u64>>>>,
+    /// own job's waiters, none missed between looks.
+    waiting: Waiting,
     /// Ids of running jobs whose cancel was asked (here or on another front).
     cancels: broadcast::Sender<String>,
     /// A job was submitted here: the runner may have work.
     submitted: Notify,
 }
+
+/// Each waited job's channel to its waiters: the job as the change that
+/// woke them left it, when the change came with it (a write that read it
+/// back), so that they need not look it up; else `None`, and they do.
+type Waiting = Arc<std::sync::Mutex<HashMap<String, watch::Sender<Option<Arc<JobRecord>>>>>>;
 
 /// Where the embedded store lives by default: the user's state folder
 /// (`$XDG_STATE_HOME/offload`, else `~/.local/state/offload`).
@@ -123,8 +127,19 @@ impl Jobs {
 
     /// Tells this front's waiters of `id` that it changed.
     fn touched(&self, id: &str) {
+        self.tell(id, || None);
+    }
+
+    /// Tells this front's waiters of `job` that it changed, and how it is
+    /// now. Only for a job's current state: a record read back by the write
+    /// that made it, told of by the run that made it, in its order.
+    fn changed_to(&self, job: &JobRecord) {
+        self.tell(&job.job.id, || Some(Arc::new(job.clone())));
+    }
+
+    fn tell(&self, id: &str, now: impl FnOnce() -> Option<Arc<JobRecord>>) {
         if let Some(waiters) = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
-            waiters.send_modify(|version| *version += 1);
+            waiters.send_replace(now());
         }
     }
 
@@ -132,16 +147,21 @@ impl Jobs {
     pub async fn submit(&self, job: NewJob) -> Result<Submitted, StoreError> {
         let submitted = committed(&self.submits, job).await?;
         if let Submitted::New(record) = &submitted {
-            self.touched(&record.job.id);
+            self.changed_to(record);
             self.submitted.notify_one();
         }
         Ok(submitted)
     }
 
     /// Records how run `attempt` of `id` ended (with other runs ending at
-    /// the moment): false if it is no longer the job's current run.
+    /// the moment), and tells its waiters: false if it is no longer the
+    /// job's current run.
     pub async fn finish(&self, id: &str, attempt: u32, result: store::RunResult) -> Result<bool, StoreError> {
-        committed(&self.finishes, Finished { id: id.to_string(), attempt, result }).await
+        let ended = committed(&self.finishes, Finished { id: id.to_string(), attempt, result }).await?;
+        if let Some(job) = &ended {
+            self.changed_to(job);
+        }
+        Ok(ended.is_some())
     }
 
     /// Cancels `id` (see [`JobStore::cancel`]).
@@ -163,7 +183,7 @@ impl Jobs {
     /// the store).
     pub fn watch(&self, id: &str) -> Watch {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let changes = waiting.entry(id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe();
+        let changes = waiting.entry(id.to_string()).or_insert_with(|| watch::channel(None).0).subscribe();
         Watch { id: id.to_string(), changes, waiting: Arc::clone(&self.waiting) }
     }
 }
@@ -173,17 +193,19 @@ impl Jobs {
 #[derive(Debug)]
 pub struct Watch {
     id: String,
-    changes: watch::Receiver<u64>,
-    waiting: Arc<std::sync::Mutex<HashMap<String, watch::Sender<u64>>>>,
+    changes: watch::Receiver<Option<Arc<JobRecord>>>,
+    waiting: Waiting,
 }
 
 impl Watch {
     /// Returns once the job changed since the last call (or since the
-    /// watch began).
-    pub async fn changed(&mut self) {
+    /// watch began): the job as it is now, if the change told (else look
+    /// it up).
+    pub async fn changed(&mut self) -> Option<Arc<JobRecord>> {
         // The sender lives while this receiver does (it is removed only
         // when the last receiver goes), so this never fails.
         let _ = self.changes.changed().await;
+        self.changes.borrow_and_update().clone()
     }
 }
 

@@ -425,7 +425,11 @@ async fn submit_rows(
 /// Ends `runs` with the statement `sql` (see [`PgStore::finish`]) through
 /// `client`, a connection or a transaction: the writes are sent together
 /// (tokio-postgres pipelines them), one round trip for the group.
-async fn finish_rows(client: &impl GenericClient, sql: &str, runs: &[Finished]) -> Result<Vec<bool>, StoreError> {
+async fn finish_rows(
+    client: &impl GenericClient,
+    sql: &str,
+    runs: &[Finished],
+) -> Result<Vec<Option<JobRecord>>, StoreError> {
     let statement = client.prepare_cached(sql).await?;
     let writes = runs.iter().map(|Finished { id, attempt, result }| {
         let statement = &statement;
@@ -434,7 +438,7 @@ async fn finish_rows(client: &impl GenericClient, sql: &str, runs: &[Finished]) 
             let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
             let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
                 [&(state.number() as i32), &output, &code, &message, id, &attempt_number(*attempt)];
-            Ok::<_, StoreError>(client.execute(statement, &values).await? == 1)
+            client.query_opt(statement, &values).await?.as_ref().map(record).transpose()
         }
     });
     futures::future::try_join_all(writes).await
@@ -549,13 +553,13 @@ impl JobStore for PgStore {
         .await
     }
 
-    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<bool>, StoreError> {
+    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<Option<JobRecord>>, StoreError> {
         let sql = format!(
             "UPDATE offload_jobs SET state = $1, output = $2, error_code = $3, error_message = $4,
                  finished_ms = {NOW_MS}, owner = NULL, lease_until = NULL,
                  progress = CASE WHEN $1 = 3 THEN 1.0 ELSE progress END
              WHERE id = $5 AND attempts = $6 AND state = {RUNNING}
-             RETURNING {}",
+             RETURNING {GET_COLUMNS}, {}",
             self.notify(Kind::Changed)
         );
         self.with(async |client| {

@@ -65,8 +65,9 @@ pub async fn run(
     let ended = Arc::new(Notify::new());
     loop {
         // Claim while there is room: every job there is room for, at once.
-        // Counted by `runs`, from which a run is gone before it says it
-        // ended (the tracker still counts its task for a moment after).
+        // Counted by `runs`: a run leaves it once its work is done, before
+        // its end is recorded (a slot is for running, not for waiting on
+        // the store), and before it says it ended.
         let running = || runs.lock().unwrap_or_else(|e| e.into_inner()).len();
         while !stop.is_cancelled() && running() < capacity {
             let room = capacity - running();
@@ -80,7 +81,7 @@ pub async fn run(
             };
             let all_there_was = claimed.len() < room;
             for job in claimed {
-                jobs.touched(&job.job.id);
+                jobs.changed_to(&job);
                 let cancel = CancellationToken::new();
                 runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
                 let (jobs, dispatcher, runs, hand_back, ended) = (
@@ -92,9 +93,11 @@ pub async fn run(
                 );
                 runs_tracker.spawn(async move {
                     let id = job.job.id.clone();
-                    run_one(&jobs, &dispatcher, job, asked, cancel, hand_back).await;
-                    runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                    ended.notify_one();
+                    let done = || {
+                        runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                        ended.notify_one();
+                    };
+                    run_one(&jobs, &dispatcher, job, asked, cancel, hand_back, done).await;
                 });
             }
             if all_there_was {
@@ -165,7 +168,8 @@ enum Ending {
     Lost,
 }
 
-/// Runs one claimed job and records how it ended.
+/// Runs one claimed job, says it is `done` running, and records how it
+/// ended.
 async fn run_one(
     jobs: &Arc<Jobs>,
     dispatcher: &Arc<Dispatcher>,
@@ -173,11 +177,13 @@ async fn run_one(
     claimed: Instant,
     cancel: CancellationToken,
     hand_back: CancellationToken,
+    done: impl FnOnce(),
 ) {
     let (id, attempt) = (job.job.id.clone(), job.attempts);
     // The run's spans continue the Submit's trace.
     let span = telemetry::job_span(&id, &job.job.task, attempt, &job.job.traceparent);
     let ending = execute(jobs, dispatcher, job, claimed, &cancel, &hand_back).instrument(span).await;
+    done();
     dispatcher.metrics().job_run(match &ending {
         Ending::Result(RunResult::Succeeded(_)) => "succeeded",
         Ending::Result(RunResult::Ended(State::Cancelled, _)) => "cancelled",
@@ -190,11 +196,16 @@ async fn run_one(
             tracing::warn!(job.id = %id, attempt, "job's lease lapsed while it ran; another front has it");
             return;
         }
-        Ending::HandBack => jobs.store.release(&id, attempt).await,
+        Ending::HandBack => jobs.store.release(&id, attempt).await.inspect(|&released| {
+            if released {
+                jobs.touched(&id);
+            }
+        }),
+        // It tells the job's waiters itself.
         Ending::Result(result) => jobs.finish(&id, attempt, result).await,
     };
     match written {
-        Ok(true) => jobs.touched(&id),
+        Ok(true) => {}
         Ok(false) => tracing::warn!(job.id = %id, attempt, "job moved on while it ran; its result is dropped"),
         Err(err) => tracing::warn!(job.id = %id, error = %err, "cannot record how a job ended"),
     }

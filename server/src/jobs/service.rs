@@ -271,15 +271,18 @@ impl jobs_server::Jobs for JobsService {
             }
             let mut poll = tokio::time::interval_at((Instant::now() + WAIT_POLL).into(), WAIT_POLL);
             while !last.state.is_terminal() {
-                tokio::select! {
-                    () = changes.changed() => {}
-                    _ = poll.tick() => {}
+                let told = tokio::select! {
+                    told = changes.changed() => told,
+                    _ = poll.tick() => None,
                     () = tx.closed() => return,
-                }
-                let now = match jobs.store.get(&id).await {
-                    Ok(Some(now)) => now,
-                    Ok(None) => return drop(tx.send(Err(not_found(&id))).await),
-                    Err(err) => return drop(tx.send(Err(err.into())).await),
+                };
+                let now = match told {
+                    Some(now) => JobRecord::clone(&now),
+                    None => match jobs.store.get(&id).await {
+                        Ok(Some(now)) => now,
+                        Ok(None) => return drop(tx.send(Err(not_found(&id))).await),
+                        Err(err) => return drop(tx.send(Err(err.into())).await),
+                    },
                 };
                 if shown(&now) != shown(&last) {
                     last = now;

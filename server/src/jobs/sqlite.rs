@@ -7,10 +7,24 @@
 //! inspected with the `sqlite3` shell. It is bundled (compiled in), so
 //! nothing needs installing. Claims, renewals and progress are not synced
 //! on their own (see `SqliteStore::unsynced`).
+//!
+//! One connection on one thread of its own serves every call, one after
+//! the other: calls from many blocking-pool threads fought over a lock, and
+//! the thread switches cost more than the queries; a second connection (for
+//! unsynced commits) emptied the first's page cache at each of its commits,
+//! as SQLite does when another connection wrote. The thread commits every
+//! call that came while it was busy in one transaction (group commit of
+//! submits, claims and finishes together: one sync for them all), each
+//! call in a savepoint of its own so that one failing undoes only itself,
+//! and answers none before that transaction is committed.
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -34,17 +48,163 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    db: Arc<Mutex<Connections>>,
+    /// Calls for the store's thread, which owns the connection.
+    db: mpsc::Sender<Call>,
 }
 
-/// Two connections to the file, used one at a time (so they never wait for
-/// each other's locks): one whose commits are synced to disk, one whose
-/// commits are not (see `SqliteStore::unsynced`). The setting is per
-/// connection, and changing it per transaction cost more than the rest.
-#[derive(Debug)]
-struct Connections {
-    synced: Connection,
-    unsynced: Connection,
+/// A call for the store's thread. It runs inside the thread's transaction
+/// (or is given why there is none) and returns how to answer its caller
+/// once that transaction is committed (or is given why it was not).
+struct Call {
+    commits: Commits,
+    run: Run,
+}
+
+/// A call's work: given the connection (or why there is none) and the
+/// time, it returns its answer.
+type Run = Box<dyn FnOnce(Result<&mut Connection, &StoreError>, i64) -> Answer + Send>;
+
+/// Answers a call's caller, once its transaction's commit is known.
+type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// Calls committed together at most.
+const CALLS_PER_COMMIT: usize = 512;
+
+/// The store's connection, on the store's thread.
+struct Db {
+    connection: Connection,
+    /// Where answers go once what they answer is on disk.
+    syncer: Syncer,
+}
+
+/// What a call's commits need of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commits {
+    /// On disk before the call returns.
+    Synced,
+    /// Not synced on their own (see `SqliteStore::unsynced`).
+    Unsynced,
+    /// None: the call only reads.
+    None,
+}
+
+impl Db {
+    /// Serves calls until the store is dropped: the calls waiting when the
+    /// thread is free are run in one transaction, whose answers then wait
+    /// for the syncer if they need the disk.
+    fn serve(mut self, calls: mpsc::Receiver<Call>) {
+        while let Ok(first) = calls.recv() {
+            let mut batch = vec![first];
+            while batch.len() < CALLS_PER_COMMIT
+                && let Ok(next) = calls.try_recv()
+            {
+                batch.push(next);
+            }
+            let writes = batch.iter().any(|call| call.commits != Commits::None);
+            let synced = batch.iter().any(|call| call.commits == Commits::Synced);
+            let began = self.begin(writes);
+            let now = now_ms();
+            let answers: Vec<Answer> = batch
+                .into_iter()
+                .map(|call| match &began {
+                    Ok(()) => (call.run)(Ok(&mut self.connection), now),
+                    Err(err) => (call.run)(Err(err), now),
+                })
+                .collect();
+            // Calls that could not begin were told why; nothing to commit.
+            match began.and_then(|()| self.end()) {
+                Ok(()) => self.syncer.answer(answers, synced),
+                Err(err) => answers.into_iter().for_each(|answer| answer(Some(&err))),
+            }
+        }
+    }
+
+    /// Begins a transaction, taking the write lock at once if it `writes`
+    /// (so that replicas' writes queue for it rather than fail).
+    fn begin(&mut self, writes: bool) -> Result<(), StoreError> {
+        let begin = if writes { "BEGIN IMMEDIATE" } else { "BEGIN" };
+        self.connection.prepare_cached(begin)?.execute([])?;
+        Ok(())
+    }
+
+    /// Commits the transaction, or undoes it if it cannot be.
+    fn end(&mut self) -> Result<(), StoreError> {
+        let committed = self.connection.prepare_cached("COMMIT").and_then(|mut commit| commit.execute([]));
+        if committed.is_err() && !self.connection.is_autocommit() {
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        Ok(committed.map(drop)?)
+    }
+}
+
+/// Group commit across transactions. SQLite, left to itself, would sync its
+/// log at each commit (`synchronous = FULL`), and the store's thread would
+/// wait for each sync, one after the other. Instead commits are written
+/// unsynced (`synchronous = NORMAL`) and the syncer, on a thread of its
+/// own, syncs the log (`fdatasync` of the `-wal` file: what FULL does)
+/// once for every commit written meanwhile, then answers their calls; the
+/// store's thread goes on with the next calls as it syncs.
+///
+/// Answers are given in the order of their commits, so none reveals a
+/// write that is not yet on disk; an answer with nothing before it to wait
+/// for is given at once.
+struct Syncer {
+    queue: mpsc::Sender<(Vec<Answer>, bool)>,
+    /// Groups of answers given to the syncer and not yet answered.
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Syncer {
+    /// Starts the syncer of the database at `path`'s log.
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let mut log = path.as_os_str().to_owned();
+        log.push("-wal");
+        let log = PathBuf::from(log);
+        let (queue, received) = mpsc::channel::<(Vec<Answer>, bool)>();
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let done = Arc::clone(&outstanding);
+        std::thread::Builder::new()
+            .name("offload-jobs-sync".into())
+            .spawn(move || {
+                // Opened at the first sync, when the log surely exists; the
+                // store's connection keeps it from being deleted after.
+                let mut file: Option<std::fs::File> = None;
+                while let Ok(first) = received.recv() {
+                    let mut groups = vec![first];
+                    groups.extend(received.try_iter());
+                    let synced = if groups.iter().any(|(_, synced)| *synced) { sync(&mut file, &log) } else { Ok(()) };
+                    let count = groups.len();
+                    for answer in groups.into_iter().flat_map(|(answers, _)| answers) {
+                        answer(synced.as_ref().err());
+                    }
+                    done.fetch_sub(count, Ordering::AcqRel);
+                }
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start the store's syncer: {e}")))?;
+        Ok(Self { queue, outstanding })
+    }
+
+    /// Answers `answers` once their commit is on disk, if it is `synced`,
+    /// and once every earlier commit that needed the disk is.
+    fn answer(&self, answers: Vec<Answer>, synced: bool) {
+        if !synced && self.outstanding.load(Ordering::Acquire) == 0 {
+            return answers.into_iter().for_each(|answer| answer(None));
+        }
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError((answers, _))) = self.queue.send((answers, synced)) {
+            let gone = StoreError::Database("the store's syncer is gone".into());
+            answers.into_iter().for_each(|answer| answer(Some(&gone)));
+        }
+    }
+}
+
+/// Syncs the log at `path` to disk.
+fn sync(file: &mut Option<std::fs::File>, path: &Path) -> Result<(), StoreError> {
+    let failed = |e: std::io::Error| StoreError::Database(format!("cannot sync {}: {e}", path.display()));
+    if file.is_none() {
+        *file = Some(std::fs::File::open(path).map_err(failed)?);
+    }
+    file.as_ref().map_or(Ok(()), |file| file.sync_data().map_err(failed))
 }
 
 const SCHEMA: &str = "
@@ -95,19 +255,23 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let connect = |synchronous: &str| -> Result<Connection, StoreError> {
-            let db = Connection::open(path)?;
-            // Several processes (replicas) may share the file: writers wait
-            // for each other rather than fail.
-            db.busy_timeout(Duration::from_secs(10))?;
-            // Every statement the store runs stays prepared (parsing them
-            // each time cost more than running them).
-            db.set_prepared_statement_cache_capacity(64);
-            db.pragma_update(None, "journal_mode", "WAL")?;
-            db.pragma_update(None, "synchronous", synchronous)?;
-            Ok(db)
-        };
-        let db = connect("FULL")?;
+        let db = Connection::open(path)?;
+        // Several processes (replicas) may share the file: writers wait for
+        // each other rather than fail.
+        db.busy_timeout(Duration::from_secs(10))?;
+        // Every statement the store runs stays prepared (parsing them each
+        // time cost more than running them)...
+        db.set_prepared_statement_cache_capacity(64);
+        // ... and keeps its plan whatever values are bound: without this, a
+        // statement whose plan a bound value might change (here, by a
+        // partial index) is compiled again at each new value.
+        db.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        // Commits are synced by the store's syncer, not by SQLite.
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        // Each call's savepoint keeps what it changed in a journal of its
+        // own until the transaction ends: in memory, not a file per call.
+        db.pragma_update(None, "temp_store", "MEMORY")?;
         db.execute_batch(SCHEMA)?;
         // Columns added since the table was first made (a file kept across
         // upgrades): none is ever removed or renamed.
@@ -122,8 +286,13 @@ impl SqliteStore {
                 db.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {definition}"))?;
             }
         }
-        let unsynced = connect("NORMAL")?;
-        Ok(Self { path: path.to_owned(), db: Arc::new(Mutex::new(Connections { synced: db, unsynced })) })
+        let db = Db { connection: db, syncer: Syncer::start(path)? };
+        let (calls, received) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("offload-jobs-db".into())
+            .spawn(move || db.serve(received))
+            .map_err(|e| StoreError::Database(format!("cannot start the store's thread: {e}")))?;
+        Ok(Self { path: path.to_owned(), db: calls })
     }
 
     /// The file.
@@ -131,31 +300,54 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `work` on the synced connection off the async runtime: every
-    /// call blocks on the disk (a commit waits for its fsync).
+    /// Runs `work` on the store's thread, its commits synced: each blocks
+    /// on the disk (it waits for its fsync).
     async fn with<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.on(|db| &mut db.synced, work).await
+        self.on(Commits::Synced, work).await
     }
 
-    /// Runs `work` on the connection `pick` picks, off the async runtime.
-    async fn on<T: Send + 'static>(
+    /// Runs `work`, which only reads, on the store's thread.
+    async fn read<T: Send + 'static>(
         &self,
-        pick: fn(&mut Connections) -> &mut Connection,
         work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || work(pick(&mut db.lock().unwrap_or_else(|e| e.into_inner())), now_ms()))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Database(format!("a store call panicked: {e}"))))
+        self.on(Commits::None, work).await
+    }
+
+    /// Runs `work` on the store's thread, its commits as `commits` says.
+    async fn on<T: Send + 'static>(
+        &self,
+        commits: Commits,
+        work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let run = move |db: Result<&mut Connection, &StoreError>, now| -> Answer {
+            let result = match db {
+                // A panic is kept to this call (its savepoint undone as it
+                // unwinds): the thread goes on serving.
+                Ok(db) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(db, now)))
+                    .unwrap_or_else(|_| Err(StoreError::Database("a store call panicked".into()))),
+                Err(err) => Err(err.clone()),
+            };
+            Box::new(move |commit: Option<&StoreError>| {
+                let _ = done.send(match commit {
+                    Some(err) => Err(err.clone()),
+                    None => result,
+                });
+            })
+        };
+        let call = Call { commits, run: Box::new(run) };
+        self.db.send(call).map_err(|_| StoreError::Database("the store's thread is gone".into()))?;
+        outcome.await.unwrap_or_else(|_| Err(StoreError::Database("the store's thread is gone".into())))
     }
 
     /// [`SqliteStore::with`] for a write whose loss in a power cut would be
-    /// harmless: a claim, a renewal, progress. Its commit is not synced (a
-    /// connection with `synchronous = NORMAL`); the next synced commit (a
-    /// submit, a finish) syncs the shared log, this commit with it. A crash
+    /// harmless: a claim, a renewal, progress. Its commit is not synced
+    /// (`synchronous = NORMAL`); the next synced commit (a submit, a
+    /// finish) syncs the log, this commit with it. A crash
     /// of the process loses nothing either way (the operating system holds
     /// the file), and a power cut that loses a claim or a renewal also
     /// stopped every front of this host, whose runs the lapsed leases give
@@ -164,7 +356,7 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&mut Connection, i64) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.on(|db| &mut db.unsynced, work).await
+        self.on(Commits::Unsynced, work).await
     }
 }
 
@@ -211,7 +403,7 @@ fn by_id(db: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
 impl JobStore for SqliteStore {
     async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
         self.with(move |db, now| {
-            let tx = db.transaction()?;
+            let tx = db.savepoint()?;
             let mut out = Vec::with_capacity(jobs.len());
             for job in jobs {
                 if let Some(key) = &job.idempotency_key {
@@ -263,7 +455,7 @@ impl JobStore for SqliteStore {
 
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let id = id.to_string();
-        self.with(move |db, _| {
+        self.read(move |db, _| {
             Ok(db
                 .prepare_cached(&format!("SELECT {GET_COLUMNS} FROM jobs WHERE id = ?1"))?
                 .query_row([id], record)
@@ -274,7 +466,7 @@ impl JobStore for SqliteStore {
 
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
         let filter = filter.clone();
-        self.with(move |db, _| {
+        self.read(move |db, _| {
             let mut statement = db.prepare_cached(&format!(
                 "SELECT {LIST_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?4 IS NULL OR client = ?4)
                      AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
@@ -290,7 +482,7 @@ impl JobStore for SqliteStore {
     async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         let owner = owner.to_string();
         self.unsynced(move |db, now| {
-            let tx = db.transaction()?;
+            let tx = db.savepoint()?;
             let mut claimed: Vec<(i64, JobRecord)> = tx
                 .prepare_cached(&format!(
                     "UPDATE jobs SET state = ?1, attempts = attempts + 1, owner = ?2, lease_until = ?3, started_ms = ?4
@@ -333,19 +525,20 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<bool>, StoreError> {
+    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<Option<JobRecord>>, StoreError> {
         self.with(move |db, now| {
-            let tx = db.transaction()?;
+            let tx = db.savepoint()?;
             let mut written = Vec::with_capacity(runs.len());
             {
-                let mut statement = tx.prepare_cached(
+                let mut statement = tx.prepare_cached(&format!(
                     "UPDATE jobs SET state = ?1, output = ?2, error_code = ?3, error_message = ?4, finished_ms = ?5,
                          owner = NULL, lease_until = NULL, progress = CASE WHEN ?1 = 3 THEN 1.0 ELSE progress END
-                     WHERE id = ?6 AND attempts = ?7 AND state = ?8",
-                )?;
+                     WHERE id = ?6 AND attempts = ?7 AND state = ?8
+                     RETURNING {GET_COLUMNS}"
+                ))?;
                 for Finished { id, attempt, result } in &runs {
                     let (state, output, failure) = result.columns();
-                    let changed = statement.execute(params![
+                    let values = params![
                         state.number(),
                         output,
                         failure.map(|f| f.code),
@@ -354,8 +547,8 @@ impl JobStore for SqliteStore {
                         id,
                         attempt,
                         RUNNING
-                    ])?;
-                    written.push(changed == 1);
+                    ];
+                    written.push(statement.query_row(values, record).optional()?);
                 }
             }
             tx.commit()?;
@@ -393,7 +586,7 @@ impl JobStore for SqliteStore {
     async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let id = id.to_string();
         self.with(move |db, now| {
-            let tx = db.transaction()?;
+            let tx = db.savepoint()?;
             tx.prepare_cached(
                 "UPDATE jobs SET state = ?1, error_code = ?2, error_message = ?3, finished_ms = ?4
                  WHERE id = ?5 AND state = ?6",
@@ -417,7 +610,7 @@ impl JobStore for SqliteStore {
 
     async fn cancel_requests(&self, owner: &str) -> Result<Vec<(String, u32)>, StoreError> {
         let owner = owner.to_string();
-        self.with(move |db, _| {
+        self.read(move |db, _| {
             let mut statement = db.prepare_cached(
                 "SELECT id, attempts FROM jobs WHERE owner = ?1 AND state = ?2 AND cancel_requested = 1",
             )?;
@@ -429,7 +622,7 @@ impl JobStore for SqliteStore {
 
     async fn expire_leases(&self, max_attempts: u32) -> Result<usize, StoreError> {
         self.with(move |db, now| {
-            let tx = db.transaction()?;
+            let tx = db.savepoint()?;
             let expired = "state = ?1 AND lease_until <= ?2";
             tx.prepare_cached(&format!(
                 "UPDATE jobs SET state = ?3, error_code = ?4, error_message = ?5,
@@ -470,7 +663,7 @@ impl JobStore for SqliteStore {
 
     async fn queued_of(&self, client: &str) -> Result<usize, StoreError> {
         let client = client.to_string();
-        self.with(move |db, _| {
+        self.read(move |db, _| {
             let count: i64 = db
                 .prepare_cached("SELECT COUNT(*) FROM jobs WHERE client = ?1 AND state = ?2")?
                 .query_row(params![client, QUEUED], |row| row.get(0))?;
@@ -480,7 +673,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Stats, StoreError> {
-        self.with(move |db, now| {
+        self.read(move |db, now| {
             let mut statement = db.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")?;
             let rows = statement.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
             let counts = rows.collect::<Result<Vec<_>, _>>()?;

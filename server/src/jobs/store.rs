@@ -224,7 +224,7 @@ pub enum Submitted {
 }
 
 /// Why the store could not do what was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database failed.
     #[error("job store: {0}")]
@@ -263,9 +263,11 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records run `attempt`'s progress (fenced, like every runner's write).
     async fn progress(&self, id: &str, attempt: u32, fraction: f64, message: &str) -> Result<bool, StoreError>;
 
-    /// Ends `runs` in one transaction (group commit); for each, false if it
-    /// was not the job's current run (nothing is written for it).
-    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<bool>, StoreError>;
+    /// Ends `runs` in one transaction (group commit); for each, the job as
+    /// it is now recorded (its input left out, as [`JobStore::get`]'s), or
+    /// `None` if it was not the job's current run (nothing is written for
+    /// it).
+    async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<Option<JobRecord>>, StoreError>;
 
     /// Hands run `attempt` back to the queue unfinished, not counted as an
     /// attempt (its front is shutting down); a job whose cancel was asked
