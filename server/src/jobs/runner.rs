@@ -9,6 +9,16 @@
 //! Stopping: once `stop` fires it claims nothing more; runs still going when
 //! `hand_back` fires are stopped and handed back to the queue, not counted
 //! as attempts.
+//!
+//! Room: a front has room for as many runs as it has executors (pool
+//! threads and worker processes). While its runs are tiny (a few
+//! milliseconds, most of it waiting for a thread to poll them), it takes
+//! up to [`AHEAD`] times that: they queue in its executors for a moment,
+//! and a tiny job's cost is mostly latency that runs side by side hide. A
+//! job so claimed that has not started within [`AHEAD_HOLD`] (the work
+//! changed: the runs before it are long) is handed back at once, not
+//! counted, for any front with room, and the front claims only what it
+//! has room for until its runs are tiny again.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -39,8 +49,41 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// as the retention, if it is shorter).
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
+/// Runs this short or shorter, on average, are tiny (see the module's doc).
+const TINY_RUN: Duration = Duration::from_millis(2);
+/// While runs are tiny, a front runs up to this many times as many jobs as
+/// it has executors.
+pub const AHEAD: usize = 4;
+/// A job taken beyond the front's executors that has not started within
+/// this is handed back.
+pub const AHEAD_HOLD: Duration = Duration::from_millis(100);
+
 /// Cancel tokens of this runner's runs, by job id.
 type Runs = Arc<Mutex<HashMap<String, CancellationToken>>>;
+
+/// How long this front's runs take: a running average of the time from
+/// claim to end of the runs that ended with a result, forgotten when a job
+/// claimed ahead had to be handed back.
+#[derive(Debug, Default)]
+struct Pace(Mutex<Option<Duration>>);
+
+impl Pace {
+    fn ran(&self, took: Duration) {
+        let mut average = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *average = Some(match *average {
+            Some(average) => average.mul_f64(0.8) + took.mul_f64(0.2),
+            None => took,
+        });
+    }
+
+    fn forget(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn tiny(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|average| average <= TINY_RUN)
+    }
+}
 
 /// Runs jobs of `jobs` on `dispatcher`, at most `capacity` at once, as
 /// `owner`, until `stop`; runs still going at `hand_back` are handed back.
@@ -55,6 +98,7 @@ pub async fn run(
     runs_tracker: TaskTracker,
 ) {
     let runs: Runs = Runs::default();
+    let pace = Arc::new(Pace::default());
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cleaned = Instant::now();
@@ -69,8 +113,9 @@ pub async fn run(
         // its end is recorded (a slot is for running, not for waiting on
         // the store), and before it says it ended.
         let running = || runs.lock().unwrap_or_else(|e| e.into_inner()).len();
-        while !stop.is_cancelled() && running() < capacity {
-            let room = capacity - running();
+        let limit = if pace.tiny() { AHEAD * capacity } else { capacity };
+        while !stop.is_cancelled() && running() < limit {
+            let room = limit - running();
             let asked = Instant::now();
             let claimed = match jobs.store.claim(&owner, jobs.options.lease, room).await {
                 Ok(claimed) => claimed,
@@ -82,14 +127,16 @@ pub async fn run(
             let all_there_was = claimed.len() < room;
             for job in claimed {
                 jobs.changed_to(&job);
+                let ahead = running() >= capacity;
                 let cancel = CancellationToken::new();
                 runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
-                let (jobs, dispatcher, runs, hand_back, ended) = (
+                let (jobs, dispatcher, runs, hand_back, ended, pace) = (
                     Arc::clone(&jobs),
                     Arc::clone(&dispatcher),
                     Arc::clone(&runs),
                     hand_back.clone(),
                     Arc::clone(&ended),
+                    Arc::clone(&pace),
                 );
                 runs_tracker.spawn(async move {
                     let id = job.job.id.clone();
@@ -97,7 +144,8 @@ pub async fn run(
                         runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                         ended.notify_one();
                     };
-                    run_one(&jobs, &dispatcher, job, asked, cancel, hand_back, done).await;
+                    let run = Run { claimed: asked, ahead, cancel, hand_back };
+                    run_one(&jobs, &dispatcher, job, run, &pace, done).await;
                 });
             }
             if all_there_was {
@@ -164,31 +212,49 @@ enum Ending {
     Result(RunResult),
     /// Hand the job back unfinished (the front is stopping, or had no room).
     HandBack,
+    /// Hand back a job claimed ahead that has not started in time.
+    Unstarted,
     /// The run is no longer ours (its lease lapsed): write nothing.
     Lost,
 }
 
 /// Runs one claimed job, says it is `done` running, and records how it
 /// ended.
+/// One run's circumstances.
+struct Run {
+    /// When its claim was asked (its lease counts from then).
+    claimed: Instant,
+    /// Whether it was claimed beyond the front's executors.
+    ahead: bool,
+    /// Fires when its job's cancel is asked.
+    cancel: CancellationToken,
+    /// Fires when the front hands back what still runs.
+    hand_back: CancellationToken,
+}
+
 async fn run_one(
     jobs: &Arc<Jobs>,
     dispatcher: &Arc<Dispatcher>,
     job: JobRecord,
-    claimed: Instant,
-    cancel: CancellationToken,
-    hand_back: CancellationToken,
+    run: Run,
+    pace: &Pace,
     done: impl FnOnce(),
 ) {
-    let (id, attempt) = (job.job.id.clone(), job.attempts);
+    let (id, attempt, claimed) = (job.job.id.clone(), job.attempts, run.claimed);
     // The run's spans continue the Submit's trace.
     let span = telemetry::job_span(&id, &job.job.task, attempt, &job.job.traceparent);
-    let ending = execute(jobs, dispatcher, job, claimed, &cancel, &hand_back).instrument(span).await;
+    let ending = execute(jobs, dispatcher, job, run).instrument(span).await;
     done();
+    match &ending {
+        Ending::Result(_) => pace.ran(claimed.elapsed()),
+        Ending::Unstarted => pace.forget(),
+        _ => {}
+    }
     dispatcher.metrics().job_run(match &ending {
         Ending::Result(RunResult::Succeeded(_)) => "succeeded",
         Ending::Result(RunResult::Ended(State::Cancelled, _)) => "cancelled",
         Ending::Result(RunResult::Ended(..)) => "failed",
-        Ending::HandBack => "handed_back",
+        Ending::HandBack | Ending::Unstarted => "handed_back",
         Ending::Lost => "lost",
     });
     let written = match ending {
@@ -196,7 +262,7 @@ async fn run_one(
             tracing::warn!(job.id = %id, attempt, "job's lease lapsed while it ran; another front has it");
             return;
         }
-        Ending::HandBack => jobs.store.release(&id, attempt).await.inspect(|&released| {
+        Ending::HandBack | Ending::Unstarted => jobs.store.release(&id, attempt).await.inspect(|&released| {
             if released {
                 jobs.touched(&id);
             }
@@ -211,14 +277,8 @@ async fn run_one(
     }
 }
 
-async fn execute(
-    jobs: &Arc<Jobs>,
-    dispatcher: &Arc<Dispatcher>,
-    job: JobRecord,
-    claimed: Instant,
-    cancel: &CancellationToken,
-    hand_back: &CancellationToken,
-) -> Ending {
+async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord, run: Run) -> Ending {
+    let Run { claimed, mut ahead, cancel, hand_back } = run;
     let (id, attempt, task) = (job.job.id.clone(), job.attempts, job.job.task.clone());
     let call = Call {
         task: job.job.task,
@@ -318,6 +378,12 @@ async fn execute(
                 }
             }
             () = tokio::time::sleep_until(held_until.into()) => return unrenewed(&id),
+            () = tokio::time::sleep_until((claimed + AHEAD_HOLD).into()), if ahead => {
+                if !progress.borrow().running {
+                    return Ending::Unstarted;
+                }
+                ahead = false;
+            }
             () = cancel.cancelled() => {
                 let message = format!("{task}: the job was cancelled");
                 return Ending::Result(RunResult::Ended(

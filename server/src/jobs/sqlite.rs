@@ -104,17 +104,27 @@ impl Db {
             let synced = batch.iter().any(|call| call.commits == Commits::Synced);
             let began = self.begin(writes);
             let now = now_ms();
-            let answers: Vec<Answer> = batch
+            let answers: Vec<(Commits, Answer)> = batch
                 .into_iter()
                 .map(|call| match &began {
-                    Ok(()) => (call.run)(Ok(&mut self.connection), now),
-                    Err(err) => (call.run)(Err(err), now),
+                    Ok(()) => (call.commits, (call.run)(Ok(&mut self.connection), now)),
+                    Err(err) => (call.commits, (call.run)(Err(err), now)),
                 })
                 .collect();
             // Calls that could not begin were told why; nothing to commit.
             match began.and_then(|()| self.end()) {
-                Ok(()) => self.syncer.answer(answers, synced),
-                Err(err) => answers.into_iter().for_each(|answer| answer(Some(&err))),
+                Ok(()) => {
+                    // A claim, a renewal or progress needs no sync, and
+                    // shows nothing a caller could take for recorded: it
+                    // need not wait for others' syncs either (a job run
+                    // before its submit is on disk is lost with it, result
+                    // and all, in a power cut).
+                    let (now, later): (Vec<_>, Vec<_>) =
+                        answers.into_iter().partition(|(commits, _)| *commits == Commits::Unsynced);
+                    now.into_iter().for_each(|(_, answer)| answer(None));
+                    self.syncer.answer(later.into_iter().map(|(_, answer)| answer).collect(), synced);
+                }
+                Err(err) => answers.into_iter().for_each(|(_, answer)| answer(Some(&err))),
             }
         }
     }
@@ -187,7 +197,7 @@ impl Syncer {
     /// Answers `answers` once their commit is on disk, if it is `synced`,
     /// and once every earlier commit that needed the disk is.
     fn answer(&self, answers: Vec<Answer>, synced: bool) {
-        if !synced && self.outstanding.load(Ordering::Acquire) == 0 {
+        if !synced && (answers.is_empty() || self.outstanding.load(Ordering::Acquire) == 0) {
             return answers.into_iter().for_each(|answer| answer(None));
         }
         self.outstanding.fetch_add(1, Ordering::AcqRel);
