@@ -1,7 +1,8 @@
 //! Jobs shared by several fronts on one real PostgreSQL server (started by
 //! the harness): the store's contract, word of changes between fronts,
-//! waits and cancels from another front, idle fronts taking queued work,
-//! hand-backs at shutdown, fencing of a front that comes back after its
+//! waits and cancels from another front, idle fronts taking queued work
+//! (also work a busy front took ahead and could not start), hand-backs at
+//! shutdown, fencing of a front that comes back after its
 //! lease lapsed, and a front on another host (a network namespace) whose
 //! link is cut mid-job.
 
@@ -109,6 +110,43 @@ async fn idle_fronts_take_queued_work_and_no_job_runs_twice() {
     let (on_a, on_b) = (runs(&a, "succeeded"), runs(&b, "succeeded"));
     assert_eq!(on_a + on_b, 8.0, "each job ran once: {on_a} + {on_b}");
     assert!(on_b >= 1.0, "the front the jobs were not submitted to took some: {on_a} + {on_b}");
+}
+
+/// A front whose runs were tiny takes more jobs than it has executors;
+/// when the work turns heavy, the jobs it cannot start within 100 ms go
+/// back, uncounted, to a front that can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_a_front_took_ahead_but_cannot_start_go_to_another_front() {
+    let db = Postgres::start();
+    let url = db.url();
+    let small = ["--pool-threads", "1", "--workers", "1"];
+    let a = front(&url, &small);
+    let mut client = jobs(&a).await;
+    let mut tiny = Vec::new();
+    for _ in 0..30 {
+        tiny.push(client.submit(submit("hash.sha256", &[], b"tiny")).await.unwrap().into_inner().id);
+    }
+    for id in &tiny {
+        assert_eq!(state(&wait(&mut client, id).await.pop().unwrap()), JobState::Succeeded);
+    }
+    let mut heavy = Vec::new();
+    for _ in 0..6 {
+        let spin = SubmitJobRequest { mode: ExecutionMode::Pool as i32, ..submit("debug.spin", &[("ms", "600")], b"") };
+        heavy.push(client.submit(spin).await.unwrap().into_inner().id);
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while runs(&a, "handed_back") < 1.0 {
+        assert!(Instant::now() < end, "no job taken ahead was handed back:\n{}", a.scrape());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = front(&url, &small);
+    for id in &heavy {
+        let last = wait(&mut client, id).await.pop().unwrap();
+        assert_eq!((state(&last), last.attempts), (JobState::Succeeded, 1), "a hand-back is not an attempt: {last:?}");
+    }
+    let (on_a, on_b) = (runs(&a, "succeeded"), runs(&b, "succeeded"));
+    assert_eq!(on_a + on_b, 36.0, "each job ran once: {on_a} + {on_b}");
+    assert!(on_b >= 1.0, "the other front ran what the first handed back: {on_a} + {on_b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
