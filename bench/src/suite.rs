@@ -948,7 +948,7 @@ impl Suite {
         }
         writeln!(
             self.details,
-            "- 14. durability: Offload SQLite WAL with synchronous = FULL; Offload PostgreSQL fsync and \
+            "- 14. durability: Offload SQLite WAL, each commit synced (fdatasync of the log) before its calls are answered; Offload PostgreSQL fsync and \
              synchronous_commit on (its defaults); BullMQ and Celery: {}; Celery's defaults otherwise (tasks \
              acknowledged when taken, prefetch 4).",
             jobs::REDIS_DURABILITY
@@ -1061,6 +1061,16 @@ impl Suite {
             }
         }
         writeln!(md, "## Measurements\n\n{}", self.details)?;
+        // A run of some scenarios updates theirs in a full report, keeping
+        // the others' figures (each row is still measured against its
+        // baseline in one run).
+        if !self.options.only.is_empty()
+            && !self.options.quick
+            && let Ok(report) = std::fs::read_to_string(&self.options.out)
+            && report.contains("## Measurements")
+        {
+            md = merge(&report, &self.options.only, &md);
+        }
         if let Some(dir) = self.options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -1068,6 +1078,46 @@ impl Suite {
         println!("wrote {}", self.options.out.display());
         Ok(())
     }
+}
+
+/// `report` with the table rows and measurements of scenarios `only`
+/// replaced by those of `partial` (a report of those scenarios alone), and
+/// a line saying so under its header.
+fn merge(report: &str, only: &[u8], partial: &str) -> String {
+    let ours = |line: &str| {
+        let numbered = line.strip_prefix("| ").or_else(|| line.strip_prefix("- "));
+        numbered
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(number, _)| number.parse::<u8>().ok())
+            .is_some_and(|number| only.contains(&number))
+    };
+    let new_rows: Vec<&str> = partial.lines().filter(|l| l.starts_with("| ") && ours(l)).collect();
+    let new_details: Vec<&str> = partial.lines().filter(|l| l.starts_with("- ") && ours(l)).collect();
+    let scenarios = only.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
+    let mut out = Vec::new();
+    let mut lines = report.lines().filter(|l| !ours(l) && !l.starts_with("Scenario(s) ")).peekable();
+    while let Some(line) = lines.next() {
+        if line.is_empty() && out.last().is_some_and(String::is_empty) {
+            continue;
+        }
+        out.push(line.to_string());
+        if line.starts_with("Written by `bench/run") {
+            out.push(String::new());
+            out.push(format!(
+                "Scenario(s) {scenarios}: figures of a later `bench/run --only {}`.",
+                only.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+            ));
+        }
+        // The table ends where the next line is no longer a row.
+        if line.starts_with('|') && !lines.peek().is_some_and(|next| next.starts_with('|')) {
+            out.extend(new_rows.iter().map(|row| row.to_string()));
+        }
+    }
+    while out.last().is_some_and(|l| l.is_empty()) {
+        out.pop();
+    }
+    out.extend(new_details.iter().map(|line| line.to_string()));
+    out.join("\n") + "\n"
 }
 
 /// Runs every scenario and writes the report.
@@ -1145,5 +1195,22 @@ async fn wait_until_up(url: &str) -> anyhow::Result<()> {
             Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(err) => return Err(err),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    #[test]
+    fn a_partial_run_replaces_its_scenarios_rows_and_keeps_the_others() {
+        let report = "# Offload benchmarks\n\nWritten by `bench/run`; x\n\n| scenario | a |\n|---|---|\n| 1. one | old |\n| 14. jobs | old |\n\n## Measurements\n\n- 1. one: kept\n- 14. jobs: old\n";
+        let partial = "Written by `bench/run --only 14`\n\n| 14. jobs | new |\n| 14. jobs, more | new |\n\n## Measurements\n\n- 14. jobs: new\n";
+        let merged = merge(report, &[14], partial);
+        assert_eq!(
+            merged,
+            "# Offload benchmarks\n\nWritten by `bench/run`; x\n\nScenario(s) 14: figures of a later `bench/run --only 14`.\n\n| scenario | a |\n|---|---|\n| 1. one | old |\n| 14. jobs | new |\n| 14. jobs, more | new |\n\n## Measurements\n\n- 1. one: kept\n- 14. jobs: new\n"
+        );
+        assert_eq!(merge(&merged, &[14], partial), merged, "merging again changes nothing");
     }
 }
