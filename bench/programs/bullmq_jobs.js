@@ -4,14 +4,19 @@
 //   node bullmq_jobs.js worker REDIS_PORT
 //     one worker process, one job at a time (the suite starts as many as
 //     Offload has workers); prints "listening" once connected.
-//   node bullmq_jobs.js bench REDIS_PORT KIND COUNT IN_FLIGHT
+//   node bullmq_jobs.js bench REDIS_PORT KIND COUNT IN_FLIGHT [BOUND_SECS]
 //     adds COUNT jobs of KIND ("sha256": SHA-256 of 1 KiB; "spin": 50 ms of
-//     CPU), IN_FLIGHT at a time, each awaited to its end; prints one JSON line
-//     with the throughput and the submit-to-done latencies.
+//     CPU; "logged": 20 ms of CPU whose start and end are appended to the
+//     file OFFLOAD_BENCH_LOG names, as tasks.py's logged_spin does), IN_FLIGHT
+//     at a time, each awaited to its end (at most BOUND_SECS, default 120:
+//     past it, counted as failed); prints one JSON line with the throughput
+//     and the submit-to-done latencies.
 const crypto = require("crypto");
+const fs = require("fs");
 const { Queue, Worker, QueueEvents } = require("bullmq");
 
-const [mode, port, kind, count, inFlight] = process.argv.slice(2);
+const [mode, port, kind, count, inFlight, boundSecs] = process.argv.slice(2);
+const BOUND_MS = Number(boundSecs || 120) * 1000;
 const connection = { host: "127.0.0.1", port: Number(port) };
 const QUEUE = "offload-bench";
 
@@ -21,6 +26,19 @@ function work(name, input) {
   let spins = 0;
   while (process.hrtime.bigint() < end) spins++;
   return spins;
+}
+
+// Lines "S|E KEY UNIX_NS PID", each one append (see tasks.py).
+function logged(key) {
+  const note = (what) => {
+    const ns = BigInt(Date.now()) * 1_000_000n;
+    fs.appendFileSync(process.env.OFFLOAD_BENCH_LOG, `${what} ${key} ${ns} ${process.pid}\n`);
+  };
+  note("S");
+  const end = process.hrtime.bigint() + 20_000_000n;
+  while (process.hrtime.bigint() < end);
+  note("E");
+  return key;
 }
 
 async function bench() {
@@ -34,7 +52,7 @@ async function bench() {
   // heard one job end, ends can be missed. Untimed.
   for (let i = 0; i < 50; i++) {
     try {
-      await (await queue.add(kind, { input })).waitUntilFinished(events, 5_000);
+      await (await queue.add("sha256", { input })).waitUntilFinished(events, 5_000);
       break;
     } catch (err) {
       // Not heard: try again.
@@ -49,9 +67,10 @@ async function bench() {
       next++;
       const t0 = process.hrtime.bigint();
       try {
-        const job = await queue.add(kind, { input }, { removeOnComplete: { age: 3600 }, removeOnFail: { age: 3600 } });
-        // Bounded: a job not answered within two minutes counts as lost.
-        await job.waitUntilFinished(events, 120_000);
+        const data = kind === "logged" ? { key: String(next - 1) } : { input };
+        const job = await queue.add(kind, data, { removeOnComplete: { age: 3600 }, removeOnFail: { age: 3600 } });
+        // Bounded: a job not answered in time counts as lost.
+        await job.waitUntilFinished(events, BOUND_MS);
         latencies.push(Number(process.hrtime.bigint() - t0) / 1000);
       } catch (err) {
         failed++;
@@ -68,7 +87,8 @@ async function bench() {
 }
 
 if (mode === "worker") {
-  const worker = new Worker(QUEUE, async (job) => work(job.name, Buffer.from(job.data.input, "base64")), {
+  const run = (job) => (job.name === "logged" ? logged(job.data.key) : work(job.name, Buffer.from(job.data.input, "base64")));
+  const worker = new Worker(QUEUE, async (job) => run(job), {
     connection,
     concurrency: 1,
   });

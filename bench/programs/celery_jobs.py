@@ -6,10 +6,12 @@ worker takes them, prefetch 4), as teams run it.
 Usage:
   python celery_jobs.py worker REDIS_PORT PROCESSES
       a prefork worker of PROCESSES processes; prints "listening" once ready.
-  python celery_jobs.py bench REDIS_PORT KIND COUNT IN_FLIGHT
+  python celery_jobs.py bench REDIS_PORT KIND COUNT IN_FLIGHT [BOUND_SECS]
       sends COUNT tasks of KIND ("sha256": SHA-256 of 1 KiB; "spin": 50 ms of
-      CPU), IN_FLIGHT at a time, each awaited to its end; prints one JSON line
-      with the throughput and the submit-to-done latencies.
+      CPU; "logged": tasks.logged_spin, keyed by its number), IN_FLIGHT at a
+      time, each awaited to its end (at most BOUND_SECS, default 120: past
+      it, counted as failed); prints one JSON line with the throughput and
+      the submit-to-done latencies.
 """
 
 import base64
@@ -47,6 +49,13 @@ def sha256(data):
     return hashlib.sha256(base64.b64decode(data)).hexdigest()
 
 
+@app.task(name="logged")
+def logged(key):
+    import tasks
+
+    return tasks.logged_spin(key.encode()).decode()
+
+
 @app.task(name="spin")
 def spin(data):
     end = time.perf_counter() + 0.05
@@ -56,8 +65,8 @@ def spin(data):
     return spins
 
 
-def bench(kind, count, in_flight):
-    task = {"sha256": sha256, "spin": spin}[kind]
+def bench(kind, count, in_flight, bound):
+    task = {"sha256": sha256, "spin": spin, "logged": logged}[kind]
     data = base64.b64encode(os.urandom(1024)).decode()
     latencies, failed, lock = [], [0], threading.Lock()
     remaining = [count]
@@ -68,10 +77,11 @@ def bench(kind, count, in_flight):
                 if remaining[0] == 0:
                     return
                 remaining[0] -= 1
+                key = str(remaining[0])
             t0 = time.perf_counter()
             try:
-                # Bounded: a task not answered within two minutes counts as lost.
-                task.delay(data).get(timeout=120)
+                # Bounded: a task not answered in time counts as lost.
+                task.delay(key if kind == "logged" else data).get(timeout=bound)
                 with lock:
                     latencies.append((time.perf_counter() - t0) * 1e6)
             except Exception:  # noqa: BLE001 - counted, as a lost job
@@ -94,4 +104,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "worker":
         app.worker_main(["worker", "--pool", "prefork", "--concurrency", sys.argv[3], "--loglevel", "warning"])
     else:
-        bench(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        bound = float(sys.argv[6]) if len(sys.argv) > 6 else 120.0
+        bench(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), bound)

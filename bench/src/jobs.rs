@@ -65,6 +65,12 @@ pub struct JobsResult {
 }
 
 impl JobsResult {
+    /// The report a baseline's bench printed last in `out`.
+    pub fn parse(out: &str, what: &str) -> anyhow::Result<Self> {
+        let last = out.lines().last().unwrap_or_default();
+        serde_json::from_str(last).with_context(|| format!("the {what} bench's report: {out}"))
+    }
+
     /// Jobs done per second.
     pub fn per_sec(&self) -> f64 {
         self.done as f64 / self.seconds.max(1e-9)
@@ -111,6 +117,132 @@ pub async fn offload(url: &str, kind: Kind, count: usize, in_flight: usize) -> a
         p50_us: latencies.value_at_quantile(0.5) as f64,
         p99_us: latencies.value_at_quantile(0.99) as f64,
     })
+}
+
+/// Scenario 14's kill run, Offload's side: `count` `py.logged_spin` jobs
+/// (keyed by number; the front's Python worker program runs them),
+/// `in_flight` at a time, each submitted under its key as idempotency key
+/// until acknowledged and awaited to its end across restarts of the front
+/// (waiting again after a broken stream), until `end`. What did not end
+/// SUCCEEDED by then counts as failed.
+pub async fn offload_through_kills(
+    url: &str,
+    count: usize,
+    in_flight: usize,
+    end: Instant,
+) -> anyhow::Result<JobsResult> {
+    // Lazy: it connects again after the front comes back.
+    let client = JobsClient::new(Channel::from_shared(url.to_string())?.connect_lazy());
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let submitters = (0..in_flight).map(|_| {
+        let (mut client, next) = (client.clone(), Arc::clone(&next));
+        tokio::spawn(async move {
+            let (mut done, mut failed) = (0, 0);
+            loop {
+                let key = next.fetch_add(1, Ordering::Relaxed);
+                if key >= count {
+                    return (done, failed);
+                }
+                let request = SubmitJobRequest {
+                    task: "py.logged_spin".into(),
+                    input: key.to_string().into_bytes().into(),
+                    idempotency_key: key.to_string(),
+                    ..Default::default()
+                };
+                match through_restarts(&mut client, request, end).await {
+                    true => done += 1,
+                    false => failed += 1,
+                }
+            }
+        })
+    });
+    let (mut done, mut failed) = (0, 0);
+    for submitter in futures::future::join_all(submitters).await {
+        let (theirs, their_failed) = submitter?;
+        (done, failed) = (done + theirs, failed + their_failed);
+    }
+    Ok(JobsResult { done, failed, seconds: started.elapsed().as_secs_f64(), p50_us: 0.0, p99_us: 0.0 })
+}
+
+/// Submits `request` until acknowledged, then waits for its end, again and
+/// again while the front is away, until `end`: whether it succeeded.
+async fn through_restarts(client: &mut JobsClient<Channel>, request: SubmitJobRequest, end: Instant) -> bool {
+    const AGAIN: Duration = Duration::from_millis(50);
+    let id = loop {
+        match client.submit(request.clone()).await {
+            Ok(job) => break job.into_inner().id,
+            Err(_) if Instant::now() < end => tokio::time::sleep(AGAIN).await,
+            Err(_) => return false,
+        }
+    };
+    while Instant::now() < end {
+        if let Ok(changes) = client.wait(WaitJobRequest { id: id.clone() }).await {
+            let mut changes = changes.into_inner();
+            while let Ok(Some(job)) = changes.message().await {
+                match JobState::try_from(job.state) {
+                    Ok(JobState::Succeeded) => return true,
+                    Ok(JobState::Failed | JobState::Cancelled) => return false,
+                    _ => {}
+                }
+            }
+        }
+        tokio::time::sleep(AGAIN).await;
+    }
+    false
+}
+
+/// What a kill run's log (lines "S|E KEY UNIX_NS PID") says of the runs of
+/// each job: how many jobs started more than once, and how many of those
+/// had two runs at the same time (a run with no end, its process killed,
+/// counts as ending when it started).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reruns {
+    /// Jobs whose work started more than once.
+    pub twice: usize,
+    /// Jobs two of whose runs overlapped.
+    pub at_once: usize,
+}
+
+impl Reruns {
+    /// Reads `log`.
+    pub fn of(log: &str) -> Self {
+        use std::collections::HashMap;
+        // (key, pid) -> (start, end)
+        let mut runs: HashMap<(&str, &str), (u128, Option<u128>)> = HashMap::new();
+        let mut order: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+        for line in log.lines() {
+            let mut parts = line.split(' ');
+            let (Some(what), Some(key), Some(at), Some(pid)) = (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(at) = at.parse::<u128>() else { continue };
+            match what {
+                "S" => {
+                    runs.insert((key, pid), (at, None));
+                    order.entry(key).or_default().push((key, pid));
+                }
+                "E" => {
+                    if let Some(run) = runs.get_mut(&(key, pid)) {
+                        run.1 = Some(at);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut reruns = Reruns { twice: 0, at_once: 0 };
+        for starts in order.values().filter(|starts| starts.len() > 1) {
+            reruns.twice += 1;
+            let mut spans: Vec<(u128, u128)> =
+                starts.iter().filter_map(|run| runs.get(run)).map(|&(s, e)| (s, e.unwrap_or(s))).collect();
+            spans.sort();
+            if spans.windows(2).any(|pair| pair[1].0 < pair[0].1) {
+                reruns.at_once += 1;
+            }
+        }
+        reruns
+    }
 }
 
 /// Submits `request` and waits for its end: whether it succeeded.
@@ -177,5 +309,17 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reruns;
+
+    #[test]
+    fn runs_are_counted_per_job_and_overlaps_found() {
+        let log =
+            "S 1 100 7\nE 1 120 7\nS 2 100 7\nS 2 5000 8\nE 2 5020 8\nS 3 100 7\nS 3 110 8\nE 3 130 8\nE 3 125 7\n";
+        assert_eq!(Reruns::of(log), Reruns { twice: 2, at_once: 1 });
     }
 }

@@ -8,7 +8,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -93,10 +93,20 @@ impl Toolchains {
     }
 
     /// Offload's config: programs `py` and `js`, `workers` processes each.
-    pub fn config(&self, workers: usize) -> anyhow::Result<PathBuf> {
-        let path = self.root.join("target/bench-programs.toml");
+    /// With `log`, the Python program's logged jobs append to it (it is
+    /// given the file's name and leave to write in its folder).
+    pub fn config(&self, workers: usize, log: Option<&Path>) -> anyhow::Result<PathBuf> {
+        let (path, py_extra) = match log {
+            None => (self.root.join("target/bench-programs.toml"), String::new()),
+            Some(log) => {
+                let dir = log.parent().unwrap_or(Path::new("/")).display().to_string();
+                let log = log.display().to_string();
+                let extra = format!("env = {{ OFFLOAD_BENCH_LOG = {log:?} }}\nsandbox = {{ write = [{dir:?}] }}\n");
+                (self.root.join("target/bench-programs-logged.toml"), extra)
+            }
+        };
         let text = format!(
-            "[[worker_program]]\nname = \"py\"\ncommand = [{python:?}, {py:?}]\nworkers = {workers}\n\n\
+            "[[worker_program]]\nname = \"py\"\ncommand = [{python:?}, {py:?}]\nworkers = {workers}\n{py_extra}\n\
              [[worker_program]]\nname = \"js\"\ncommand = [\"node\", {js:?}]\nworkers = {workers}\n\
              env = {{ NODE_PATH = {modules:?} }}\n",
             python = self.python.display().to_string(),
@@ -129,17 +139,25 @@ impl Toolchains {
 
     /// A BullMQ worker process taking one job at a time from the Redis
     /// server on `port`.
-    pub fn bullmq_worker(&self, port: u16) -> anyhow::Result<Child> {
+    /// Its logged jobs append to `log`, if given.
+    pub fn bullmq_worker(&self, port: u16, log: Option<&Path>) -> anyhow::Result<Child> {
         let mut command = Command::new("node");
         command.arg(self.program("bullmq_jobs.js")).args(["worker", &port.to_string()]);
         command.env("NODE_PATH", &self.node_modules);
+        if let Some(log) = log {
+            command.env("OFFLOAD_BENCH_LOG", log);
+        }
         listening(command, "a BullMQ worker")
     }
 
     /// A Celery prefork worker of `processes` on the Redis server on `port`.
-    pub fn celery_worker(&self, port: u16, processes: usize) -> anyhow::Result<Child> {
+    /// Its logged jobs append to `log`, if given.
+    pub fn celery_worker(&self, port: u16, processes: usize, log: Option<&Path>) -> anyhow::Result<Child> {
         let mut command = Command::new(&self.python);
         command.arg(self.program("celery_jobs.py")).args(["worker", &port.to_string(), &processes.to_string()]);
+        if let Some(log) = log {
+            command.env("OFFLOAD_BENCH_LOG", log);
+        }
         listening(command, "a Celery worker")
     }
 
@@ -153,6 +171,21 @@ impl Toolchains {
         count: usize,
         in_flight: usize,
     ) -> anyhow::Result<crate::jobs::JobsResult> {
+        let mut command = self.queue_bench_command(queue, port, kind, count, in_flight)?;
+        let out = run(&mut command, &format!("the {queue} bench"))?;
+        crate::jobs::JobsResult::parse(&out, queue)
+    }
+
+    /// The command of [`Toolchains::queue_bench`], to run as it is or to
+    /// start (with more arguments) and wait for later.
+    pub fn queue_bench_command(
+        &self,
+        queue: &str,
+        port: u16,
+        kind: &str,
+        count: usize,
+        in_flight: usize,
+    ) -> anyhow::Result<Command> {
         let mut command = match queue {
             "bullmq" => {
                 let mut command = Command::new("node");
@@ -167,9 +200,7 @@ impl Toolchains {
             other => bail!("no bench for {other}"),
         };
         command.args(["bench", &port.to_string(), kind, &count.to_string(), &in_flight.to_string()]);
-        let out = run(&mut command, &format!("the {queue} bench"))?;
-        let last = out.lines().last().unwrap_or_default();
-        serde_json::from_str(last).with_context(|| format!("the {queue} bench's report: {out}"))
+        Ok(command)
     }
 
     /// The median round trip of 1 KiB between two processes of `language`

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -18,6 +18,7 @@ use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, Stage, execute_e
 use crate::{
     baseline::{self, Style},
     charts::{self, Series},
+    jobs,
     load::{self, Api, LoadSpec, Report, Shape},
     procstat, programs,
 };
@@ -98,13 +99,19 @@ fn release_dir() -> PathBuf {
 
 /// Starts the release offload-server with `args` and waits until it listens.
 fn offload(args: &[&str]) -> anyhow::Result<Proc> {
+    offload_at("127.0.0.1:0", args, &[])
+}
+
+/// [`offload`] listening on `listen`, with `env` added to its environment.
+fn offload_at(listen: &str, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<Proc> {
     let binary = release_dir().join("offload-server");
     if !binary.is_file() {
         bail!("{} is missing: build with `cargo build --release --workspace`", binary.display());
     }
     let mut child = Command::new(&binary)
-        .args(["--listen", "127.0.0.1:0", "--debug-tasks", "--log-format", "json"])
+        .args(["--listen", listen, "--debug-tasks", "--log-format", "json"])
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn,offload_server=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -135,6 +142,18 @@ fn offload(args: &[&str]) -> anyhow::Result<Proc> {
         budget: Some(budget),
         group: false,
     })
+}
+
+/// Waits until `done` holds, checking every 20 ms, for at most `bound`.
+async fn wait_for(done: impl Fn() -> bool, bound: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + bound;
+    while !done() {
+        if Instant::now() > end {
+            bail!("not done within {bound:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -751,7 +770,7 @@ impl Suite {
     /// idle RSS.
     async fn worker_programs(&mut self, workers: usize) -> anyhow::Result<()> {
         let tools = programs::prepare()?;
-        let config = tools.config(workers)?;
+        let config = tools.config(workers, None)?;
         let offload = offload(&["--config", config.to_str().context("UTF-8 path")?, "--workers", "1"])?;
         let (py_port, js_port) = (free_port()?, free_port()?);
         let python = Proc::listening(tools.grpcio_pool(py_port, workers)?, py_port);
@@ -915,9 +934,9 @@ impl Suite {
         for (system, queue) in [("BullMQ", "bullmq"), ("Celery", "celery")] {
             let _workers: Vec<Proc> = match queue {
                 "bullmq" => (0..workers)
-                    .map(|_| Ok(Proc::listening(tools.bullmq_worker(redis.port)?, redis.port)))
+                    .map(|_| Ok(Proc::listening(tools.bullmq_worker(redis.port, None)?, redis.port)))
                     .collect::<anyhow::Result<_>>()?,
-                _ => vec![Proc::listening(tools.celery_worker(redis.port, workers)?, redis.port)],
+                _ => vec![Proc::listening(tools.celery_worker(redis.port, workers, None)?, redis.port)],
             };
             tools.queue_bench(queue, redis.port, "sha256", 20, 4)?;
             let figures = [
@@ -990,6 +1009,106 @@ impl Suite {
                 lower > 1.0,
             );
         }
+        self.kill_runs(workers, &tools, &redis).await
+    }
+
+    /// Scenario 14's kill run: each system (Offload on its embedded store)
+    /// runs `count` jobs of 20 ms of CPU that log their starts and ends, 64
+    /// in flight; once a third have ended, its workers (Offload: the front)
+    /// are killed with SIGKILL and started again. Counted: jobs acknowledged
+    /// and never done (lost), jobs whose work started twice, and jobs two
+    /// of whose runs overlapped, with each system's defaults (Offload's
+    /// 30 s lease, BullMQ's 30 s stall check; Celery acknowledges a task
+    /// when a worker takes it).
+    async fn kill_runs(
+        &mut self,
+        workers: usize,
+        tools: &programs::Toolchains,
+        redis: &jobs::Redis,
+    ) -> anyhow::Result<()> {
+        use crate::jobs::{JobsResult, Reruns};
+        let count = if self.options.quick { 150 } else { 600 };
+        // Past this, a job not done counts as lost: a lease or a stall
+        // check (30 s each) has long come and gone.
+        let bound = Duration::from_secs(90);
+        let dir = tempfile::tempdir()?;
+        let n = workers.to_string();
+        let mut counted: Vec<(&str, JobsResult, Reruns)> = Vec::new();
+        for system in ["Offload", "BullMQ", "Celery"] {
+            let log = dir.path().join(format!("{system}.log"));
+            std::fs::write(&log, "")?;
+            let third = |log: &Path| {
+                let ended =
+                    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.starts_with('E')).count();
+                ended >= count / 3
+            };
+            let result = match system {
+                "Offload" => {
+                    let config = tools.config(workers, Some(&log))?.display().to_string();
+                    let store = dir.path().join("jobs.sqlite3").display().to_string();
+                    let listen = format!("127.0.0.1:{}", free_port()?);
+                    let args = ["--config", &config, "--job-store", &store, "--workers", &n, "--pool-threads", &n];
+                    let env = [("OFFLOAD_BENCH_LOG", log.as_path())];
+                    let front = offload_at(&listen, &args, &env)?;
+                    let client = tokio::spawn({
+                        let url = front.url.clone();
+                        async move { jobs::offload_through_kills(&url, count, 64, Instant::now() + bound).await }
+                    });
+                    wait_for(|| third(&log), Duration::from_secs(60)).await?;
+                    drop(front);
+                    let _again = offload_at(&listen, &args, &env)?;
+                    client.await??
+                }
+                queue => {
+                    let start = || -> anyhow::Result<Vec<Proc>> {
+                        match queue {
+                            "BullMQ" => (0..workers)
+                                .map(|_| Ok(Proc::listening(tools.bullmq_worker(redis.port, Some(&log))?, redis.port)))
+                                .collect(),
+                            _ => Ok(vec![Proc::listening(
+                                tools.celery_worker(redis.port, workers, Some(&log))?,
+                                redis.port,
+                            )]),
+                        }
+                    };
+                    let first = start()?;
+                    let name = if queue == "BullMQ" { "bullmq" } else { "celery" };
+                    let mut command = tools.queue_bench_command(name, redis.port, "logged", count, 64)?;
+                    let client = command.arg(bound.as_secs().to_string()).stdout(Stdio::piped()).spawn()?;
+                    wait_for(|| third(&log), Duration::from_secs(60)).await?;
+                    drop(first);
+                    let _again = start()?;
+                    let out = tokio::task::spawn_blocking(move || client.wait_with_output()).await??;
+                    JobsResult::parse(&String::from_utf8_lossy(&out.stdout), name)?
+                }
+            };
+            let reruns = Reruns::of(&std::fs::read_to_string(&log)?);
+            writeln!(
+                self.details,
+                "- 14. kill run, {system}: {count} jobs of 20 ms, 64 in flight, every worker SIGKILLed once a third had \
+                 ended and started again: {} done, {} lost (not done within {} s), {} started twice, {} with two runs at once",
+                result.done,
+                result.failed,
+                bound.as_secs(),
+                reruns.twice,
+                reruns.at_once
+            )
+            .expect("string");
+            counted.push((system, result, reruns));
+        }
+        let say = |(system, result, reruns): &(&str, JobsResult, Reruns)| {
+            format!("{system}: {} lost, {} run twice, {} at once", result.failed, reruns.twice, reruns.at_once)
+        };
+        let (ours, theirs) = (&counted[0], &counted[1..]);
+        let bad = (ours.1.failed + ours.2.at_once) as f64;
+        self.row(
+            &format!("14. jobs killed mid-load (SIGKILL of every worker, restarted): {count} jobs of 20 ms"),
+            say(ours),
+            theirs.iter().map(say).collect::<Vec<_>>().join("; "),
+            bad,
+            "0 lost, 0 at once",
+            bad == 0.0,
+        );
         Ok(())
     }
 
