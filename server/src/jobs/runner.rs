@@ -11,10 +11,10 @@
 //! as attempts.
 //!
 //! Room: a front has room for as many runs as it has executors (pool
-//! threads and worker processes). While its runs are tiny (a few
-//! milliseconds, most of it waiting for a thread to poll them), it takes
-//! up to [`AHEAD`] times that: they queue in its executors for a moment,
-//! and a tiny job's cost is mostly latency that runs side by side hide. A
+//! threads and worker processes). While its runs are tiny (their tasks run
+//! for under 2 ms on average), it takes up to [`AHEAD`] times that: they
+//! queue in its executors for a moment, and a tiny job's time is mostly
+//! waiting (for the store, for a thread), which runs side by side hide. A
 //! job so claimed that has not started within [`AHEAD_HOLD`] (the work
 //! changed: the runs before it are long) is handed back at once, not
 //! counted, for any front with room, and the front claims only what it
@@ -61,9 +61,9 @@ pub const AHEAD_HOLD: Duration = Duration::from_millis(100);
 /// Cancel tokens of this runner's runs, by job id.
 type Runs = Arc<Mutex<HashMap<String, CancellationToken>>>;
 
-/// How long this front's runs take: a running average of the time from
-/// claim to end of the runs that ended with a result, forgotten when a job
-/// claimed ahead had to be handed back.
+/// How long this front's runs take: a running average of how long their
+/// tasks ran (not of their waits, which claiming ahead is there to hide),
+/// forgotten when a job claimed ahead had to be handed back.
 #[derive(Debug, Default)]
 struct Pace(Mutex<Option<Duration>>);
 
@@ -240,15 +240,13 @@ async fn run_one(
     pace: &Pace,
     done: impl FnOnce(),
 ) {
-    let (id, attempt, claimed) = (job.job.id.clone(), job.attempts, run.claimed);
+    let (id, attempt) = (job.job.id.clone(), job.attempts);
     // The run's spans continue the Submit's trace.
     let span = telemetry::job_span(&id, &job.job.task, attempt, &job.job.traceparent);
-    let ending = execute(jobs, dispatcher, job, run).instrument(span).await;
+    let ending = execute(jobs, dispatcher, job, run, pace).instrument(span).await;
     done();
-    match &ending {
-        Ending::Result(_) => pace.ran(claimed.elapsed()),
-        Ending::Unstarted => pace.forget(),
-        _ => {}
+    if let Ending::Unstarted = ending {
+        pace.forget();
     }
     dispatcher.metrics().job_run(match &ending {
         Ending::Result(RunResult::Succeeded(_)) => "succeeded",
@@ -277,7 +275,7 @@ async fn run_one(
     }
 }
 
-async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord, run: Run) -> Ending {
+async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord, run: Run, pace: &Pace) -> Ending {
     let Run { claimed, mut ahead, cancel, hand_back } = run;
     let (id, attempt, task) = (job.job.id.clone(), job.attempts, job.job.task.clone());
     let call = Call {
@@ -332,6 +330,9 @@ async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord,
     loop {
         tokio::select! {
             result = &mut running => {
+                if let Ok(outcome) = &result {
+                    pace.ran(outcome.run);
+                }
                 return Ending::Result(match result {
                     Ok(outcome) if outcome.output.len() > jobs.options.max_output_bytes => RunResult::Ended(
                         State::Failed,
