@@ -161,23 +161,10 @@ impl Toolchains {
         listening(command, "a Celery worker")
     }
 
-    /// `count` jobs of `kind` through `queue` ("bullmq" or "celery") on the
-    /// Redis server on `port`, `in_flight` at a time, each awaited.
-    pub fn queue_bench(
-        &self,
-        queue: &str,
-        port: u16,
-        kind: &str,
-        count: usize,
-        in_flight: usize,
-    ) -> anyhow::Result<crate::jobs::JobsResult> {
-        let mut command = self.queue_bench_command(queue, port, kind, count, in_flight)?;
-        let out = run(&mut command, &format!("the {queue} bench"))?;
-        crate::jobs::JobsResult::parse(&out, queue)
-    }
-
-    /// The command of [`Toolchains::queue_bench`], to run as it is or to
-    /// start (with more arguments) and wait for later.
+    /// The bench of `queue` ("bullmq" or "celery"): `count` jobs of `kind`
+    /// on the Redis server on `port`, `in_flight` at a time, each awaited.
+    /// Run by [`queue_bench`], or started (with more arguments) and waited
+    /// for later.
     pub fn queue_bench_command(
         &self,
         queue: &str,
@@ -237,6 +224,13 @@ fn listening(mut command: Command, name: &str) -> anyhow::Result<Child> {
         bail!("{name} did not start listening within 60 s");
     }
     Ok(child)
+}
+
+/// Runs `command`, the bench of `queue` (see
+/// [`Toolchains::queue_bench_command`]), and reads its report.
+pub fn queue_bench(mut command: Command, queue: &str) -> anyhow::Result<crate::jobs::JobsResult> {
+    let out = run(&mut command, &format!("the {queue} bench"))?;
+    crate::jobs::JobsResult::parse(&out, queue)
 }
 
 /// Resident memory of each of `pid`'s children whose command line holds

@@ -938,12 +938,15 @@ impl Suite {
                     .collect::<anyhow::Result<_>>()?,
                 _ => vec![Proc::listening(tools.celery_worker(redis.port, workers, None)?, redis.port)],
             };
-            tools.queue_bench(queue, redis.port, "sha256", 20, 4)?;
-            let figures = [
-                tools.queue_bench(queue, redis.port, Kind::Sha256.name(), tiny, 64)?,
-                tools.queue_bench(queue, redis.port, Kind::Spin.name(), spins, 64)?,
-                tools.queue_bench(queue, redis.port, Kind::Sha256.name(), lone, 1)?,
-            ];
+            let bench = |kind: Kind, count, in_flight| {
+                programs::queue_bench(
+                    tools.queue_bench_command(queue, redis.port, kind.name(), count, in_flight)?,
+                    queue,
+                )
+            };
+            bench(Kind::Sha256, 20, 4)?;
+            let figures =
+                [bench(Kind::Sha256, tiny, 64)?, bench(Kind::Spin, spins, 64)?, bench(Kind::Sha256, lone, 1)?];
             measured.push((system, figures));
         }
         for (system, figures) in &measured {
