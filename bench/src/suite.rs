@@ -1012,11 +1012,11 @@ impl Suite {
                 lower > 1.0,
             );
         }
-        self.kill_runs(workers, &tools, &redis).await
+        self.kill_runs(workers, &tools, &redis, &db.url()).await
     }
 
-    /// Scenario 14's kill run: each system (Offload on its embedded store)
-    /// runs `count` jobs of 20 ms of CPU that log their starts and ends, 64
+    /// Scenario 14's kill run: each system (Offload on its embedded store,
+    /// then on the PostgreSQL database `pg`) runs `count` jobs of 20 ms of CPU that log their starts and ends, 64
     /// in flight; once a third have ended, its workers (Offload: the front)
     /// are killed with SIGKILL and started again. Counted: jobs acknowledged
     /// and never done (lost), jobs whose work started twice, and jobs two
@@ -1028,6 +1028,7 @@ impl Suite {
         workers: usize,
         tools: &programs::Toolchains,
         redis: &jobs::Redis,
+        pg: &str,
     ) -> anyhow::Result<()> {
         use crate::jobs::{JobsResult, Reruns};
         let count = if self.options.quick { 150 } else { 600 };
@@ -1037,8 +1038,8 @@ impl Suite {
         let dir = tempfile::tempdir()?;
         let n = workers.to_string();
         let mut counted: Vec<(&str, JobsResult, Reruns)> = Vec::new();
-        for system in ["Offload", "BullMQ", "Celery"] {
-            let log = dir.path().join(format!("{system}.log"));
+        for system in ["Offload, SQLite", "Offload, PostgreSQL", "BullMQ", "Celery"] {
+            let log = dir.path().join(format!("{}.log", system.replace(", ", "-")));
             std::fs::write(&log, "")?;
             let third = |log: &Path| {
                 let ended =
@@ -1046,9 +1047,12 @@ impl Suite {
                 ended >= count / 3
             };
             let result = match system {
-                "Offload" => {
+                "Offload, SQLite" | "Offload, PostgreSQL" => {
                     let config = tools.config(workers, Some(&log))?.display().to_string();
-                    let store = dir.path().join("jobs.sqlite3").display().to_string();
+                    let store = match system {
+                        "Offload, SQLite" => dir.path().join("jobs.sqlite3").display().to_string(),
+                        _ => pg.to_string(),
+                    };
                     let listen = format!("127.0.0.1:{}", free_port()?);
                     let args = ["--config", &config, "--job-store", &store, "--workers", &n, "--pool-threads", &n];
                     let env = [("OFFLOAD_BENCH_LOG", log.as_path())];
@@ -1102,11 +1106,11 @@ impl Suite {
         let say = |(system, result, reruns): &(&str, JobsResult, Reruns)| {
             format!("{system}: {} lost, {} run twice, {} at once", result.failed, reruns.twice, reruns.at_once)
         };
-        let (ours, theirs) = (&counted[0], &counted[1..]);
-        let bad = (ours.1.failed + ours.2.at_once) as f64;
+        let (ours, theirs) = counted.split_at(2);
+        let bad = ours.iter().map(|(_, result, reruns)| result.failed + reruns.at_once).sum::<usize>() as f64;
         self.row(
             &format!("14. jobs killed mid-load (SIGKILL of every worker, restarted): {count} jobs of 20 ms"),
-            say(ours),
+            ours.iter().map(say).collect::<Vec<_>>().join("; "),
             theirs.iter().map(say).collect::<Vec<_>>().join("; "),
             bad,
             "0 lost, 0 at once",
