@@ -1,8 +1,9 @@
 //! The embedded job store: one SQLite file on local disk, needing no set-up.
 //! SQLite because it is transactional, survives a crash of the process at
-//! any point (its write-ahead log with `synchronous = FULL` syncs each
-//! commit to disk before the commit returns, so an acknowledged Submit and
-//! a recorded result also survive a power loss of the host), can be opened
+//! any point (each commit of a submit or a result is synced to disk, its
+//! write-ahead log by the store's syncer, before its calls are answered, so
+//! an acknowledged Submit and a recorded result also survive a power loss
+//! of the host), can be opened
 //! by several processes of one host (replicas) at once, and can be
 //! inspected with the `sqlite3` shell. It is bundled (compiled in), so
 //! nothing needs installing. Claims, renewals and progress are not synced
@@ -355,9 +356,9 @@ impl SqliteStore {
     }
 
     /// [`SqliteStore::with`] for a write whose loss in a power cut would be
-    /// harmless: a claim, a renewal, progress. Its commit is not synced
-    /// (`synchronous = NORMAL`); the next synced commit (a submit, a
-    /// finish) syncs the log, this commit with it. A crash
+    /// harmless: a claim, a renewal, progress. It is answered once
+    /// committed, without waiting for a sync; the syncer's next sync (for a
+    /// submit, a finish) takes it to disk too. A crash
     /// of the process loses nothing either way (the operating system holds
     /// the file), and a power cut that loses a claim or a renewal also
     /// stopped every front of this host, whose runs the lapsed leases give
