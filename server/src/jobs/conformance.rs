@@ -85,6 +85,11 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
     let mut other = job("c", Some("k"));
     other.client = "billing".into();
     assert!(matches!(&store.submit(vec![other]).await.unwrap()[0], Submitted::New(_)), "keys are per client");
+    let twice = store.submit(vec![job("x", Some("k2")), job("y", Some("k2"))]).await.unwrap();
+    assert!(
+        matches!(&twice[..], [Submitted::New(x), Submitted::Existing(y)] if x.job.id == "x" && y.job.id == "x"),
+        "one key twice in a group: the first's job both times: {twice:?}"
+    );
 
     let claimed = claim(store, "front-1", HELD).await.expect("the oldest");
     assert_eq!((claimed.job.id.as_str(), claimed.state, claimed.attempts), ("a", State::Running, 1));
@@ -104,12 +109,34 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
     assert!(finish(store, "a", 1, output.clone()).await.is_none(), "the stale run changes nothing");
     assert!(!store.renew("a", 1, HELD).await.unwrap());
     assert!(!store.progress("a", 1, 0.9, "stale").await.unwrap());
-    let ended = finish(store, "a", 2, output).await.expect("the current run's end is written");
+    let ended = finish(store, "a", 2, output.clone()).await.expect("the current run's end is written");
     let done = store.get("a").await.unwrap().unwrap();
     assert_eq!(ended, done, "a finish reads back the job as a lookup would");
     assert_eq!((done.state, done.output.as_deref(), done.progress), (State::Succeeded, Some(&b"out"[..]), 1.0));
     assert!(done.finished_ms.is_some_and(|f| f >= done.created_ms));
     assert!(store.get("nope").await.unwrap().is_none());
+    // A group of finishes writes each current run's own end.
+    let (b, c) = (claim(store, "front-1", HELD).await.unwrap(), claim(store, "front-1", HELD).await.unwrap());
+    let failure = JobFailure { code: 3, message: "bad".into() };
+    let group = vec![
+        Finished {
+            id: c.job.id.clone(),
+            attempt: c.attempts,
+            result: RunResult::Ended(State::Failed, failure.clone()),
+        },
+        Finished { id: b.job.id.clone(), attempt: b.attempts, result: output },
+    ];
+    let written = store.finish(group).await.unwrap();
+    let shown =
+        |w: &Option<JobRecord>| w.as_ref().map(|j| (j.job.id.clone(), j.state, j.output.clone(), j.failure.clone()));
+    assert_eq!(
+        written.iter().map(shown).collect::<Vec<_>>(),
+        [
+            Some((c.job.id.clone(), State::Failed, None, Some(failure))),
+            Some((b.job.id.clone(), State::Succeeded, Some(Bytes::from_static(b"out")), None)),
+        ],
+        "in the group's order"
+    );
 }
 
 /// Attempts running out, cancels of queued and running jobs, hand-backs,

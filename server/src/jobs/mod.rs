@@ -72,6 +72,8 @@ pub struct Jobs {
     cancels: broadcast::Sender<String>,
     /// A job was submitted here: the runner may have work.
     submitted: Notify,
+    /// Jobs as this front last heard of them, for a Wait's first look.
+    known: std::sync::Mutex<Known>,
 }
 
 /// Each waited job's channel to its waiters: the job as the change that
@@ -118,7 +120,9 @@ impl Jobs {
         let (cancels, _) = broadcast::channel(1024);
         let notices = store.notices();
         let submitted = Notify::new();
-        let jobs = Arc::new(Self { store, description, options, submits, finishes, waiting, cancels, submitted });
+        let known = std::sync::Mutex::default();
+        let jobs =
+            Arc::new(Self { store, description, options, submits, finishes, waiting, cancels, submitted, known });
         if let Some(notices) = notices {
             tokio::spawn(relay(Arc::downgrade(&jobs), notices));
         }
@@ -127,6 +131,7 @@ impl Jobs {
 
     /// Tells this front's waiters of `id` that it changed.
     fn touched(&self, id: &str) {
+        self.known().forget(id);
         self.tell(id, || None);
     }
 
@@ -134,7 +139,34 @@ impl Jobs {
     /// now. Only for a job's current state: a record read back by the write
     /// that made it, told of by the run that made it, in its order.
     fn changed_to(&self, job: &JobRecord) {
-        self.tell(&job.job.id, || Some(Arc::new(job.clone())));
+        self.now_is(without_input(job));
+    }
+
+    fn now_is(&self, job: Arc<JobRecord>) {
+        self.known().update(&job);
+        let id = job.job.id.clone();
+        self.tell(&id, || Some(job));
+    }
+
+    /// Forgets what this front knew of every job, and wakes every waiter to
+    /// look again: changes may have been made that it was not told of.
+    pub(crate) fn touched_all(&self) {
+        self.known().clear();
+        for waiters in self.waiting.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            waiters.send_replace(None);
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Job `id` as it is now, if this front knows it without asking the
+    /// store: it made or heard of the job's last change, and every later
+    /// change will be told to a watch begun before this call. `None`: look
+    /// it up.
+    pub fn known_now(&self, id: &str) -> Option<Arc<JobRecord>> {
+        self.known().get(id)
     }
 
     fn tell(&self, id: &str, now: impl FnOnce() -> Option<Arc<JobRecord>>) {
@@ -147,7 +179,9 @@ impl Jobs {
     pub async fn submit(&self, job: NewJob) -> Result<Submitted, StoreError> {
         let submitted = committed(&self.submits, job).await?;
         if let Submitted::New(record) = &submitted {
-            self.changed_to(record);
+            let now = without_input(record);
+            self.known().insert(&now);
+            self.now_is(now);
             self.submitted.notify_one();
         }
         Ok(submitted)
@@ -185,6 +219,66 @@ impl Jobs {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         let changes = waiting.entry(id.to_string()).or_insert_with(|| watch::channel(None).0).subscribe();
         Watch { id: id.to_string(), changes, waiting: Arc::clone(&self.waiting) }
+    }
+}
+
+/// Jobs as this front last heard of them, the most recently submitted
+/// here kept: a Wait that follows its own Submit (the usual pattern) starts
+/// without a lookup. An entry is replaced by each change this front makes
+/// or reads back, and dropped at word of a change it did not see.
+#[derive(Debug, Default)]
+struct Known {
+    jobs: HashMap<String, Arc<JobRecord>>,
+    /// Ids in the order they were first known, for evicting the oldest.
+    order: std::collections::VecDeque<String>,
+}
+
+/// `job` without its input, which no waiter is shown.
+fn without_input(job: &JobRecord) -> Arc<JobRecord> {
+    Arc::new(JobRecord { job: NewJob { input: bytes::Bytes::new(), ..job.job.clone() }, ..job.clone() })
+}
+
+/// Jobs [`Known`] keeps at most.
+const KNOWN_MAX: usize = 4096;
+/// The largest output [`Known`] keeps (a larger one is looked up).
+const KNOWN_OUTPUT_MAX: usize = 16 * 1024;
+
+impl Known {
+    fn insert(&mut self, job: &Arc<JobRecord>) {
+        if self.jobs.contains_key(&job.job.id) {
+            return;
+        }
+        while self.order.len() >= KNOWN_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.jobs.remove(&oldest);
+            }
+        }
+        self.order.push_back(job.job.id.clone());
+        self.jobs.insert(job.job.id.clone(), Arc::clone(job));
+    }
+
+    /// Takes `job` as its id's current state, if the id is kept.
+    fn update(&mut self, job: &Arc<JobRecord>) {
+        let small = job.output.as_ref().is_none_or(|output| output.len() <= KNOWN_OUTPUT_MAX);
+        match self.jobs.get_mut(&job.job.id) {
+            Some(known) if small => *known = Arc::clone(job),
+            Some(_) => self.forget(&job.job.id),
+            None => {}
+        }
+    }
+
+    /// Drops `id` (its id stays in `order` until its turn, as a no-op).
+    fn forget(&mut self, id: &str) {
+        self.jobs.remove(id);
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<JobRecord>> {
+        self.jobs.get(id).cloned()
+    }
+
+    fn clear(&mut self) {
+        self.jobs.clear();
+        self.order.clear();
     }
 }
 
@@ -268,11 +362,16 @@ async fn committed<T, R>(pending: &Pending<T, R>, write: T) -> Result<R, StoreEr
 async fn relay(jobs: std::sync::Weak<Jobs>, mut notices: mpsc::Receiver<Notice>) {
     while let Some(Notice { id, kind }) = notices.recv().await {
         let Some(jobs) = jobs.upgrade() else { return };
+        if kind == NoticeKind::Missed {
+            jobs.touched_all();
+            jobs.submitted.notify_one();
+            continue;
+        }
         jobs.touched(&id);
         match kind {
             NoticeKind::Queued => jobs.submitted.notify_one(),
             NoticeKind::CancelAsked => drop(jobs.cancels.send(id)),
-            NoticeKind::Changed => {}
+            NoticeKind::Changed | NoticeKind::Missed => {}
         }
     }
 }
@@ -301,5 +400,45 @@ mod tests {
         assert!(nothing.is_err(), "b did not change");
         drop((a, also_a));
         assert_eq!(jobs.waiting.lock().unwrap().keys().collect::<Vec<_>>(), ["b"], "a is forgotten");
+    }
+
+    #[test]
+    fn known_jobs_are_bounded_and_dropped_at_word_of_an_unseen_change() {
+        let record = |id: &str, output: usize| {
+            let mut job = queued_record(id);
+            job.output = Some(bytes::Bytes::from(vec![0; output]));
+            Arc::new(job)
+        };
+        let mut known = Known::default();
+        for n in 0..=KNOWN_MAX {
+            known.insert(&record(&format!("j{n}"), 0));
+        }
+        assert!(known.get("j0").is_none(), "the oldest goes first");
+        assert!(known.get(&format!("j{KNOWN_MAX}")).is_some());
+        assert_eq!(known.jobs.len(), KNOWN_MAX);
+        known.update(&record("elsewhere", 0));
+        assert!(known.get("elsewhere").is_none(), "a change to a job not kept does not add it");
+        known.update(&record("j1", 3));
+        assert_eq!(known.get("j1").unwrap().output.as_ref().map(|o| o.len()), Some(3), "a change replaces it");
+        known.update(&record("j1", KNOWN_OUTPUT_MAX + 1));
+        assert!(known.get("j1").is_none(), "a large output is looked up, not kept");
+        known.forget("j2");
+        assert!(known.get("j2").is_none());
+    }
+
+    fn queued_record(id: &str) -> JobRecord {
+        JobRecord {
+            job: conformance::job(id, None),
+            state: store::State::Queued,
+            output: None,
+            failure: None,
+            progress: 0.0,
+            progress_message: String::new(),
+            attempts: 0,
+            cancel_requested: false,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+        }
     }
 }

@@ -17,13 +17,13 @@
 //!   `synchronous_commit` on (its defaults), an acknowledged Submit survives
 //!   a power loss of the database host.
 
-use std::{str::FromStr, sync::Mutex, time::Duration};
+use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, NoTls, Row, types::Type};
 
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
@@ -71,6 +71,11 @@ const NOTICE_BUFFER: usize = 1024;
 /// The database server's clock, in Unix milliseconds.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// The table and its indexes. Only queued rows are indexed by state (for
+/// claims, oldest first): with an index on every state, a group's fenced
+/// writes (`id = .. AND state = RUNNING`) could be planned as a scan of all
+/// the running rows' index entries, dead ones included, instead of a lookup
+/// of each id. An index of an earlier version that did so is dropped.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS offload_jobs (
     seq BIGSERIAL PRIMARY KEY,
@@ -98,7 +103,8 @@ CREATE TABLE IF NOT EXISTS offload_jobs (
     interactive BOOLEAN NOT NULL DEFAULT FALSE,
     UNIQUE (client, idempotency_key)
 );
-CREATE INDEX IF NOT EXISTS offload_jobs_by_state ON offload_jobs (state, seq);
+CREATE INDEX IF NOT EXISTS offload_jobs_queued ON offload_jobs (seq) WHERE state = 1;
+DROP INDEX IF EXISTS offload_jobs_by_state;
 CREATE INDEX IF NOT EXISTS offload_jobs_by_owner ON offload_jobs (owner) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS offload_jobs_finished ON offload_jobs (finished_ms) WHERE finished_ms IS NOT NULL;
 ";
@@ -216,7 +222,7 @@ impl PgStore {
         let tag = match kind {
             Kind::Queued => 'q',
             Kind::CancelAsked => 'x',
-            Kind::Changed => 'c',
+            Kind::Changed | Kind::Missed => 'c',
         };
         format!("pg_notify('{CHANNEL}', '{}:{tag}:' || id)", self.origin)
     }
@@ -282,6 +288,9 @@ async fn listen(
                             }
                             if std::mem::take(&mut lost) {
                                 tracing::info!("listening for job changes again");
+                                // What changed while no one listened is
+                                // looked up again.
+                                let _ = notices.try_send(Notice { id: String::new(), kind: Kind::Missed });
                             }
                             forwarding.await;
                         }
@@ -377,71 +386,10 @@ fn record(row: &Row) -> Result<JobRecord, StoreError> {
     })
 }
 
-/// Records `jobs` with the statements `insert` and `existing` (see
-/// [`PgStore::submit`]) through `client`, a connection or a transaction.
-async fn submit_rows(
-    client: &impl GenericClient,
-    insert: &str,
-    existing: &str,
-    jobs: &[NewJob],
-) -> Result<Vec<Submitted>, StoreError> {
-    let (insert, existing) = (client.prepare_cached(insert).await?, client.prepare_cached(existing).await?);
-    let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let params = serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string()))?;
-        let interactive = job.priority == Priority::Interactive;
-        let values: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-            &job.id,
-            &job.task,
-            &job.mode,
-            &params,
-            &job.input.as_ref(),
-            &job.client,
-            &job.idempotency_key,
-            &job.traceparent,
-            &interactive,
-        ];
-        let row = client.query_opt(&insert, &values).await?;
-        // Nothing inserted: the client's key is taken (perhaps by a Submit on
-        // another front a moment ago, whose commit the insert waited for).
-        out.push(match (row, &job.idempotency_key) {
-            // Read back as recorded, but for the input: the caller's own,
-            // perhaps large, is not sent back over the wire.
-            (Some(row), _) => {
-                let mut recorded = record(&row)?;
-                recorded.job.input = job.input.clone();
-                Submitted::New(recorded)
-            }
-            (None, Some(key)) => match client.query_opt(&existing, &[&job.client, key]).await? {
-                Some(row) => Submitted::Existing(record(&row)?),
-                None => return Err(StoreError::Database("a job's idempotency key is taken and gone".into())),
-            },
-            (None, None) => return Err(StoreError::Database(format!("job id {} is taken", job.id))),
-        });
-    }
-    Ok(out)
-}
-
-/// Ends `runs` with the statement `sql` (see [`PgStore::finish`]) through
-/// `client`, a connection or a transaction: the writes are sent together
-/// (tokio-postgres pipelines them), one round trip for the group.
-async fn finish_rows(
-    client: &impl GenericClient,
-    sql: &str,
-    runs: &[Finished],
-) -> Result<Vec<Option<JobRecord>>, StoreError> {
-    let statement = client.prepare_cached(sql).await?;
-    let writes = runs.iter().map(|Finished { id, attempt, result }| {
-        let statement = &statement;
-        async move {
-            let (state, output, failure) = result.columns();
-            let (code, message) = (failure.map(|f| f.code), failure.map(|f| f.message.as_str()));
-            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&(state.number() as i32), &output, &code, &message, id, &attempt_number(*attempt)];
-            client.query_opt(statement, &values).await?.as_ref().map(record).transpose()
-        }
-    });
-    futures::future::try_join_all(writes).await
+/// Rows returned by a statement over a group, by the id of each: the
+/// group's writes that took effect.
+fn by_id(rows: &[Row]) -> Result<HashMap<String, JobRecord>, StoreError> {
+    rows.iter().map(|row| record(row).map(|job| (job.job.id.clone(), job))).collect()
 }
 
 /// A run's attempt number as stored.
@@ -452,24 +400,57 @@ fn attempt_number(attempt: u32) -> i32 {
 #[async_trait::async_trait]
 impl JobStore for PgStore {
     async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+        // One statement for the group (one commit, one round trip): its
+        // rows arrive as arrays, one per column.
         let insert = format!(
             "INSERT INTO offload_jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
                  traceparent, interactive)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {QUEUED}, {NOW_MS}, $8, $9)
+             SELECT n_id, n_task, n_mode, n_params, n_input, n_client, n_key, {QUEUED}, {NOW_MS}, n_traceparent,
+                 n_interactive
+             FROM unnest($1::text[], $2::text[], $3::integer[], $4::text[], $5::bytea[], $6::text[], $7::text[],
+                 $8::text[], $9::boolean[])
+                 AS n(n_id, n_task, n_mode, n_params, n_input, n_client, n_key, n_traceparent, n_interactive)
              ON CONFLICT DO NOTHING
              RETURNING {GET_COLUMNS}, {}",
             self.notify(Kind::Queued)
         );
         let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
+        let params = jobs
+            .iter()
+            .map(|job| serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let column = |of: fn(&NewJob) -> &str| jobs.iter().map(of).collect::<Vec<_>>();
+        let (ids, tasks, clients, traceparents) =
+            (column(|j| &j.id), column(|j| &j.task), column(|j| &j.client), column(|j| &j.traceparent));
+        let modes: Vec<i32> = jobs.iter().map(|job| job.mode).collect();
+        let inputs: Vec<&[u8]> = jobs.iter().map(|job| job.input.as_ref()).collect();
+        let keys: Vec<Option<&str>> = jobs.iter().map(|job| job.idempotency_key.as_deref()).collect();
+        let interactive: Vec<bool> = jobs.iter().map(|job| job.priority == Priority::Interactive).collect();
         self.with(async |client| {
-            // A group is one transaction (one commit); a lone submit is its
-            // own, without the round trips of BEGIN and COMMIT.
-            if jobs.len() == 1 {
-                return submit_rows(&*client, &insert, &existing, &jobs).await;
+            let statement = client.prepare_cached(&insert).await?;
+            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
+                [&ids, &tasks, &modes, &params, &inputs, &clients, &keys, &traceparents, &interactive];
+            let mut inserted = by_id(&client.query(&statement, &values).await?)?;
+            let existing = client.prepare_cached(&existing).await?;
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in &jobs {
+                // Not inserted: the client's key is taken (perhaps by a Submit
+                // on another front a moment ago, whose commit the insert
+                // waited for, or earlier in this group).
+                out.push(match (inserted.remove(&job.id), &job.idempotency_key) {
+                    // Read back as recorded, but for the input: the caller's
+                    // own, perhaps large, is not sent back over the wire.
+                    (Some(mut recorded), _) => {
+                        recorded.job.input = job.input.clone();
+                        Submitted::New(recorded)
+                    }
+                    (None, Some(key)) => match client.query_opt(&existing, &[&job.client, key]).await? {
+                        Some(row) => Submitted::Existing(record(&row)?),
+                        None => return Err(StoreError::Database("a job's idempotency key is taken and gone".into())),
+                    },
+                    (None, None) => return Err(StoreError::Database(format!("job id {} is taken", job.id))),
+                });
             }
-            let tx = client.transaction().await?;
-            let out = submit_rows(&tx, &insert, &existing, &jobs).await?;
-            tx.commit().await?;
             Ok(out)
         })
         .await
@@ -554,22 +535,43 @@ impl JobStore for PgStore {
     }
 
     async fn finish(&self, runs: Vec<Finished>) -> Result<Vec<Option<JobRecord>>, StoreError> {
+        // One statement for the group, as for submits; each run's write is
+        // fenced by its attempt, and one that no longer holds the job
+        // returns no row.
         let sql = format!(
-            "UPDATE offload_jobs SET state = $1, output = $2, error_code = $3, error_message = $4,
-                 finished_ms = {NOW_MS}, owner = NULL, lease_until = NULL,
-                 progress = CASE WHEN $1 = 3 THEN 1.0 ELSE progress END
-             WHERE id = $5 AND attempts = $6 AND state = {RUNNING}
+            "UPDATE offload_jobs SET state = f_state, output = f_output, error_code = f_code,
+                 error_message = f_message, finished_ms = {NOW_MS}, owner = NULL, lease_until = NULL,
+                 progress = CASE WHEN f_state = {} THEN 1.0 ELSE progress END
+             FROM unnest($1::text[], $2::integer[], $3::integer[], $4::bytea[], $5::integer[], $6::text[])
+                 AS f(f_id, f_attempt, f_state, f_output, f_code, f_message)
+             WHERE id = f_id AND attempts = f_attempt AND state = {RUNNING}
              RETURNING {GET_COLUMNS}, {}",
+            State::Succeeded.number(),
             self.notify(Kind::Changed)
         );
+        let columns: Vec<_> = runs.iter().map(|run| run.result.columns()).collect();
+        let ids: Vec<&str> = runs.iter().map(|run| run.id.as_str()).collect();
+        let attempts: Vec<i32> = runs.iter().map(|run| attempt_number(run.attempt)).collect();
+        let states: Vec<i32> = columns.iter().map(|(state, _, _)| state.number() as i32).collect();
+        let outputs: Vec<Option<&[u8]>> = columns.iter().map(|(_, output, _)| *output).collect();
+        let codes: Vec<Option<i32>> = columns.iter().map(|(_, _, failure)| failure.map(|f| f.code)).collect();
+        let messages: Vec<Option<&str>> =
+            columns.iter().map(|(_, _, failure)| failure.map(|f| f.message.as_str())).collect();
         self.with(async |client| {
-            if runs.len() == 1 {
-                return finish_rows(&*client, &sql, &runs).await;
-            }
-            let tx = client.transaction().await?;
-            let written = finish_rows(&tx, &sql, &runs).await?;
-            tx.commit().await?;
-            Ok(written)
+            // Planned for each group, not once per connection: a plan made
+            // while the table was small (a hash join over a scan of the
+            // running rows) would be kept as it grew, each group then
+            // reading every running row instead of looking up its own.
+            let values: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 6] = [
+                (&ids, Type::TEXT_ARRAY),
+                (&attempts, Type::INT4_ARRAY),
+                (&states, Type::INT4_ARRAY),
+                (&outputs, Type::BYTEA_ARRAY),
+                (&codes, Type::INT4_ARRAY),
+                (&messages, Type::TEXT_ARRAY),
+            ];
+            let mut written = by_id(&client.query_typed(&sql, &values).await?)?;
+            Ok(runs.iter().map(|run| written.remove(&run.id)).collect())
         })
         .await
     }
@@ -634,7 +636,8 @@ impl JobStore for PgStore {
     }
 
     async fn expire_leases(&self, max_attempts: u32) -> Result<usize, StoreError> {
-        let expired = format!("state = {RUNNING} AND lease_until <= {NOW_MS}");
+        // Running jobs, and only they, have an owner: its index finds them.
+        let expired = format!("owner IS NOT NULL AND state = {RUNNING} AND lease_until <= {NOW_MS}");
         let cancelled = format!(
             "UPDATE offload_jobs SET state = {}, error_code = {}, error_message = $1, finished_ms = {NOW_MS},
                  owner = NULL, lease_until = NULL

@@ -194,14 +194,17 @@ async fn housekeeping(jobs: &Arc<Jobs>, dispatcher: &Dispatcher, cleaned: &mut I
         Ok(queued) => {
             tracing::warn!(jobs = queued, "jobs whose front stopped renewing their lease are queued again");
             dispatcher.metrics().job_leases_expired(queued);
+            jobs.touched_all();
             jobs.submitted.notify_one();
         }
         Err(err) => tracing::warn!(error = %err, "cannot expire job leases"),
     }
     if cleaned.elapsed() >= CLEANUP_EVERY.min(jobs.options.retention) {
         *cleaned = Instant::now();
-        if let Err(err) = jobs.store.delete_finished(jobs.options.retention).await {
-            tracing::warn!(error = %err, "cannot delete finished jobs past their retention");
+        match jobs.store.delete_finished(jobs.options.retention).await {
+            Ok(0) => {}
+            Ok(_) => jobs.touched_all(),
+            Err(err) => tracing::warn!(error = %err, "cannot delete finished jobs past their retention"),
         }
     }
 }

@@ -262,7 +262,10 @@ impl jobs_server::Jobs for JobsService {
         let id = request.into_inner().id;
         // Subscribed before the first look, so that no change is missed.
         let mut changes = jobs.watch(&id);
-        let first = self.found(&id, &viewer).await?;
+        let first = match jobs.known_now(&id) {
+            Some(known) if viewer.sees(&known) => JobRecord::clone(&known),
+            _ => self.found(&id, &viewer).await?,
+        };
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut last = first;

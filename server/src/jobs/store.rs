@@ -322,6 +322,9 @@ pub enum NoticeKind {
     CancelAsked,
     /// Anything else (its state, its progress).
     Changed,
+    /// Notices may have been lost (the store's connection was down): any
+    /// job may have changed. Its `id` is empty.
+    Missed,
 }
 
 /// How one run ended, for [`JobStore::finish`].
