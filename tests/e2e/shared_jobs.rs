@@ -48,7 +48,7 @@ async fn the_postgres_store_keeps_the_job_store_contract_and_tells_other_fronts(
     let next = async |notices: &mut tokio::sync::mpsc::Receiver<Notice>| {
         tokio::time::timeout(Duration::from_secs(10), notices.recv()).await.expect("a notice within 10 s")
     };
-    store.submit(vec![conformance::job("n1", None)]).await.unwrap();
+    store.submit(vec![conformance::job("n1", None).into()]).await.unwrap();
     let notice = |kind| Some(Notice { id: "n1".into(), kind });
     assert_eq!(next(&mut notices).await, notice(NoticeKind::Queued));
     let run = store.claim("front-1", Duration::from_secs(60), 1).await.unwrap().pop().unwrap();

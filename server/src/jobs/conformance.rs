@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::store::{Filter, Finished, JobFailure, JobRecord, JobStore, NewJob, RunResult, State, Submitted};
+use super::store::{
+    Claimant, Filter, Finished, JobFailure, JobRecord, JobStore, NewJob, RunResult, State, Submission, Submitted,
+};
 use crate::schedule::Priority;
 
 /// A lease that lapses at once (for checks of what follows a lost front).
@@ -76,16 +78,16 @@ async fn empty(store: &dyn JobStore) {
 /// Submit (with idempotency keys), claim, renew, progress, a lapsed lease
 /// taken over by another front, and fencing of the stale run's writes.
 pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
-    let submitted = store.submit(vec![job("a", None), job("b", Some("k"))]).await.unwrap();
+    let submitted = store.submit(vec![job("a", None).into(), job("b", Some("k")).into()]).await.unwrap();
     let Submitted::New(a) = &submitted[0] else { panic!("a new job: {submitted:?}") };
     assert_eq!((a.state, a.attempts, a.job.priority), (State::Queued, 0, Priority::Interactive));
     assert_eq!(a.job, job("a", None), "recorded as submitted");
-    let again = store.submit(vec![job("c", Some("k"))]).await.unwrap();
+    let again = store.submit(vec![job("c", Some("k")).into()]).await.unwrap();
     assert!(matches!(&again[0], Submitted::Existing(r) if r.job.id == "b"), "the key's job: {again:?}");
     let mut other = job("c", Some("k"));
     other.client = "billing".into();
-    assert!(matches!(&store.submit(vec![other]).await.unwrap()[0], Submitted::New(_)), "keys are per client");
-    let twice = store.submit(vec![job("x", Some("k2")), job("y", Some("k2"))]).await.unwrap();
+    assert!(matches!(&store.submit(vec![other.into()]).await.unwrap()[0], Submitted::New(_)), "keys are per client");
+    let twice = store.submit(vec![job("x", Some("k2")).into(), job("y", Some("k2")).into()]).await.unwrap();
     assert!(
         matches!(&twice[..], [Submitted::New(x), Submitted::Existing(y)] if x.job.id == "x" && y.job.id == "x"),
         "one key twice in a group: the first's job both times: {twice:?}"
@@ -142,7 +144,7 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
 /// Attempts running out, cancels of queued and running jobs, hand-backs,
 /// listing in pages, stats and retention.
 pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
-    store.submit(vec![job("a", None), job("b", None), job("c", None)]).await.unwrap();
+    store.submit(vec![job("a", None).into(), job("b", None).into(), job("c", None).into()]).await.unwrap();
     // Claims of several at once take the oldest, in order; a group of
     // finishes writes the current runs' ends and refuses stale ones.
     let two = store.claim("f", HELD, 2).await.unwrap();
@@ -204,7 +206,7 @@ pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
     assert_eq!(store.expire_leases(3).await.unwrap(), 0);
     assert_eq!(store.get("b").await.unwrap().unwrap().state, State::Cancelled);
     // A cancel asked of a run whose front then hands it back cancels it.
-    store.submit(vec![job("d", None)]).await.unwrap();
+    store.submit(vec![job("d", None).into()]).await.unwrap();
     let d = claim(store, "f", HELD).await.unwrap();
     assert_eq!(d.job.id, "d");
     assert!(store.stats().await.unwrap().oldest_queued_age.is_none());
@@ -213,14 +215,24 @@ pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
     let d = store.get("d").await.unwrap().unwrap();
     assert_eq!((d.state, d.failure.map(|f| f.code)), (State::Cancelled, Some(tonic::Code::Cancelled as i32)));
     // The oldest queued job's age.
-    store.submit(vec![job("e", None)]).await.unwrap();
+    store.submit(vec![job("e", None).into()]).await.unwrap();
     assert!(store.stats().await.unwrap().oldest_queued_age.is_some_and(|age| age < HELD));
+    // A job submitted to a front with room is recorded as claimed by it:
+    // running, its first attempt, under its lease, and never claimed again.
+    let front = Claimant { owner: "f".into(), lease: LAPSED };
+    let taken = store.submit(vec![Submission { job: job("t", None), run_by: Some(front) }]).await.unwrap();
+    let Submitted::New(t) = &taken[0] else { panic!("a new job: {taken:?}") };
+    assert_eq!((t.state, t.attempts, t.started_ms.is_some()), (State::Running, 1, true));
+    assert!(store.claim("g", HELD, 10).await.unwrap().iter().all(|j| j.job.id != "t"), "not queued");
+    assert!(store.renew("t", 1, HELD).await.unwrap(), "its lease is the front's");
+    assert!(store.release("t", 1).await.unwrap());
+    assert!(store.cancel("t").await.unwrap().is_some_and(|t| t.state == State::Cancelled && t.attempts == 0));
 }
 
 /// Fronts claiming at the same moment each get a job of their own.
 pub async fn concurrent_claims_never_share_a_job(store: &dyn JobStore) {
     let ids: Vec<String> = (0..40).map(|n| format!("j{n}")).collect();
-    store.submit(ids.iter().map(|id| job(id, None)).collect()).await.unwrap();
+    store.submit(ids.iter().map(|id| job(id, None).into()).collect()).await.unwrap();
     let claims = (0..8).map(|front| async move {
         let mut mine = Vec::new();
         while let Some(job) = claim(store, &format!("front-{front}"), HELD).await {

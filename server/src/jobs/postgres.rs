@@ -27,7 +27,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, types::Type};
 
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
-    LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submitted, millis,
+    LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submission, Submitted, millis,
     record_columns,
 };
 use crate::schedule::Priority;
@@ -399,22 +399,31 @@ fn attempt_number(attempt: u32) -> i32 {
 
 #[async_trait::async_trait]
 impl JobStore for PgStore {
-    async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+    async fn submit(&self, jobs: Vec<Submission>) -> Result<Vec<Submitted>, StoreError> {
         // One statement for the group (one commit, one round trip): its
         // rows arrive as arrays, one per column.
+        // A job its front runs at once is recorded as claimed (`n_owner`).
         let insert = format!(
             "INSERT INTO offload_jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
-                 traceparent, interactive)
-             SELECT n_id, n_task, n_mode, n_params, n_input, n_client, n_key, {QUEUED}, {NOW_MS}, n_traceparent,
-                 n_interactive
+                 traceparent, interactive, attempts, owner, lease_until, started_ms)
+             SELECT n_id, n_task, n_mode, n_params, n_input, n_client, n_key,
+                 CASE WHEN n_owner IS NULL THEN {QUEUED} ELSE {RUNNING} END, {NOW_MS}, n_traceparent, n_interactive,
+                 CASE WHEN n_owner IS NULL THEN 0 ELSE 1 END, n_owner, {NOW_MS} + n_lease,
+                 CASE WHEN n_owner IS NOT NULL THEN {NOW_MS} END
              FROM unnest($1::text[], $2::text[], $3::integer[], $4::text[], $5::bytea[], $6::text[], $7::text[],
-                 $8::text[], $9::boolean[])
-                 AS n(n_id, n_task, n_mode, n_params, n_input, n_client, n_key, n_traceparent, n_interactive)
+                 $8::text[], $9::boolean[], $10::text[], $11::bigint[])
+                 AS n(n_id, n_task, n_mode, n_params, n_input, n_client, n_key, n_traceparent, n_interactive,
+                      n_owner, n_lease)
              ON CONFLICT DO NOTHING
-             RETURNING {GET_COLUMNS}, {}",
-            self.notify(Kind::Queued)
+             RETURNING {GET_COLUMNS},
+                 CASE WHEN state = {QUEUED} THEN {} ELSE {} END",
+            self.notify(Kind::Queued),
+            self.notify(Kind::Changed)
         );
         let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
+        let (jobs, run_by): (Vec<NewJob>, Vec<_>) = jobs.into_iter().map(|s| (s.job, s.run_by)).unzip();
+        let owners: Vec<Option<&str>> = run_by.iter().map(|c| c.as_ref().map(|c| c.owner.as_str())).collect();
+        let leases: Vec<Option<i64>> = run_by.iter().map(|c| c.as_ref().map(|c| millis(c.lease))).collect();
         let params = jobs
             .iter()
             .map(|job| serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string())))
@@ -428,8 +437,19 @@ impl JobStore for PgStore {
         let interactive: Vec<bool> = jobs.iter().map(|job| job.priority == Priority::Interactive).collect();
         self.with(async |client| {
             let statement = client.prepare_cached(&insert).await?;
-            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
-                [&ids, &tasks, &modes, &params, &inputs, &clients, &keys, &traceparents, &interactive];
+            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+                &ids,
+                &tasks,
+                &modes,
+                &params,
+                &inputs,
+                &clients,
+                &keys,
+                &traceparents,
+                &interactive,
+                &owners,
+                &leases,
+            ];
             let mut inserted = by_id(&client.query(&statement, &values).await?)?;
             let existing = client.prepare_cached(&existing).await?;
             let mut out = Vec::with_capacity(jobs.len());

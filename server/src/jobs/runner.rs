@@ -19,6 +19,10 @@
 //! changed: the runs before it are long) is handed back at once, not
 //! counted, for any front with room, and the front claims only what it
 //! has room for until its runs are tiny again.
+//!
+//! While it has room and its last claim found nothing queued, it also takes
+//! jobs submitted to its own front as they are recorded (see
+//! [`super::Jobs::run_submitted`]): they skip the queue and the claim.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,7 +35,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     Jobs,
-    store::{JobFailure, JobRecord, RunResult, State},
+    store::{Claimant, JobFailure, JobRecord, RunResult, State},
 };
 use crate::{
     dispatch::{Call, Dispatcher, ProgressState},
@@ -107,15 +111,42 @@ pub async fn run(
     let mut cancels = jobs.cancels();
     // A run that ends makes room for the next job.
     let ended = Arc::new(Notify::new());
+    // Counted by `runs`: a run leaves it once its work is done, before its
+    // end is recorded (a slot is for running, not for waiting on the
+    // store), and before it says it ended.
+    let running = || runs.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let start = |job: JobRecord, claimed: Instant| {
+        let ahead = running() >= capacity;
+        let cancel = CancellationToken::new();
+        runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
+        let (jobs, dispatcher, runs, hand_back, ended, pace) = (
+            Arc::clone(&jobs),
+            Arc::clone(&dispatcher),
+            Arc::clone(&runs),
+            hand_back.clone(),
+            Arc::clone(&ended),
+            Arc::clone(&pace),
+        );
+        runs_tracker.spawn(async move {
+            let id = job.job.id.clone();
+            let done = || {
+                runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                ended.notify_one();
+            };
+            let run = Run { claimed, ahead, cancel, hand_back };
+            run_one(&jobs, &dispatcher, job, run, &pace, done).await;
+        });
+    };
+    // Jobs submitted here while the runner offers room come straight here.
+    let mut submitted_here = jobs.run_submitted(Claimant { owner: owner.clone(), lease: jobs.options.lease });
     loop {
         // Claim while there is room: every job there is room for, at once.
-        // Counted by `runs`: a run leaves it once its work is done, before
-        // its end is recorded (a slot is for running, not for waiting on
-        // the store), and before it says it ended.
-        let running = || runs.lock().unwrap_or_else(|e| e.into_inner()).len();
+        // Jobs taken at submit meanwhile count as running.
+        let in_transit = jobs.offer_room(0);
         let limit = if pace.tiny() { AHEAD * capacity } else { capacity };
-        while !stop.is_cancelled() && running() < limit {
-            let room = limit - running();
+        let mut nothing_queued = false;
+        while !stop.is_cancelled() && running() + in_transit < limit {
+            let room = limit - running() - in_transit;
             let asked = Instant::now();
             let claimed = match jobs.store.claim(&owner, jobs.options.lease, room).await {
                 Ok(claimed) => claimed,
@@ -124,35 +155,23 @@ pub async fn run(
                     break;
                 }
             };
-            let all_there_was = claimed.len() < room;
+            nothing_queued = claimed.len() < room;
             for job in claimed {
                 jobs.changed_to(&job);
-                let ahead = running() >= capacity;
-                let cancel = CancellationToken::new();
-                runs.lock().unwrap_or_else(|e| e.into_inner()).insert(job.job.id.clone(), cancel.clone());
-                let (jobs, dispatcher, runs, hand_back, ended, pace) = (
-                    Arc::clone(&jobs),
-                    Arc::clone(&dispatcher),
-                    Arc::clone(&runs),
-                    hand_back.clone(),
-                    Arc::clone(&ended),
-                    Arc::clone(&pace),
-                );
-                runs_tracker.spawn(async move {
-                    let id = job.job.id.clone();
-                    let done = || {
-                        runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                        ended.notify_one();
-                    };
-                    let run = Run { claimed: asked, ahead, cancel, hand_back };
-                    run_one(&jobs, &dispatcher, job, run, &pace, done).await;
-                });
+                start(job, asked);
             }
-            if all_there_was {
+            if nothing_queued {
                 break;
             }
         }
+        if nothing_queued && !stop.is_cancelled() {
+            jobs.offer_room(limit.saturating_sub(running() + in_transit));
+        }
         tokio::select! {
+            Some(job) = submitted_here.recv() => {
+                jobs.arrived();
+                start(job, Instant::now());
+            }
             () = jobs.submitted.notified() => {}
             () = ended.notified() => {}
             _ = poll.tick() => {
@@ -169,6 +188,17 @@ pub async fn run(
                 Err(_) => cancel_asked(&jobs, &owner, &runs).await,
             },
             () = stop.cancelled() => break,
+        }
+    }
+    // Jobs taken at submit and not started go back to the queue, uncounted;
+    // one whose submit is still being recorded goes back from there.
+    jobs.stop_running_submitted();
+    submitted_here.close();
+    while let Ok(job) = submitted_here.try_recv() {
+        jobs.arrived();
+        match jobs.store.release(&job.job.id, job.attempts).await {
+            Ok(_) => jobs.touched(&job.job.id),
+            Err(err) => tracing::warn!(job.id = %job.job.id, error = %err, "cannot hand a job back"),
         }
     }
     runs_tracker.close();
@@ -312,7 +342,7 @@ async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord,
         Err(err) => return Ending::Result(failed(err)),
     };
     let (progress_tx, mut progress) = watch::channel(ProgressState::default());
-    let running = admitted.run(Some(progress_tx));
+    let running = admitted.run_job(progress_tx);
     tokio::pin!(running);
     let lease = jobs.options.lease;
     let mut renew = tokio::time::interval(lease / 3);

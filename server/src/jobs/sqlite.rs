@@ -36,7 +36,7 @@ use crate::schedule::Priority;
 
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
-    LOST_ON_ATTEMPT, NewJob, Page, State, Stats, StoreError, Submitted, millis, now_ms, record_columns,
+    LOST_ON_ATTEMPT, NewJob, Page, State, Stats, StoreError, Submission, Submitted, millis, now_ms, record_columns,
 };
 
 impl From<rusqlite::Error> for StoreError {
@@ -412,11 +412,11 @@ fn by_id(db: &Connection, id: &str) -> Result<Option<JobRecord>, StoreError> {
 
 #[async_trait::async_trait]
 impl JobStore for SqliteStore {
-    async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+    async fn submit(&self, jobs: Vec<Submission>) -> Result<Vec<Submitted>, StoreError> {
         self.with(move |db, now| {
             let tx = db.savepoint()?;
             let mut out = Vec::with_capacity(jobs.len());
-            for job in jobs {
+            for Submission { job, run_by } in jobs {
                 if let Some(key) = &job.idempotency_key {
                     let existing = tx
                         .prepare_cached(&format!(
@@ -435,8 +435,8 @@ impl JobStore for SqliteStore {
                 let mut recorded = tx
                     .prepare_cached(&format!(
                         "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
-                             traceparent, interactive)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                             traceparent, interactive, attempts, owner, lease_until, started_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                          RETURNING {GET_COLUMNS}"
                     ))?
                     .query_row(
@@ -448,10 +448,14 @@ impl JobStore for SqliteStore {
                             job.input.as_ref(),
                             job.client,
                             job.idempotency_key,
-                            QUEUED,
+                            if run_by.is_some() { RUNNING } else { QUEUED },
                             now,
                             job.traceparent,
-                            job.priority == Priority::Interactive
+                            job.priority == Priority::Interactive,
+                            u32::from(run_by.is_some()),
+                            run_by.as_ref().map(|claimant| claimant.owner.as_str()),
+                            run_by.as_ref().map(|claimant| now + millis(claimant.lease)),
+                            run_by.as_ref().map(|_| now),
                         ],
                         record,
                     )?;
@@ -733,14 +737,14 @@ mod tests {
         assert_ne!(old, SCHEMA);
         Connection::open(&path).unwrap().execute_batch(&old).unwrap();
         let store = SqliteStore::open(&path).unwrap();
-        store.submit(vec![conformance::job("a", None)]).await.unwrap();
+        store.submit(vec![conformance::job("a", None).into()]).await.unwrap();
         assert_eq!(store.get("a").await.unwrap().unwrap().job.traceparent, conformance::job("a", None).traceparent);
     }
 
     #[tokio::test]
     async fn jobs_survive_reopening() {
         let (dir, store) = store();
-        store.submit(vec![conformance::job("a", None)]).await.unwrap();
+        store.submit(vec![conformance::job("a", None).into()]).await.unwrap();
         drop(store);
         let reopened = SqliteStore::open(&dir.path().join("jobs.sqlite3")).unwrap();
         let claimed = reopened.claim("f", Duration::from_secs(60), 1).await.unwrap();

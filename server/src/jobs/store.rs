@@ -223,6 +223,32 @@ pub enum Submitted {
     Existing(JobRecord),
 }
 
+/// A job to record, and the front that runs it at once, if one is named.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// The job.
+    pub job: NewJob,
+    /// Recorded as claimed by this front, under this lease (its first
+    /// attempt), rather than queued: the front had room for it when it was
+    /// submitted there, and nothing was queued before it.
+    pub run_by: Option<Claimant>,
+}
+
+/// A front claiming jobs, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimant {
+    /// The front.
+    pub owner: String,
+    /// The claim's lease.
+    pub lease: Duration,
+}
+
+impl From<NewJob> for Submission {
+    fn from(job: NewJob) -> Self {
+        Self { job, run_by: None }
+    }
+}
+
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -237,10 +263,10 @@ pub enum StoreError {
 /// agree on when a lease lapsed.
 #[async_trait::async_trait]
 pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Records `jobs` in one transaction (group commit); for a job whose
-    /// idempotency key is taken by the same client, the job recorded under
-    /// it instead.
-    async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError>;
+    /// Records `jobs` in one transaction (group commit), queued, or claimed
+    /// as [`Submission::run_by`] says; for a job whose idempotency key is
+    /// taken by the same client, the job recorded under it instead.
+    async fn submit(&self, jobs: Vec<Submission>) -> Result<Vec<Submitted>, StoreError>;
 
     /// The job `id`, its input left out (only the runner that claims a job
     /// reads its input, which may be large).
