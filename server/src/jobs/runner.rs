@@ -21,8 +21,8 @@
 //! has room for until its runs are tiny again.
 //!
 //! While it has room and its last claim found nothing queued, it also takes
-//! jobs submitted to its own front as they are recorded (see
-//! [`super::Jobs::run_submitted`]): they skip the queue and the claim.
+//! jobs submitted to its own front as they are recorded (see `Direct` in
+//! the parent module): they skip the queue and the claim.
 
 use std::{
     collections::{HashMap, HashSet},
