@@ -50,7 +50,11 @@ const tasks = new Map();
  * `options.costParam` names the param whose value, a number, the task's time
  * grows in proportion to ("ms", "rows"): Offload costs each call from it when
  * deciding whether the call can start before its deadline; without it, by
- * the size of its input. `fn` returns (or resolves to) a Buffer.
+ * the size of its input. `options.cacheable: true` says its output is a pure
+ * function of its name, version, params and input (no clock, randomness or
+ * outside state): Offload may then answer a repeated call from its result
+ * cache. `options.version` (default 1) is bumped whenever its output for the
+ * same params and input changes. `fn` returns (or resolves to) a Buffer.
  */
 function task(name, options, fn) {
   if (typeof options === "function") {
@@ -64,7 +68,12 @@ function task(name, options, fn) {
   if (costParam && !params.some((p) => p.name === costParam)) {
     throw new TypeError(`costParam ${JSON.stringify(costParam)} of ${name} is not one of its params`);
   }
-  tasks.set(name, { name, description: (options && options.description) || "", params, costParam, fn });
+  const cacheable = Boolean(options && options.cacheable);
+  const version = options && options.version !== undefined ? options.version : 1;
+  if (!Number.isInteger(version) || version < 1 || version > 0xffffffff) {
+    throw new TypeError(`version of ${name}: give a whole number from 1; got ${JSON.stringify(version)}`);
+  }
+  tasks.set(name, { name, description: (options && options.description) || "", params, costParam, cacheable, version, fn });
 }
 
 // A param's declaration from [description, default]; [description] (or the
@@ -82,7 +91,14 @@ function paramDecl(taskName, pname, spec) {
 }
 
 function declaration(t) {
-  return { name: t.name, description: t.description, params: t.params, costParam: t.costParam };
+  return {
+    name: t.name,
+    description: t.description,
+    params: t.params,
+    costParam: t.costParam,
+    cacheable: t.cacheable,
+    version: t.version,
+  };
 }
 
 let protocol;

@@ -14,6 +14,8 @@ impl Task for Repeat {
     fn spec(&self) -> &TaskSpec {
         const SPEC: TaskSpec = TaskSpec {
             name: "my.repeat",
+            cacheable: true,
+            version: 1,
             description: "the input, `times` times",
             default_mode: Mode::Pool,
             allowed_modes: &[Mode::Pool, Mode::Isolated],

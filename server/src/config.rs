@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    num::{NonZeroU32, NonZeroUsize},
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -39,6 +39,10 @@ pub const DEFAULT_INLINE_THRESHOLD_US: u64 = 20;
 pub const DEFAULT_IN_PLACE_THRESHOLD_US: u64 = 5_000;
 /// Default number of items of one ExecuteBatch stream run at once.
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 64;
+/// Default --cache-max-bytes: 128 MiB.
+pub const DEFAULT_CACHE_MAX_BYTES: usize = 128 << 20;
+/// Default --cache-max-entry-bytes: 8 MiB.
+pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: usize = 8 << 20;
 /// Default time in-flight calls get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 30.0;
 /// Default memory limit of a worker (RLIMIT_AS; an RSS watch for programs).
@@ -193,6 +197,19 @@ pub struct Args {
     /// [default: --max-message-bytes]
     #[arg(long, env = "OFFLOAD_MAX_JOB_OUTPUT_BYTES", value_name = "BYTES")]
     pub max_job_output_bytes: Option<NonZeroUsize>,
+
+    /// Bytes of results the in-memory result cache holds at most, the least
+    /// recently used evicted first; 0 turns the cache off. [default: 134217728]
+    #[arg(long, env = "OFFLOAD_CACHE_MAX_BYTES", value_name = "BYTES")]
+    pub cache_max_bytes: Option<usize>,
+
+    /// Results larger than this are never cached. [default: 8388608]
+    #[arg(long, env = "OFFLOAD_CACHE_MAX_ENTRY_BYTES", value_name = "BYTES")]
+    pub cache_max_entry_bytes: Option<usize>,
+
+    /// Seconds a cached result is kept. [default: 86400]
+    #[arg(long, env = "OFFLOAD_CACHE_TTL_SECS", value_name = "SECS")]
+    pub cache_ttl_secs: Option<NonZeroU64>,
 
     /// Name reported in TaskStats.replica. [default: the host name]
     #[arg(long, env = "OFFLOAD_REPLICA_NAME", value_name = "NAME")]
@@ -365,6 +382,9 @@ impl Args {
             job_max_attempts: self.job_max_attempts.or(file.job_max_attempts),
             job_retention_secs: self.job_retention_secs.or(file.job_retention_secs),
             max_job_output_bytes: self.max_job_output_bytes.or(file.max_job_output_bytes),
+            cache_max_bytes: self.cache_max_bytes.or(file.cache_max_bytes),
+            cache_max_entry_bytes: self.cache_max_entry_bytes.or(file.cache_max_entry_bytes),
+            cache_ttl_secs: self.cache_ttl_secs.or(file.cache_ttl_secs),
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
@@ -465,6 +485,17 @@ pub enum ConfigError {
     },
 }
 
+/// The result cache's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// Bytes of results held at most.
+    pub max_bytes: usize,
+    /// Larger results are never stored.
+    pub max_entry_bytes: usize,
+    /// How long a result is kept.
+    pub ttl: Duration,
+}
+
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -503,6 +534,8 @@ pub struct Config {
     pub job_store: Option<String>,
     /// How jobs are run.
     pub jobs: crate::jobs::JobOptions,
+    /// The result cache; None when it is off.
+    pub cache: Option<CacheSettings>,
     /// Name reported in TaskStats.replica.
     pub replica_name: String,
     /// Log format.
@@ -694,6 +727,14 @@ impl Config {
                 max_attempts: a.job_max_attempts.map_or(3, NonZeroU32::get),
                 retention: Duration::from_secs(a.job_retention_secs.unwrap_or(86_400)),
                 max_output_bytes: a.max_job_output_bytes.map_or(max_message_bytes, NonZeroUsize::get),
+            },
+            cache: match a.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES) {
+                0 => None,
+                max_bytes => Some(CacheSettings {
+                    max_bytes,
+                    max_entry_bytes: a.cache_max_entry_bytes.unwrap_or(DEFAULT_CACHE_MAX_ENTRY_BYTES),
+                    ttl: Duration::from_secs(a.cache_ttl_secs.map_or(86_400, NonZeroU64::get)),
+                }),
             },
             replica_name: replica_name.clone(),
             log_format: a.log_format.unwrap_or(LogFormat::Auto),

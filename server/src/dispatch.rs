@@ -105,6 +105,8 @@ pub struct DispatchOptions {
     pub in_place_threshold: Duration,
     /// Largest output a response may carry.
     pub max_output_bytes: usize,
+    /// Results of cacheable tasks; None when the cache is off.
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// Routes calls to executors.
@@ -152,6 +154,11 @@ impl Dispatcher {
             metrics: Metrics::default(),
             budget,
         })
+    }
+
+    /// The result cache, if it is on.
+    pub fn cache(&self) -> Option<&Arc<crate::cache::Cache>> {
+        self.options.cache.as_ref()
     }
 
     /// The in-flight bytes budget.
@@ -265,6 +272,18 @@ impl Dispatcher {
     /// without reserving anything: what a job's Submit checks.
     pub fn check(&self, call: &Call) -> Result<(), CallError> {
         self.checked(call, &mut ("unknown", "unknown")).map(drop)
+    }
+
+    /// `call`'s result-cache key, with its task's name and the mode it would
+    /// run in: only for a cacheable task, and only if the call passes every
+    /// check admission makes (permission, task, mode, params), so that no
+    /// hit answers a call that would be refused. A refused call gets none,
+    /// and admission refuses it as usual.
+    pub fn cache_key(&self, call: &Call) -> Option<(crate::cache::Key, &'static str, Mode)> {
+        self.cache()?;
+        let Checked { task, mode, .. } = self.checked(call, &mut ("unknown", "unknown")).ok()?;
+        let spec = task.spec();
+        spec.cacheable.then(|| (crate::cache::Key::of(spec, &call.params, &call.input), spec.name, mode))
     }
 
     /// `call`'s task, worker program, mode and prepared job, once every

@@ -13,6 +13,7 @@
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
 //! - [`auth`]: bearer tokens and client certificates of declared clients.
 //! - [`clients`]: who a call is from, its priority, declared clients' limits and permissions.
+//! - [`cache`]: the result cache: identical calls answered once (stored, coalesced).
 //! - [`dispatch`]: request checks, executor choice, deadline and cancellation.
 //! - [`inflight`]: the budget of request and response bytes held at once.
 //! - [`admission`] and [`cost`]: bounded queues and deadline-aware admission.
@@ -28,6 +29,7 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod cache;
 pub mod check;
 pub mod clients;
 pub mod cluster;

@@ -53,6 +53,17 @@ struct StateLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    task: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -116,6 +127,10 @@ pub struct Metrics {
     oldest_queued_job: Gauge<f64, AtomicU64>,
     job_runs: Family<OutcomeLabels, Counter>,
     job_lease_expiries: Counter,
+    cache_lookups: Family<CacheLabels, Counter>,
+    cache_evictions: Family<TaskLabels, Counter>,
+    cache_bytes: Gauge,
+    cache_waiting: Gauge,
     inflight_bytes: Gauge,
     inflight_budget: Gauge,
     /// Totals by task and mode, for the admin API's live view.
@@ -270,8 +285,37 @@ impl Default for Metrics {
             "Running jobs this front found with a lapsed lease (their front was lost) and queued again",
             job_lease_expiries.clone(),
         );
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Calls of cacheable tasks by how the result cache answered: hit (a stored result), coalesced (the \
+             result of an identical call that ran meanwhile), miss (the call ran)",
+            cache_lookups.clone(),
+        );
+        let cache_evictions = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "cache_evictions",
+            "Results evicted from the result cache to make room, by task",
+            cache_evictions.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes of results the in-memory result cache holds (bounded by --cache-max-bytes)",
+            cache_bytes.clone(),
+        );
+        let cache_waiting = Gauge::default();
+        registry.register(
+            "cache_waiting",
+            "Calls waiting now for the result of an identical call under way (coalesced)",
+            cache_waiting.clone(),
+        );
         Self {
             registry,
+            cache_lookups,
+            cache_evictions,
+            cache_bytes,
+            cache_waiting,
             jobs,
             oldest_queued_job,
             job_runs,
@@ -355,6 +399,18 @@ impl Metrics {
         }
     }
 
+    /// Counts a call of cacheable `task` by how the cache answered it.
+    pub fn cache_lookup(&self, task: &'static str, result: &'static str) {
+        self.cache_lookups.get_or_create(&CacheLabels { task, result }).inc();
+    }
+
+    /// Counts the results evicted from the cache, by task.
+    pub fn cache_evicted(&self, evicted: &[(&'static str, usize)]) {
+        for (task, _) in evicted {
+            self.cache_evictions.get_or_create(&TaskLabels { task }).inc();
+        }
+    }
+
     /// Counts a job run this front ended, by `outcome`.
     pub fn job_run(&self, outcome: &'static str) {
         self.job_runs.get_or_create(&OutcomeLabels { outcome }).inc();
@@ -398,6 +454,12 @@ impl Metrics {
         for client in dispatcher.clients().declared() {
             let labels = ClientLabels { client: client.name().to_string() };
             self.client_in_flight.get_or_create(&labels).set(client.in_flight() as i64);
+        }
+        if let Some(cache) = dispatcher.cache() {
+            self.cache_waiting.set(cache.waiting() as i64);
+            if let Some(bytes) = cache.bytes_held() {
+                self.cache_bytes.set(bytes as i64);
+            }
         }
         let budget = dispatcher.budget();
         self.inflight_bytes.set(budget.used() as i64);

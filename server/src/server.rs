@@ -124,6 +124,10 @@ pub async fn serve(
             inline_threshold: config.inline_threshold,
             in_place_threshold: config.in_place_threshold,
             max_output_bytes: config.max_message_bytes,
+            cache: config.cache.as_ref().map(|settings| {
+                let store = crate::cache::memory::MemoryStore::new(settings.max_bytes, settings.ttl);
+                crate::cache::Cache::new(Arc::new(store), settings.max_entry_bytes)
+            }),
         },
     );
     let metrics_stop = CancellationToken::new();

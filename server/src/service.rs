@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 
 use crate::{
     auth::Authenticated,
+    cache::{self, Directives, Lookup},
     clients::{self, Client},
     deadline,
     dispatch::{Call, Dispatcher, Outcome, ProgressState},
@@ -57,9 +58,59 @@ impl ComputeService {
         Self { dispatcher, replica: replica.into(), batch_concurrency, max_message_bytes, in_flight }
     }
 
+    /// Answers `call` from the result cache when `cacheable` (its key, from
+    /// [`Dispatcher::cache_key`]) and an identical call's result is stored
+    /// or under way (then true), else runs it with `run` and stores its
+    /// result.
+    async fn run_cached<F>(
+        &self,
+        call: Call,
+        cacheable: Option<(cache::Key, &'static str, Mode)>,
+        directives: Directives,
+        run: impl FnOnce(Call) -> F,
+    ) -> Result<(Outcome, bool), CallError>
+    where
+        F: Future<Output = Result<Outcome, CallError>>,
+    {
+        let Some((cache, (key, task, mode))) = self.dispatcher.cache().zip(cacheable) else {
+            return Ok((run(call).await?, false));
+        };
+        let metrics = self.dispatcher.metrics();
+        // Waiting for an identical call is bounded by this call's deadline.
+        let lookup = cache.lookup(key, task, directives);
+        let lookup = match call.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), lookup).await.map_err(|_| {
+                metrics.call(task, mode.as_str(), tonic::Code::DeadlineExceeded, None);
+                CallError::DeadlineExceeded { task, stage: "waiting for an identical call" }
+            })?,
+            None => lookup.await,
+        };
+        match lookup {
+            Lookup::Hit(output, kind) => Ok((self.hit(output, task, mode, kind), true)),
+            Lookup::Miss(leader) => {
+                metrics.cache_lookup(task, "miss");
+                let outcome = run(call).await?;
+                metrics.cache_evicted(&leader.finish(&outcome.output).await.evicted);
+                Ok((outcome, false))
+            }
+        }
+    }
+
+    /// A call of `task` in `mode` answered from the cache (`kind`): no
+    /// queue, no run, no worker. Counted as a call that succeeded, and as a
+    /// cache answer of its kind, with a span saying so.
+    fn hit(&self, output: bytes::Bytes, task: &'static str, mode: Mode, kind: cache::HitKind) -> Outcome {
+        drop(telemetry::cache_span(task, kind.label()));
+        let metrics = self.dispatcher.metrics();
+        metrics.cache_lookup(task, kind.label());
+        metrics.call(task, mode.as_str(), tonic::Code::Ok, None);
+        let zero = std::time::Duration::ZERO;
+        Outcome { output, mode, queued: zero, run: zero, worker_pid: 0 }
+    }
+
     /// The response carrying `outcome`; its output counts against the
     /// in-flight budget until it is written to the connection.
-    fn response(&self, id: String, outcome: Outcome, usage: &Usage) -> ExecuteResponse {
+    fn response(&self, id: String, outcome: Outcome, cached: bool, usage: &Usage) -> ExecuteResponse {
         usage.charge_output(outcome.output.len());
         ExecuteResponse {
             id,
@@ -70,6 +121,7 @@ impl ComputeService {
                 run_us: Some(outcome.run.as_micros() as u64),
                 worker_pid: outcome.worker_pid,
                 replica: self.replica.to_string(),
+                cached,
             }),
             error: None,
         }
@@ -121,6 +173,20 @@ impl Origin {
     }
 }
 
+/// The call's `offload-cache` directives; a malformed one refuses it
+/// (counted like any refused call).
+fn cache_directives<T>(dispatcher: &Dispatcher, request: &Request<T>) -> Result<Directives, Status> {
+    Directives::of(request.metadata()).map_err(|err| {
+        dispatcher.metrics().refused("unknown", "unknown", err.code(), err.rejection());
+        Status::from(err)
+    })
+}
+
+/// The response's `offload-cache` header.
+fn cache_header(hit: bool) -> tonic::metadata::AsciiMetadataValue {
+    tonic::metadata::AsciiMetadataValue::from_static(if hit { "hit" } else { "miss" })
+}
+
 fn wire_mode(mode: Mode) -> ExecutionMode {
     match mode {
         Mode::Pool => ExecutionMode::Pool,
@@ -144,13 +210,18 @@ impl Compute for ComputeService {
         let _in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("Execute", request.metadata());
         let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive, &span)?;
+        let directives = cache_directives(&self.dispatcher, &request)?;
         let usage = Usage::of(&request);
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
         let result = async {
-            let outcome = self.dispatcher.admit(call).await?.run_unary().await?;
+            let run = |call| async { self.dispatcher.admit(call).await?.run_unary().await };
+            let cacheable = self.dispatcher.cache_key(&call);
+            let (outcome, hit) = self.run_cached(call, cacheable, directives, run).await?;
             drop(input);
-            Ok(Response::new(self.response(id, outcome, &usage)))
+            let mut response = Response::new(self.response(id, outcome, hit, &usage));
+            response.metadata_mut().insert(cache::HEADER, cache_header(hit));
+            Ok(response)
         }
         .instrument(span.clone())
         .await;
@@ -167,9 +238,31 @@ impl Compute for ComputeService {
         let in_flight = self.in_flight.token();
         let span = telemetry::rpc_span("ExecuteStream", request.metadata());
         let origin = Origin::of(&self.dispatcher, &request, Priority::Interactive, &span)?;
+        let directives = cache_directives(&self.dispatcher, &request)?;
         let usage = Usage::of(&request);
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
+        // A stored result is the stream's one event; a miss runs and stores.
+        let leader = match self.dispatcher.cache().zip(self.dispatcher.cache_key(&call)) {
+            Some((cache, (key, task, mode))) => match cache.lookup_stored(key, task, directives).await {
+                Lookup::Hit(output, kind) => {
+                    let outcome = span.in_scope(|| self.hit(output, task, mode, kind));
+                    let response = self.response(id, outcome, true, &usage);
+                    let result = ExecuteEvent { event: Some(Event::Result(response)) };
+                    drop(input);
+                    telemetry::record_status(&span, None);
+                    let mut response =
+                        Response::new(Box::pin(futures::stream::iter([Ok(result)])) as Self::ExecuteStreamStream);
+                    response.metadata_mut().insert(cache::HEADER, cache_header(true));
+                    return Ok(response);
+                }
+                Lookup::Miss(leader) => {
+                    self.dispatcher.metrics().cache_lookup(task, "miss");
+                    Some(leader)
+                }
+            },
+            None => None,
+        };
         let admitted = match self.dispatcher.admit(call).instrument(span.clone()).await {
             Ok(admitted) => admitted,
             Err(err) => {
@@ -202,7 +295,11 @@ impl Compute for ComputeService {
                         }
                         let last = match result {
                             Ok(outcome) => {
-                                Ok(ExecuteEvent { event: Some(Event::Result(service.response(id, outcome, &usage))) })
+                                if let Some(leader) = leader {
+                                    let evicted = leader.finish(&outcome.output).await.evicted;
+                                    service.dispatcher.metrics().cache_evicted(&evicted);
+                                }
+                                Ok(ExecuteEvent { event: Some(Event::Result(service.response(id, outcome, false, &usage))) })
                             }
                             Err(err) => Err(Status::from(err)),
                         };
@@ -228,7 +325,9 @@ impl Compute for ComputeService {
                 }
             }
         }.instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(events_rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(events_rx)) as Self::ExecuteStreamStream);
+        response.metadata_mut().insert(cache::HEADER, cache_header(false));
+        Ok(response)
     }
 
     type ExecuteBatchStream = ResultStream<ExecuteResponse>;
@@ -242,6 +341,7 @@ impl Compute for ComputeService {
         let stream_span = span.clone();
         // A batch's items are throughput work unless the caller says otherwise.
         let origin = Origin::of(&self.dispatcher, &request, Priority::Batch, &span)?;
+        let directives = cache_directives(&self.dispatcher, &request)?;
         let usage = Usage::of(&request);
         let mut requests = request.into_inner();
         let (results, results_rx) = mpsc::channel(self.batch_concurrency);
@@ -249,7 +349,7 @@ impl Compute for ComputeService {
         tokio::spawn(
             async move {
                 let _in_flight = in_flight;
-                let mut running = FuturesUnordered::new();
+                let mut running = FuturesUnordered::<BatchItem>::new();
                 let mut input_open = true;
                 while input_open || !running.is_empty() {
                     let reply = tokio::select! {
@@ -259,13 +359,24 @@ impl Compute for ComputeService {
                                     // Held while the item's input is in use.
                                     let input = usage.claim_input();
                                     let (id, call) = origin.call(request);
+                                    if let Some(cacheable) = service.dispatcher.cache_key(&call) {
+                                        // Admitted once the cache has no answer for it.
+                                        let service = service.clone();
+                                        running.push(Box::pin(async move {
+                                            let run = |call| async { service.dispatcher.admit(call).await?.run(None).await };
+                                            let result = service.run_cached(call, Some(cacheable), directives, run).await;
+                                            drop(input);
+                                            (id, result)
+                                        }) as BatchItem);
+                                        continue;
+                                    }
                                     match service.dispatcher.admit(call).await {
                                         Ok(admitted) => {
-                                            running.push(async move {
-                                                let result = admitted.run(None).await;
+                                            running.push(Box::pin(async move {
+                                                let result = admitted.run(None).await.map(|outcome| (outcome, false));
                                                 drop(input);
                                                 (id, result)
-                                            });
+                                            }));
                                             continue;
                                         }
                                         Err(err) => failed_item(id, err),
@@ -285,7 +396,7 @@ impl Compute for ComputeService {
                             }
                         }
                         Some((id, result)) = running.next(), if !running.is_empty() => match result {
-                            Ok(outcome) => service.response(id, outcome, &usage),
+                            Ok((outcome, cached)) => service.response(id, outcome, cached, &usage),
                             Err(err) => failed_item(id, err),
                         },
                         // The client went away: dropping `running` cancels its tasks.
@@ -317,6 +428,8 @@ impl Compute for ComputeService {
                     description: spec.description.to_string(),
                     default_mode: wire_mode(spec.default_mode) as i32,
                     allowed_modes: spec.allowed_modes.iter().map(|m| wire_mode(*m) as i32).collect(),
+                    cacheable: spec.cacheable,
+                    version: spec.version,
                     params: spec
                         .params
                         .iter()
@@ -335,6 +448,10 @@ impl Compute for ComputeService {
 }
 
 /// A batch item that failed: its status travels in `error`.
+/// A batch item under way: its id and its outcome, and whether the cache
+/// answered it.
+type BatchItem = std::pin::Pin<Box<dyn Future<Output = (String, Result<(Outcome, bool), CallError>)> + Send>>;
+
 fn failed_item(id: String, err: CallError) -> ExecuteResponse {
     ExecuteResponse { id, error: Some(err.into()), ..Default::default() }
 }

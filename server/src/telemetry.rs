@@ -398,6 +398,16 @@ pub fn queue_span(mode: &'static str) -> tracing::Span {
     tracing::info_span!("queue", otel.name = "queue", offload.mode = mode)
 }
 
+/// The span of a call answered from the result cache: `result` is `hit`
+/// (a stored result) or `coalesced` (an identical call's). Entered and
+/// dropped at once: the answer takes no time worth showing, only its kind.
+pub fn cache_span(task: &'static str, result: &'static str) -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!("cache", otel.name = "cache", task.name = task, offload.cache = result)
+}
+
 /// Exports the span a worker reported for a task, as a child of the task's
 /// `execution` span, under the service of Offload's workers or, for a
 /// worker of `program`, that program's.

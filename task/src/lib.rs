@@ -33,6 +33,8 @@
 //!
 //! const SPEC: TaskSpec = TaskSpec {
 //!     name: "text.count",
+//!     cacheable: true,
+//!     version: 1,
 //!     description: "counts the occurrences of `byte` in the input; output: ASCII decimal",
 //!     default_mode: Mode::Pool,
 //!     allowed_modes: &[Mode::Pool, Mode::Isolated],

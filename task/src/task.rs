@@ -64,6 +64,14 @@ pub struct TaskSpec {
     pub allowed_modes: &'static [Mode],
     /// Accepted parameters; any other key is refused.
     pub params: &'static [ParamSpec],
+    /// Whether its output is a pure function of its name, version, params
+    /// and input (nothing else: no clock, no randomness, no outside state),
+    /// so that the front may answer a repeated call from its result cache
+    /// instead of running it again.
+    pub cacheable: bool,
+    /// Bumped whenever the task's output for the same params and input
+    /// changes, so that no cached result of an earlier version is returned.
+    pub version: u32,
 }
 
 /// A kind of work the service offers.

@@ -49,8 +49,9 @@ async fn the_admin_service_reports_workers_and_tasks_recycles_one_and_resizes_th
     };
     for i in 0..5u8 {
         client.execute(request("hash.sha256", &[], vec![i])).await.expect("POOL call");
-        let out = client.execute(isolated(&[i])).await.expect("ISOLATED call").into_inner();
-        assert_eq!(out.output, sha2::Sha256::digest([i]).to_vec());
+        // Another input: the same one would be a cache hit, run nowhere.
+        let out = client.execute(isolated(&[i, i])).await.expect("ISOLATED call").into_inner();
+        assert_eq!(out.output, sha2::Sha256::digest([i, i]).to_vec());
     }
     let mut admin = AdminClient::new(server.channel().await);
     let pids = settled(&server, &mut admin, 2).await;

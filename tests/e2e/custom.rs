@@ -33,7 +33,10 @@ async fn words(
     params: &[(&str, &str)],
     text: &str,
 ) -> String {
-    let response = client.execute(in_mode(mode, "example.wordcount", params, text.to_string())).await;
+    // Run every time (wordcount is cacheable): the mode's executor answers.
+    let mut call = tonic::Request::new(in_mode(mode, "example.wordcount", params, text.to_string()));
+    call.metadata_mut().insert("offload-cache", "no-cache".parse().unwrap());
+    let response = client.execute(call).await;
     let response = response.unwrap_or_else(|err| panic!("{mode:?} {params:?}: {err:?}")).into_inner();
     assert_eq!(response.mode, mode as i32);
     let pid = response.stats.expect("stats").worker_pid;

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod batch;
+mod cache;
 mod cli;
 mod cluster;
 mod config;

@@ -27,6 +27,7 @@ async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
     server.wait_for_workers(2, Duration::from_secs(10)).await;
     let mut client = server.wire_client();
 
+    // Identical calls of a cacheable task: the first runs, two are hits.
     for _ in 0..3 {
         client.execute(request("hash.sha256", &[], &b"abc"[..])).await.unwrap();
     }
@@ -66,7 +67,11 @@ async fn counters_and_histograms_add_up_after_a_known_mix_of_calls() {
         .sum();
     assert_eq!(total, 11.0, "every call counted once:\n{m}");
 
-    assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="hash.sha256",mode="POOL"}"#), 3.0);
+    // Every call is counted; only the one that ran is timed.
+    assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="hash.sha256",mode="POOL"}"#), 1.0);
+    assert_eq!(value(&m, r#"offload_cache_lookups_total{task="hash.sha256",result="miss"}"#), 1.0);
+    assert_eq!(value(&m, r#"offload_cache_lookups_total{task="hash.sha256",result="hit"}"#), 2.0);
+    assert!(value(&m, "offload_cache_bytes") > 32.0, "a 32-byte digest and its bookkeeping");
     assert_eq!(value(&m, r#"offload_task_duration_seconds_count{task="debug.echo",mode="ISOLATED"}"#), 2.0);
     // Each call that ran observes its queue wait (0 for tiny tasks run inline).
     assert_eq!(value(&m, r#"offload_queue_wait_seconds_count{mode="ISOLATED"}"#), 2.0);

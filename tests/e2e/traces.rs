@@ -248,7 +248,11 @@ async fn batch_items_get_their_own_spans_and_logs_carry_the_trace_id() {
     let (server, received) = traced_server().await;
     let mut client = server.client().await;
     let items: Vec<ExecuteRequest> = (0..3)
-        .map(|i| ExecuteRequest { id: format!("item-{i}"), ..request("primes.count", &[("limit", "50000")], vec![]) })
+        .map(|i| {
+            // Distinct items: identical ones would be answered by one run.
+            let limit = (50_000 + i).to_string();
+            ExecuteRequest { id: format!("item-{i}"), ..request("primes.count", &[("limit", &limit)], vec![]) }
+        })
         .collect();
     let mut batch = tonic::Request::new(tokio_stream::iter(items));
     batch.metadata_mut().insert("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902c1-01").parse().unwrap());
@@ -351,4 +355,31 @@ async fn a_jobs_run_continues_the_submitters_trace() {
     let (submit, trace) = chain().unwrap();
     assert_eq!(submit.name, "offload.v1.Jobs/Submit");
     assert_eq!(hex::encode(trace), TRACE_ID);
+}
+
+#[tokio::test]
+async fn a_call_answered_from_the_cache_has_a_span_saying_so_and_none_of_a_run() {
+    let (server, received) = traced_server().await;
+    let mut client = server.client().await;
+    let body = || request("hash.sha256", &[], &b"cached in a trace"[..]);
+    client.execute(traced(body(), "00f067aa0ba902d1")).await.unwrap();
+    let hit = client.execute(traced(body(), "00f067aa0ba902d2")).await.unwrap();
+    assert_eq!(hit.metadata().get("offload-cache").unwrap(), "hit");
+    let rpc_of = |caller: &str| {
+        received.spans().into_iter().map(|(_, s)| s).find(|s| {
+            hex::encode(&s.trace_id) == TRACE_ID
+                && hex::encode(&s.parent_span_id) == caller
+                && s.name == "offload.v1.Compute/Execute"
+        })
+    };
+    let children_of = |rpc: &Span| -> Vec<Span> {
+        received.spans().into_iter().map(|(_, s)| s).filter(|s| s.parent_span_id == rpc.span_id).collect()
+    };
+    let arrived = || rpc_of("00f067aa0ba902d2").is_some_and(|rpc| !children_of(&rpc).is_empty());
+    assert!(wait_for(Duration::from_secs(10), arrived).await, "{:#?}", received.spans());
+    let children = children_of(&rpc_of("00f067aa0ba902d2").unwrap());
+    let names: Vec<&str> = children.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["cache"], "a hit neither queues nor runs");
+    assert_eq!(text(&children[0], "offload.cache"), "hit");
+    assert_eq!(text(&children[0], "task.name"), "hash.sha256");
 }

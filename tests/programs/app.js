@@ -87,6 +87,23 @@ task("js.spin", {
   return Buffer.from(String(rounds));
 });
 
+let runs = 0;
+task("js.counted", {
+  description: "waits `ms` ms (stopping if cancelled); output: how many runs of it this process started",
+  params: { ms: ["how long", "200"] },
+  cacheable: true,
+  version: 2,
+}, async (ctx, data, params) => {
+  runs += 1;
+  const mine = runs;
+  const end = Date.now() + Number(params.ms);
+  while (Date.now() < end) {
+    if (ctx.cancelled) return Buffer.from("stopped");
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  return Buffer.from(String(mine));
+});
+
 task("js.alloc", { description: "holds `mb` MB for a moment; output: the size", params: { mb: ["megabytes", null] } },
   async (ctx, data, params) => {
     const block = Buffer.alloc(Number(params.mb) << 20, 1);

@@ -109,6 +109,28 @@ def spin(ctx, data, params):
     return str(rounds).encode()
 
 
+_RUNS = 0
+
+
+@task(
+    "py.counted",
+    description="waits `ms` ms (stopping if cancelled); output: how many runs of it this process started",
+    params={"ms": ("how long", "200")},
+    cacheable=True,
+    version=2,
+)
+def counted(ctx, data, params):
+    global _RUNS
+    _RUNS += 1
+    runs = _RUNS
+    end = time.monotonic() + int(params["ms"]) / 1000
+    while time.monotonic() < end:
+        if ctx.cancelled:
+            return b"stopped"
+        time.sleep(0.005)
+    return str(runs).encode()
+
+
 @task("py.alloc", description="holds `mb` MB for a moment; output: the size", params={"mb": ("megabytes", None)})
 def alloc(ctx, data, params):
     block = b"\x01" * (int(params["mb"]) << 20)

@@ -55,7 +55,7 @@ pub enum LookupError {
 /// # impl Task for WordCount {
 /// #     fn spec(&self) -> &TaskSpec {
 /// #         &TaskSpec { name: "example.wordcount", description: "", default_mode: Mode::Pool,
-/// #             allowed_modes: &[Mode::Pool], params: &[] }
+/// #             allowed_modes: &[Mode::Pool], params: &[], cacheable: false, version: 1 }
 /// #     }
 /// #     fn prepare(&self, _: &Params<'_>) -> Result<Box<dyn Job>, TaskError> { unimplemented!() }
 /// # }
@@ -260,6 +260,8 @@ mod tests {
             default_mode: Mode::Pool,
             allowed_modes: &[Mode::Pool, Mode::Isolated],
             params: &[],
+            cacheable: false,
+            version: 1,
         }
     }
 
@@ -317,6 +319,8 @@ mod tests {
             params: Vec::new(),
             max_output_bytes: None,
             sandbox: Default::default(),
+            cacheable: false,
+            version: 1,
         }];
         let all = Catalog::builtin(&CatalogOptions { debug_tasks: true, exec, ..Default::default() });
         for task in all.iter() {

@@ -476,6 +476,8 @@ impl ProgramTask {
         Self {
             spec: TaskSpec {
                 name: forever(&decl.name),
+                cacheable: decl.cacheable,
+                version: decl.version.max(1),
                 description: forever(&decl.description),
                 default_mode: Mode::Isolated,
                 allowed_modes: ISOLATED_ONLY,
@@ -550,6 +552,8 @@ mod tests {
                 })
                 .collect(),
             cost_param: String::new(),
+            cacheable: false,
+            version: 0,
         }
     }
 

@@ -23,6 +23,8 @@ struct CompressTask;
 
 const COMPRESS: TaskSpec = TaskSpec {
     name: "compress.zstd",
+    cacheable: true,
+    version: 1,
     description: "compresses the input into one zstd frame (with its content size), as `zstd -LEVEL` would",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,
@@ -69,6 +71,8 @@ struct DecompressTask {
 // Decompression of untrusted data: a worker process by default.
 const DECOMPRESS: TaskSpec = TaskSpec {
     name: "decompress.zstd",
+    cacheable: true,
+    version: 1,
     description: "decompresses one or more zstd frames; output larger than the server's cap fails with RESOURCE_EXHAUSTED",
     default_mode: Mode::Isolated,
     allowed_modes: BOTH_MODES,

@@ -53,6 +53,8 @@ const MS: ParamSpec = ParamSpec::required("ms", "milliseconds, 0..=3600000");
 const SPECS: [TaskSpec; 7] = [
     TaskSpec {
         name: "debug.echo",
+        cacheable: false,
+        version: 1,
         description: "returns its input unchanged",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
@@ -60,6 +62,8 @@ const SPECS: [TaskSpec; 7] = [
     },
     TaskSpec {
         name: "debug.sleep",
+        cacheable: false,
+        version: 1,
         description: "holds its executor slot for ms milliseconds without using CPU; wakes at once on cancellation",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
@@ -67,6 +71,8 @@ const SPECS: [TaskSpec; 7] = [
     },
     TaskSpec {
         name: "debug.spin",
+        cacheable: false,
+        version: 1,
         description: "keeps one core busy for ms milliseconds, reporting progress; stops within 10 ms of cancellation",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
@@ -74,6 +80,8 @@ const SPECS: [TaskSpec; 7] = [
     },
     TaskSpec {
         name: "debug.panic",
+        cacheable: false,
+        version: 1,
         description: "panics; the call fails with INTERNAL (in ISOLATED its worker then exits and is replaced)",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
@@ -81,6 +89,8 @@ const SPECS: [TaskSpec; 7] = [
     },
     TaskSpec {
         name: "debug.alloc",
+        cacheable: false,
+        version: 1,
         description: "allocates and touches `bytes` bytes; output is the count in ASCII decimal",
         default_mode: Mode::Pool,
         allowed_modes: BOTH_MODES,
@@ -88,6 +98,8 @@ const SPECS: [TaskSpec; 7] = [
     },
     TaskSpec {
         name: "debug.abort",
+        cacheable: false,
+        version: 1,
         description: "kills its worker process (abort or segmentation fault); ISOLATED only",
         default_mode: Mode::Isolated,
         allowed_modes: &[Mode::Isolated],
@@ -95,6 +107,8 @@ const SPECS: [TaskSpec; 7] = [
     },
     TaskSpec {
         name: "debug.probe",
+        cacheable: false,
+        version: 1,
         description: "tries something a sandboxed worker may not do; output `allowed` or `denied: <error>`",
         default_mode: Mode::Isolated,
         allowed_modes: BOTH_MODES,

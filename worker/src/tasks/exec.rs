@@ -50,6 +50,17 @@ pub struct ExecSpec {
     /// it may always run): paths to read, write or run, the network.
     #[serde(default)]
     pub sandbox: crate::Allowances,
+    /// Whether the program's output is a pure function of its params and
+    /// input, so that results may be cached (see `TaskSpec::cacheable`).
+    #[serde(default)]
+    pub cacheable: bool,
+    /// Bumped when the program's output changes (see `TaskSpec::version`).
+    #[serde(default = "first_version")]
+    pub version: u32,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 /// A client-settable param of an exec task.
@@ -133,6 +144,8 @@ pub fn register(out: &mut Vec<Arc<dyn Task>>, specs: &[ExecSpec]) {
         out.push(Arc::new(ExecTask {
             spec: TaskSpec {
                 name: leak(&spec.name),
+                cacheable: spec.cacheable,
+                version: spec.version,
                 description: leak(&description),
                 default_mode: Mode::Isolated,
                 allowed_modes: &[Mode::Isolated],
@@ -296,6 +309,8 @@ mod tests {
             params: Vec::new(),
             max_output_bytes: None,
             sandbox: Default::default(),
+            cacheable: false,
+            version: 1,
         }
     }
 

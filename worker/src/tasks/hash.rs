@@ -17,6 +17,8 @@ pub fn register(out: &mut Vec<Arc<dyn Task>>) {
 
 const SHA256: TaskSpec = TaskSpec {
     name: "hash.sha256",
+    cacheable: true,
+    version: 1,
     description: "SHA-256 of the input; output is the raw 32-byte digest",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,
@@ -25,6 +27,8 @@ const SHA256: TaskSpec = TaskSpec {
 
 const BLAKE3: TaskSpec = TaskSpec {
     name: "hash.blake3",
+    cacheable: true,
+    version: 1,
     description: "BLAKE3 of the input; output is the raw 32-byte digest",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,

@@ -34,6 +34,8 @@ struct ThumbnailTask;
 // Image decoders parse untrusted input: a worker process by default.
 const SPEC: TaskSpec = TaskSpec {
     name: "image.thumbnail",
+    cacheable: true,
+    version: 1,
     description: "scales a PNG/JPEG/WebP/GIF image to fit a width x height box (aspect kept, never enlarged); output is the encoded image",
     default_mode: Mode::Isolated,
     allowed_modes: BOTH_MODES,

@@ -32,6 +32,8 @@ struct PrimesTask;
 
 const SPEC: TaskSpec = TaskSpec {
     name: "primes.count",
+    cacheable: true,
+    version: 1,
     description: "counts the primes <= limit (segmented sieve, parallel); input ignored; output is the count in ASCII decimal",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,

@@ -25,6 +25,8 @@ pub struct WordCount;
 
 const WORDCOUNT: TaskSpec = TaskSpec {
     name: "example.wordcount",
+    cacheable: true,
+    version: 1,
     description: "counts the whitespace-separated words of the UTF-8 input; output: the count in ASCII decimal",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,
@@ -102,6 +104,8 @@ pub struct Panic;
 
 const PANIC: TaskSpec = TaskSpec {
     name: "example.panic",
+    cacheable: false,
+    version: 1,
     description: "panics; the call fails with INTERNAL",
     default_mode: Mode::Pool,
     allowed_modes: BOTH_MODES,
@@ -131,6 +135,8 @@ pub struct Spin;
 
 const SPIN: TaskSpec = TaskSpec {
     name: "example.spin",
+    cacheable: false,
+    version: 1,
     description: "keeps one core busy for ms milliseconds, checking for cancellation every millisecond; \
                   output: the rounds done, in ASCII decimal",
     default_mode: Mode::Pool,

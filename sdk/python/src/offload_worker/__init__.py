@@ -65,11 +65,13 @@ _FRAME_ROOM = 4096
 
 
 class _Task:
-    def __init__(self, name, description, params, cost_param, func):
+    def __init__(self, name, description, params, cost_param, cacheable, version, func):
         self.name = name
         self.description = description
         self.params = params
         self.cost_param = cost_param
+        self.cacheable = cacheable
+        self.version = version
         self.func = func
 
     def declaration(self):
@@ -84,7 +86,12 @@ class _Task:
                 )
             )
         return wire.TaskDecl(
-            name=self.name, description=self.description, params=params, cost_param=self.cost_param or ""
+            name=self.name,
+            description=self.description,
+            params=params,
+            cost_param=self.cost_param or "",
+            cacheable=self.cacheable,
+            version=self.version,
         )
 
 
@@ -104,7 +111,7 @@ def _param_spec(task_name, pname, spec):
     return spec[0], spec[1]
 
 
-def task(name, description="", params=None, cost_param=None):
+def task(name, description="", params=None, cost_param=None, cacheable=False, version=1):
     """Registers the decorated function as the task `name` ("<program>.<task>").
 
     `params` maps each param's name to (description, default); a default of
@@ -117,15 +124,23 @@ def task(name, description="", params=None, cost_param=None):
     grows in proportion to ("ms", "rows"): Offload costs each call from it
     when deciding whether the call can start before its deadline. Without
     it, calls are costed by the size of their input.
+
+    `cacheable=True` says the task's output is a pure function of its name,
+    version, params and input (no clock, randomness or outside state):
+    Offload may then answer a repeated call from its result cache. Bump
+    `version` (a whole number from 1) whenever the output for the same
+    params and input changes.
     """
     specs = {pname: _param_spec(name, pname, spec) for pname, spec in (params or {}).items()}
     if cost_param is not None and cost_param not in specs:
         raise TypeError("cost_param %r of %s is not one of its params" % (cost_param, name))
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 0xFFFFFFFF:
+        raise TypeError("version of %s: give a whole number from 1; got %r" % (name, version))
 
     def register(func):
         if name in _TASKS:
             raise ValueError("task %r is registered twice" % name)
-        _TASKS[name] = _Task(name, description, specs, cost_param, func)
+        _TASKS[name] = _Task(name, description, specs, cost_param, bool(cacheable), version, func)
         return func
 
     return register
