@@ -254,3 +254,36 @@ async fn a_hit_never_crosses_a_permission_boundary() {
     let status = client.execute(authorized(Some(&images), hash(b"secret"))).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 }
+
+#[tokio::test]
+async fn a_job_whose_result_is_cached_succeeds_at_submit_and_a_jobs_result_is_cached() {
+    use crate::jobs::{jobs, state, submit, wait};
+    use offload_proto::offload::v1::JobState;
+    let server = Server::start(&[]);
+    let (mut client, mut jobs) = (server.client().await, jobs(&server).await);
+    assert_eq!(call(&mut client, hash(b"known"), None).await.unwrap().1, "miss");
+    // Its result is stored: the job is done at Submit, never run.
+    let done = jobs.submit(submit("hash.sha256", &[], b"known")).await.unwrap().into_inner();
+    assert_eq!((state(&done), done.attempts), (JobState::Succeeded, 0), "{done:?}");
+    assert_eq!(done.output.as_ref(), sha2::Sha256::digest(b"known").as_slice());
+    assert_eq!(state(wait(&mut jobs, &done.id).await.last().unwrap()), JobState::Succeeded);
+    // Unless it asks not to read the cache.
+    let mut fresh = tonic::Request::new(submit("hash.sha256", &[], b"known"));
+    fresh.metadata_mut().insert("offload-cache", "no-cache".parse().unwrap());
+    let fresh = jobs.submit(fresh).await.unwrap().into_inner();
+    assert_eq!(state(&fresh), JobState::Queued);
+    let ran = wait(&mut jobs, &fresh.id).await.pop().unwrap();
+    assert_eq!((state(&ran), ran.attempts, ran.output), (JobState::Succeeded, 1, done.output));
+    // A job that runs stores its result: the same call is then a hit.
+    let new = jobs.submit(submit("hash.sha256", &[], b"new")).await.unwrap().into_inner();
+    assert_eq!(state(&new), JobState::Queued);
+    assert_eq!(state(&wait(&mut jobs, &new.id).await.pop().unwrap()), JobState::Succeeded);
+    let (hit, header) = call(&mut client, hash(b"new"), None).await.unwrap();
+    assert_eq!((header.as_str(), hit.output.as_ref()), ("hit", sha2::Sha256::digest(b"new").as_slice()));
+    // A task that is not cacheable is never done at Submit.
+    for _ in 0..2 {
+        let echo = jobs.submit(submit("debug.echo", &[], b"known")).await.unwrap().into_inner();
+        assert_eq!(state(&echo), JobState::Queued);
+        assert_eq!(state(&wait(&mut jobs, &echo.id).await.pop().unwrap()), JobState::Succeeded);
+    }
+}

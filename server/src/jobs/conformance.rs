@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::store::{
-    Claimant, Filter, Finished, JobFailure, JobRecord, JobStore, NewJob, RunResult, State, Submission, Submitted,
+    Claimant, Filter, Finished, JobFailure, JobRecord, JobStore, NewJob, RunResult, Start, State, Submission, Submitted,
 };
 use crate::schedule::Priority;
 
@@ -220,13 +220,23 @@ pub async fn attempts_cancels_hand_backs_and_listing(store: &dyn JobStore) {
     // A job submitted to a front with room is recorded as claimed by it:
     // running, its first attempt, under its lease, and never claimed again.
     let front = Claimant { owner: "f".into(), lease: LAPSED };
-    let taken = store.submit(vec![Submission { job: job("t", None), run_by: Some(front) }]).await.unwrap();
+    let taken = store.submit(vec![Submission { job: job("t", None), start: Start::RunBy(front) }]).await.unwrap();
     let Submitted::New(t) = &taken[0] else { panic!("a new job: {taken:?}") };
     assert_eq!((t.state, t.attempts, t.started_ms.is_some()), (State::Running, 1, true));
     assert!(store.claim("g", HELD, 10).await.unwrap().iter().all(|j| j.job.id != "t"), "not queued");
     assert!(store.renew("t", 1, HELD).await.unwrap(), "its lease is the front's");
     assert!(store.release("t", 1).await.unwrap());
     assert!(store.cancel("t").await.unwrap().is_some_and(|t| t.state == State::Cancelled && t.attempts == 0));
+    // A job whose result the cache held is recorded done: never run, never
+    // claimed, its output kept.
+    let cached = Start::Succeeded(Bytes::from_static(b"cached"));
+    let done = store.submit(vec![Submission { job: job("s", None), start: cached }]).await.unwrap();
+    let Submitted::New(s) = &done[0] else { panic!("a new job: {done:?}") };
+    assert_eq!((s.state, s.attempts, s.progress), (State::Succeeded, 0, 1.0));
+    assert!(s.started_ms.is_some() && s.finished_ms.is_some() && s.failure.is_none(), "{s:?}");
+    assert_eq!(store.get("s").await.unwrap().unwrap().output.as_deref(), Some(&b"cached"[..]));
+    assert!(store.claim("g", HELD, 10).await.unwrap().iter().all(|j| j.job.id != "s"), "not queued");
+    assert!(store.cancel("s").await.unwrap().is_some_and(|s| s.state == State::Succeeded), "done stays done");
 }
 
 /// Fronts claiming at the same moment each get a job of their own.

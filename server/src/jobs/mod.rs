@@ -63,7 +63,7 @@ pub struct Jobs {
     pub description: String,
     /// How jobs are run.
     pub options: JobOptions,
-    submits: Pending<NewJob, Submitted>,
+    submits: Pending<store::Submission, Submitted>,
     finishes: Pending<Finished, Option<JobRecord>>,
     /// The waiters of each job being waited on: a change wakes only its
     /// own job's waiters, none missed between looks.
@@ -239,9 +239,11 @@ impl Jobs {
         }
     }
 
-    /// Records `job` durably (with other submits of the moment).
-    pub async fn submit(&self, job: NewJob) -> Result<Submitted, StoreError> {
-        committed(&self.submits, job).await
+    /// Records `job` durably (with other submits of the moment): queued,
+    /// or done with `output` when the result cache held it.
+    pub async fn submit(&self, job: NewJob, output: Option<bytes::Bytes>) -> Result<Submitted, StoreError> {
+        let start = output.map_or(store::Start::Queued, store::Start::Succeeded);
+        committed(&self.submits, store::Submission { job, start }).await
     }
 
     /// Records a group of submits, those the runner has room for as claimed
@@ -249,37 +251,43 @@ impl Jobs {
     /// waiter hears of a job's start after its end). Runs in the group
     /// commit's task: a submitter that goes away cannot strand a job
     /// recorded as claimed.
-    async fn record(&self, group: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
-        let (reserved, claimant) = self.direct().reserve(group.len());
-        let submissions = group
-            .into_iter()
-            .enumerate()
-            .map(|(n, job)| store::Submission { job, run_by: claimant.clone().filter(|_| n < reserved) })
-            .collect();
-        let mut recorded = self.store.submit(submissions).await;
+    async fn record(&self, mut group: Vec<store::Submission>) -> Result<Vec<Submitted>, StoreError> {
+        let to_run = group.iter().filter(|s| matches!(s.start, store::Start::Queued)).count();
+        let (reserved, claimant) = self.direct().reserve(to_run);
+        if let Some(claimant) = claimant {
+            let queued = group.iter_mut().filter(|s| matches!(s.start, store::Start::Queued));
+            for submission in queued.take(reserved) {
+                submission.start = store::Start::RunBy(claimant.clone());
+            }
+        }
+        let mut recorded = self.store.submit(group).await;
         let mut delivered = 0;
         for submitted in recorded.iter_mut().flatten() {
             let Submitted::New(record) = submitted else { continue };
             let now = without_input(record);
             self.known().insert(&now);
             self.now_is(now);
-            if record.state != store::State::Running {
-                self.submitted.notify_one();
-            } else if self.direct().deliver(record.clone()) {
-                delivered += 1;
-                // Its submitter is told it is queued, as the API promises: it
-                // waits for this front's executors, and its run is yet to
-                // start. Its waiters see it running, then done.
-                record.state = store::State::Queued;
-                record.attempts = 0;
-                record.started_ms = None;
-            } else {
-                // The runner stopped meanwhile: the job is queued again,
-                // for a front that runs (this attempt not counted).
-                match self.store.release(&record.job.id, record.attempts).await {
-                    Ok(_) => self.touched(&record.job.id),
-                    Err(err) => tracing::warn!(job.id = %record.job.id, error = %err, "cannot hand a job back"),
+            match record.state {
+                store::State::Queued => self.submitted.notify_one(),
+                store::State::Running if self.direct().deliver(record.clone()) => {
+                    delivered += 1;
+                    // Its submitter is told it is queued, as the API promises: it
+                    // waits for this front's executors, and its run is yet to
+                    // start. Its waiters see it running, then done.
+                    record.state = store::State::Queued;
+                    record.attempts = 0;
+                    record.started_ms = None;
                 }
+                store::State::Running => {
+                    // The runner stopped meanwhile: the job is queued again,
+                    // for a front that runs (this attempt not counted).
+                    match self.store.release(&record.job.id, record.attempts).await {
+                        Ok(_) => self.touched(&record.job.id),
+                        Err(err) => tracing::warn!(job.id = %record.job.id, error = %err, "cannot hand a job back"),
+                    }
+                }
+                // Done at submit (the result cache held its result): nothing runs.
+                _ => {}
             }
         }
         if reserved > delivered {
@@ -536,7 +544,7 @@ mod tests {
         let mut runner = jobs.run_submitted(claimant);
         let new = |id: &str| conformance::job(id, None);
         assert_eq!(jobs.offer_room(1), 0, "none on the way");
-        let Submitted::New(a) = jobs.submit(new("a")).await.unwrap() else { panic!("new") };
+        let Submitted::New(a) = jobs.submit(new("a"), None).await.unwrap() else { panic!("new") };
         assert_eq!((a.state, a.attempts), (store::State::Queued, 0), "its submitter is told it is queued");
         let taken = runner.try_recv().expect("handed to the runner");
         assert_eq!((taken.job.id.as_str(), taken.state, taken.attempts), ("a", store::State::Running, 1));
@@ -544,13 +552,13 @@ mod tests {
         assert_eq!(jobs.offer_room(0), 1, "on its way until the runner says it arrived");
         jobs.arrived();
         // No room left: queued, for whichever front claims it.
-        jobs.submit(new("b")).await.unwrap();
+        jobs.submit(new("b"), None).await.unwrap();
         assert!(runner.try_recv().is_err());
         assert_eq!(jobs.store.get("b").await.unwrap().unwrap().state, store::State::Queued);
         // A stopped runner takes none.
         jobs.stop_running_submitted();
         assert_eq!(jobs.offer_room(5), 0);
-        jobs.submit(new("c")).await.unwrap();
+        jobs.submit(new("c"), None).await.unwrap();
         assert_eq!(jobs.store.get("c").await.unwrap().unwrap().state, store::State::Queued);
     }
 

@@ -27,8 +27,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, types::Type};
 
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
-    LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, State, Stats, StoreError, Submission, Submitted, millis,
-    record_columns,
+    LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, Start, State, Stats, StoreError, Submission, Submitted,
+    millis, record_columns,
 };
 use crate::schedule::Priority;
 
@@ -119,6 +119,7 @@ const LIST_COLUMNS: &str = record_columns!("''::bytea", "NULL::bytea");
 
 const QUEUED: i32 = 1;
 const RUNNING: i32 = 2;
+const SUCCEEDED: i32 = 3;
 
 /// Jobs in a PostgreSQL database.
 #[derive(Debug)]
@@ -406,15 +407,18 @@ impl JobStore for PgStore {
         // A job its front runs at once is recorded as claimed (`n_owner`).
         let insert = format!(
             "INSERT INTO offload_jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
-                 traceparent, interactive, attempts, owner, lease_until, started_ms)
+                 traceparent, interactive, attempts, owner, lease_until, started_ms, output, finished_ms, progress)
              SELECT n_id, n_task, n_mode, n_params, n_input, n_client, n_key,
-                 CASE WHEN n_owner IS NULL THEN {QUEUED} ELSE {RUNNING} END, {NOW_MS}, n_traceparent, n_interactive,
+                 CASE WHEN n_output IS NOT NULL THEN {SUCCEEDED} WHEN n_owner IS NULL THEN {QUEUED} ELSE {RUNNING} END,
+                 {NOW_MS}, n_traceparent, n_interactive,
                  CASE WHEN n_owner IS NULL THEN 0 ELSE 1 END, n_owner, {NOW_MS} + n_lease,
-                 CASE WHEN n_owner IS NOT NULL THEN {NOW_MS} END
+                 CASE WHEN n_owner IS NOT NULL OR n_output IS NOT NULL THEN {NOW_MS} END,
+                 n_output, CASE WHEN n_output IS NOT NULL THEN {NOW_MS} END,
+                 CASE WHEN n_output IS NOT NULL THEN 1 ELSE 0 END
              FROM unnest($1::text[], $2::text[], $3::integer[], $4::text[], $5::bytea[], $6::text[], $7::text[],
-                 $8::text[], $9::boolean[], $10::text[], $11::bigint[])
+                 $8::text[], $9::boolean[], $10::text[], $11::bigint[], $12::bytea[])
                  AS n(n_id, n_task, n_mode, n_params, n_input, n_client, n_key, n_traceparent, n_interactive,
-                      n_owner, n_lease)
+                      n_owner, n_lease, n_output)
              ON CONFLICT DO NOTHING
              RETURNING {GET_COLUMNS},
                  CASE WHEN state = {QUEUED} THEN {} ELSE {} END",
@@ -422,9 +426,10 @@ impl JobStore for PgStore {
             self.notify(Kind::Changed)
         );
         let existing = format!("SELECT {COLUMNS} FROM offload_jobs WHERE client = $1 AND idempotency_key = $2");
-        let (jobs, run_by): (Vec<NewJob>, Vec<_>) = jobs.into_iter().map(|s| (s.job, s.run_by)).unzip();
-        let owners: Vec<Option<&str>> = run_by.iter().map(|c| c.as_ref().map(|c| c.owner.as_str())).collect();
-        let leases: Vec<Option<i64>> = run_by.iter().map(|c| c.as_ref().map(|c| millis(c.lease))).collect();
+        let (jobs, starts): (Vec<NewJob>, Vec<_>) = jobs.into_iter().map(|s| (s.job, s.start)).unzip();
+        let owners: Vec<Option<&str>> = starts.iter().map(|s| s.run_by().map(|c| c.owner.as_str())).collect();
+        let leases: Vec<Option<i64>> = starts.iter().map(|s| s.run_by().map(|c| millis(c.lease))).collect();
+        let outputs: Vec<Option<&[u8]>> = starts.iter().map(Start::output).collect();
         let params = jobs
             .iter()
             .map(|job| serde_json::to_string(&job.params).map_err(|e| StoreError::Database(e.to_string())))
@@ -438,7 +443,7 @@ impl JobStore for PgStore {
         let interactive: Vec<bool> = jobs.iter().map(|job| job.priority == Priority::Interactive).collect();
         self.with(async |client| {
             let statement = client.prepare_cached(&insert).await?;
-            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+            let values: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
                 &ids,
                 &tasks,
                 &modes,
@@ -450,6 +455,7 @@ impl JobStore for PgStore {
                 &interactive,
                 &owners,
                 &leases,
+                &outputs,
             ];
             let mut inserted = by_id(&client.query(&statement, &values).await?)?;
             let existing = client.prepare_cached(&existing).await?;

@@ -38,6 +38,7 @@ use super::{
     store::{Claimant, JobFailure, JobRecord, RunResult, State},
 };
 use crate::{
+    cache::{Directives, Lookup},
     dispatch::{Call, Dispatcher, ProgressState},
     error::CallError,
     telemetry,
@@ -321,6 +322,23 @@ async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord,
         client: Some(dispatcher.clients().named(&job.job.client)),
         priority: job.job.priority,
     };
+    // Identical work done meanwhile (by a call, or another job) is its
+    // result; else its own is stored for the next.
+    let leader = match dispatcher.cache().zip(dispatcher.cache_key(&call)) {
+        Some((cache, (key, task, _))) => match cache.lookup_stored(key, task, Directives::default()).await {
+            Lookup::Hit(output, kind) if output.len() <= jobs.options.max_output_bytes => {
+                drop(telemetry::cache_span(task, kind.label()));
+                dispatcher.metrics().cache_lookup(task, kind.label());
+                return Ending::Result(RunResult::Succeeded(output));
+            }
+            Lookup::Hit(..) => None,
+            Lookup::Miss(leader) => {
+                dispatcher.metrics().cache_lookup(task, "miss");
+                Some(leader)
+            }
+        },
+        None => None,
+    };
     let admitted = match dispatcher.admit(call).await {
         Ok(admitted) => admitted,
         // No room after all (a full queue, no worker process can start), or
@@ -378,7 +396,12 @@ async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord,
                             ),
                         },
                     ),
-                    Ok(outcome) => RunResult::Succeeded(outcome.output),
+                    Ok(outcome) => {
+                        if let Some(leader) = leader {
+                            dispatcher.metrics().cache_evicted(&leader.finish(&outcome.output).await.evicted);
+                        }
+                        RunResult::Succeeded(outcome.output)
+                    }
                     Err(err) => failed(err),
                 });
             }

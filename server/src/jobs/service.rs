@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     auth::Authenticated,
+    cache::{Directives, Lookup},
     clients,
     dispatch::{Call, Dispatcher},
     schedule::Priority,
@@ -65,6 +66,7 @@ impl JobsService {
             None => self.dispatcher.clients().identify(request.metadata(), None)?,
         };
         let priority = clients::priority(request.metadata(), Priority::Batch)?;
+        let directives = Directives::of(request.metadata())?;
         let SubmitJobRequest { task, input, params, mode, idempotency_key } = request.into_inner();
         if idempotency_key.len() > MAX_KEY_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -94,6 +96,7 @@ impl JobsService {
                 client.name()
             )));
         }
+        let output = self.cached(&call, directives, jobs.options.max_output_bytes).await;
         let new = NewJob {
             id: new_id()?,
             task,
@@ -105,7 +108,7 @@ impl JobsService {
             idempotency_key: (!idempotency_key.is_empty()).then_some(idempotency_key),
             traceparent,
         };
-        match jobs.submit(new.clone()).await? {
+        match jobs.submit(new.clone(), output).await? {
             Submitted::New(record) => Ok(Response::new(job(record))),
             Submitted::Existing(record) if record.job.same_request(&new) => Ok(Response::new(job(record))),
             Submitted::Existing(record) => Err(Status::already_exists(format!(
@@ -113,6 +116,25 @@ impl JobsService {
                 new.idempotency_key.unwrap_or_default(),
                 record.job.id
             ))),
+        }
+    }
+
+    /// The stored result of work identical to `call`'s, if its task is
+    /// cacheable and the cache holds one that fits a job's output: the job
+    /// is then done at Submit, never run.
+    async fn cached(&self, call: &Call, directives: Directives, max_output_bytes: usize) -> Option<bytes::Bytes> {
+        let (cache, (key, task, _)) = self.dispatcher.cache().zip(self.dispatcher.cache_key(call))?;
+        if directives.no_cache {
+            return None;
+        }
+        match cache.lookup_stored(key, task, directives).await {
+            Lookup::Hit(output, kind) if output.len() <= max_output_bytes => {
+                drop(telemetry::cache_span(task, kind.label()));
+                self.dispatcher.metrics().cache_lookup(task, kind.label());
+                Some(output)
+            }
+            // Counted when it runs.
+            _ => None,
         }
     }
 

@@ -36,7 +36,8 @@ use crate::schedule::Priority;
 
 use super::store::{
     CANCELLED_HANDED_BACK, CANCELLED_LOST, CANCELLED_QUEUED, Filter, Finished, JobFailure, JobRecord, JobStore,
-    LOST_ON_ATTEMPT, NewJob, Page, State, Stats, StoreError, Submission, Submitted, millis, now_ms, record_columns,
+    LOST_ON_ATTEMPT, NewJob, Page, Start, State, Stats, StoreError, Submission, Submitted, millis, now_ms,
+    record_columns,
 };
 
 impl From<rusqlite::Error> for StoreError {
@@ -416,7 +417,8 @@ impl JobStore for SqliteStore {
         self.with(move |db, now| {
             let tx = db.savepoint()?;
             let mut out = Vec::with_capacity(jobs.len());
-            for Submission { job, run_by } in jobs {
+            for Submission { job, start } in jobs {
+                let (run_by, output) = (start.run_by(), start.output());
                 if let Some(key) = &job.idempotency_key {
                     let existing = tx
                         .prepare_cached(&format!(
@@ -435,8 +437,9 @@ impl JobStore for SqliteStore {
                 let mut recorded = tx
                     .prepare_cached(&format!(
                         "INSERT INTO jobs (id, task, mode, params, input, client, idempotency_key, state, created_ms,
-                             traceparent, interactive, attempts, owner, lease_until, started_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                             traceparent, interactive, attempts, owner, lease_until, started_ms, output, finished_ms,
+                             progress)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
                          RETURNING {GET_COLUMNS}"
                     ))?
                     .query_row(
@@ -448,14 +451,17 @@ impl JobStore for SqliteStore {
                             job.input.as_ref(),
                             job.client,
                             job.idempotency_key,
-                            if run_by.is_some() { RUNNING } else { QUEUED },
+                            start.state().number(),
                             now,
                             job.traceparent,
                             job.priority == Priority::Interactive,
                             u32::from(run_by.is_some()),
-                            run_by.as_ref().map(|claimant| claimant.owner.as_str()),
-                            run_by.as_ref().map(|claimant| now + millis(claimant.lease)),
-                            run_by.as_ref().map(|_| now),
+                            run_by.map(|claimant| claimant.owner.as_str()),
+                            run_by.map(|claimant| now + millis(claimant.lease)),
+                            (!matches!(start, Start::Queued)).then_some(now),
+                            output,
+                            output.map(|_| now),
+                            if output.is_some() { 1.0 } else { 0.0 },
                         ],
                         record,
                     )?;

@@ -223,15 +223,55 @@ pub enum Submitted {
     Existing(JobRecord),
 }
 
-/// A job to record, and the front that runs it at once, if one is named.
+/// A job to record, and how it starts.
 #[derive(Debug, Clone)]
 pub struct Submission {
     /// The job.
     pub job: NewJob,
+    /// Queued, claimed at once, or already done.
+    pub start: Start,
+}
+
+/// How a job starts when it is recorded.
+#[derive(Debug, Clone, Default)]
+pub enum Start {
+    /// Queued, for any front to claim.
+    #[default]
+    Queued,
     /// Recorded as claimed by this front, under this lease (its first
-    /// attempt), rather than queued: the front had room for it when it was
-    /// submitted there, and nothing was queued before it.
-    pub run_by: Option<Claimant>,
+    /// attempt): the front had room for it when it was submitted there, and
+    /// nothing was queued before it.
+    RunBy(Claimant),
+    /// Recorded as succeeded with this output, never run (attempts 0): the
+    /// result cache held the result of identical work.
+    Succeeded(Bytes),
+}
+
+impl Start {
+    /// The state it is recorded in.
+    pub fn state(&self) -> State {
+        match self {
+            Start::Queued => State::Queued,
+            Start::RunBy(_) => State::Running,
+            Start::Succeeded(_) => State::Succeeded,
+        }
+    }
+
+    /// The front that runs it at once, if one does.
+    pub fn run_by(&self) -> Option<&Claimant> {
+        match self {
+            Start::RunBy(claimant) => Some(claimant),
+            _ => None,
+        }
+    }
+
+    /// Its output, if it is recorded done.
+    pub fn output(&self) -> Option<&[u8]> {
+        match self {
+            Start::Succeeded(output) => Some(output),
+            _ => None,
+        }
+    }
 }
 
 /// A front claiming jobs, and for how long.
@@ -245,7 +285,7 @@ pub struct Claimant {
 
 impl From<NewJob> for Submission {
     fn from(job: NewJob) -> Self {
-        Self { job, run_by: None }
+        Self { job, start: Start::Queued }
     }
 }
 
@@ -263,8 +303,8 @@ pub enum StoreError {
 /// agree on when a lease lapsed.
 #[async_trait::async_trait]
 pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Records `jobs` in one transaction (group commit), queued, or claimed
-    /// as [`Submission::run_by`] says; for a job whose idempotency key is
+    /// Records `jobs` in one transaction (group commit), each as its
+    /// [`Submission::start`] says; for a job whose idempotency key is
     /// taken by the same client, the job recorded under it instead.
     async fn submit(&self, jobs: Vec<Submission>) -> Result<Vec<Submitted>, StoreError>;
 
