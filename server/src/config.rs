@@ -207,6 +207,12 @@ pub struct Args {
     #[arg(long, env = "OFFLOAD_CACHE_MAX_ENTRY_BYTES", value_name = "BYTES")]
     pub cache_max_entry_bytes: Option<usize>,
 
+    /// Where cached results are kept: `memory` (this front's own), or a
+    /// `postgres://` database every front shares. [default: the job store's
+    /// database when it is PostgreSQL, else memory]
+    #[arg(long, env = "OFFLOAD_CACHE_STORE", value_name = "memory|URL")]
+    pub cache_store: Option<String>,
+
     /// Seconds a cached result is kept. [default: 86400]
     #[arg(long, env = "OFFLOAD_CACHE_TTL_SECS", value_name = "SECS")]
     pub cache_ttl_secs: Option<NonZeroU64>,
@@ -383,6 +389,7 @@ impl Args {
             job_retention_secs: self.job_retention_secs.or(file.job_retention_secs),
             max_job_output_bytes: self.max_job_output_bytes.or(file.max_job_output_bytes),
             cache_max_bytes: self.cache_max_bytes.or(file.cache_max_bytes),
+            cache_store: self.cache_store.or(file.cache_store),
             cache_max_entry_bytes: self.cache_max_entry_bytes.or(file.cache_max_entry_bytes),
             cache_ttl_secs: self.cache_ttl_secs.or(file.cache_ttl_secs),
             replica_name: self.replica_name.or(file.replica_name),
@@ -485,9 +492,20 @@ pub enum ConfigError {
     },
 }
 
+/// Where cached results are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStore {
+    /// In this front's memory.
+    Memory,
+    /// In a PostgreSQL database (this URL) every front shares.
+    Postgres(String),
+}
+
 /// The result cache's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheSettings {
+    /// Where results are kept.
+    pub store: CacheStore,
     /// Bytes of results held at most.
     pub max_bytes: usize,
     /// Larger results are never stored.
@@ -721,7 +739,7 @@ impl Config {
                 secs => Some(Duration::from_secs(secs)),
             },
             shutdown_grace: Duration::from_secs_f64(grace),
-            job_store: a.job_store.filter(|s| !s.is_empty()),
+            job_store: a.job_store.clone().filter(|s| !s.is_empty()),
             jobs: crate::jobs::JobOptions {
                 lease: Duration::from_secs_f64(job_lease),
                 max_attempts: a.job_max_attempts.map_or(3, NonZeroU32::get),
@@ -731,6 +749,7 @@ impl Config {
             cache: match a.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES) {
                 0 => None,
                 max_bytes => Some(CacheSettings {
+                    store: cache_store(a.cache_store.as_deref(), a.job_store.as_deref())?,
                     max_bytes,
                     max_entry_bytes: a.cache_max_entry_bytes.unwrap_or(DEFAULT_CACHE_MAX_ENTRY_BYTES),
                     ttl: Duration::from_secs(a.cache_ttl_secs.map_or(86_400, NonZeroU64::get)),
@@ -795,6 +814,20 @@ fn args_config_dir(args: &Args) -> Option<PathBuf> {
     let file = args.config.as_ref()?;
     let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     Some(std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()))
+}
+
+/// The cache store `named` (--cache-store), else the job store's database
+/// when it is PostgreSQL (fronts sharing jobs share results), else memory.
+fn cache_store(named: Option<&str>, job_store: Option<&str>) -> Result<CacheStore, ConfigError> {
+    match named.filter(|s| !s.is_empty()) {
+        Some("memory") => Ok(CacheStore::Memory),
+        Some(url) if crate::pg::is_url(url) => Ok(CacheStore::Postgres(url.to_string())),
+        Some(other) => Err(invalid("cache-store", format!("{other:?}: give memory or a postgres:// URL"))),
+        None => Ok(match job_store.filter(|s| crate::pg::is_url(s)) {
+            Some(url) => CacheStore::Postgres(url.to_string()),
+            None => CacheStore::Memory,
+        }),
+    }
 }
 
 fn invalid(name: &'static str, reason: String) -> ConfigError {

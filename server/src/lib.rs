@@ -22,6 +22,7 @@
 //! - [`isolated`]: the worker-process executor (ISOLATED mode).
 //! - [`error`]: call errors and their one mapping to gRPC statuses.
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
+//! - [`pg`]: PostgreSQL connections for what fronts share (jobs, the cache).
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //! - [`config`], [`shutdown`]: process set-up around it all.
 //! - [`check`]: `--check-config`, one worker of each kind started and reported.
@@ -44,6 +45,7 @@ pub mod isolated;
 pub mod jobs;
 pub mod launch;
 pub mod metrics;
+pub mod pg;
 pub mod pool;
 pub mod schedule;
 pub mod server;

@@ -88,6 +88,12 @@ pub enum ServeError {
         /// Why.
         source: crate::jobs::store::StoreError,
     },
+    /// The cache's database cannot be reached.
+    #[error("cannot open the result cache's store: {source}")]
+    CacheStore {
+        /// Why.
+        source: crate::cache::StoreError,
+    },
 }
 
 /// Serves `catalog` as `config` says on `listener` until `shutdown` fires,
@@ -124,10 +130,7 @@ pub async fn serve(
             inline_threshold: config.inline_threshold,
             in_place_threshold: config.in_place_threshold,
             max_output_bytes: config.max_message_bytes,
-            cache: config.cache.as_ref().map(|settings| {
-                let store = crate::cache::memory::MemoryStore::new(settings.max_bytes, settings.ttl);
-                crate::cache::Cache::new(Arc::new(store), settings.max_entry_bytes)
-            }),
+            cache: open_cache(config).await?,
         },
     );
     let metrics_stop = CancellationToken::new();
@@ -348,6 +351,28 @@ pub async fn serve(
     dispatcher.stop_workers(config.worker_kill_grace * 5).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The result cache, if it is on: in memory, or in the PostgreSQL database
+/// it names (which must be reachable: a front that cannot share results
+/// does not start).
+async fn open_cache(config: &Config) -> Result<Option<Arc<crate::cache::Cache>>, ServeError> {
+    use crate::{cache, config::CacheStore};
+    let Some(settings) = &config.cache else {
+        tracing::info!("result cache off (--cache-max-bytes 0)");
+        return Ok(None);
+    };
+    let store: Arc<dyn cache::CacheStore> = match &settings.store {
+        CacheStore::Memory => Arc::new(cache::memory::MemoryStore::new(settings.max_bytes, settings.ttl)),
+        CacheStore::Postgres(url) => {
+            let store = cache::postgres::PgCacheStore::connect(url, settings.max_bytes, settings.ttl)
+                .await
+                .map_err(|source| ServeError::CacheStore { source })?;
+            tracing::info!(store = %store.describe(), "results cached in PostgreSQL {}", store.describe());
+            Arc::new(store)
+        }
+    };
+    Ok(Some(cache::Cache::new(store, settings.max_entry_bytes)))
 }
 
 /// The job store: the one --job-store names (a failure to open it stops the

@@ -287,3 +287,63 @@ async fn a_job_whose_result_is_cached_succeeds_at_submit_and_a_jobs_result_is_ca
         assert_eq!(state(&wait(&mut jobs, &echo.id).await.pop().unwrap()), JobState::Succeeded);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fronts_sharing_a_postgresql_job_store_share_results() {
+    let db = offload_e2e::postgres::Postgres::start();
+    let url = db.url();
+    let front = |args: &[&str]| {
+        let all = [&["--listen", "127.0.0.1:0"], args].concat();
+        Server::start_with_env(&all, &[("OFFLOAD_JOB_STORE", url.as_str())])
+    };
+    let (a, b) = (front(&[]), front(&[]));
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let (made, header) = call(&mut on_a, hash(b"made on a"), None).await.unwrap();
+    assert_eq!(header, "miss");
+    let (found, header) = call(&mut on_b, hash(b"made on b"), None).await.unwrap();
+    assert_eq!(header, "miss", "another input");
+    assert_ne!(found.output, made.output);
+    let (again, header) = call(&mut on_b, hash(b"made on a"), None).await.unwrap();
+    assert_eq!((header.as_str(), &again.output), ("hit", &made.output), "a's result, on b");
+    assert_eq!(call(&mut on_a, hash(b"made on b"), None).await.unwrap().1, "hit", "and the other way");
+    // A front told to keep its own results does not see theirs.
+    let own = front(&["--cache-store", "memory"]);
+    assert_eq!(call(&mut own.client().await, hash(b"made on a"), None).await.unwrap().1, "miss");
+    // Entries expire with their TTL (the database's clock).
+    let brief = front(&["--cache-ttl-secs", "1"]);
+    let mut on_brief = brief.client().await;
+    assert_eq!(call(&mut on_brief, hash(b"brief"), None).await.unwrap().1, "miss");
+    assert_eq!(call(&mut on_brief, hash(b"brief"), None).await.unwrap().1, "hit");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&mut on_brief, hash(b"brief"), None).await.unwrap().1 == "hit" {
+        assert!(std::time::Instant::now() < end, "the entry outlived its TTL by far");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = db.psql("SELECT COUNT(*) FROM offload_cache WHERE task = 'hash.sha256'");
+    assert!(rows.trim().parse::<u32>().unwrap() >= 3, "{rows}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_store_expires_entries_and_trims_the_oldest_beyond_its_bytes() {
+    use offload_server::cache::{CacheStore as _, Key, postgres::PgCacheStore};
+    let db = offload_e2e::postgres::Postgres::start();
+    let store = PgCacheStore::connect(&db.url(), 2500, Duration::from_secs(3600)).await.unwrap();
+    let output = bytes::Bytes::from(vec![7u8; 1000]);
+    for n in 1..=3u8 {
+        store.put(Key([n; 32]), "hash.sha256", output.clone()).await.unwrap();
+    }
+    assert_eq!(store.get(&Key([1; 32])).await.unwrap(), Some(output.clone()));
+    assert_eq!(store.get(&Key([9; 32])).await.unwrap(), None);
+    // Stored in the order 1, 2, 3 (a second apart, as the trim sees it).
+    db.psql("UPDATE offload_cache SET stored_ms = stored_ms - 1000 * (4 - get_byte(key, 0))");
+    let (_, held) = offload_server::cache::postgres::trim_now(&store).await.unwrap();
+    assert_eq!(held, 2000, "the oldest goes: 3000 bytes held, 2500 allowed");
+    assert_eq!(store.get(&Key([1; 32])).await.unwrap(), None);
+    assert!(store.get(&Key([2; 32])).await.unwrap().is_some() && store.get(&Key([3; 32])).await.unwrap().is_some());
+    assert_eq!(store.bytes_held(), Some(2000));
+    // An expired entry is no hit, and the trim deletes it.
+    db.psql("UPDATE offload_cache SET expires_ms = 0 WHERE get_byte(key, 0) = 2");
+    assert_eq!(store.get(&Key([2; 32])).await.unwrap(), None);
+    assert_eq!(offload_server::cache::postgres::trim_now(&store).await.unwrap().1, 1000);
+    assert_eq!(db.psql("SELECT COUNT(*) FROM offload_cache"), "1");
+}

@@ -8,10 +8,11 @@
 //! - [`Directives`]: a call's `offload-cache` metadata (`no-store`,
 //!   `no-cache`).
 //! - [`CacheStore`]: where results are kept, behind a narrow trait;
-//!   [`memory`] is the default.
+//!   [`memory`] is the default, [`postgres`] is shared by fronts.
 //! - [`Cache`]: lookups, coalescing and storing, for the handlers.
 
 pub mod memory;
+pub mod postgres;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -142,7 +142,7 @@ impl Jobs {
     /// Opens the store `spec` names: a `postgres://` (or `postgresql://`)
     /// URL, else a file path (`sqlite:` may precede it).
     pub async fn open(spec: &str, options: JobOptions) -> Result<Arc<Self>, StoreError> {
-        if postgres::is_url(spec) {
+        if crate::pg::is_url(spec) {
             let store = postgres::PgStore::connect(spec).await?;
             let description = format!("PostgreSQL database {}", store.describe());
             return Ok(Self::with_store(Arc::new(store), description, options));

@@ -17,10 +17,10 @@
 //!   `synchronous_commit` on (its defaults), an acknowledged Submit survives
 //!   a power loss of the database host.
 
-use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::GenericClient;
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row, types::Type};
@@ -30,46 +30,28 @@ use super::store::{
     LOST_ON_ATTEMPT, NewJob, Notice, NoticeKind as Kind, Page, Start, State, Stats, StoreError, Submission, Submitted,
     millis, record_columns,
 };
-use crate::schedule::Priority;
+use crate::{
+    pg::{CALL_TIMEOUT, Database, NOW_MS, PgError},
+    schedule::Priority,
+};
 
-/// Whether `spec` names a PostgreSQL database.
-pub fn is_url(spec: &str) -> bool {
-    spec.starts_with("postgres://") || spec.starts_with("postgresql://")
+impl From<PgError> for StoreError {
+    fn from(err: PgError) -> Self {
+        StoreError::Database(err.to_string())
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // The server's own message (a constraint, a missing permission) says
-        // more than the driver's summary "db error".
-        match err.as_db_error() {
-            Some(db) => StoreError::Database(format!("PostgreSQL: {}", db.message())),
-            None => StoreError::Database(format!("PostgreSQL: {err}")),
-        }
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for StoreError {
-    fn from(err: deadpool_postgres::PoolError) -> Self {
-        StoreError::Database(format!("PostgreSQL: {err}"))
+        PgError::from(err).into()
     }
 }
 
 /// The channel of LISTEN/NOTIFY.
 const CHANNEL: &str = "offload_jobs";
-/// Connections a front holds at most.
-const POOL_SIZE: usize = 16;
-/// The longest any one store call may take: a database that stopped
-/// answering (a cut link) fails calls rather than hanging them.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the first connection may take to come up (the database may
-/// start with the fronts, as in docker-compose).
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Notices held for the front before the oldest are dropped (a poll then
 /// finds what they said).
 const NOTICE_BUFFER: usize = 1024;
-
-/// The database server's clock, in Unix milliseconds.
-const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 /// The table and its indexes. Only live jobs are indexed by state: queued
 /// ones oldest first (for claims), running ones by lease (for expiry);
@@ -124,9 +106,7 @@ const SUCCEEDED: i32 = 3;
 /// Jobs in a PostgreSQL database.
 #[derive(Debug)]
 pub struct PgStore {
-    pool: Pool,
-    /// Where, for the log (no password).
-    described: String,
+    db: Database,
     /// Tags this front's notices, so that it skips its own.
     origin: String,
     notices: Mutex<Option<mpsc::Receiver<Notice>>>,
@@ -143,62 +123,22 @@ impl PgStore {
     /// Connects to the database `url` names, making its table if need be,
     /// and starts listening for other fronts' notices.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::Database(format!("{} is not a PostgreSQL URL: {e}", redacted(url))))?;
-        // Refused now, saying why, rather than retried until the start-up
-        // bound runs out on a handshake that cannot succeed.
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(StoreError::Database(format!(
-                "{}: sslmode=require asks for TLS, which this version does not speak to PostgreSQL; \
-                 reach the database over a private network or a local TLS proxy, with sslmode=disable or prefer",
-                redacted(url)
-            )));
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        // A peer gone without a word (a host lost, a link cut) is noticed
-        // within about half a minute rather than the kernel's two hours.
-        config.keepalives(true).keepalives_idle(Duration::from_secs(10)).keepalives_interval(Duration::from_secs(5));
-        config.keepalives_retries(3);
-        if config.get_application_name().is_none() {
-            config.application_name("offload");
-        }
-        let described = describe(&config);
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(CALL_TIMEOUT))
-            .create_timeout(Some(CALL_TIMEOUT))
-            .build()
-            .map_err(|e| StoreError::Database(format!("PostgreSQL: {e}")))?;
-        let started = tokio::time::Instant::now();
-        loop {
-            match make_schema(&pool).await {
-                Ok(()) => break,
-                Err(err) if started.elapsed() < START_TIMEOUT => {
-                    tracing::warn!(database = %described, error = %err, "waiting for the job database");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        // The lock is an arbitrary constant of Offload's jobs.
+        let db = Database::connect(url, "job", SCHEMA, 7301554207614285647).await?;
         let origin = getrandom::u64().map_err(|e| StoreError::Database(format!("no randomness: {e}")))?;
         let origin = format!("{origin:016x}");
         let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
         let (listening, listened) = tokio::sync::oneshot::channel();
-        let listener = tokio::spawn(listen(config, origin.clone(), tx, listening));
+        let listener = tokio::spawn(listen(db.config().clone(), origin.clone(), tx, listening));
         // Returned once it listens, so that no change made after this is
         // missed; a LISTEN that fails now is retried in the background.
         let _ = tokio::time::timeout(CALL_TIMEOUT, listened).await;
-        Ok(Self { pool, described, origin, notices: Mutex::new(Some(rx)), listener })
+        Ok(Self { db, origin, notices: Mutex::new(Some(rx)), listener })
     }
 
     /// The database, for the log: host, port and name, never the password.
     pub fn describe(&self) -> &str {
-        &self.described
+        self.db.describe()
     }
 
     /// Runs `work` with a pooled connection, bounded by [`CALL_TIMEOUT`].
@@ -206,17 +146,7 @@ impl PgStore {
         &self,
         work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let call = async {
-            let mut client = self.pool.get().await?;
-            work(&mut client).await
-        };
-        tokio::time::timeout(CALL_TIMEOUT, call).await.unwrap_or_else(|_| {
-            Err(StoreError::Database(format!(
-                "PostgreSQL at {} did not answer within {} s",
-                self.described,
-                CALL_TIMEOUT.as_secs()
-            )))
-        })
+        self.db.with(work).await
     }
 
     /// `pg_notify(...)` telling other fronts what changed of the row's job.
@@ -228,41 +158,6 @@ impl PgStore {
         };
         format!("pg_notify('{CHANNEL}', '{}:{tag}:' || id)", self.origin)
     }
-}
-
-/// Makes the table and its indexes, once among fronts starting together.
-async fn make_schema(pool: &Pool) -> Result<(), StoreError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    // `CREATE ... IF NOT EXISTS` run by two sessions at once can still
-    // collide: the lock (an arbitrary constant of Offload's) orders them.
-    tx.execute("SELECT pg_advisory_xact_lock(7301554207614285647)", &[]).await?;
-    tx.batch_execute(SCHEMA).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// `url` with its password hidden.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
-    }
-}
-
-/// "host:port/dbname" of `config`.
-fn describe(config: &tokio_postgres::Config) -> String {
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("");
-    format!("{host}:{port}/{}", config.get_dbname().unwrap_or(user))
 }
 
 /// Listens for other fronts' notices, reconnecting after a lost connection,
@@ -738,21 +633,6 @@ impl JobStore for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_kept_out_of_the_log() {
-        assert_eq!(redacted("postgres://offload:s3cret@db:5432/jobs"), "postgres://offload:***@db:5432/jobs");
-        assert_eq!(redacted("postgres://db/jobs"), "postgres://db/jobs");
-        let config = tokio_postgres::Config::from_str("postgres://offload:s3cret@db:6543/jobs").unwrap();
-        assert_eq!(describe(&config), "db:6543/jobs");
-    }
-
-    #[tokio::test]
-    async fn a_url_asking_for_tls_is_refused_saying_so() {
-        let err = PgStore::connect("postgres://offload:s3cret@127.0.0.1:1/jobs?sslmode=require").await.unwrap_err();
-        let said = err.to_string();
-        assert!(said.contains("sslmode=require asks for TLS") && !said.contains("s3cret"), "{said}");
-    }
 
     #[test]
     fn a_front_skips_its_own_notices() {
