@@ -127,11 +127,16 @@ async fn firing(addr: &str) -> Vec<String> {
 async fn load(server: &Server, stop: Arc<AtomicBool>) {
     let client = server.client().await;
     let isolated = |r: ExecuteRequest| ExecuteRequest { mode: ExecutionMode::Isolated as i32, ..r };
+    let mut round = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let mut calls = Vec::new();
-        for _ in 0..6 {
-            calls.push(request("hash.sha256", &[], b"ok".to_vec()));
+        // Repeated work (cache hits), and new work that evicts the oldest
+        // results from a small cache.
+        for n in 0..6 {
+            let input = if n < 3 { b"ok".to_vec() } else { (round * 3 + n).to_be_bytes().to_vec() };
+            calls.push(request("hash.sha256", &[], input));
         }
+        round += 1;
         calls.push(request("debug.panic", &[], vec![]));
         calls.push(isolated(request("debug.abort", &[], vec![])));
         calls.push(isolated(request("debug.sleep", &[("ms", "2500")], vec![])));
@@ -158,6 +163,8 @@ async fn every_alert_fires_and_every_dashboard_query_returns_series_in_a_real_pr
         "2",
         "--workers",
         "1",
+        "--cache-max-bytes",
+        "2000",
     ]);
     // A front running jobs, with more queued than it has room for: one
     // sleeps in its pool, one waits for the pool, the rest wait for it.
