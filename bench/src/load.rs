@@ -18,7 +18,10 @@ use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, compute_client::
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 
-use crate::procstat;
+use crate::{
+    corpus::{Corpus, Draws},
+    procstat,
+};
 
 /// How calls are sent.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -69,6 +72,10 @@ pub struct LoadSpec {
     pub metadata: Vec<(String, String)>,
     /// A PEM CA file: connect over TLS, trusting it.
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Inputs to draw each call's from (closed-loop unary only), instead
+    /// of one input of `input_size` for every call.
+    #[serde(skip)]
+    pub corpus: Option<Arc<Corpus>>,
 }
 
 impl LoadSpec {
@@ -87,6 +94,7 @@ impl LoadSpec {
             api: Api::Unary,
             metadata: Vec::new(),
             tls_ca: None,
+            corpus: None,
         }
     }
 
@@ -118,6 +126,8 @@ pub struct Report {
     pub ok: u64,
     /// Failed calls by status code name.
     pub errors: BTreeMap<String, u64>,
+    /// Calls answered from Offload's result cache (`offload-cache: hit`).
+    pub cache_hits: u64,
     /// Wall time of the run, seconds.
     pub seconds: f64,
     /// OK calls per second.
@@ -170,11 +180,12 @@ fn histogram() -> Histogram<u64> {
 struct Tally {
     latencies: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+    cache_hits: u64,
 }
 
 impl Tally {
     fn new() -> Self {
-        Self { latencies: histogram(), errors: BTreeMap::new() }
+        Self { latencies: histogram(), errors: BTreeMap::new(), cache_hits: 0 }
     }
 
     fn record(&mut self, result: Result<(), tonic::Code>, latency: Duration) {
@@ -193,6 +204,7 @@ impl Tally {
 
     fn merge(&mut self, other: Tally) {
         let _ = self.latencies.add(other.latencies);
+        self.cache_hits += other.cache_hits;
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
         }
@@ -277,6 +289,7 @@ pub async fn run(spec: &LoadSpec, server_pid: Option<u32>) -> anyhow::Result<Rep
     Ok(Report {
         ok,
         errors: tally.errors,
+        cache_hits: tally.cache_hits,
         seconds,
         calls_per_sec: ok as f64 / seconds,
         p50_us: h.value_at_quantile(0.5),
@@ -297,18 +310,27 @@ pub async fn run(spec: &LoadSpec, server_pid: Option<u32>) -> anyhow::Result<Rep
 async fn closed_unary(spec: &LoadSpec, clients: &[ComputeClient<Channel>], input: &Bytes) -> Tally {
     let end = Instant::now() + spec.duration;
     let mut loops = Vec::new();
-    for client in clients {
-        for _ in 0..spec.in_flight {
+    for (c, client) in clients.iter().enumerate() {
+        for l in 0..spec.in_flight {
             let mut client = client.clone();
-            let request = spec.request(input);
+            let mut request = spec.request(input);
             let metadata = spec.metadata.clone();
+            // Each loop its own draws, the same in every run.
+            let mut draws = Draws::new((c * spec.in_flight + l) as u64);
+            let corpus = spec.corpus.clone();
             loops.push(tokio::spawn(async move {
                 let mut tally = Tally::new();
                 while Instant::now() < end {
+                    if let Some(corpus) = &corpus {
+                        request.input = corpus.pick(draws.unit()).clone();
+                    }
                     let sent = Instant::now();
                     let call = LoadSpec::with_metadata(&metadata, request.clone());
-                    let result = client.execute(call).await.map(|_| ()).map_err(|s| s.code());
-                    tally.record(result, sent.elapsed());
+                    let result = client.execute(call).await.map_err(|s| s.code());
+                    if result.as_ref().is_ok_and(|r| r.metadata().get("offload-cache").is_some_and(|v| v == "hit")) {
+                        tally.cache_hits += 1;
+                    }
+                    tally.record(result.map(drop), sent.elapsed());
                 }
                 tally
             }));

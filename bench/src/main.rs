@@ -10,6 +10,7 @@
 
 mod baseline;
 mod charts;
+mod corpus;
 mod flood;
 mod jobs;
 mod load;
@@ -220,6 +221,7 @@ async fn main() -> anyhow::Result<()> {
                 api: if batch { load::Api::Batch } else { load::Api::Unary },
                 metadata,
                 tls_ca,
+                corpus: None,
             };
             let report = load::run(&spec, pid).await?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "spec": spec, "report": report }))?);

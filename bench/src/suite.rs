@@ -8,7 +8,7 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,7 @@ use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, Stage, execute_e
 use crate::{
     baseline::{self, Style},
     charts::{self, Series},
+    corpus::{self, Corpus},
     jobs,
     load::{self, Api, LoadSpec, Report, Shape},
     procstat, programs,
@@ -495,6 +496,84 @@ impl Suite {
             ratio,
             "<= 1.5x POOL",
             ratio <= 1.5,
+        );
+        Ok(())
+    }
+
+    /// 15. The result cache: a thumbnail workload that repeats itself (Zipf
+    /// s = 1.1 over 1,000 distinct JPEGs of 256 KiB, 4 connections x 16)
+    /// with the cache (default size) against `--cache-max-bytes 0`; then a
+    /// hit against a run, one call at a time.
+    async fn result_cache(&mut self) -> anyhow::Result<()> {
+        let side = corpus::side_for(256 << 10)?;
+        let images = (0..1000).map(|n| corpus::jpeg(side, n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let images = Corpus::zipf(images, 1.1);
+        let cached = offload(&["--cache-max-bytes", "134217728"])?;
+        let uncached = offload(&[])?;
+        let thumbnail = [("width", "128"), ("height", "128")];
+        let servers = [("cache", &cached), ("no cache", &uncached)];
+        let mut spec = self.spec("", "image.thumbnail", &thumbnail, ExecutionMode::Pool, 0);
+        (spec.connections, spec.in_flight, spec.corpus) = (4, 16, Some(Arc::clone(&images)));
+        let label = format!(
+            "15. image.thumbnail 128x128, Zipf 1.1 over {} JPEGs of {} KiB, 4x16",
+            images.len(),
+            images.mean_size() >> 10
+        );
+        let m = self.compare(&label, &contenders(&spec, &servers)).await?;
+        let hit_ratio = median(m.runs[0].iter().map(|r| r.cache_hits as f64 / r.ok.max(1) as f64).collect());
+        let rss =
+            |i: usize| median(m.runs[i].iter().map(|r| r.front_peak_rss.unwrap_or(0) as f64).collect()) / 1048576.0;
+        let throughput = m.ratio(0, 1);
+        self.row(
+            "15. result cache: image.thumbnail, Zipf 1.1 over 1,000 JPEGs of 256 KiB, 4x16, calls/s (first run cold)",
+            format!(
+                "{:.0} calls/s, hit ratio {:.2}, front peak RSS {:.0} MiB",
+                m.median(0, calls_per_sec),
+                hit_ratio,
+                rss(0)
+            ),
+            format!("{:.0} calls/s with --cache-max-bytes 0, RSS {:.0} MiB", m.median(1, calls_per_sec), rss(1)),
+            throughput,
+            ">= 1.0x no cache",
+            throughput >= 1.0,
+        );
+        let p99 = m.per_run(0, 1, p99_us, |a, b| a / b);
+        self.row(
+            "15. result cache: the same workload, p99",
+            format!("p99 {:.1} ms", m.median(0, p99_us) / 1e3),
+            format!("p99 {:.1} ms with --cache-max-bytes 0", m.median(1, p99_us) / 1e3),
+            p99,
+            "<= 1.0x no cache",
+            p99 <= 1.0,
+        );
+        // One call at a time: a hit (the cache holds it after the first)
+        // against the same call run every time.
+        let photo = Corpus::zipf(vec![corpus::jpeg(corpus::side_for(1 << 20)?, 7)?], 1.0);
+        let mut one = self.spec("", "image.thumbnail", &thumbnail, ExecutionMode::Pool, 0);
+        (one.corpus, one.duration) = (Some(photo), self.duration().min(Duration::from_secs(2)));
+        one_by_one(&mut one);
+        let m = self.compare("15. image.thumbnail 128x128 of a 1 MiB JPEG, 1x1", &contenders(&one, &servers)).await?;
+        let faster = m.per_run(1, 0, p50_us, |run, hit| run / hit);
+        self.row(
+            "15. a hit vs a run: image.thumbnail of a 1 MiB JPEG, one at a time, median latency",
+            format!("{:.2} ms a hit", m.median(0, p50_us) / 1e3),
+            format!("{:.2} ms run", m.median(1, p50_us) / 1e3),
+            faster,
+            ">= 20x faster",
+            faster >= 20.0,
+        );
+        let mut hash = self.spec("", "hash.sha256", &[], ExecutionMode::Pool, 1 << 20);
+        hash.duration = one.duration;
+        one_by_one(&mut hash);
+        let m = self.compare("15. hash.sha256 1 MiB, 1x1", &contenders(&hash, &servers)).await?;
+        let cheaper = m.per_run(1, 0, p50_us, |run, hit| run / hit);
+        self.row(
+            "15. a hit vs a run: hash.sha256 of 1 MiB, one at a time, median latency",
+            format!("{:.2} ms a hit", m.median(0, p50_us) / 1e3),
+            format!("{:.2} ms run", m.median(1, p50_us) / 1e3),
+            cheaper,
+            "> 1.0x (a hit costs less than the hash)",
+            cheaper > 1.0,
         );
         Ok(())
     }
@@ -1308,6 +1387,9 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     }
     if runs(14) {
         suite.jobs(workers).await?;
+    }
+    if runs(15) {
+        suite.result_cache().await?;
     }
     suite.write()?;
     let missed: Vec<&str> = suite.rows.iter().filter(|r| !r.met).map(|r| r.scenario.as_str()).collect();

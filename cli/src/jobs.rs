@@ -79,13 +79,13 @@ fn state_name(job: &Job) -> &'static str {
 }
 
 pub async fn submit(client: &mut Client, args: SubmitArgs) -> anyhow::Result<()> {
-    let request = SubmitJobRequest {
-        task: args.task,
+    let request = args.work.request(SubmitJobRequest {
+        task: args.task.clone(),
         input: args.work.input()?,
         params: args.work.params(),
         mode: args.work.mode() as i32,
-        idempotency_key: args.key.unwrap_or_default(),
-    };
+        idempotency_key: args.key.clone().unwrap_or_default(),
+    })?;
     let job = client.submit(request).await.map_err(status_error)?.into_inner();
     if !args.wait {
         println!("{}", job.id);

@@ -207,6 +207,11 @@ struct WorkArgs {
     /// Where to run it. [default: the task's default]
     #[arg(short, long, value_enum)]
     mode: Option<ModeArg>,
+    /// Result cache directives, sent as `offload-cache`: no-store (do not
+    /// keep the result), no-cache (run even if a result is kept), or both
+    /// comma-separated.
+    #[arg(long, value_name = "DIRECTIVES")]
+    cache: Option<String>,
 }
 
 impl WorkArgs {
@@ -226,6 +231,16 @@ impl WorkArgs {
 
     fn params(&self) -> HashMap<String, String> {
         self.params.iter().cloned().collect()
+    }
+
+    /// `body` as a request carrying the --cache directives.
+    fn request<T>(&self, body: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(body);
+        if let Some(directives) = &self.cache {
+            let value = directives.parse().map_err(|_| anyhow::anyhow!("--cache {directives:?}: not header text"))?;
+            request.metadata_mut().insert("offload-cache", value);
+        }
+        Ok(request)
     }
 
     fn mode(&self) -> ExecutionMode {
@@ -358,7 +373,7 @@ async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
         mode: args.work.mode() as i32,
         id: String::new(),
     };
-    let mut request = tonic::Request::new(body);
+    let mut request = args.work.request(body)?;
     if let Some(secs) = args.timeout {
         if !(secs > 0.0 && secs.is_finite()) {
             bail!("--timeout must be a positive number of seconds");
@@ -378,12 +393,13 @@ async fn execute(client: &mut Client, args: RunArgs) -> anyhow::Result<()> {
         && let Some(stats) = &response.stats
     {
         eprintln!(
-            "mode {} queued {} us, ran {} us, worker pid {}, replica {}",
+            "mode {} queued {} us, ran {} us, worker pid {}, replica {}{}",
             ExecutionMode::try_from(response.mode).map_or("?", |m| m.as_str_name()),
             stats.queued_us(),
             stats.run_us(),
             stats.worker_pid,
-            stats.replica
+            stats.replica,
+            if stats.cached { ", from the result cache" } else { "" }
         );
     }
     write_output(&response.output, args.out.output.as_deref(), args.out.hex)

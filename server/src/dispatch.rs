@@ -279,11 +279,14 @@ impl Dispatcher {
     /// check admission makes (permission, task, mode, params), so that no
     /// hit answers a call that would be refused. A refused call gets none,
     /// and admission refuses it as usual.
-    pub fn cache_key(&self, call: &Call) -> Option<(crate::cache::Key, &'static str, Mode)> {
+    pub async fn cache_key(&self, call: &Call) -> Option<(crate::cache::Key, &'static str, Mode)> {
         self.cache()?;
         let Checked { task, mode, .. } = self.checked(call, &mut ("unknown", "unknown")).ok()?;
         let spec = task.spec();
-        spec.cacheable.then(|| (crate::cache::Key::of(spec, &call.params, &call.input), spec.name, mode))
+        if !spec.cacheable {
+            return None;
+        }
+        Some((crate::cache::Key::of_call(spec, &call.params, &call.input).await, spec.name, mode))
     }
 
     /// `call`'s task, worker program, mode and prepared job, once every

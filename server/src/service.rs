@@ -216,7 +216,7 @@ impl Compute for ComputeService {
         let (id, call) = origin.call(request.into_inner());
         let result = async {
             let run = |call| async { self.dispatcher.admit(call).await?.run_unary().await };
-            let cacheable = self.dispatcher.cache_key(&call);
+            let cacheable = self.dispatcher.cache_key(&call).await;
             let (outcome, hit) = self.run_cached(call, cacheable, directives, run).await?;
             drop(input);
             let mut response = Response::new(self.response(id, outcome, hit, &usage));
@@ -243,7 +243,7 @@ impl Compute for ComputeService {
         let input = usage.claim_input();
         let (id, call) = origin.call(request.into_inner());
         // A stored result is the stream's one event; a miss runs and stores.
-        let leader = match self.dispatcher.cache().zip(self.dispatcher.cache_key(&call)) {
+        let leader = match self.dispatcher.cache().zip(self.dispatcher.cache_key(&call).await) {
             Some((cache, (key, task, mode))) => match cache.lookup_stored(key, task, directives).await {
                 Lookup::Hit(output, kind) => {
                     let outcome = span.in_scope(|| self.hit(output, task, mode, kind));
@@ -359,7 +359,7 @@ impl Compute for ComputeService {
                                     // Held while the item's input is in use.
                                     let input = usage.claim_input();
                                     let (id, call) = origin.call(request);
-                                    if let Some(cacheable) = service.dispatcher.cache_key(&call) {
+                                    if let Some(cacheable) = service.dispatcher.cache_key(&call).await {
                                         // Admitted once the cache has no answer for it.
                                         let service = service.clone();
                                         running.push(Box::pin(async move {

@@ -3,6 +3,7 @@
 use std::process::Command;
 
 use offload_e2e::{Server, bin_dir};
+use sha2::Digest as _;
 
 fn offload(server: &Server, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
     use std::io::Write;
@@ -107,4 +108,28 @@ async fn the_cli_submits_waits_for_lists_and_cancels_jobs() {
     let waited = offload(&server, &["wait", &text(&out), "-o", file.to_str().unwrap()], None);
     assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
     assert_eq!(zstd::decode_all(&std::fs::read(&file).unwrap()[..]).unwrap(), b"hello hello hello");
+}
+
+#[tokio::test]
+async fn the_cli_says_when_the_cache_answered_and_passes_directives() {
+    let server = Server::start(&[]);
+    let run = |extra: &[&str]| {
+        let out = offload(&server, &[&["run", "hash.sha256", "-d", "cli cache", "--hex", "-v"], extra].concat(), None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert!(!run(&[]).contains("from the result cache"), "the first run runs");
+    assert!(run(&[]).contains("from the result cache"), "the second is a hit");
+    assert!(!run(&["--cache", "no-cache"]).contains("from the result cache"), "no-cache runs it");
+    let out = offload(&server, &["run", "hash.sha256", "-d", "x", "--cache", "max-age=1"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max-age=1"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Submit takes them too.
+    let bad = offload(&server, &["submit", "hash.sha256", "-d", "cli cache", "--cache", "max-age=1"], None);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("max-age=1"));
+    let job = ["submit", "hash.sha256", "-d", "cli cache", "--cache", "no-cache", "--wait", "--hex", "--no-progress"];
+    let out = offload(&server, &job, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let digest = hex::encode(sha2::Sha256::digest(b"cli cache"));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), digest);
 }

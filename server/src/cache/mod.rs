@@ -46,30 +46,56 @@ impl std::fmt::Debug for Key {
     }
 }
 
+/// Inputs up to this size are keyed where the call is read; larger ones on
+/// a blocking thread, so that hashing them never stalls an I/O thread
+/// (64 MiB take tens of milliseconds).
+const KEY_INLINE_BYTES: usize = 256 << 10;
+
 impl Key {
     /// The key of a call of `spec` with `params` (checked against the spec:
     /// no unknown ones) and `input`.
     pub fn of(spec: &TaskSpec, params: &HashMap<String, String>, input: &[u8]) -> Self {
-        let filled: BTreeMap<&str, &str> = spec
-            .params
-            .iter()
-            .filter_map(|p| Some((p.name, params.get(p.name).map(String::as_str).or(p.default)?)))
-            .collect();
+        Self::hash(spec.name, spec.version, &filled(spec, params), input)
+    }
+
+    /// [`Key::of`], hashing a large input on a blocking thread.
+    pub async fn of_call(spec: &TaskSpec, params: &HashMap<String, String>, input: &Bytes) -> Self {
+        if input.len() <= KEY_INLINE_BYTES {
+            return Self::of(spec, params, input);
+        }
+        let (name, version, owned, bytes) = (spec.name, spec.version, filled(spec, params), input.clone());
+        let hashed = tokio::task::spawn_blocking(move || Self::hash(name, version, &owned, &bytes));
+        // A hash cannot fail; a runtime shutting down can (then: inline).
+        match hashed.await {
+            Ok(key) => key,
+            Err(_) => Self::of(spec, params, input),
+        }
+    }
+
+    fn hash(name: &str, version: u32, params: &BTreeMap<&'static str, String>, input: &[u8]) -> Self {
         let mut hash = Sha256::new();
         let mut part = |bytes: &[u8]| {
             hash.update((bytes.len() as u64).to_be_bytes());
             hash.update(bytes);
         };
-        part(spec.name.as_bytes());
-        part(&spec.version.to_be_bytes());
-        part(&(filled.len() as u64).to_be_bytes());
-        for (name, value) in filled {
+        part(name.as_bytes());
+        part(&version.to_be_bytes());
+        part(&(params.len() as u64).to_be_bytes());
+        for (name, value) in params {
             part(name.as_bytes());
             part(value.as_bytes());
         }
         part(input);
         Self(hash.finalize().into())
     }
+}
+
+/// `params` with the spec's defaults filled in, sorted by name.
+fn filled(spec: &TaskSpec, params: &HashMap<String, String>) -> BTreeMap<&'static str, String> {
+    spec.params
+        .iter()
+        .filter_map(|p| Some((p.name, params.get(p.name).map(String::as_str).or(p.default)?.to_string())))
+        .collect()
 }
 
 /// What a call asks of the cache, from its `offload-cache` metadata: a
@@ -382,6 +408,15 @@ mod tests {
         const ONE: &[ParamSpec] = &[ParamSpec::optional("a", "", "")];
         let a = TaskSpec { params: ONE, ..SPEC };
         assert_ne!(Key::of(&a, &params(&[("a", "xy")]), b"z"), Key::of(&a, &params(&[("a", "x")]), b"yz"));
+    }
+
+    #[tokio::test]
+    async fn a_large_input_is_keyed_off_the_calling_thread_to_the_same_key() {
+        for size in [10, KEY_INLINE_BYTES + 1] {
+            let input = Bytes::from(vec![5u8; size]);
+            let params = params(&[("width", "64")]);
+            assert_eq!(Key::of_call(&SPEC, &params, &input).await, Key::of(&SPEC, &params, &input), "{size}");
+        }
     }
 
     #[test]

@@ -324,7 +324,7 @@ async fn execute(jobs: &Arc<Jobs>, dispatcher: &Arc<Dispatcher>, job: JobRecord,
     };
     // Identical work done meanwhile (by a call, or another job) is its
     // result; else its own is stored for the next.
-    let leader = match dispatcher.cache().zip(dispatcher.cache_key(&call)) {
+    let leader = match dispatcher.cache().zip(dispatcher.cache_key(&call).await) {
         Some((cache, (key, task, _))) => match cache.lookup_stored(key, task, Directives::default()).await {
             Lookup::Hit(output, kind) if output.len() <= jobs.options.max_output_bytes => {
                 drop(telemetry::cache_span(task, kind.label()));

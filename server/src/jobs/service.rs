@@ -123,7 +123,7 @@ impl JobsService {
     /// cacheable and the cache holds one that fits a job's output: the job
     /// is then done at Submit, never run.
     async fn cached(&self, call: &Call, directives: Directives, max_output_bytes: usize) -> Option<bytes::Bytes> {
-        let (cache, (key, task, _)) = self.dispatcher.cache().zip(self.dispatcher.cache_key(call))?;
+        let (cache, (key, task, _)) = self.dispatcher.cache().zip(self.dispatcher.cache_key(call).await)?;
         if directives.no_cache {
             return None;
         }
