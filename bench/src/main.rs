@@ -4,6 +4,7 @@
 //! - [`load`]: closed- and open-loop load with HDR histograms.
 //! - [`flood`]: many concurrent large calls, counted by status, for the memory budget.
 //! - [`jobs`]: jobs submitted and awaited (scenario 14), and the baselines' Redis.
+//! - [`corpus`]: distinct inputs asked for by a Zipf law (scenario 15, the result cache).
 //! - [`baseline`]: the inline and spawn_blocking servers, the socket ping-pong.
 //! - [`procstat`]: the server's CPU time and memory from /proc.
 //! - [`suite`]: the scenarios and the report; [`charts`]: its SVG charts.
@@ -49,7 +50,7 @@ enum Command {
         out: PathBuf,
         /// Runs only these scenarios (by number, e.g. `--only 3,9`); the
         /// report then holds only their rows.
-        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=14))]
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=15))]
         only: Vec<u8>,
     },
     /// Puts load on a running server and prints a JSON report and a summary.

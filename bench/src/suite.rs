@@ -18,7 +18,7 @@ use offload_proto::offload::v1::{ExecuteRequest, ExecutionMode, Stage, execute_e
 use crate::{
     baseline::{self, Style},
     charts::{self, Series},
-    corpus::{self, Corpus},
+    corpus::{self, Corpus, Look},
     jobs,
     load::{self, Api, LoadSpec, Report, Shape},
     procstat, programs,
@@ -505,8 +505,8 @@ impl Suite {
     /// with the cache (default size) against `--cache-max-bytes 0`; then a
     /// hit against a run, one call at a time.
     async fn result_cache(&mut self) -> anyhow::Result<()> {
-        let side = corpus::side_for(256 << 10)?;
-        let images = (0..1000).map(|n| corpus::jpeg(side, n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let side = corpus::side_for(Look::Photo, 256 << 10)?;
+        let images = (0..1000).map(|n| corpus::jpeg(Look::Photo, side, n)).collect::<anyhow::Result<Vec<_>>>()?;
         let images = Corpus::zipf(images, 1.1);
         let cached = offload(&["--cache-max-bytes", "134217728"])?;
         let uncached = offload(&[])?;
@@ -515,21 +515,22 @@ impl Suite {
         let mut spec = self.spec("", "image.thumbnail", &thumbnail, ExecutionMode::Pool, 0);
         (spec.connections, spec.in_flight, spec.corpus) = (4, 16, Some(Arc::clone(&images)));
         let label = format!(
-            "15. image.thumbnail 128x128, Zipf 1.1 over {} JPEGs of {} KiB, 4x16",
+            "15. image.thumbnail 128x128, Zipf 1.1 over {} photo-like JPEGs of {} KiB ({side}x{side}), 4x16",
             images.len(),
             images.mean_size() >> 10
         );
         let m = self.compare(&label, &contenders(&spec, &servers)).await?;
-        let hit_ratio = median(m.runs[0].iter().map(|r| r.cache_hits as f64 / r.ok.max(1) as f64).collect());
+        let hit_ratios: Vec<f64> = m.runs[0].iter().map(|r| r.cache_hits as f64 / r.ok.max(1) as f64).collect();
+        let cold = hit_ratios[0];
+        let warm = if hit_ratios.len() > 1 { median(hit_ratios[1..].to_vec()) } else { cold };
         let rss =
             |i: usize| median(m.runs[i].iter().map(|r| r.front_peak_rss.unwrap_or(0) as f64).collect()) / 1048576.0;
         let throughput = m.ratio(0, 1);
         self.row(
-            "15. result cache: image.thumbnail, Zipf 1.1 over 1,000 JPEGs of 256 KiB, 4x16, calls/s (first run cold)",
+            "15. result cache: image.thumbnail, Zipf 1.1 over 1,000 photo-like JPEGs of 256 KiB, 4x16, calls/s (first run cold)",
             format!(
-                "{:.0} calls/s, hit ratio {:.2}, front peak RSS {:.0} MiB",
+                "{:.0} calls/s, hit ratio {cold:.3} cold, {warm:.3} warm, front peak RSS {:.0} MiB",
                 m.median(0, calls_per_sec),
-                hit_ratio,
                 rss(0)
             ),
             format!("{:.0} calls/s with --cache-max-bytes 0, RSS {:.0} MiB", m.median(1, calls_per_sec), rss(1)),
@@ -548,14 +549,17 @@ impl Suite {
         );
         // One call at a time: a hit (the cache holds it after the first)
         // against the same call run every time.
-        let photo = Corpus::zipf(vec![corpus::jpeg(corpus::side_for(1 << 20)?, 7)?], 1.0);
+        let side = corpus::side_for(Look::Photo, 1 << 20)?;
+        let photo = Corpus::zipf(vec![corpus::jpeg(Look::Photo, side, 7)?], 1.0);
+        let what =
+            format!("image.thumbnail 128x128 of a photo-like JPEG of {} KiB ({side}x{side})", photo.mean_size() >> 10);
         let mut one = self.spec("", "image.thumbnail", &thumbnail, ExecutionMode::Pool, 0);
         (one.corpus, one.duration) = (Some(photo), self.duration().min(Duration::from_secs(2)));
         one_by_one(&mut one);
-        let m = self.compare("15. image.thumbnail 128x128 of a 1 MiB JPEG, 1x1", &contenders(&one, &servers)).await?;
+        let m = self.compare(&format!("15. {what}, 1x1"), &contenders(&one, &servers)).await?;
         let faster = m.per_run(1, 0, p50_us, |run, hit| run / hit);
         self.row(
-            "15. a hit vs a run: image.thumbnail of a 1 MiB JPEG, one at a time, median latency",
+            &format!("15. a hit vs a run: {what}, one at a time, median latency"),
             format!("{:.2} ms a hit", m.median(0, p50_us) / 1e3),
             format!("{:.2} ms run", m.median(1, p50_us) / 1e3),
             faster,
@@ -1302,7 +1306,16 @@ fn merge(report: &str, only: &[u8], partial: &str) -> String {
     };
     let new_rows: Vec<&str> = partial.lines().filter(|l| l.starts_with("| ") && ours(l)).collect();
     let new_details: Vec<&str> = partial.lines().filter(|l| l.starts_with("- ") && ours(l)).collect();
-    let scenarios = only.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
+    // Scenarios an earlier partial run merged stay listed beside these.
+    let mut later: Vec<u8> = report
+        .lines()
+        .filter_map(|l| l.strip_prefix("Scenario(s) ")?.split_once(':').map(|(numbers, _)| numbers.to_string()))
+        .flat_map(|numbers| numbers.split(',').filter_map(|n| n.trim().parse().ok()).collect::<Vec<u8>>())
+        .chain(only.iter().copied())
+        .collect();
+    later.sort_unstable();
+    later.dedup();
+    let scenarios = later.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
     let mut out = Vec::new();
     let mut lines = report.lines().filter(|l| !ours(l) && !l.starts_with("Scenario(s) ")).peekable();
     while let Some(line) = lines.next() {
@@ -1312,10 +1325,7 @@ fn merge(report: &str, only: &[u8], partial: &str) -> String {
         out.push(line.to_string());
         if line.starts_with("Written by `bench/run") {
             out.push(String::new());
-            out.push(format!(
-                "Scenario(s) {scenarios}: figures of a later `bench/run --only {}`.",
-                only.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
-            ));
+            out.push(format!("Scenario(s) {scenarios}: figures of later partial runs (`bench/run --only N`)."));
         }
         // The table ends where the next line is no longer a row.
         if line.starts_with('|') && !lines.peek().is_some_and(|next| next.starts_with('|')) {
@@ -1421,8 +1431,12 @@ mod tests {
         let merged = merge(report, &[14], partial);
         assert_eq!(
             merged,
-            "# Offload benchmarks\n\nWritten by `bench/run`; x\n\nScenario(s) 14: figures of a later `bench/run --only 14`.\n\n| scenario | a |\n|---|---|\n| 1. one | old |\n| 14. jobs | new |\n| 14. jobs, more | new |\n\n## Measurements\n\n- 1. one: kept\n- 14. jobs: new\n"
+            "# Offload benchmarks\n\nWritten by `bench/run`; x\n\nScenario(s) 14: figures of later partial runs (`bench/run --only N`).\n\n| scenario | a |\n|---|---|\n| 1. one | old |\n| 14. jobs | new |\n| 14. jobs, more | new |\n\n## Measurements\n\n- 1. one: kept\n- 14. jobs: new\n"
         );
         assert_eq!(merge(&merged, &[14], partial), merged, "merging again changes nothing");
+        let partial = "| 15. cache | new |\n";
+        let again = merge(&merged, &[15], partial);
+        assert!(again.contains("Scenario(s) 14, 15: figures of later"), "{again}");
+        assert!(again.contains("| 14. jobs | new |\n| 14. jobs, more | new |\n| 15. cache | new |\n"), "{again}");
     }
 }
