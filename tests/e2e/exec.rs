@@ -39,6 +39,14 @@ sandbox = { read = ["/proc"] }
 name = "exec.sleep"
 program = "/bin/sleep"
 args = ["30"]
+
+[[exec]]
+name = "exec.upper"
+description = "upper-cases its input: a pure function, so cacheable"
+program = "/usr/bin/tr"
+args = ["a-z", "A-Z"]
+cacheable = true
+version = 2
 "#;
 
 fn start() -> (Server, tempfile::TempDir) {
@@ -106,4 +114,23 @@ async fn exec_timeouts_and_deadlines_kill_the_program() {
     assert!(wait_for(Duration::from_secs(3), || children_of(worker).is_empty()).await, "{:?}", children_of(worker));
     let out = client.execute(request("exec.wc", &[], &b"x"[..])).await.unwrap().into_inner();
     assert_eq!(out.output.as_ref(), b"1\n");
+}
+
+#[tokio::test]
+async fn an_exec_task_is_cached_only_when_its_entry_says_so() {
+    let (server, _dir) = start();
+    let mut client = server.client().await;
+    let header = |response: &tonic::Response<_>| response.metadata().get("offload-cache").unwrap().clone();
+    for expected in ["miss", "hit"] {
+        let response = client.execute(request("exec.upper", &[], &b"shout"[..])).await.unwrap();
+        assert_eq!(header(&response), expected);
+        assert_eq!(response.into_inner().output.as_ref(), b"SHOUT");
+    }
+    for _ in 0..2 {
+        let response = client.execute(request("exec.wc", &[], &b"count me"[..])).await.unwrap();
+        assert_eq!(header(&response), "miss", "exec tasks are not cacheable unless declared");
+    }
+    let tasks = client.list_tasks(ListTasksRequest {}).await.unwrap().into_inner().tasks;
+    let upper = tasks.iter().find(|t| t.name == "exec.upper").unwrap();
+    assert_eq!((upper.cacheable, upper.version), (true, 2));
 }
