@@ -72,53 +72,32 @@ impl Draws {
     }
 }
 
-/// How a generated image looks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Look {
-    /// Noise over a gradient: few pixels for its bytes (JPEG keeps noise).
-    Noise,
-    /// Smooth shapes with a little grain, as a camera photo: many pixels
-    /// for its bytes, as a 1 MiB photo has.
-    Photo,
-}
-
-/// A JPEG of `side` x `side` pixels that looks as `look` says, different
-/// for each `seed`.
-pub fn jpeg(look: Look, side: u32, seed: u64) -> anyhow::Result<Bytes> {
+/// A JPEG of `side` x `side` pixels looking like a camera photo (smooth
+/// shapes, a little grain: many pixels for its bytes, as a photo has),
+/// different for each `seed`.
+pub fn jpeg(side: u32, seed: u64) -> anyhow::Result<Bytes> {
     let mut draws = Draws::new(seed);
     let phase = (seed % 97) as f32;
     let image = image::RgbImage::from_fn(side, side, |x, y| {
         let grain = draws.next_u64();
         let (fx, fy) = (x as f32 / side as f32, y as f32 / side as f32);
-        match look {
-            Look::Noise => {
-                let base = ((x + y) * 255 / (2 * side)) as u8;
-                image::Rgb([
-                    base ^ grain as u8 & 0x3f,
-                    base ^ (grain >> 8) as u8 & 0x3f,
-                    base ^ (grain >> 16) as u8 & 0x3f,
-                ])
-            }
-            Look::Photo => {
-                let wave = |k: f32, p: f32| 0.5 + 0.5 * ((fx * k + p).sin() * (fy * (k + 1.3) - p).cos());
-                let channel = |k: f32, shift: u32| {
-                    let smooth = wave(k, phase + shift as f32) * 220.0;
-                    (smooth as u32 + ((grain >> shift) & 0x1f) as u32).min(255) as u8
-                };
-                image::Rgb([channel(7.0, 0), channel(11.0, 8), channel(5.0, 16)])
-            }
-        }
+        let wave = |k: f32, p: f32| 0.5 + 0.5 * ((fx * k + p).sin() * (fy * (k + 1.3) - p).cos());
+        let channel = |k: f32, shift: u32| {
+            let smooth = wave(k, phase + shift as f32) * 220.0;
+            (smooth as u32 + ((grain >> shift) & 0x1f) as u32).min(255) as u8
+        };
+        image::Rgb([channel(7.0, 0), channel(11.0, 8), channel(5.0, 16)])
     });
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&image)?;
     Ok(Bytes::from(out))
 }
 
-/// The side of a `look` JPEG of about `bytes`.
-pub fn side_for(look: Look, bytes: usize) -> anyhow::Result<u32> {
+/// The side of a [`jpeg`] of about `bytes`.
+pub fn side_for(bytes: usize) -> anyhow::Result<u32> {
     // Measured once on a sample: size grows with the pixel count.
     let sample = 256;
-    let per_pixel = jpeg(look, sample, 0)?.len() as f64 / f64::from(sample * sample);
+    let per_pixel = jpeg(sample, 0)?.len() as f64 / f64::from(sample * sample);
     Ok(((bytes as f64 / per_pixel).sqrt()) as u32)
 }
 
@@ -143,11 +122,9 @@ mod tests {
 
     #[test]
     fn jpegs_differ_by_seed_and_come_near_the_size_asked() {
-        for look in [Look::Noise, Look::Photo] {
-            let side = side_for(look, 64 << 10).unwrap();
-            let (a, b) = (jpeg(look, side, 1).unwrap(), jpeg(look, side, 2).unwrap());
-            assert_ne!(a, b);
-            assert!((48 << 10..80 << 10).contains(&a.len()), "{look:?}: {} bytes", a.len());
-        }
+        let side = side_for(64 << 10).unwrap();
+        let (a, b) = (jpeg(side, 1).unwrap(), jpeg(side, 2).unwrap());
+        assert_ne!(a, b);
+        assert!((48 << 10..80 << 10).contains(&a.len()), "{} bytes", a.len());
     }
 }
