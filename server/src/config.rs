@@ -242,6 +242,11 @@ pub struct Args {
     #[serde(default)]
     pub cors_allowed_origins: Vec<String>,
 
+    /// Serve the web console at http://ADDR/ (it calls the gRPC port through
+    /// gRPC-Web); may be the metrics address. [default: off]
+    #[arg(long, env = "OFFLOAD_CONSOLE_LISTEN", value_name = "ADDR")]
+    pub console_listen: Option<SocketAddr>,
+
     /// Address of the Prometheus endpoint (GET /metrics); off when unset.
     #[arg(long, env = "OFFLOAD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -395,6 +400,7 @@ impl Args {
             replica_name: self.replica_name.or(file.replica_name),
             log_format: self.log_format.or(file.log_format),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            console_listen: self.console_listen.or(file.console_listen),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
@@ -566,6 +572,8 @@ pub struct Config {
     pub cors_allowed_origins: Vec<http::HeaderValue>,
     /// Address of the metrics endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Web console address.
+    pub console_listen: Option<SocketAddr>,
     /// Where traces go.
     pub traces: TraceSettings,
     /// Worker processes.
@@ -761,6 +769,7 @@ impl Config {
             worker_sandbox: a.worker_sandbox.unwrap_or_default(),
             cors_allowed_origins: cors_origins(&a.cors_allowed_origins)?,
             metrics_listen: a.metrics_listen,
+            console_listen: a.console_listen,
             traces: TraceSettings {
                 endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),
                 service_name: a.otel_service_name.filter(|n| !n.is_empty()),

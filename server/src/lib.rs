@@ -10,6 +10,7 @@
 //! - [`web`]: gRPC-Web for browsers, beside plain gRPC.
 //! - [`service`]: thin gRPC handlers of `offload.v1.Compute`.
 //! - [`admin`]: `offload.admin.v1.Admin`: the live view of a replica and its workers.
+//! - [`console`]: the web console's page (`--console-listen`), embedded.
 //! - [`deadline`]: the call's deadline from `grpc-timeout`.
 //! - [`auth`]: bearer tokens and client certificates of declared clients.
 //! - [`clients`]: who a call is from, its priority, declared clients' limits and permissions.
@@ -36,6 +37,7 @@ pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod cost;
 pub mod deadline;
 pub mod dispatch;

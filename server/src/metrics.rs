@@ -515,6 +515,7 @@ pub async fn serve(
     listener: TcpListener,
     dispatcher: std::sync::Arc<Dispatcher>,
     jobs: Option<std::sync::Arc<crate::jobs::Jobs>>,
+    console: Option<std::sync::Arc<crate::console::Console>>,
     stop: CancellationToken,
 ) {
     loop {
@@ -529,10 +530,12 @@ pub async fn serve(
             },
             () = stop.cancelled() => return,
         };
-        let (dispatcher, jobs) = (std::sync::Arc::clone(&dispatcher), jobs.clone());
+        let (dispatcher, jobs, console) = (std::sync::Arc::clone(&dispatcher), jobs.clone(), console.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let (dispatcher, jobs) = (std::sync::Arc::clone(&dispatcher), jobs.clone());
+                // The console, when it shares this address.
+                let page = console.as_ref().map(|c| c.respond(request.uri().path()));
                 async move {
                     let response = if request.uri().path() == "/metrics" {
                         let stats = match &jobs {
@@ -544,6 +547,8 @@ pub async fn serve(
                             .body(Full::new(bytes::Bytes::from(
                                 dispatcher.metrics().render(&dispatcher, stats.as_ref()),
                             )))
+                    } else if let Some(page) = page {
+                        Ok(page.unwrap_or_else(crate::console::not_found))
                     } else {
                         Response::builder()
                             .status(404)

@@ -136,11 +136,30 @@ pub async fn serve(
     let metrics_stop = CancellationToken::new();
     let _stop_metrics = metrics_stop.clone().drop_guard();
     let jobs = open_jobs(config).await?;
+    // The console, on its own address or beside the metrics on theirs.
+    let console = config.console_listen.map(|_| {
+        let grpc_scheme = if config.tls.is_some() { "https" } else { "http" };
+        Arc::new(crate::console::Console { grpc_port: front_port, grpc_scheme })
+    });
+    let mut cors_origins = config.cors_allowed_origins.clone();
+    if let (Some(addr), Some(console)) = (config.console_listen, &console)
+        && Some(addr) != config.metrics_listen
+    {
+        let listener = metrics::bind(addr).await?;
+        cors_origins.extend(console_origins(&listener));
+        tracing::info!("console on http://{}", listener.local_addr()?);
+        tokio::spawn(crate::console::serve(listener, Arc::clone(console), metrics_stop.clone()));
+    }
     if let Some(addr) = config.metrics_listen {
         let listener = metrics::bind(addr).await?;
         // Served until the very end, so the drain can be watched.
         let store = jobs.as_ref().ok().cloned();
-        tokio::spawn(metrics::serve(listener, Arc::clone(&dispatcher), store, metrics_stop.clone()));
+        let shared = console.clone().filter(|_| config.console_listen == Some(addr));
+        if shared.is_some() {
+            cors_origins.extend(console_origins(&listener));
+            tracing::info!("console on http://{}", listener.local_addr()?);
+        }
+        tokio::spawn(metrics::serve(listener, Arc::clone(&dispatcher), store, shared, metrics_stop.clone()));
     }
     // The job runner: claims while serving, then hands back what still runs
     // when the drain's grace is over.
@@ -204,7 +223,7 @@ pub async fn serve(
         // Browsers' preflight requests are answered before authentication
         // (they carry no credentials); without allowed origins there is no
         // CORS layer at all (it would add Vary headers to every response).
-        .option_layer((!config.cors_allowed_origins.is_empty()).then(|| cors(&config.cors_allowed_origins)))
+        .option_layer((!cors_origins.is_empty()).then(|| cors(&cors_origins)))
         // A call without credentials is refused before its body is read
         // (health checks pass).
         .layer(AuthLayer::new(Arc::clone(&dispatcher)))
@@ -396,6 +415,12 @@ async fn open_jobs(config: &Config) -> Result<Result<Arc<Jobs>, String>, ServeEr
     }
 }
 
+/// The origins the console served on `listener` calls the gRPC port from.
+fn console_origins(listener: &TcpListener) -> Vec<HeaderValue> {
+    let Ok(addr) = listener.local_addr() else { return Vec::new() };
+    crate::console::Console::origins(addr).iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect()
+}
+
 /// CORS for gRPC-Web callers in browsers: the origins allowed (none: no
 /// cross-origin call is allowed), the headers gRPC-Web sends and reads.
 fn cors(origins: &[HeaderValue]) -> tower_http::cors::CorsLayer {
@@ -415,8 +440,14 @@ fn cors(origins: &[HeaderValue]) -> tower_http::cors::CorsLayer {
             header("grpc-timeout"),
             header("offload-client"),
             header("offload-priority"),
+            header("offload-cache"),
         ])
-        .expose_headers([header("grpc-status"), header("grpc-message"), header("grpc-status-details-bin")])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+            header("offload-cache"),
+        ])
         .max_age(Duration::from_secs(24 * 3600))
 }
 

@@ -8,6 +8,7 @@ mod cache;
 mod cli;
 mod cluster;
 mod config;
+mod console;
 mod custom;
 mod deadlines;
 mod discovery;

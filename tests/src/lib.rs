@@ -150,6 +150,23 @@ pub fn grpc_web_modules() -> &'static Path {
     })
 }
 
+/// The `node_modules` of the console's browser test (`tests/console`:
+/// playwright-core, which drives Debian's Chromium), installed once under
+/// target/.
+pub fn console_test_modules() -> &'static Path {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    MODULES.get_or_init(|| {
+        let manifest = workspace().join("tests/console/package.json");
+        npm_install(
+            "console-check",
+            |dir| {
+                std::fs::copy(&manifest, dir.join("package.json")).expect("copy tests/console/package.json");
+            },
+            &[],
+        )
+    })
+}
+
 /// A running server process.
 #[derive(Debug)]
 pub struct Server {

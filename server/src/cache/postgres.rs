@@ -87,7 +87,7 @@ impl PgCacheStore {
     }
 }
 
-/// Trims `store` now rather than at its next turn (see [`trim`]).
+/// Trims `store` now rather than at its next turn (see the module docs).
 pub async fn trim_now(store: &PgCacheStore) -> Result<(u64, usize), StoreError> {
     let trimmed = trim(&store.db, store.max_bytes).await?;
     store.held.store(trimmed.1, Ordering::Relaxed);

@@ -1,0 +1,257 @@
+// Offload's web console. It speaks to the server's gRPC port through
+// gRPC-Web (Connect's web client), with message types read at run time from
+// the descriptors the server serves: the same API, checks and statuses as
+// every other client, and no generated code to keep in step with proto/.
+//
+// Views have URLs of their own (#/tasks, #/try/NAME), for links and
+// bookmarks.
+
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { createFileRegistry, fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
+
+const view = document.getElementById("view");
+
+/** The API: the Compute client and the enums' names. */
+async function connect() {
+  const [config, descriptors] = await Promise.all([
+    fetch("config.json").then((r) => r.json()),
+    fetch("descriptors.bin").then((r) => r.arrayBuffer()),
+  ]);
+  const registry = createFileRegistry(fromBinary(FileDescriptorSetSchema, new Uint8Array(descriptors)));
+  const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
+  const baseUrl = `${config.grpcScheme}://${host}:${config.grpcPort}`;
+  document.getElementById("server").textContent = `gRPC-Web at ${baseUrl}`;
+  const transport = createGrpcWebTransport({ baseUrl });
+  const modes = registry.getEnum("offload.v1.ExecutionMode");
+  return {
+    compute: createClient(registry.getService("offload.v1.Compute"), transport),
+    modeName: (n) => modes.values.find((v) => v.number === n)?.name.replace("EXECUTION_MODE_", "") ?? String(n),
+  };
+}
+
+/** A gRPC status code's name, as gRPC spells it (INVALID_ARGUMENT). */
+function statusName(code) {
+  return (Code[code] ?? String(code)).replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
+}
+
+/** An element `tag` with `attrs` and `children` (strings become text). */
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === false || value == null) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  node.append(...children.flat(Infinity).filter((c) => c != null));
+  return node;
+}
+
+function show(...nodes) {
+  view.replaceChildren(...nodes);
+  view.focus();
+}
+
+function failed(err) {
+  const status = err instanceof ConnectError ? `${statusName(err.code)}: ${err.rawMessage}` : String(err);
+  return el("p", { class: "status-bad", role: "alert" }, status);
+}
+
+let tasksCache;
+async function tasks(api) {
+  tasksCache ??= (await api.compute.listTasks({})).tasks;
+  return tasksCache;
+}
+
+/** #/tasks: every task the caller may run, with its modes and params. */
+async function tasksView(api) {
+  const list = await tasks(api);
+  const rows = list.map((t) =>
+    el(
+      "tr",
+      {},
+      el("td", {}, el("a", { href: `#/try/${encodeURIComponent(t.name)}` }, t.name)),
+      el("td", {}, t.description),
+      el("td", {}, t.allowedModes.map(api.modeName).join(", ")),
+      el("td", {}, t.params.map((p) => p.name).join(", ") || "none"),
+      el("td", {}, t.cacheable ? `yes (v${t.version})` : "no"),
+    ),
+  );
+  show(
+    el("h2", {}, "Tasks"),
+    el(
+      "table",
+      {},
+      el("thead", {}, el("tr", {}, ["Task", "What it does", "Modes", "Params", "Cached"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows),
+    ),
+  );
+}
+
+/** The bytes of `output` as text when they are printable UTF-8. */
+function asText(output) {
+  try {
+    const text = new TextDecoder("utf-8", { fatal: true }).decode(output);
+    return /^[\P{Cc}\n\r\t]*$/u.test(text) ? text : null;
+  } catch {
+    return null;
+  }
+}
+
+const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+
+/** The image type of `output`, from its first bytes, if it is one. */
+function imageType(output) {
+  const starts = (...bytes) => bytes.every((b, i) => output[i] === b);
+  if (starts(0x89, 0x50, 0x4e, 0x47)) return "image/png";
+  if (starts(0xff, 0xd8, 0xff)) return "image/jpeg";
+  if (starts(0x52, 0x49, 0x46, 0x46) && output[8] === 0x57) return "image/webp";
+  return null;
+}
+
+/** The output shown as an image, text or hex, with a download link. */
+function outputView(task, output) {
+  const type = imageType(output);
+  const blob = new Blob([output], { type: type ?? "application/octet-stream" });
+  const url = URL.createObjectURL(blob);
+  const text = type ? null : asText(output);
+  const shown = type
+    ? el("img", { class: "output", src: url, alt: `the output of ${task}` })
+    : el("pre", { class: "output", "data-format": text == null ? "hex" : "text" }, text ?? hex(output));
+  return [
+    shown,
+    el("p", {}, el("a", { href: url, download: `${task}.out` }, `Download the output (${output.length} bytes)`)),
+  ];
+}
+
+/** #/try/NAME: a form built from the task's spec; runs it and shows the answer. */
+async function tryView(api, name) {
+  const list = await tasks(api);
+  const task = list.find((t) => t.name === name) ?? list[0];
+  if (!task) return show(el("p", {}, "This server offers no task to this caller."));
+  const picker = el(
+    "select",
+    { id: "task", onchange: (e) => (location.hash = `#/try/${encodeURIComponent(e.target.value)}`) },
+    list.map((t) => el("option", { value: t.name, selected: t.name === task.name }, t.name)),
+  );
+  const params = task.params.map((p) => {
+    const id = `param-${p.name}`;
+    return [
+      el(
+        "label",
+        { for: id },
+        p.name,
+        p.required ? el("span", { class: "required", "aria-hidden": "true" }, " *") : null,
+        el("span", { class: "hint" }, p.description),
+      ),
+      el("input", {
+        type: "text",
+        id,
+        name: p.name,
+        placeholder: p.required ? "required" : `default ${p.defaultValue}`,
+        required: p.required,
+        "aria-required": p.required ? "true" : null,
+      }),
+    ];
+  });
+  const modes = el(
+    "select",
+    { id: "mode" },
+    el("option", { value: "0" }, `default (${api.modeName(task.defaultMode)})`),
+    task.allowedModes.map((m) => el("option", { value: String(m) }, api.modeName(m))),
+  );
+  const result = el("section", { id: "result", "aria-live": "polite" });
+  const form = el(
+    "form",
+    { class: "try", onsubmit: (e) => (e.preventDefault(), run(api, task, form, result)) },
+    el("label", { for: "task" }, "Task", el("span", { class: "hint" }, task.description)),
+    picker,
+    params,
+    el("label", { for: "input-text" }, "Input", el("span", { class: "hint" }, "text, or a file below")),
+    el("textarea", { id: "input-text", name: "input" }),
+    el("label", { for: "input-file" }, "Input file"),
+    el("input", { type: "file", id: "input-file" }),
+    el("label", { for: "mode" }, "Mode"),
+    modes,
+    el("label", { for: "deadline" }, "Deadline", el("span", { class: "hint" }, "seconds; empty: none")),
+    el("input", { type: "number", id: "deadline", min: "0.001", step: "any" }),
+    el("label", { for: "stream" }, "Progress", el("span", { class: "hint" }, "ExecuteStream instead of Execute")),
+    el("input", { type: "checkbox", id: "stream", checked: true }),
+    el("div", { class: "actions" }, el("button", { type: "submit", id: "run" }, "Run")),
+  );
+  show(el("h2", {}, "Try a task"), form, result);
+}
+
+async function run(api, task, form, result) {
+  const params = {};
+  for (const p of task.params) {
+    const value = form.querySelector(`#param-${CSS.escape(p.name)}`).value;
+    if (value !== "") params[p.name] = value;
+  }
+  const file = form.querySelector("#input-file").files[0];
+  const input = file
+    ? new Uint8Array(await file.arrayBuffer())
+    : new TextEncoder().encode(form.querySelector("#input-text").value);
+  const request = { task: task.name, input, params, mode: Number(form.querySelector("#mode").value) };
+  const seconds = Number(form.querySelector("#deadline").value);
+  const options = seconds > 0 ? { timeoutMs: Math.round(seconds * 1000) } : {};
+  const bar = el("progress", { max: "1", value: "0", "aria-label": "progress" });
+  const stage = el("p", { class: "muted" }, "Sent");
+  result.replaceChildren(stage, bar);
+  const started = performance.now();
+  try {
+    let response;
+    if (form.querySelector("#stream").checked) {
+      for await (const event of api.compute.executeStream(request, options)) {
+        if (event.event.case === "progress") {
+          const progress = event.event.value;
+          bar.value = progress.fraction;
+          stage.textContent = progress.message || "Running";
+        } else if (event.event.case === "result") {
+          response = event.event.value;
+        }
+      }
+    } else {
+      response = await api.compute.execute(request, options);
+    }
+    bar.value = 1;
+    const took = ((performance.now() - started) / 1000).toFixed(3);
+    const stats = response.stats;
+    result.replaceChildren(
+      el("p", { class: "status-ok", id: "status" }, "OK"),
+      el(
+        "p",
+        { class: "muted" },
+        `${api.modeName(response.mode)}, ${took} s` +
+          (stats?.cached ? ", from the result cache" : `, ran ${stats?.runUs ?? 0} us`) +
+          (stats?.workerPid ? `, worker ${stats.workerPid}` : ""),
+      ),
+      ...outputView(task.name, response.output),
+    );
+  } catch (err) {
+    result.replaceChildren(Object.assign(failed(err), { id: "status" }));
+  }
+}
+
+async function route(api) {
+  const [, name = "tasks", arg] = location.hash.split("/");
+  for (const link of document.querySelectorAll("nav a")) {
+    link.toggleAttribute("aria-current", link.dataset.view === name);
+    if (link.dataset.view === name) link.setAttribute("aria-current", "page");
+  }
+  try {
+    if (name === "try") await tryView(api, arg && decodeURIComponent(arg));
+    else await tasksView(api);
+  } catch (err) {
+    show(el("h2", {}, "The server refused"), failed(err));
+  }
+}
+
+connect().then(
+  (api) => {
+    window.addEventListener("hashchange", () => route(api));
+    route(api);
+  },
+  (err) => show(failed(err)),
+);

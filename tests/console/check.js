@@ -1,0 +1,66 @@
+// Drives Debian's Chromium (headless) through the console served at
+// argv[2], against a real server: the task list, a hash.sha256 run from the
+// form (its digest shown), an image.thumbnail that renders, and a failing
+// call showing its status. Screenshots go to argv[3]. Prints "console: ok".
+const { chromium } = require("playwright-core");
+const crypto = require("crypto");
+const fs = require("fs");
+const path = require("path");
+
+const [console_url, shots, chromiumPath, imageFile] = process.argv.slice(2);
+
+async function main() {
+  const browser = await chromium.launch({ executablePath: chromiumPath, args: ["--no-sandbox"] });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
+  const errors = [];
+  page.on("pageerror", (err) => errors.push(String(err)));
+  try {
+    // The task list, from ListTasks through gRPC-Web.
+    await page.goto(`${console_url}#/tasks`);
+    await page.getByRole("link", { name: "hash.sha256" }).waitFor({ timeout: 15000 });
+    await page.screenshot({ path: path.join(shots, "console-tasks.png"), fullPage: true });
+
+    // hash.sha256 of a text input: the digest, as hex.
+    await page.getByRole("link", { name: "hash.sha256" }).click();
+    await page.waitForURL(/#\/try\/hash\.sha256$/);
+    await page.locator("#input-text").fill("hello console");
+    await page.getByRole("button", { name: "Run" }).click();
+    await page.locator("#status.status-ok").waitFor({ timeout: 15000 });
+    const digest = crypto.createHash("sha256").update("hello console").digest("hex");
+    const shown = await page.locator("pre.output").innerText();
+    if (shown.trim() !== digest) throw new Error(`digest shown ${shown}, expected ${digest}`);
+    await page.screenshot({ path: path.join(shots, "console-try-hash.png"), fullPage: true });
+
+    // image.thumbnail from a file: an image that renders.
+    await page.goto(`${console_url}#/try/image.thumbnail`);
+    await page.locator("#param-width").fill("64");
+    await page.locator("#param-height").fill("64");
+    await page.locator("#input-file").setInputFiles(imageFile);
+    await page.getByRole("button", { name: "Run" }).click();
+    const image = page.locator("img.output");
+    await image.waitFor({ timeout: 15000 });
+    const width = await image.evaluate((img) => img.decode().then(() => img.naturalWidth));
+    if (!(width > 0 && width <= 64)) throw new Error(`the thumbnail rendered ${width} pixels wide`);
+    await page.screenshot({ path: path.join(shots, "console-try-thumbnail.png"), fullPage: true });
+
+    // A failing call: its status and message.
+    await page.goto(`${console_url}#/try/primes.count`);
+    await page.locator("#param-limit").fill("ten");
+    await page.getByRole("button", { name: "Run" }).click();
+    const status = page.locator("#status.status-bad");
+    await status.waitFor({ timeout: 15000 });
+    const said = await status.innerText();
+    if (!said.startsWith("INVALID_ARGUMENT") || !said.includes("limit")) throw new Error(`failure shown: ${said}`);
+    await page.screenshot({ path: path.join(shots, "console-failed.png"), fullPage: true });
+
+    if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
+    console.log("console: ok");
+  } finally {
+    await browser.close();
+  }
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

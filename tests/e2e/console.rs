@@ -1,0 +1,76 @@
+//! The web console in a real browser: Debian's headless Chromium, driven by
+//! playwright-core (`tests/console/check.js`), loads the page the server
+//! embeds and calls the gRPC port through gRPC-Web: the task list, a
+//! hash.sha256 run from the form, a thumbnail that renders, a failing call
+//! with its status. Screenshots are written under target/console/.
+
+use std::{path::PathBuf, process::Command};
+
+use offload_e2e::{Server, console_test_modules, from_debian, http_get};
+
+/// Debian's Chromium, installed if missing.
+fn chromium() -> PathBuf {
+    from_debian("chromium", || {
+        ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().map(PathBuf::from).find(|p| p.exists())
+    })
+}
+
+/// The console's address, from the server's log.
+async fn console_url(server: &Server) -> String {
+    assert!(server.wait_logged("console on http://").await, "{:?}", server.logs());
+    let line = server.logs().into_iter().find(|l| l.contains("console on http://")).unwrap();
+    let at = line.find("http://").unwrap();
+    line[at..].split(|c: char| c == '"' || c.is_whitespace()).next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_runs_tasks_from_its_form_in_a_real_browser() {
+    let server = Server::start(&["--console-listen", "127.0.0.1:0"]);
+    let url = console_url(&server).await;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shots = root.join("../target/console");
+    std::fs::create_dir_all(&shots).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let picture = dir.path().join("picture.png");
+    image::RgbImage::from_fn(320, 200, |x, y| image::Rgb([x as u8, y as u8, 90])).save(&picture).unwrap();
+    let (chromium, modules, script) = (chromium(), console_test_modules(), root.join("console/check.js"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .arg(&url)
+            .arg(&shots)
+            .arg(chromium)
+            .arg(picture)
+            .env("NODE_PATH", modules)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run node");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("console: ok"),
+        "the console check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_console_may_share_the_metrics_address_and_serves_only_its_files() {
+    let server = Server::start(&["--metrics-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0"]);
+    // Port 0 twice: two addresses. The shared case needs one fixed port.
+    let url = console_url(&server).await;
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let (status, page) = http_get(addr, "/").unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>Offload console</title>"), "{page}");
+    assert_eq!(http_get(addr, "/../Cargo.toml").unwrap().0, 404);
+    let (status, config) = http_get(addr, "/config.json").unwrap();
+    assert_eq!((status, config), (200, format!(r#"{{"grpcPort":{},"grpcScheme":"http"}}"#, server.addr.port())));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let both = format!("127.0.0.1:{port}");
+    let shared = Server::start(&["--metrics-listen", &both, "--console-listen", &both]);
+    assert_eq!(console_url(&shared).await, format!("http://{both}"));
+    assert_eq!(http_get(&both, "/").unwrap().0, 200, "the page");
+    assert!(http_get(&both, "/metrics").unwrap().1.contains("offload_inflight_bytes"), "and the metrics");
+}
