@@ -27,6 +27,7 @@ async function connect() {
   const modes = registry.getEnum("offload.v1.ExecutionMode");
   return {
     compute: createClient(registry.getService("offload.v1.Compute"), transport),
+    admin: createClient(registry.getService("offload.admin.v1.Admin"), transport),
     modeName: (n) => modes.values.find((v) => v.number === n)?.name.replace("EXECUTION_MODE_", "") ?? String(n),
   };
 }
@@ -234,7 +235,114 @@ async function run(api, task, form, result) {
   }
 }
 
+/** The view's refresh, stopped when another view is shown. */
+let refresh;
+function every(ms, tick) {
+  clearInterval(refresh);
+  refresh = setInterval(tick, ms);
+}
+
+const mib = (bytes) => (Number(bytes) / 1048576).toFixed(1);
+
+/** #/workers: every worker process, redrawn each second; Recycle and pool sizes. */
+async function workersView(api) {
+  const status = el("p", { id: "workers-status", "aria-live": "polite", class: "muted" });
+  const body = el("tbody");
+  const sizes = el("tbody");
+  const table = el(
+    "table",
+    { id: "workers" },
+    el("caption", { class: "muted" }, "Worker processes of every pool and program"),
+    el(
+      "thead",
+      {},
+      el("tr", {}, ["Pool", "Slot", "PID", "State", "Task", "RSS (MiB)", "Tasks done", "Age (s)", ""].map((h) => el("th", { scope: "col" }, h))),
+    ),
+    body,
+  );
+  const pools = el(
+    "table",
+    { id: "pools" },
+    el("caption", { class: "muted" }, "Executors: queued and busy now, and their size"),
+    el("thead", {}, el("tr", {}, ["Executor", "Queued", "Busy", "Size", "Set size"].map((h) => el("th", { scope: "col" }, h)))),
+    sizes,
+  );
+  const recycle = async (pid) => {
+    try {
+      await api.admin.recycleWorker({ pid });
+      status.textContent = `Worker ${pid} is being replaced.`;
+      await draw();
+    } catch (err) {
+      status.replaceChildren(failed(err));
+    }
+  };
+  const resize = async (pool, input) => {
+    try {
+      const answer = await api.admin.setWorkers({ pool, workers: Number(input.value) });
+      status.textContent = `${pool || "Offload's own workers"}: ${answer.previous} -> ${input.value}.`;
+      await draw();
+    } catch (err) {
+      status.replaceChildren(failed(err));
+    }
+  };
+  // Rows are kept and updated in place (by pid, by executor), so that a
+  // button or field keeps its focus and its typed value across redraws.
+  const rows = new Map();
+  const place = (parent, row, index) => {
+    if (parent.children[index] !== row) parent.insertBefore(row, parent.children[index] ?? null);
+  };
+  const cells = (row, values) => values.forEach((v, i) => (row.children[i].textContent = v));
+  async function draw() {
+    const now = await api.admin.snapshot({});
+    const seen = new Set();
+    now.workers.forEach((w, index) => {
+      const key = `worker ${w.pid}`;
+      seen.add(key);
+      let row = rows.get(key);
+      if (!row) {
+        row = el(
+          "tr",
+          { "data-pid": String(w.pid) },
+          ...Array.from({ length: 8 }, () => el("td")),
+          el("td", {}, el("button", { class: "secondary", type: "button", "aria-label": `Recycle worker ${w.pid}`, onclick: () => recycle(w.pid) }, "Recycle")),
+        );
+        rows.set(key, row);
+      }
+      cells(row, [w.pool || "offload", w.slot, w.pid, w.state, w.task || "", mib(w.rssBytes), w.tasksDone, w.ageSeconds.toFixed(0)].map(String));
+      place(body, row, index);
+    });
+    now.executors.forEach((e, index) => {
+      const key = `executor ${e.executor}`;
+      seen.add(key);
+      let row = rows.get(key);
+      if (!row) {
+        // Sizes are set for worker processes: Offload's own (ISOLATED) and each program's.
+        const pool = e.executor === "ISOLATED" ? "" : e.executor;
+        const input = el("input", { type: "number", min: "1", max: "256", value: String(e.size), "aria-label": `Workers of ${e.executor}` });
+        const set = e.executor === "POOL"
+          ? "threads: --pool-threads"
+          : el("span", {}, input, " ", el("button", { type: "button", class: "secondary", onclick: () => resize(pool, input) }, `Set ${e.executor}`));
+        row = el("tr", { "data-executor": e.executor }, el("td"), el("td"), el("td"), el("td"), el("td", {}, set));
+        rows.set(key, row);
+      }
+      cells(row, [e.executor, e.queued, e.busy, e.size].map(String));
+      place(sizes, row, index);
+    });
+    for (const [key, row] of rows) {
+      if (!seen.has(key)) {
+        row.remove();
+        rows.delete(key);
+      }
+    }
+  }
+  show(el("h2", {}, "Workers"), status, table, pools);
+  await draw();
+  // Redrawn while shown; a failed refresh says why and tries again.
+  every(1000, () => draw().catch((err) => status.replaceChildren(failed(err))));
+}
+
 async function route(api) {
+  clearInterval(refresh);
   const [, name = "tasks", arg] = location.hash.split("/");
   for (const link of document.querySelectorAll("nav a")) {
     link.toggleAttribute("aria-current", link.dataset.view === name);
@@ -242,6 +350,7 @@ async function route(api) {
   }
   try {
     if (name === "try") await tryView(api, arg && decodeURIComponent(arg));
+    else if (name === "workers") await workersView(api);
     else await tasksView(api);
   } catch (err) {
     show(el("h2", {}, "The server refused"), failed(err));

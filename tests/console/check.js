@@ -1,7 +1,8 @@
 // Drives Debian's Chromium (headless) through the console served at
 // argv[2], against a real server: the task list, a hash.sha256 run from the
-// form (its digest shown), an image.thumbnail that renders, and a failing
-// call showing its status. Screenshots go to argv[3]. Prints "console: ok".
+// form (its digest shown), an image.thumbnail that renders, a failing call
+// showing its status, and the workers view (a recycle replaces a pid, Set
+// resizes the pool). Screenshots go to argv[3]. Prints "console: ok".
 const { chromium } = require("playwright-core");
 const crypto = require("crypto");
 const fs = require("fs");
@@ -52,6 +53,19 @@ async function main() {
     const said = await status.innerText();
     if (!said.startsWith("INVALID_ARGUMENT") || !said.includes("limit")) throw new Error(`failure shown: ${said}`);
     await page.screenshot({ path: path.join(shots, "console-failed.png"), fullPage: true });
+
+    // Workers: Recycle replaces a worker's pid; Set resizes the pool.
+    await page.goto(`${console_url}#/workers`);
+    const rows = page.locator("#workers tbody tr");
+    await page.waitForFunction(() => document.querySelectorAll("#workers tbody tr").length === 2, null, { timeout: 15000 });
+    const pid = await rows.first().getAttribute("data-pid");
+    await page.getByRole("button", { name: `Recycle worker ${pid}` }).click();
+    await page.locator(`#workers tr[data-pid="${pid}"]`).waitFor({ state: "detached", timeout: 15000 });
+    await page.waitForFunction(() => document.querySelectorAll("#workers tbody tr").length === 2, null, { timeout: 15000 });
+    await page.screenshot({ path: path.join(shots, "console-workers.png"), fullPage: true });
+    await page.getByLabel("Workers of ISOLATED").fill("1");
+    await page.getByRole("button", { name: "Set ISOLATED" }).click();
+    await page.waitForFunction(() => document.querySelectorAll("#workers tbody tr").length === 1, null, { timeout: 15000 });
 
     if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
     console.log("console: ok");

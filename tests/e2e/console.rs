@@ -2,7 +2,8 @@
 //! playwright-core (`tests/console/check.js`), loads the page the server
 //! embeds and calls the gRPC port through gRPC-Web: the task list, a
 //! hash.sha256 run from the form, a thumbnail that renders, a failing call
-//! with its status. Screenshots are written under target/console/.
+//! with its status, a worker recycled and the pool resized from the
+//! workers view. Screenshots are written under target/console/.
 
 use std::{path::PathBuf, process::Command};
 
@@ -24,9 +25,10 @@ async fn console_url(server: &Server) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_console_runs_tasks_from_its_form_in_a_real_browser() {
-    let server = Server::start(&["--console-listen", "127.0.0.1:0"]);
+async fn the_console_runs_tasks_and_manages_workers_in_a_real_browser() {
+    let server = Server::start(&["--console-listen", "127.0.0.1:0", "--workers", "2"]);
     let url = console_url(&server).await;
+    server.wait_for_workers(2, std::time::Duration::from_secs(20)).await;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let shots = root.join("../target/console");
     std::fs::create_dir_all(&shots).unwrap();
