@@ -9,7 +9,7 @@
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { createFileRegistry, fromBinary } from "@bufbuild/protobuf";
-import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
+import { FileDescriptorSetSchema, timestampDate } from "@bufbuild/protobuf/wkt";
 
 const view = document.getElementById("view");
 
@@ -23,17 +23,29 @@ async function connect() {
   const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
   const baseUrl = `${config.grpcScheme}://${host}:${config.grpcPort}`;
   document.getElementById("server").textContent = `gRPC-Web at ${baseUrl}`;
-  const transport = createGrpcWebTransport({ baseUrl });
+  // The token, when the server declares clients: sent with every call.
+  const bearer = (next) => async (req) => {
+    const token = sessionStorage.getItem("offload-token");
+    if (token) req.header.set("authorization", `Bearer ${token}`);
+    return next(req);
+  };
+  const transport = createGrpcWebTransport({ baseUrl, interceptors: [bearer] });
   const modes = registry.getEnum("offload.v1.ExecutionMode");
+  const jobStates = registry.getEnum("offload.v1.JobState");
   return {
     compute: createClient(registry.getService("offload.v1.Compute"), transport),
     admin: createClient(registry.getService("offload.admin.v1.Admin"), transport),
+    jobs: createClient(registry.getService("offload.v1.Jobs"), transport),
+    stateName: (n) => jobStates.values.find((v) => v.number === n)?.name.replace("JOB_STATE_", "") ?? String(n),
+    states: jobStates.values.filter((v) => v.number !== 0).map((v) => [v.number, v.name.replace("JOB_STATE_", "")]),
     modeName: (n) => modes.values.find((v) => v.number === n)?.name.replace("EXECUTION_MODE_", "") ?? String(n),
   };
 }
 
 /** A gRPC status code's name, as gRPC spells it (INVALID_ARGUMENT). */
 function statusName(code) {
+  // Connect spells code 1 the American way.
+  if (code === Code.Canceled) return "CANCELLED";
   return (Code[code] ?? String(code)).replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
@@ -57,6 +69,26 @@ function show(...nodes) {
 function failed(err) {
   const status = err instanceof ConnectError ? `${statusName(err.code)}: ${err.rawMessage}` : String(err);
   return el("p", { class: "status-bad", role: "alert" }, status);
+}
+
+/** The form asking for a token, after a call was refused for want of one. */
+function tokenForm(err) {
+  const input = el("input", { type: "password", id: "token", autocomplete: "off", required: true });
+  const use = (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("offload-token", input.value);
+    tasksCache = undefined;
+    window.dispatchEvent(new HashChangeEvent("hashchange"));
+  };
+  return el(
+    "form",
+    { class: "try", id: "token-form", onsubmit: use },
+    el("p", { style: "grid-column: 1 / -1" }, "This server serves declared clients only: give your client's token. It is kept in this tab only."),
+    el("label", { for: "token" }, "Token"),
+    input,
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Use this token")),
+    el("div", { style: "grid-column: 1 / -1" }, failed(err)),
+  );
 }
 
 let tasksCache;
@@ -341,19 +373,115 @@ async function workersView(api) {
   every(1000, () => draw().catch((err) => status.replaceChildren(failed(err))));
 }
 
+const when = (ts) => (ts ? timestampDate(ts).toLocaleString() : "");
+
+/** #/jobs: jobs newest first, by state, a page at a time; refreshed every 2 s. */
+async function jobsView(api, filter) {
+  const state = Number(new URLSearchParams(filter ?? "").get("state") ?? 0);
+  const pageTokens = [""];
+  const body = el("tbody");
+  const status = el("p", { class: "muted", "aria-live": "polite" });
+  const picker = el(
+    "select",
+    { id: "state", onchange: (e) => (location.hash = e.target.value === "0" ? "#/jobs" : `#/jobs?state=${e.target.value}`) },
+    el("option", { value: "0" }, "every state"),
+    api.states.map(([n, name]) => el("option", { value: String(n), selected: n === state }, name)),
+  );
+  const older = el("button", { type: "button", class: "secondary", onclick: () => draw(pageTokens.length) }, "Older");
+  const newer = el("button", { type: "button", class: "secondary", onclick: () => draw(pageTokens.length - 2) }, "Newer");
+  let page = 0;
+  async function draw(at = page) {
+    page = Math.max(0, at);
+    const answer = await api.jobs.list({ state, pageSize: 20, pageToken: pageTokens[page] ?? "" });
+    pageTokens.length = page + 1;
+    if (answer.nextPageToken) pageTokens.push(answer.nextPageToken);
+    older.disabled = !answer.nextPageToken;
+    newer.disabled = page === 0;
+    body.replaceChildren(
+      ...answer.jobs.map((j) =>
+        el(
+          "tr",
+          { "data-job": j.id },
+          el("td", {}, el("a", { href: `#/jobs/${j.id}` }, j.id.slice(0, 12))),
+          el("td", {}, j.task),
+          el("td", { class: "state" }, api.stateName(j.state)),
+          el("td", {}, `${Math.round(j.progress * 100)}%`),
+          el("td", {}, String(j.attempts)),
+          el("td", {}, when(j.createTime)),
+        ),
+      ),
+    );
+    status.textContent = answer.jobs.length ? "" : "No job here.";
+  }
+  show(
+    el("h2", {}, "Jobs"),
+    el("p", {}, el("label", { for: "state" }, "State "), picker),
+    el(
+      "table",
+      { id: "jobs" },
+      el("thead", {}, el("tr", {}, ["Job", "Task", "State", "Progress", "Attempts", "Submitted"].map((h) => el("th", { scope: "col" }, h)))),
+      body,
+    ),
+    status,
+    el("p", { class: "actions" }, newer, older),
+  );
+  await draw();
+  every(2000, () => draw().catch((err) => status.replaceChildren(failed(err))));
+}
+
+/** #/jobs/ID: one job, live (Wait), with Cancel and its output. */
+async function jobView(api, id) {
+  const state = el("p", { id: "job-state", class: "status-ok" });
+  const bar = el("progress", { max: "1", value: "0", "aria-label": "progress" });
+  const facts = el("dl");
+  const outcome = el("section", { id: "job-outcome", "aria-live": "polite" });
+  const cancel = el("button", { type: "button", id: "cancel", onclick: () => api.jobs.cancel({ id }).catch((err) => outcome.replaceChildren(failed(err))) }, "Cancel");
+  show(el("h2", {}, `Job ${id}`), state, bar, facts, el("p", { class: "actions" }, cancel), outcome);
+  const draw = (job) => {
+    const name = api.stateName(job.state);
+    state.textContent = name;
+    state.className = ["FAILED", "CANCELLED"].includes(name) ? "status-bad" : "status-ok";
+    bar.value = job.progress;
+    const fact = (term, value) => [el("dt", {}, term), el("dd", {}, value)];
+    facts.replaceChildren(
+      ...fact("Task", job.task),
+      ...fact("Progress", `${Math.round(job.progress * 100)}% ${job.progressMessage}`),
+      ...fact("Attempts", String(job.attempts)),
+      ...fact("Submitted", when(job.createTime)),
+      ...fact("Started", when(job.startTime)),
+      ...fact("Finished", when(job.finishTime)),
+    );
+    const done = ["SUCCEEDED", "FAILED", "CANCELLED"].includes(name);
+    cancel.disabled = done;
+    if (job.error) outcome.replaceChildren(el("p", { class: "status-bad", role: "alert" }, `${statusName(job.error.code)}: ${job.error.message}`));
+    else if (name === "SUCCEEDED") outcome.replaceChildren(...outputView(job.task, job.output));
+  };
+  const stream = new AbortController();
+  window.addEventListener("hashchange", () => stream.abort(), { once: true });
+  try {
+    for await (const job of api.jobs.wait({ id }, { signal: stream.signal })) draw(job);
+  } catch (err) {
+    if (!stream.signal.aborted) outcome.replaceChildren(failed(err));
+  }
+}
+
 async function route(api) {
   clearInterval(refresh);
   const [, name = "tasks", arg] = location.hash.split("/");
+  const current = name.split("?")[0];
   for (const link of document.querySelectorAll("nav a")) {
-    link.toggleAttribute("aria-current", link.dataset.view === name);
-    if (link.dataset.view === name) link.setAttribute("aria-current", "page");
+    link.toggleAttribute("aria-current", link.dataset.view === current);
+    if (link.dataset.view === current) link.setAttribute("aria-current", "page");
   }
   try {
     if (name === "try") await tryView(api, arg && decodeURIComponent(arg));
     else if (name === "workers") await workersView(api);
+    else if (name.startsWith("jobs") && arg) await jobView(api, decodeURIComponent(arg));
+    else if (name.startsWith("jobs")) await jobsView(api, name.split("?")[1]);
     else await tasksView(api);
   } catch (err) {
-    show(el("h2", {}, "The server refused"), failed(err));
+    if (err instanceof ConnectError && err.code === Code.Unauthenticated) show(el("h2", {}, "A token is needed"), tokenForm(err));
+    else show(el("h2", {}, "The server refused"), failed(err));
   }
 }
 

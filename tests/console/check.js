@@ -1,14 +1,15 @@
 // Drives Debian's Chromium (headless) through the console served at
 // argv[2], against a real server: the task list, a hash.sha256 run from the
 // form (its digest shown), an image.thumbnail that renders, a failing call
-// showing its status, and the workers view (a recycle replaces a pid, Set
-// resizes the pool). Screenshots go to argv[3]. Prints "console: ok".
+// showing its status, the workers view (a recycle replaces a pid, Set
+// resizes the pool), and a job submitted from outside (argv[6]) listed,
+// progressing and cancelled from its page. Screenshots go to argv[3]. Prints "console: ok".
 const { chromium } = require("playwright-core");
 const crypto = require("crypto");
 const fs = require("fs");
 const path = require("path");
 
-const [console_url, shots, chromiumPath, imageFile] = process.argv.slice(2);
+const [console_url, shots, chromiumPath, imageFile, jobId] = process.argv.slice(2);
 
 async function main() {
   const browser = await chromium.launch({ executablePath: chromiumPath, args: ["--no-sandbox"] });
@@ -66,6 +67,21 @@ async function main() {
     await page.getByLabel("Workers of ISOLATED").fill("1");
     await page.getByRole("button", { name: "Set ISOLATED" }).click();
     await page.waitForFunction(() => document.querySelectorAll("#workers tbody tr").length === 1, null, { timeout: 15000 });
+
+    // Jobs: one submitted from outside is listed, progresses on its page,
+    // and is cancelled from there.
+    await page.goto(`${console_url}#/jobs`);
+    await page.locator(`#jobs tr[data-job="${jobId}"]`).waitFor({ timeout: 15000 });
+    await page.screenshot({ path: path.join(shots, "console-jobs.png"), fullPage: true });
+    await page.locator(`#jobs tr[data-job="${jobId}"] a`).click();
+    await page.waitForURL(new RegExp(`#/jobs/${jobId}$`));
+    await page.waitForFunction(() => document.querySelector("#job-state")?.textContent === "RUNNING", null, { timeout: 15000 });
+    await page.waitForFunction(() => Number(document.querySelector("progress")?.value) > 0, null, { timeout: 15000 });
+    await page.screenshot({ path: path.join(shots, "console-job.png"), fullPage: true });
+    await page.getByRole("button", { name: "Cancel" }).click();
+    await page.waitForFunction(() => document.querySelector("#job-state")?.textContent === "CANCELLED", null, { timeout: 15000 });
+    const why = await page.locator("#job-outcome").innerText();
+    if (!why.startsWith("CANCELLED")) throw new Error(`a cancelled job shows ${why}`);
 
     if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
     console.log("console: ok");
