@@ -147,6 +147,7 @@ mod tests {
             ran,
             run_seconds,
             queued_seconds: 0.0,
+            ..Default::default()
         };
         let before =
             SnapshotResponse { uptime_seconds: 10.0, tasks: vec![task(100, 0, 100, 0.1)], ..Default::default() };

@@ -276,6 +276,80 @@ function every(ms, tick) {
 
 const mib = (bytes) => (Number(bytes) / 1048576).toFixed(1);
 
+const seconds = (s) => (s >= 1 ? `${s.toFixed(2)} s` : s >= 0.001 ? `${(s * 1e3).toFixed(1)} ms` : `${Math.round(s * 1e6)} us`);
+
+/** #/overview: rates, latency, queues and memory, from the admin snapshot each second. */
+async function overviewView(api) {
+  const tasksBody = el("tbody");
+  const executorsBody = el("tbody");
+  const memory = el("progress", { id: "memory", max: "1", value: "0", "aria-label": "in-flight bytes against the budget" });
+  const memoryText = el("span", { id: "memory-text" });
+  const status = el("p", { class: "muted", "aria-live": "polite" });
+  let before;
+  async function draw() {
+    const now = await api.admin.snapshot({});
+    const dt = before ? now.uptimeSeconds - before.uptimeSeconds : 0;
+    const previous = new Map((before?.tasks ?? []).map((t) => [`${t.task} ${t.mode}`, t]));
+    const rate = (n) => (dt > 0 ? (n / dt).toFixed(1) : "-");
+    tasksBody.replaceChildren(
+      ...now.tasks.map((t) => {
+        const was = previous.get(`${t.task} ${t.mode}`);
+        const codes = Object.entries(t.codes)
+          .map(([code, n]) => [code, Number(n) - Number(was?.codes[code] ?? 0)])
+          .filter(([, n]) => n > 0)
+          .map(([code, n]) => `${code} ${rate(n)}`)
+          .join(", ");
+        const ran = Number(t.ran) - Number(was?.ran ?? 0);
+        const waited = ran > 0 ? seconds((t.queuedSeconds - (was?.queuedSeconds ?? 0)) / ran) : "-";
+        return el(
+          "tr",
+          { "data-task": `${t.task} ${t.mode}` },
+          el("td", {}, t.task),
+          el("td", {}, t.mode),
+          el("td", { class: "rate" }, rate(Number(t.calls) - Number(was?.calls ?? t.calls))),
+          el("td", {}, codes || "-"),
+          el("td", {}, t.recentP50RunSeconds ? seconds(t.recentP50RunSeconds) : "-"),
+          el("td", {}, t.recentP99RunSeconds ? seconds(t.recentP99RunSeconds) : "-"),
+          el("td", {}, waited),
+          el("td", { class: "calls" }, String(t.calls)),
+        );
+      }),
+    );
+    executorsBody.replaceChildren(
+      ...now.executors.map((e) =>
+        el("tr", {}, el("td", {}, e.executor), el("td", {}, String(e.queued)), el("td", {}, String(e.busy)), el("td", {}, String(e.size))),
+      ),
+    );
+    const budget = Number(now.inflightBudget);
+    memory.value = budget > 0 ? Number(now.inflightBytes) / budget : 0;
+    memoryText.textContent = ` ${mib(now.inflightBytes)} of ${mib(now.inflightBudget)} MiB held by calls in flight`;
+    status.textContent = `Replica ${now.replica}, up ${now.uptimeSeconds.toFixed(0)} s; rates over the last ${dt.toFixed(1)} s, run times over the last 10-20 s.`;
+    before = now;
+  }
+  show(
+    el("h2", {}, "Overview"),
+    status,
+    el(
+      "table",
+      { id: "overview" },
+      el("caption", { class: "muted" }, "Calls by task and mode"),
+      el("thead", {}, el("tr", {}, ["Task", "Mode", "Calls/s", "By status (/s)", "Run p50", "Run p99", "Mean wait", "Calls"].map((h) => el("th", { scope: "col" }, h)))),
+      tasksBody,
+    ),
+    el(
+      "table",
+      { id: "executors" },
+      el("caption", { class: "muted" }, "Executors"),
+      el("thead", {}, el("tr", {}, ["Executor", "Queued", "Busy", "Size"].map((h) => el("th", { scope: "col" }, h)))),
+      executorsBody,
+    ),
+    el("h3", {}, "Memory"),
+    el("p", {}, memory, memoryText),
+  );
+  await draw();
+  every(1000, () => draw().catch((err) => status.replaceChildren(failed(err))));
+}
+
 /** #/workers: every worker process, redrawn each second; Recycle and pool sizes. */
 async function workersView(api) {
   const status = el("p", { id: "workers-status", "aria-live": "polite", class: "muted" });
@@ -467,7 +541,8 @@ async function jobView(api, id) {
 
 async function route(api) {
   clearInterval(refresh);
-  const [, name = "tasks", arg] = location.hash.split("/");
+  const [, view, arg] = location.hash.split("/");
+  const name = view || "overview";
   const current = name.split("?")[0];
   for (const link of document.querySelectorAll("nav a")) {
     link.toggleAttribute("aria-current", link.dataset.view === current);
@@ -476,6 +551,7 @@ async function route(api) {
   try {
     if (name === "try") await tryView(api, arg && decodeURIComponent(arg));
     else if (name === "workers") await workersView(api);
+    else if (name === "overview") await overviewView(api);
     else if (name.startsWith("jobs") && arg) await jobView(api, decodeURIComponent(arg));
     else if (name.startsWith("jobs")) await jobsView(api, name.split("?")[1]);
     else await tasksView(api);

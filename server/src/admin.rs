@@ -95,6 +95,9 @@ impl Admin for AdminService {
                 ran: t.ran,
                 run_seconds: t.run.as_secs_f64(),
                 queued_seconds: t.queued.as_secs_f64(),
+                codes: t.codes.iter().map(|(code, count)| (code.to_string(), *count)).collect(),
+                recent_p50_run_seconds: t.recent.0.as_secs_f64(),
+                recent_p99_run_seconds: t.recent.1.as_secs_f64(),
             })
             .collect();
         let pool = self.dispatcher.pool();
@@ -130,6 +133,8 @@ impl Admin for AdminService {
             tasks,
             executors,
             workers,
+            inflight_bytes: self.dispatcher.budget().used() as u64,
+            inflight_budget: self.dispatcher.budget().limit() as u64,
         }))
     }
 

@@ -145,6 +145,65 @@ struct Totals {
     ran: AtomicU64,
     run_nanos: AtomicU64,
     queued_nanos: AtomicU64,
+    /// Calls by gRPC status code (0..=16).
+    codes: [AtomicU64; 17],
+    /// Run times of the last 10 to 20 seconds, for the live view.
+    recent: std::sync::Mutex<Recent>,
+}
+
+/// Run times, microseconds, in two windows of [`RECENT_WINDOW`]: the one
+/// filling and the one before, so that a reading always covers at least
+/// one whole window.
+#[derive(Debug)]
+struct Recent {
+    filling: hdrhistogram::Histogram<u64>,
+    previous: hdrhistogram::Histogram<u64>,
+    since: std::time::Instant,
+}
+
+/// How long each window of [`Recent`] lasts.
+const RECENT_WINDOW: Duration = Duration::from_secs(10);
+
+impl Default for Recent {
+    fn default() -> Self {
+        // Up to an hour, three significant digits: a few KiB per task and mode.
+        let histogram = || hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        Self { filling: histogram(), previous: histogram(), since: std::time::Instant::now() }
+    }
+}
+
+impl Recent {
+    /// Moves to a new window when the filling one is over (both, when the
+    /// one before is over too).
+    fn turn(&mut self) {
+        let age = self.since.elapsed();
+        if age < RECENT_WINDOW {
+            return;
+        }
+        std::mem::swap(&mut self.filling, &mut self.previous);
+        self.filling.reset();
+        if age >= 2 * RECENT_WINDOW {
+            self.previous.reset();
+        }
+        self.since = std::time::Instant::now();
+    }
+
+    fn record(&mut self, ran: Duration) {
+        self.turn();
+        let _ = self.filling.record((ran.as_micros() as u64).max(1));
+    }
+
+    /// The p50 and p99 of both windows.
+    fn percentiles(&mut self) -> (Duration, Duration) {
+        self.turn();
+        let mut both = self.previous.clone();
+        let _ = both.add(&self.filling);
+        if both.is_empty() {
+            return (Duration::ZERO, Duration::ZERO);
+        }
+        let at = |q| Duration::from_micros(both.value_at_quantile(q));
+        (at(0.5), at(0.99))
+    }
 }
 
 impl Totals {
@@ -154,10 +213,14 @@ impl Totals {
         if code != Code::Ok {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(count) = self.codes.get(code as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some((queued, ran)) = timing {
             self.ran.fetch_add(1, Ordering::Relaxed);
             self.run_nanos.fetch_add(ran.as_nanos() as u64, Ordering::Relaxed);
             self.queued_nanos.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
+            self.recent.lock().unwrap_or_else(|e| e.into_inner()).record(ran);
         }
     }
 }
@@ -179,6 +242,10 @@ pub struct TaskTotals {
     pub run: Duration,
     /// Their queue time, summed.
     pub queued: Duration,
+    /// Calls by status code name, those with any.
+    pub codes: Vec<(&'static str, u64)>,
+    /// The p50 and p99 run times of the last 10 to 20 seconds.
+    pub recent: (Duration, Duration),
 }
 
 impl Default for Metrics {
@@ -376,6 +443,14 @@ impl Metrics {
                 ran: t.ran.load(Ordering::Relaxed),
                 run: Duration::from_nanos(t.run_nanos.load(Ordering::Relaxed)),
                 queued: Duration::from_nanos(t.queued_nanos.load(Ordering::Relaxed)),
+                codes: t
+                    .codes
+                    .iter()
+                    .enumerate()
+                    .map(|(code, count)| (code_name(Code::from_i32(code as i32)), count.load(Ordering::Relaxed)))
+                    .filter(|(_, count)| *count > 0)
+                    .collect(),
+                recent: t.recent.lock().unwrap_or_else(|e| e.into_inner()).percentiles(),
             })
             .collect();
         out.sort_by_key(|t| (t.task, t.mode));

@@ -1,5 +1,6 @@
 // Drives Debian's Chromium (headless) through the console served at
-// argv[2], against a real server: the task list, a hash.sha256 run from the
+// argv[2], against a real server: the overview updating as calls run, the
+// task list, a hash.sha256 run from the
 // form (its digest shown), an image.thumbnail that renders, a failing call
 // showing its status, the workers view (a recycle replaces a pid, Set
 // resizes the pool), and a job submitted from outside (argv[6]) listed,
@@ -17,6 +18,20 @@ async function main() {
   const errors = [];
   page.on("pageerror", (err) => errors.push(String(err)));
   try {
+    // The overview, while calls of debug.echo run: its row's total grows and
+    // its rate shows, redrawn without a reload.
+    await page.goto(`${console_url}#/overview`);
+    const echo = '#overview tr[data-task="debug.echo POOL"]';
+    await page.locator(`${echo} td.calls`).waitFor({ timeout: 15000 });
+    const seen = Number(await page.locator(`${echo} td.calls`).innerText());
+    await page.waitForFunction(
+      ([row, n]) => Number(document.querySelector(`${row} td.calls`)?.textContent) > n && Number(document.querySelector(`${row} td.rate`)?.textContent) > 0,
+      [echo, seen],
+      { timeout: 15000 },
+    );
+    if (!(Number(await page.locator("#memory").getAttribute("value")) >= 0)) throw new Error("no memory gauge");
+    await page.screenshot({ path: path.join(shots, "console-overview.png"), fullPage: true });
+
     // The task list, from ListTasks through gRPC-Web.
     await page.goto(`${console_url}#/tasks`);
     await page.getByRole("link", { name: "hash.sha256" }).waitFor({ timeout: 15000 });

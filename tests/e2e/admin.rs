@@ -60,6 +60,9 @@ async fn the_admin_service_reports_workers_and_tasks_recycles_one_and_resizes_th
     let pool = now.tasks.iter().find(|t| t.task == "hash.sha256" && t.mode == "POOL").expect("POOL totals");
     let iso = now.tasks.iter().find(|t| t.task == "hash.sha256" && t.mode == "ISOLATED").expect("ISOLATED totals");
     assert_eq!((pool.calls, pool.failed, iso.calls), (5, 0, 5));
+    assert_eq!(pool.codes.get("OK"), Some(&5), "{:?}", pool.codes);
+    assert!(iso.recent_p50_run_seconds > 0.0 && iso.recent_p99_run_seconds >= iso.recent_p50_run_seconds, "{iso:?}");
+    assert!(now.inflight_budget > 0 && now.inflight_bytes <= now.inflight_budget, "{now:?}");
     assert!(iso.run_seconds > 0.0 && iso.ran == 5);
     assert!(now.workers.iter().all(|w| w.state == "idle" && w.rss_bytes > 0 && w.age_seconds > 0.0), "{now:?}");
     assert_eq!(now.workers.iter().map(|w| w.tasks_done).sum::<u64>(), 5);

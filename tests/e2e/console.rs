@@ -1,6 +1,7 @@
 //! The web console in a real browser: Debian's headless Chromium, driven by
 //! playwright-core (`tests/console/check.js`), loads the page the server
-//! embeds and calls the gRPC port through gRPC-Web: the task list, a
+//! embeds and calls the gRPC port through gRPC-Web: the overview updating
+//! as calls run, the task list, a
 //! hash.sha256 run from the form, a thumbnail that renders, a failing call
 //! with its status, a worker recycled and the pool resized from the
 //! workers view, a job submitted from outside listed, progressing and
@@ -62,7 +63,17 @@ async fn the_console_runs_tasks_manages_workers_and_cancels_a_job_in_a_real_brow
         ..crate::jobs::submit("debug.spin", &[("ms", "60000")], b"")
     };
     let job = crate::jobs::jobs(&server).await.submit(spin).await.unwrap().into_inner().id;
+    // Calls run all along, for the overview to show.
+    let mut client = server.client().await;
+    let load = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(std::time::Duration::from_millis(5));
+        loop {
+            pace.tick().await;
+            let _ = client.execute(offload_e2e::request("debug.echo", &[], &b"load"[..])).await;
+        }
+    });
     browser_check("check.js", url, vec![picture.into(), job.into()], "console: ok").await;
+    load.abort();
 }
 
 #[tokio::test]
