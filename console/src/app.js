@@ -510,7 +510,18 @@ async function jobView(api, id) {
   const facts = el("dl");
   const outcome = el("section", { id: "job-outcome", "aria-live": "polite" });
   const cancel = el("button", { type: "button", id: "cancel", onclick: () => api.jobs.cancel({ id }).catch((err) => outcome.replaceChildren(failed(err))) }, "Cancel");
-  show(el("h2", {}, `Job ${id}`), state, bar, facts, el("p", { class: "actions" }, cancel), outcome);
+  // The same work as a new job (of whoever resubmits it), then its page.
+  const resubmit = el(
+    "button",
+    {
+      type: "button",
+      class: "secondary",
+      id: "resubmit",
+      onclick: () => api.jobs.resubmit({ id }).then((job) => (location.hash = `#/jobs/${job.id}`), (err) => outcome.replaceChildren(failed(err))),
+    },
+    "Resubmit",
+  );
+  show(el("h2", {}, `Job ${id}`), state, bar, facts, el("p", { class: "actions" }, cancel, resubmit), outcome);
   const draw = (job) => {
     const name = api.stateName(job.state);
     state.textContent = name;

@@ -4,7 +4,7 @@
 // form (its digest shown), an image.thumbnail that renders, a failing call
 // showing its status, the workers view (a recycle replaces a pid, Set
 // resizes the pool), and a job submitted from outside (argv[6]) listed,
-// progressing and cancelled from its page. Screenshots go to argv[3]. Prints "console: ok".
+// progressing, cancelled and resubmitted from its page. Screenshots go to argv[3]. Prints "console: ok".
 const { chromium } = require("playwright-core");
 const crypto = require("crypto");
 const fs = require("fs");
@@ -97,6 +97,12 @@ async function main() {
     await page.waitForFunction(() => document.querySelector("#job-state")?.textContent === "CANCELLED", null, { timeout: 15000 });
     const why = await page.locator("#job-outcome").innerText();
     if (!why.startsWith("CANCELLED")) throw new Error(`a cancelled job shows ${why}`);
+    // Resubmit: the same work as a new job, whose page opens; cancelled too.
+    await page.getByRole("button", { name: "Resubmit" }).click();
+    await page.waitForURL((url) => /#\/jobs\/[0-9a-f]{32}$/.test(url.hash) && !url.hash.endsWith(jobId), { timeout: 15000 });
+    await page.waitForFunction(() => ["QUEUED", "RUNNING"].includes(document.querySelector("#job-state")?.textContent), null, { timeout: 15000 });
+    await page.getByRole("button", { name: "Cancel" }).click();
+    await page.waitForFunction(() => document.querySelector("#job-state")?.textContent === "CANCELLED", null, { timeout: 15000 });
 
     if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
     console.log("console: ok");

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use offload_e2e::{Server, postgres::Postgres};
 use offload_proto::offload::v1::{
-    CancelJobRequest, ExecutionMode, GetJobRequest, Job, JobState, ListJobsRequest, SubmitJobRequest, WaitJobRequest,
-    jobs_client::JobsClient,
+    CancelJobRequest, ExecutionMode, GetJobRequest, Job, JobState, ListJobsRequest, ResubmitJobRequest,
+    SubmitJobRequest, WaitJobRequest, jobs_client::JobsClient,
 };
 use sha2::Digest as _;
 use tonic::{Code, transport::Channel};
@@ -119,7 +119,25 @@ on_each_store!(
     a_clients_queued_jobs_are_bounded_by_its_max_queued_jobs,
     finished_jobs_are_deleted_after_their_retention,
     a_job_out_of_attempts_fails_naming_the_lost_front,
+    a_job_is_resubmitted_as_a_new_job_of_the_same_work,
 );
+
+/// Resubmit: the same task, params, mode and input, as a new job.
+async fn a_job_is_resubmitted_as_a_new_job_of_the_same_work(store: &Store) {
+    let server = store.front(&["--cache-max-bytes", "0"]);
+    let mut client = jobs(&server).await;
+    let data = b"resubmitted work".to_vec();
+    let first = client.submit(submit("hash.sha256", &[], &data)).await.unwrap().into_inner();
+    let first = wait(&mut client, &first.id).await.pop().unwrap();
+    let again = client.resubmit(ResubmitJobRequest { id: first.id.clone() }).await.unwrap().into_inner();
+    assert_ne!(again.id, first.id, "a new job");
+    assert_eq!((state(&again), again.task.as_str()), (JobState::Queued, "hash.sha256"));
+    let done = wait(&mut client, &again.id).await.pop().unwrap();
+    assert_eq!((state(&done), done.attempts), (JobState::Succeeded, 1), "it ran again");
+    assert_eq!(done.output.as_ref(), sha2::Sha256::digest(&data).as_slice());
+    let missing = client.resubmit(ResubmitJobRequest { id: "0".repeat(32) }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+}
 
 async fn a_job_is_submitted_waited_for_got_and_listed(store: &Store) {
     let server = store.front(&[]);
@@ -374,6 +392,8 @@ async fn clients_see_only_their_own_jobs_and_admins_see_all(store: &Store) {
     assert_eq!(waited.err().map(|e| e.code()), Some(Code::NotFound));
     let cancelled = client.cancel(with_token(reports, CancelJobRequest { id: job.id.clone() })).await;
     assert_eq!(cancelled.err().map(|e| e.code()), Some(Code::NotFound));
+    let resubmitted = client.resubmit(with_token(reports, ResubmitJobRequest { id: job.id.clone() })).await;
+    assert_eq!(resubmitted.err().map(|e| e.code()), Some(Code::NotFound), "nor resubmits it");
     assert!(client.list(list(reports)).await.unwrap().into_inner().jobs.is_empty());
     assert_eq!(client.list(list(billing)).await.unwrap().into_inner().jobs.len(), 1);
     assert_eq!(client.list(list(ops)).await.unwrap().into_inner().jobs.len(), 1, "an admin sees every job");

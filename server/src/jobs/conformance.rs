@@ -101,6 +101,8 @@ pub async fn claimed_once_fenced_and_finished(store: &dyn JobStore) {
     let halfway = store.get("a").await.unwrap().unwrap();
     assert_eq!((halfway.progress, halfway.progress_message.as_str()), (0.5, "half"));
     assert!(halfway.job.input.is_empty(), "a lookup leaves the input out");
+    assert_eq!(store.input("a").await.unwrap().as_deref(), Some(&b"abc"[..]), "which is kept");
+    assert_eq!(store.input("nope").await.unwrap(), None);
     assert_eq!(claimed.job.input.as_ref(), b"abc", "a claim reads it");
     // Its lease ran out: the job is queued again, and the old run's writes
     // are refused once another run has it.

@@ -387,6 +387,15 @@ impl JobStore for PgStore {
         .await
     }
 
+    async fn input(&self, id: &str) -> Result<Option<Bytes>, StoreError> {
+        self.with(async |client| {
+            let statement = client.prepare_cached("SELECT input FROM offload_jobs WHERE id = $1").await?;
+            let row = client.query_opt(&statement, &[&id]).await?;
+            Ok(row.map(|row| row.try_get::<_, Vec<u8>>(0)).transpose()?.map(Bytes::from))
+        })
+        .await
+    }
+
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
         let sql = format!(
             "SELECT {LIST_COLUMNS} FROM offload_jobs

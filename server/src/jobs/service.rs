@@ -8,8 +8,8 @@ use futures::Stream;
 use offload_proto::{
     google::rpc,
     offload::v1::{
-        CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, SubmitJobRequest,
-        WaitJobRequest, jobs_server,
+        CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, ResubmitJobRequest,
+        SubmitJobRequest, WaitJobRequest, jobs_server,
     },
 };
 use tokio::sync::mpsc;
@@ -225,6 +225,30 @@ impl jobs_server::Jobs for JobsService {
         let span = telemetry::service_rpc_span("offload.v1.Jobs", "Submit", request.metadata());
         let traceparent = telemetry::traceparent(&span);
         let result = self.record(request, traceparent).instrument(span.clone()).await;
+        telemetry::record_status(&span, result.as_ref().err());
+        result
+    }
+
+    async fn resubmit(&self, request: Request<ResubmitJobRequest>) -> Result<Response<Job>, Status> {
+        let span = telemetry::service_rpc_span("offload.v1.Jobs", "Resubmit", request.metadata());
+        let traceparent = telemetry::traceparent(&span);
+        let result = async {
+            let viewer = Viewer::of(&request);
+            let (metadata, extensions, ResubmitJobRequest { id }) = request.into_parts();
+            let old = self.found(&id, &viewer).await?;
+            let input = self.jobs()?.store.input(&id).await?.ok_or_else(|| not_found(&id))?;
+            let again = SubmitJobRequest {
+                task: old.job.task,
+                input,
+                params: old.job.params.into_iter().collect(),
+                mode: old.job.mode,
+                idempotency_key: String::new(),
+            };
+            // Submitted as the caller's own, through Submit's every check.
+            self.record(Request::from_parts(metadata, extensions, again), traceparent).await
+        }
+        .instrument(span.clone())
+        .await;
         telemetry::record_status(&span, result.as_ref().err());
         result
     }

@@ -485,6 +485,18 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn input(&self, id: &str) -> Result<Option<Bytes>, StoreError> {
+        let id = id.to_string();
+        self.read(move |db, _| {
+            let input: Option<Vec<u8>> = db
+                .prepare_cached("SELECT input FROM jobs WHERE id = ?1")?
+                .query_row([id], |row| row.get(0))
+                .optional()?;
+            Ok(input.map(Bytes::from))
+        })
+        .await
+    }
+
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError> {
         let filter = filter.clone();
         self.read(move |db, _| {

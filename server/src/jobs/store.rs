@@ -312,6 +312,9 @@ pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// reads its input, which may be large).
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
 
+    /// The input of job `id`, if it is kept.
+    async fn input(&self, id: &str) -> Result<Option<Bytes>, StoreError>;
+
     /// Up to `limit` jobs (in `state`, of `client`, if given), newest
     /// first, from `after` (a previous page's `next`) on.
     async fn list(&self, filter: &Filter, limit: usize, after: Option<i64>) -> Result<Page, StoreError>;
