@@ -5,11 +5,10 @@
 //! descriptors of its messages. The page's calls go to the gRPC port like
 //! any client's, through its CORS, authentication and checks.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, body::Incoming};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -83,31 +82,11 @@ impl Console {
 
 /// Serves the console on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, console: Arc<Console>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "console accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let console = Arc::clone(&console);
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let response = console.respond(request.uri().path()).unwrap_or_else(not_found);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            if let Err(err) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(error = %err, "console connection ended with an error");
-            }
-        });
-    }
+    let respond = move |request: Request<Incoming>| {
+        let answer = console.respond(request.uri().path()).unwrap_or_else(not_found);
+        async move { answer }
+    };
+    crate::plain_http::serve(listener, "console", stop, respond).await;
 }
 
 /// The answer to any other path.

@@ -24,6 +24,7 @@
 //! - [`error`]: call errors and their one mapping to gRPC statuses.
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
 //! - [`pg`]: PostgreSQL connections for what fronts share (jobs, the cache).
+//! - [`plain_http`]: the HTTP/1.1 endpoints beside gRPC (metrics, console).
 //! - [`telemetry`]: logs and OpenTelemetry traces.
 //! - [`config`], [`shutdown`]: process set-up around it all.
 //! - [`check`]: `--check-config`, one worker of each kind started and reported.
@@ -48,6 +49,7 @@ pub mod jobs;
 pub mod launch;
 pub mod metrics;
 pub mod pg;
+pub mod plain_http;
 pub mod pool;
 pub mod schedule;
 pub mod server;

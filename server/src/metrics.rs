@@ -11,8 +11,7 @@ use std::{
 };
 
 use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, body::Incoming};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -585,7 +584,8 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` fires.
+/// Serves `GET /metrics` on `listener` (and the console's pages, when it
+/// shares the address) until `stop` fires.
 pub async fn serve(
     listener: TcpListener,
     dispatcher: std::sync::Arc<Dispatcher>,
@@ -593,52 +593,31 @@ pub async fn serve(
     console: Option<std::sync::Arc<crate::console::Console>>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let (dispatcher, jobs, console) = (std::sync::Arc::clone(&dispatcher), jobs.clone(), console.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let (dispatcher, jobs) = (std::sync::Arc::clone(&dispatcher), jobs.clone());
-                // The console, when it shares this address.
-                let page = console.as_ref().map(|c| c.respond(request.uri().path()));
-                async move {
-                    let response = if request.uri().path() == "/metrics" {
-                        let stats = match &jobs {
-                            Some(jobs) => jobs.store.stats().await.ok(),
-                            None => None,
-                        };
-                        Response::builder()
-                            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                            .body(Full::new(bytes::Bytes::from(
-                                dispatcher.metrics().render(&dispatcher, stats.as_ref()),
-                            )))
-                    } else if let Some(page) = page {
-                        Ok(page.unwrap_or_else(crate::console::not_found))
-                    } else {
-                        Response::builder()
-                            .status(404)
-                            .body(Full::new(bytes::Bytes::from_static(b"metrics are at /metrics\n")))
-                    };
-                    Ok::<_, std::convert::Infallible>(response.expect("valid response"))
-                }
-            });
-            if let Err(err) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(error = %err, "metrics connection ended with an error");
+    let respond = move |request: Request<Incoming>| {
+        let (dispatcher, jobs) = (std::sync::Arc::clone(&dispatcher), jobs.clone());
+        let page = console.as_ref().map(|c| c.respond(request.uri().path()).unwrap_or_else(crate::console::not_found));
+        async move {
+            if request.uri().path() == "/metrics" {
+                let stats = match &jobs {
+                    Some(jobs) => jobs.store.stats().await.ok(),
+                    None => None,
+                };
+                let text = dispatcher.metrics().render(&dispatcher, stats.as_ref());
+                Response::builder()
+                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                    .body(Full::new(bytes::Bytes::from(text)))
+                    .expect("valid response")
+            } else if let Some(page) = page {
+                page
+            } else {
+                Response::builder()
+                    .status(404)
+                    .body(Full::new(bytes::Bytes::from_static(b"metrics are at /metrics\n")))
+                    .expect("valid response")
             }
-        });
-    }
+        }
+    };
+    crate::plain_http::serve(listener, "metrics", stop, respond).await;
 }
 
 /// Binds the metrics address, logging where it serves.

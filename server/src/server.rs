@@ -145,7 +145,7 @@ pub async fn serve(
     if let (Some(addr), Some(console)) = (config.console_listen, &console)
         && Some(addr) != config.metrics_listen
     {
-        let listener = metrics::bind(addr).await?;
+        let listener = TcpListener::bind(addr).await?;
         cors_origins.extend(console_origins(&listener));
         tracing::info!("console on http://{}", listener.local_addr()?);
         tokio::spawn(crate::console::serve(listener, Arc::clone(console), metrics_stop.clone()));

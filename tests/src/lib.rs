@@ -138,16 +138,7 @@ pub fn node_sdk_modules() -> &'static Path {
 /// grpc-web client library, xhr2, protobufjs), installed once under target/.
 pub fn grpc_web_modules() -> &'static Path {
     static MODULES: OnceLock<PathBuf> = OnceLock::new();
-    MODULES.get_or_init(|| {
-        let manifest = workspace().join("tests/grpcweb/package.json");
-        npm_install(
-            "grpcweb-node",
-            |dir| {
-                std::fs::copy(&manifest, dir.join("package.json")).expect("copy tests/grpcweb/package.json");
-            },
-            &[],
-        )
-    })
+    MODULES.get_or_init(|| modules_of("grpcweb-node", "tests/grpcweb/package.json"))
 }
 
 /// The `node_modules` of the console's browser test (`tests/console`:
@@ -155,16 +146,21 @@ pub fn grpc_web_modules() -> &'static Path {
 /// target/.
 pub fn console_test_modules() -> &'static Path {
     static MODULES: OnceLock<PathBuf> = OnceLock::new();
-    MODULES.get_or_init(|| {
-        let manifest = workspace().join("tests/console/package.json");
-        npm_install(
-            "console-check",
-            |dir| {
-                std::fs::copy(&manifest, dir.join("package.json")).expect("copy tests/console/package.json");
-            },
-            &[],
-        )
-    })
+    MODULES.get_or_init(|| modules_of("console-check", "tests/console/package.json"))
+}
+
+/// The packages of `manifest` (a package.json of the workspace), installed
+/// in target/`dir`.
+fn modules_of(dir: &str, manifest: &str) -> PathBuf {
+    let manifest = workspace().join(manifest);
+    npm_install(
+        dir,
+        |dir| {
+            std::fs::copy(&manifest, dir.join("package.json"))
+                .unwrap_or_else(|err| panic!("copy {}: {err}", manifest.display()));
+        },
+        &[],
+    )
 }
 
 /// A running server process.
