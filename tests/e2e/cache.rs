@@ -122,6 +122,15 @@ async fn entries_are_evicted_by_bytes_least_recently_used_first() {
     assert_eq!(call(&mut client, big(0), None).await.unwrap().1, "hit");
     assert_eq!(call(&mut client, big(2), None).await.unwrap().1, "hit");
     assert_eq!(call(&mut client, big(1), None).await.unwrap().1, "miss", "evicted");
+    // A result over --cache-max-entry-bytes is never stored; smaller ones are.
+    let capped = Server::start(&["--cache-max-entry-bytes", "1000"]);
+    let mut client = capped.client().await;
+    for expected in ["miss", "miss"] {
+        assert_eq!(call(&mut client, big(3), None).await.unwrap().1, expected, "100 KB over a 1000-byte cap");
+    }
+    for expected in ["miss", "hit"] {
+        assert_eq!(call(&mut client, hash(b"small"), None).await.unwrap().1, expected, "32 bytes under it");
+    }
     // Off: nothing is cached.
     let off = Server::start(&["--cache-max-bytes", "0"]);
     let mut client = off.client().await;

@@ -88,6 +88,10 @@ async fn the_console_may_share_the_metrics_address_and_serves_only_its_files() {
     assert_eq!(http_get(addr, "/../Cargo.toml").unwrap().0, 404);
     let (status, config) = http_get(addr, "/config.json").unwrap();
     assert_eq!((status, config), (200, format!(r#"{{"grpcPort":{},"grpcScheme":"http"}}"#, server.addr.port())));
+    // The environment names it as well as the flag.
+    let from_env = Server::start_with_env(&["--listen", "127.0.0.1:0"], &[("OFFLOAD_CONSOLE_LISTEN", "127.0.0.1:0")]);
+    let env_url = console_url(&from_env).await;
+    assert_eq!(http_get(env_url.trim_start_matches("http://"), "/").unwrap().0, 200);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let both = format!("127.0.0.1:{port}");
     let shared = Server::start(&["--metrics-listen", &both, "--console-listen", &both]);
