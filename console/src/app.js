@@ -83,7 +83,13 @@ function tokenForm(err) {
   return el(
     "form",
     { class: "try", id: "token-form", onsubmit: use },
-    el("p", { style: "grid-column: 1 / -1" }, "This server serves declared clients only: give your client's token. It is kept in this tab only."),
+    el(
+      "p",
+      { style: "grid-column: 1 / -1", id: "token-why" },
+      sessionStorage.getItem("offload-token")
+        ? "The token given was refused: give another."
+        : "This server serves declared clients only: give your client's token. It is kept in this tab only.",
+    ),
     el("label", { for: "token" }, "Token"),
     input,
     el("div", { class: "actions" }, el("button", { type: "submit" }, "Use this token")),

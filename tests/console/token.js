@@ -17,6 +17,8 @@ async function main() {
     await page.screenshot({ path: path.join(shots, "console-token.png"), fullPage: true });
     await page.locator("#token").fill("not-the-token-0123456789");
     await page.getByRole("button", { name: "Use this token" }).click();
+    // A new form (the first one says no token was given yet) saying so.
+    await page.locator("#token-why").filter({ hasText: "was refused" }).waitFor({ timeout: 15000 });
     await page.locator("#token-form .status-bad").filter({ hasText: "UNAUTHENTICATED" }).waitFor({ timeout: 15000 });
     await page.locator("#token").fill(token);
     await page.getByRole("button", { name: "Use this token" }).click();
