@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The built files, by path.
 const FILES: &[(&str, &str, &[u8])] = &[
-    ("/", "text/html; charset=utf-8", include_bytes!("../../console/dist/index.html")),
     ("/index.html", "text/html; charset=utf-8", include_bytes!("../../console/dist/index.html")),
     ("/app.js", "text/javascript; charset=utf-8", include_bytes!("../../console/dist/app.js")),
     ("/app.css", "text/css; charset=utf-8", include_bytes!("../../console/dist/app.css")),
@@ -57,9 +56,10 @@ impl Console {
             "/descriptors.bin" => {
                 ("application/octet-stream", bytes::Bytes::from_static(offload_proto::FILE_DESCRIPTOR_SET))
             }
+            // The page is at / as well as under its name.
             _ => FILES
                 .iter()
-                .find(|(file, ..)| *file == path)
+                .find(|(file, ..)| *file == if path == "/" { "/index.html" } else { path })
                 .map(|(_, kind, body)| (*kind, bytes::Bytes::from_static(body)))?,
         };
         let response = Response::builder()
